@@ -1,0 +1,92 @@
+"""pydist: Julia's Distributed for Python.
+
+Start workers (`addprocs`), run functions on them (`remotecall`, `remotecall_fetch`,
+`remote_do`), and move data with `Future`s and `RemoteChannel`s. See API.md for the contract.
+"""
+
+from __future__ import annotations
+
+from .channel import Channel
+from .cluster import (
+    WorkerState,
+    addprocs,
+    cluster_cookie,
+    init_worker,
+    interrupt,
+    myid,
+    myrole,
+    nprocs,
+    nworkers,
+    other_procs,
+    other_workers,
+    procs,
+    rmprocs,
+    worker_id_from_socket,
+    workers,
+)
+from .exceptions import (
+    AuthenticationError,
+    CapturedException,
+    ExceptionGroup,
+    InvalidStateError,
+    LaunchWorkerError,
+    ProcessExitedException,
+    ProtocolError,
+    PydistError,
+    RemoteError,
+    RemoteException,
+    SerializationError,
+)
+from .managers import (
+    ClusterManager,
+    LocalManager,
+    WorkerConfig,
+    connect,
+    default_addprocs_params,
+    kill,
+    launch,
+    manage,
+)
+from .refs import (
+    RRID,
+    Future,
+    RemoteChannel,
+    channel_from_id,
+    fetch,
+    isready,
+    put,
+    remoteref_id,
+    take,
+    wait,
+)
+from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
+
+
+def start_worker(*args, **kwargs):
+    """Serve as a worker on this process (see `pydist.worker.start_worker`)."""
+    from .worker import start_worker as _start_worker
+
+    return _start_worker(*args, **kwargs)
+
+
+def process_messages(sock, incoming: bool = True) -> None:
+    """Serve the pydist protocol over an already authenticated socket (custom transports)."""
+    from .cluster import HANDLER
+    from .transport import Connection
+
+    Connection(sock, HANDLER, "custom").start()
+
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthenticationError", "CapturedException", "Channel", "ClusterManager", "ExceptionGroup",
+    "Future", "InvalidStateError", "LaunchWorkerError", "LocalManager", "ProcessExitedException",
+    "ProtocolError", "PydistError", "RRID", "RemoteChannel", "RemoteError", "RemoteException",
+    "SerializationError", "WorkerConfig", "WorkerState", "addprocs", "channel_from_id",
+    "cluster_cookie", "connect", "default_addprocs_params", "fetch", "init_worker", "interrupt",
+    "isready", "kill", "launch", "manage", "myid", "myrole", "nprocs", "nworkers", "other_procs",
+    "other_workers", "process_messages", "procs", "put", "remote_do", "remotecall",
+    "remotecall_fetch", "remotecall_wait", "remoteref_id", "rmprocs", "start_worker", "take",
+    "wait", "worker_id_from_socket", "workers",
+]

@@ -1,0 +1,259 @@
+"""Calls between processes: sending a request and waiting for its reply, and running an
+incoming call in its own thread, where an interrupt can reach it.
+
+This is the plumbing under `remotecall_fetch`, `remote_do` and every operation on a remote
+reference (which runs as a small call on the reference's owner, as Julia's `call_on_owner`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from . import protocol, serialization
+from .cluster import PGRP, register_handler
+from .exceptions import (
+    CapturedException,
+    ProcessExitedException,
+    RemoteException,
+    SerializationError,
+    make_remote_exception,
+)
+from .transport import ConnectionClosed, Connection
+
+_EMPTY: dict = {}
+
+
+# ==================================================================== running a call here
+class _Running:
+    """A call running in some thread: what `interrupt` needs to stop it."""
+
+    __slots__ = ("lock", "active", "interrupted", "cancel")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.active = True
+        self.interrupted = False
+        self.cancel = threading.Lock()  # released by interrupt; wakes an interruptible sleep
+        self.cancel.acquire()
+
+
+_running: dict[int, _Running] = {}
+
+
+def _set_async_exc(tid: int, exc: type[BaseException] | None) -> None:
+    """Raise `exc` in thread `tid` at its next bytecode (None: cancel a pending one)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(
+        ctypes.c_ulong(tid), None if exc is None else ctypes.py_object(exc)
+    )
+
+
+def _clear_pending_interrupt(tid: int) -> None:
+    _set_async_exc(tid, None)
+
+
+def run_user_call(f: Callable, args: tuple, kwargs: dict) -> tuple[bool, Any]:
+    """Call `f(*args, **kwargs)`; return (True, value) or (False, RemoteException)."""
+    tid = threading.get_ident()
+    rec = _Running()
+    _running[tid] = rec
+    try:
+        try:
+            value = f(*args, **kwargs)
+            ok = True
+        except BaseException as e:
+            value, ok = e, False
+        with rec.lock:
+            rec.active = False
+    except BaseException as e:  # an interrupt that landed just after f returned
+        rec.active = False
+        value, ok = e, False
+    finally:
+        _running.pop(tid, None)
+        if rec.interrupted:
+            _clear_pending_interrupt(tid)
+    if not ok:
+        value = capture(value)
+    return ok, value
+
+
+def capture(exc: BaseException) -> RemoteException:
+    """Wrap an exception raised here by user code as the RemoteException callers will see."""
+    tb = exc.__traceback__
+    if tb is not None and tb.tb_frame.f_code is run_user_call.__code__:
+        exc = exc.with_traceback(tb.tb_next)  # hide our own frame
+    return make_remote_exception(PGRP.id, CapturedException(exc))
+
+
+def interrupt_running_calls() -> int:
+    """Raise KeyboardInterrupt in every call running in this process; return how many."""
+    n = 0
+    for tid, rec in list(_running.items()):
+        with rec.lock:
+            if not rec.active or rec.interrupted:
+                continue
+            rec.interrupted = True
+            rec.cancel.release()
+            _set_async_exc(tid, KeyboardInterrupt)
+            n += 1
+    return n
+
+
+_original_sleep = time.sleep
+
+
+def interruptible_sleep(seconds: float) -> None:
+    """`time.sleep` for worker processes: a sleeping remote call wakes up on `interrupt`."""
+    rec = _running.get(threading.get_ident())
+    if rec is None:
+        return _original_sleep(seconds)
+    if seconds < 0:
+        raise ValueError("sleep length must be non-negative")
+    if rec.cancel.acquire(timeout=seconds):
+        raise KeyboardInterrupt
+
+
+# ==================================================================== sending
+def pack(pid: int, kind: int, payload: Any, a: int = 0, b: int = 0, c: int = 0,
+         flags: int = 0, what: str = "the call") -> list:
+    """Pickle `payload` for `pid` into frame chunks; SerializationError names what failed."""
+    try:
+        body, buffers, context = serialization.dumps(payload, dest=pid)
+    except Exception as e:
+        raise SerializationError(f"could not send {what} to process {pid}: {type(e).__name__}: {e}") from e
+    serialization.run_after(context)
+    return protocol.encode_frame(kind, body, buffers, a=a, b=b, c=c, flags=flags)
+
+
+def _describe(f: Any) -> str:
+    return f"a call of {getattr(f, '__qualname__', None) or repr(f)}"
+
+
+def call_fetch(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = None) -> Any:
+    """Run `f(*args, **kwargs)` on `pid` and return its value (RemoteException if it raised,
+    ProcessExitedException if `pid` is gone). On this process it runs in this thread."""
+    kwargs = kwargs or _EMPTY
+    if pid == PGRP.id:
+        ok, value = run_user_call(f, args, kwargs)
+        if ok:
+            return value
+        raise value
+    slot = call_async(pid, f, args, kwargs)
+    try:
+        slot.wait()
+    finally:
+        if not slot.done:  # interrupted while waiting: forget the slot
+            for sid, s in list(PGRP.slots.items()):
+                if s is slot:
+                    PGRP.slots.pop(sid, None)
+    if slot.ok:
+        return slot.value
+    raise slot.value
+
+
+def call_async(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = None,
+               callback: Callable | None = None):
+    """Send `f(*args, **kwargs)` to `pid`; return the reply slot (`callback(slot)` runs in the
+    reading thread when the reply lands: it must not block)."""
+    conn = PGRP.connection(pid)
+    chunks_payload = (f, args, kwargs or _EMPTY)
+    sid, slot = PGRP.new_slot(pid, callback)
+    try:
+        chunks = pack(pid, protocol.CALL_FETCH, chunks_payload, a=sid, what=_describe(f))
+        conn.send(chunks)
+    except ConnectionClosed:
+        PGRP.fail_slot(sid, ProcessExitedException(pid))
+    except BaseException:
+        PGRP.slots.pop(sid, None)
+        raise
+    return slot
+
+
+def remote_do_internal(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = None) -> None:
+    """Send `f(*args, **kwargs)` to `pid` without waiting; errors are printed there."""
+    if pid == PGRP.id:
+        threading.Thread(target=_do_locally, args=(f, args, kwargs or _EMPTY), daemon=True).start()
+        return
+    conn = PGRP.connection(pid)
+    chunks = pack(pid, protocol.REMOTE_DO, (f, args, kwargs or _EMPTY), what=_describe(f))
+    try:
+        conn.send(chunks)
+    except ConnectionClosed:
+        raise ProcessExitedException(pid) from None
+
+
+def _do_locally(f: Callable, args: tuple, kwargs: dict) -> None:
+    ok, value = run_user_call(f, args, kwargs)
+    if not ok:
+        print(f"Error in remote_do on process {PGRP.id}:\n{value}", file=sys.stderr, flush=True)
+
+
+def request_exit(pid: int) -> None:
+    """Ask worker `pid` to exit (the default `ClusterManager.kill`)."""
+    w = PGRP.workers.get(pid)
+    if w is None or w.conn is None:
+        return
+    try:
+        w.conn.send(protocol.encode_frame(protocol.EXIT))
+    except ConnectionClosed:
+        pass
+
+
+# ==================================================================== replying
+def send_reply(conn: Connection, sid: int, ok: bool, value: Any) -> None:
+    """Send the RESULT of request `sid` back on `conn`; an unpicklable value becomes an error."""
+    pid = conn.peer_pid if conn.peer_pid is not None else 0
+    try:
+        body, buffers, context = serialization.dumps(value, dest=pid)
+        serialization.run_after(context)
+    except Exception as e:
+        err = SerializationError(f"the result could not be pickled: {type(e).__name__}: {e}")
+        ok, value = False, make_remote_exception(PGRP.id, CapturedException(err, ""))
+        body, buffers = serialization.dumps_inline(value), []
+    try:
+        conn.send(protocol.encode_frame(protocol.RESULT, body, buffers, a=sid,
+                                        flags=0 if ok else protocol.FLAG_ERROR))
+    except ConnectionClosed:
+        pass  # the caller is gone; nobody is waiting
+
+
+def unpack_call(msg: protocol.Message) -> tuple[bool, Any]:
+    """Unpickle a call's (f, args, kwargs); (False, RemoteException) if that fails."""
+    try:
+        f, args, kwargs = serialization.loads(msg.body, msg.buffers)
+        return True, (f, args, kwargs)
+    except BaseException as e:
+        return False, make_remote_exception(
+            PGRP.id, CapturedException(e.with_traceback(None),
+                                       f"could not unpickle the call on process {PGRP.id}: "
+                                       f"{type(e).__name__}: {e}\n")
+        )
+
+
+def _on_call_fetch(conn: Connection, msg: protocol.Message):
+    sid = msg.a
+    ok, call = unpack_call(msg)
+    if not ok:
+        return lambda: send_reply(conn, sid, False, call)
+    f, args, kwargs = call
+
+    def task() -> None:
+        ok, value = run_user_call(f, args, kwargs)
+        send_reply(conn, sid, ok, value)
+
+    return task
+
+
+def _on_remote_do(conn: Connection, msg: protocol.Message):
+    ok, call = unpack_call(msg)
+    if not ok:
+        print(f"Error in remote_do on process {PGRP.id}:\n{call}", file=sys.stderr, flush=True)
+        return None
+    return lambda: _do_locally(*call)
+
+
+register_handler(protocol.CALL_FETCH, _on_call_fetch)
+register_handler(protocol.REMOTE_DO, _on_remote_do)

@@ -1,0 +1,145 @@
+"""The local Channel: Julia's `Channel{Any}(sz)` for threads of one process."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from typing import Any, Iterator
+
+from .exceptions import InvalidStateError
+
+__all__ = ["Channel"]
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    return max(0.0, deadline - time.monotonic())
+
+
+class Channel:
+    """A FIFO channel. `sz=0` is unbuffered (a `put` waits until a `take` has the value),
+    an int bounds the buffer, `math.inf` leaves it unbounded.
+
+    `put`, `take`, `fetch` and `wait` block; each accepts `timeout=` (seconds) and raises
+    `TimeoutError` when it runs out. A closed channel refuses `put`; `take` drains it and then
+    raises `InvalidStateError`.
+    """
+
+    def __init__(self, sz: int | float = 0):
+        if sz != math.inf and (isinstance(sz, bool) or not isinstance(sz, int) or sz < 0):
+            raise ValueError(f"Channel size must be a non-negative int or math.inf, got {sz!r}")
+        self.sz = sz
+        self._items: deque = deque()  # unbuffered: [value, taken] entries of waiting putters
+        self._cond = threading.Condition(threading.Lock())
+        self._open = True
+        self._close_exc: BaseException | None = None
+
+    def __repr__(self) -> str:
+        state = "open" if self._open else "closed"
+        return f"Channel(sz={self.sz}, {state}, {len(self._items)} item(s))"
+
+    def _closed_error(self, what: str) -> BaseException:
+        if self._close_exc is not None:
+            return self._close_exc
+        return InvalidStateError(f"Channel is closed: cannot {what}")
+
+    def put(self, v: Any, timeout: float | None = None) -> Any:
+        """Append `v`, waiting while the channel is full (or, unbuffered, until it is taken)."""
+        deadline = _deadline(timeout)
+        with self._cond:
+            if not self._open:
+                raise self._closed_error("put")
+            if self.sz == 0:
+                entry = [v, False]
+                self._items.append(entry)
+                self._cond.notify_all()
+                while not entry[1]:
+                    if not self._open or not self._cond.wait(_remaining(deadline)):
+                        if entry[1]:
+                            break
+                        self._items.remove(entry)
+                        if not self._open:
+                            raise self._closed_error("put")
+                        raise TimeoutError(f"put: no taker within {timeout} seconds")
+                return v
+            while len(self._items) >= self.sz:
+                if not self._open:
+                    raise self._closed_error("put")
+                if not self._cond.wait(_remaining(deadline)):
+                    raise TimeoutError(f"put: channel still full after {timeout} seconds")
+            if not self._open:
+                raise self._closed_error("put")
+            self._items.append(v)
+            self._cond.notify_all()
+            return v
+
+    def _wait_item(self, deadline: float | None, what: str, timeout: float | None) -> None:
+        while not self._items:
+            if not self._open:
+                raise self._closed_error(what)
+            if not self._cond.wait(_remaining(deadline)):
+                if not self._items:
+                    raise TimeoutError(f"{what}: nothing arrived within {timeout} seconds")
+
+    def take(self, timeout: float | None = None) -> Any:
+        """Remove and return the first value, waiting for one."""
+        deadline = _deadline(timeout)
+        with self._cond:
+            self._wait_item(deadline, "take", timeout)
+            item = self._items.popleft()
+            self._cond.notify_all()
+            if self.sz == 0:
+                item[1] = True
+                return item[0]
+            return item
+
+    def fetch(self, timeout: float | None = None) -> Any:
+        """Return the first value without removing it, waiting for one."""
+        deadline = _deadline(timeout)
+        with self._cond:
+            self._wait_item(deadline, "fetch", timeout)
+            item = self._items[0]
+            return item[0] if self.sz == 0 else item
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until a value is available (returns at once if one is)."""
+        deadline = _deadline(timeout)
+        with self._cond:
+            self._wait_item(deadline, "wait", timeout)
+
+    def isready(self) -> bool:
+        """True if a `take` would not block."""
+        return bool(self._items)
+
+    def isempty(self) -> bool:
+        """True if no value is waiting (does not remove anything)."""
+        return not self._items
+
+    def close(self, exc: BaseException | None = None) -> None:
+        """Close the channel; later puts fail, takes drain what is left. `exc`, if given, is
+        what blocked and later callers see instead of InvalidStateError."""
+        with self._cond:
+            self._open = False
+            self._close_exc = exc
+            self._cond.notify_all()
+
+    def isopen(self) -> bool:
+        return self._open
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self) -> Iterator[Any]:
+        """Take values until the channel is closed and empty."""
+        while True:
+            try:
+                yield self.take()
+            except InvalidStateError:
+                return

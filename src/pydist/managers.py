@@ -1,0 +1,383 @@
+"""Cluster managers: how worker processes are started, reached, interrupted and stopped.
+
+`ClusterManager` is Julia's interface; `LocalManager` starts workers on this machine. A manager
+launches processes and describes each with a `WorkerConfig`; the process group (`cluster`)
+then connects, authenticates and registers them. Each launched worker's output is relayed by a
+`WorkerOutput` thread: it finds the worker's address line, then prefixes every later line with
+"From worker N".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from .exceptions import LaunchWorkerError
+
+log = logging.getLogger("pydist")
+
+__all__ = [
+    "ClusterManager",
+    "WorkerConfig",
+    "LocalManager",
+    "launch",
+    "manage",
+    "kill",
+    "connect",
+    "default_addprocs_params",
+    "worker_timeout",
+]
+
+_timeout_override: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "pydist_timeout", default=None
+)
+
+
+def worker_timeout() -> float:
+    """Seconds to wait for a worker to start, join or connect: the `timeout` of the current
+    `addprocs`, else `PYDIST_WORKER_TIMEOUT`, else 60."""
+    override = _timeout_override.get()
+    if override is not None:
+        return override
+    return float(os.environ.get("PYDIST_WORKER_TIMEOUT", "60"))
+
+
+@contextlib.contextmanager
+def launch_timeout(seconds: float):
+    token = _timeout_override.set(seconds)
+    try:
+        yield
+    finally:
+        _timeout_override.reset(token)
+
+
+@dataclass
+class WorkerConfig:
+    """What a manager knows about one launched worker (Julia's fields, all None by default)."""
+
+    io: Any = None
+    host: str | None = None
+    port: int | None = None
+    count: int | str | None = None
+    exename: str | None = None
+    exeflags: list[str] | None = None
+    userdata: Any = None
+    tunnel: bool | None = None
+    multiplex: bool | None = None
+    forward: str | None = None
+    bind_addr: str | None = None
+    sshflags: list[str] | None = None
+    max_parallel: int | None = None
+    connect_at: Any = None
+    process: Any = None
+    ospid: int | None = None
+    environ: dict | None = None
+    ident: Any = None
+    connect_idents: list | None = None
+    enable_threaded_blas: bool | None = None
+
+
+ADDRESS_LINE = re.compile(rb"^pydist_worker:(\d+)#(.*?)\r?$")
+_MAX_STARTUP_LINES = 1000
+
+
+class WorkerOutput:
+    """Relays a worker's stdout to ours, after finding its `pydist_worker:<port>#<addr>` line.
+
+    Lines before the address line are kept (for the error message if the worker fails) and
+    echoed as startup output; later lines are printed as ``"      From worker N:\\t<line>"``.
+    The thread ends when the worker closes its stdout (it exits).
+    """
+
+    def __init__(self, stream: BinaryIO, pid: int | None = None):
+        self.stream = stream
+        self.pid = pid
+        self.address: tuple[str, int] | None = None
+        self.startup: list[str] = []
+        self.eof = False
+        self.too_chatty = False
+        self.found = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pydist-output", daemon=True)
+        self._thread.start()
+
+    def _emit(self, text: str) -> None:
+        if text.startswith("      From worker "):
+            line = text
+        elif self.address is None or self.pid is None:
+            line = f"\tFrom worker startup:\t{text}"
+        else:
+            line = f"      From worker {self.pid}:\t{text}"
+        try:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        except (ValueError, OSError):
+            pass  # our stdout is closed (interpreter shutting down)
+
+    def _run(self) -> None:
+        try:
+            for raw in iter(self.stream.readline, b""):
+                if self.address is None:
+                    m = ADDRESS_LINE.match(raw.rstrip(b"\n"))
+                    if m:
+                        self.address = (m.group(2).decode(), int(m.group(1)))
+                        self.found.set()
+                        continue
+                    text = raw.decode(errors="replace").rstrip("\r\n")
+                    self.startup.append(text)
+                    self._emit(text)
+                    if len(self.startup) >= _MAX_STARTUP_LINES:
+                        self.too_chatty = True
+                        self.found.set()
+                    continue
+                self._emit(raw.decode(errors="replace").rstrip("\r\n"))
+        except (OSError, ValueError):
+            pass
+        finally:
+            self.eof = True
+            self.found.set()
+
+    def wait_address(self, timeout: float, process: Any = None) -> tuple[str, int]:
+        """The worker's (addr, port); LaunchWorkerError saying what went wrong otherwise."""
+        self.found.wait(timeout)
+        if self.address is not None:
+            return self.address
+        output = "\n".join(self.startup[-50:])
+        detail = f"\nWorker output:\n{output}" if output else "\n(the worker printed nothing)"
+        if self.too_chatty:
+            raise LaunchWorkerError(
+                "Unexpected output from worker launch command. Host:port string not found." + detail
+            )
+        if self.eof:
+            code = None
+            if process is not None:
+                with contextlib.suppress(Exception):
+                    code = process.wait(timeout=5)
+            status = f" (exit code {code})" if code is not None else ""
+            raise LaunchWorkerError(
+                "Unable to read host:port string from worker. Launch command exited with error?"
+                + status + detail
+            )
+        raise LaunchWorkerError(
+            f"Timed out waiting to read host:port string from worker (after {timeout} seconds)."
+            + detail
+        )
+
+
+class ClusterManager(ABC):
+    """Starts and stops workers. Subclasses implement `launch`; the rest has defaults.
+
+    `launch(params, launched, launch_ntfy)` appends one `WorkerConfig` per started worker to
+    `launched`, notifies the `threading.Condition` `launch_ntfy`, and returns when all are
+    launched. `connect(pid, config)` returns a connected socket to the worker (the process
+    group authenticates it). `kill(pid, config)` asks the worker to exit. `manage(pid, config,
+    op)` is told of "register", "deregister", "interrupt" and "finalize".
+    """
+
+    @abstractmethod
+    def launch(self, params: dict, launched: list, launch_ntfy: threading.Condition) -> None:
+        ...
+
+    def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
+        if op == "interrupt":
+            ospid = config.ospid
+            if ospid is None:
+                log.error("Worker %d cannot be presently interrupted.", pid)
+                return
+            os.kill(ospid, signal.SIGINT)
+
+    def kill(self, pid: int, config: WorkerConfig) -> None:
+        from .calls import request_exit
+
+        request_exit(pid)
+
+    def connect(self, pid: int, config: WorkerConfig) -> socket.socket:
+        timeout = worker_timeout()
+        if config.connect_at is not None and config.io is None:
+            host, port = config.connect_at
+        elif config.io is not None:
+            output = getattr(config, "_output", None)
+            if output is None:
+                output = config._output = WorkerOutput(config.io, pid)
+            output.pid = pid
+            bind_addr, port = output.wait_address(timeout, config.process)
+            host = config.host or bind_addr
+            config.bind_addr = config.bind_addr or bind_addr
+            config.port = port
+        else:
+            host, port = config.host, config.port
+            if host is None or port is None:
+                raise LaunchWorkerError(f"worker {pid}: WorkerConfig has neither io nor host and port")
+        config.connect_at = (config.bind_addr or host, port)
+        try:
+            return socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise LaunchWorkerError(f"could not connect to worker {pid} at {host}:{port}: {e}") from e
+
+    def default_addprocs_params(self) -> dict:
+        return {
+            "topology": "all_to_all",
+            "dir": os.getcwd(),
+            "exename": sys.executable,
+            "exeflags": [],
+            "env": {},
+            "enable_threaded_blas": False,
+            "lazy": True,
+        }
+
+    def cleanup(self) -> None:
+        """Release whatever the manager still holds at exit (processes, tunnels)."""
+
+
+def launch(manager: ClusterManager, params: dict, launched: list, launch_ntfy) -> None:
+    manager.launch(params, launched, launch_ntfy)
+
+
+def manage(manager: ClusterManager, pid: int, config: WorkerConfig, op: str) -> None:
+    manager.manage(pid, config, op)
+
+
+def kill(manager: ClusterManager, pid: int, config: WorkerConfig) -> None:
+    manager.kill(pid, config)
+
+
+def connect(manager: ClusterManager, pid: int, config: WorkerConfig):
+    return manager.connect(pid, config)
+
+
+def default_addprocs_params(manager: ClusterManager | None = None) -> dict:
+    return (manager or LocalManager(0)).default_addprocs_params()
+
+
+def _pydist_import_root() -> str:
+    """The directory that holds the pydist package, so that workers can import it."""
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _worker_env(params: dict) -> dict:
+    env = dict(os.environ)
+    root = _pydist_import_root()
+    paths = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PYDIST_WORKER_TIMEOUT"] = str(params.get("timeout") or worker_timeout())
+    env["PYTHONUNBUFFERED"] = "1"
+    if not params.get("enable_threaded_blas", False):
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = "1"
+    env.update(params.get("env") or {})
+    return env
+
+
+class LocalManager(ClusterManager):
+    """Workers on this machine: `python -m pydist.worker`, listening on 127.0.0.1 unless
+    `restrict=False`. Removal asks politely, then sends SIGTERM after `exit_timeout` seconds
+    and SIGKILL after `term_timeout` more."""
+
+    _live: set = set()  # every worker process started by any LocalManager, until reaped
+    _live_lock = threading.Lock()
+
+    def __init__(self, np: int, restrict: bool = True, exit_timeout: float = 5.0,
+                 term_timeout: float = 5.0):
+        self.np = np
+        self.restrict = restrict
+        self.exit_timeout = exit_timeout
+        self.term_timeout = term_timeout
+        self._reapers: list[threading.Thread] = []
+
+    def __repr__(self) -> str:
+        return f"LocalManager(np={self.np}, restrict={self.restrict})"
+
+    def default_addprocs_params(self) -> dict:
+        return dict(super().default_addprocs_params(), restrict=self.restrict)
+
+    def launch(self, params: dict, launched: list, launch_ntfy: threading.Condition) -> None:
+        bind = "127.0.0.1" if self.restrict else _default_bind_addr()
+        cmd = [params["exename"], *params["exeflags"], "-m", "pydist.worker", "--bind-to", bind]
+        env = _worker_env(params)
+        from .cluster import cluster_cookie
+
+        cookie = cluster_cookie()
+        for _ in range(self.np):
+            try:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    cwd=params["dir"], env=env, start_new_session=True,
+                )
+            except OSError as e:
+                raise LaunchWorkerError(f"could not start worker process {cmd}: {e}") from e
+            with LocalManager._live_lock:
+                LocalManager._live.add(proc)
+            try:
+                proc.stdin.write(cookie.encode() + b"\n")
+                proc.stdin.close()
+            except OSError:
+                pass  # it died at once; the address reader will say so
+            config = WorkerConfig(
+                process=proc, io=proc.stdout, ospid=proc.pid, exename=params["exename"],
+                exeflags=params["exeflags"],
+                enable_threaded_blas=bool(params.get("enable_threaded_blas", False)),
+            )
+            with launch_ntfy:
+                launched.append(config)
+                launch_ntfy.notify_all()
+
+    def kill(self, pid: int, config: WorkerConfig) -> None:
+        try:
+            super().kill(pid, config)
+        except Exception:
+            pass
+        proc = config.process
+        if proc is None:
+            return
+        t = threading.Thread(target=self._escalate, args=(pid, proc), name="pydist-reaper",
+                             daemon=True)
+        t.start()
+        self._reapers.append(t)
+
+    def _escalate(self, pid: int, proc: subprocess.Popen) -> None:
+        try:
+            proc.wait(self.exit_timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("Failed to gracefully kill worker %d, sending SIGTERM", pid)
+            with contextlib.suppress(OSError):
+                proc.terminate()
+            try:
+                proc.wait(self.term_timeout)
+            except subprocess.TimeoutExpired:
+                log.warning("Worker %d ignored SIGTERM, sending SIGKILL", pid)
+                with contextlib.suppress(OSError):
+                    proc.kill()
+                proc.wait()
+        with LocalManager._live_lock:
+            LocalManager._live.discard(proc)
+
+    @classmethod
+    def cleanup_all(cls) -> None:
+        """Kill and reap every local worker process that is still running."""
+        with cls._live_lock:
+            procs = list(cls._live)
+            cls._live.clear()
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(OSError):
+                    proc.kill()
+            with contextlib.suppress(Exception):
+                proc.wait(5)
+
+
+def _default_bind_addr() -> str:
+    """An address of this host that other machines can reach (best effort)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

@@ -1,0 +1,734 @@
+"""Remote references: `Future`, `RemoteChannel`, and distributed reference counting.
+
+A reference names a value that lives on its owner (`where`) under an `RRID(whence, id)`. The
+owner keeps, per value, a count per client process; the value is freed when every count is
+zero. A holder's count goes up when a reference reaches it and down when it fetches, puts, or
+drops the reference (a `__del__` that only queues a message, so it is safe in any thread).
+
+Why counts and not Julia's client *set*: when process p passes an unfetched reference to q, p
+tells the owner "+1 for q" before the message to q leaves, on its own (FIFO) connection to the
+owner, so it always arrives before p's own later "-1". q's "-1" may overtake p's "+1" (they
+travel on different connections); with counts, q then sits at -1 and the value survives until
+the "+1" arrives. Julia's set loses that race and frees too early or leaks (julia#11731).
+
+A `remotecall` Future also gets its result pushed by the worker as soon as the call ends (the
+value when it is small, else just "done"), so `fetch`, `isready` and `wait` of a finished call
+cost no round trip, and completion callbacks need no polling.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import weakref
+from typing import Any, Callable, Iterator, NamedTuple
+
+from . import protocol, serialization
+from .calls import call_async, call_fetch
+from .channel import Channel
+from .cluster import PGRP, register_handler
+from .exceptions import (
+    CapturedException,
+    InvalidStateError,
+    ProcessExitedException,
+    RemoteException,
+    make_remote_exception,
+)
+from .transport import ConnectionClosed
+
+__all__ = [
+    "RRID",
+    "Future",
+    "RemoteChannel",
+    "remoteref_id",
+    "channel_from_id",
+    "fetch",
+    "put",
+    "take",
+    "isready",
+    "wait",
+]
+
+
+class RRID(NamedTuple):
+    """Remote reference id: the creating process and a number unique there."""
+
+    whence: int
+    id: int
+
+
+_next_id = itertools.count(1)
+
+
+def _new_rrid() -> RRID:
+    return RRID(PGRP.id, next(_next_id))
+
+
+# ==================================================================== owner side
+class _Cell:
+    """A Future's value on its owner: written once, waited for by any number of threads."""
+
+    __slots__ = ("_cond", "done", "ok", "value", "_callbacks")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self.done = False
+        self.ok = True
+        self.value: Any = None
+        self._callbacks: list[Callable[["_Cell"], None]] = []
+
+    def set(self, ok: bool, value: Any) -> None:
+        with self._cond:
+            if self.done:
+                raise InvalidStateError("Future can be set only once")
+            self.ok, self.value, self.done = ok, value, True
+            self._cond.notify_all()
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb(self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.done, timeout)
+
+    def on_done(self, cb: Callable[["_Cell"], None]) -> None:
+        with self._cond:
+            if not self.done:
+                self._callbacks.append(cb)
+                return
+        cb(self)
+
+
+class _RemoteValue:
+    __slots__ = ("store", "clients")
+
+    def __init__(self, whence: int):
+        self.store: Any = None  # a _Cell (Future) or a channel (RemoteChannel), made on first use
+        self.clients: dict[int, int] = {whence: 1}
+
+
+class RefStore:
+    """The values this process owns, with their client counts."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.values: dict[RRID, _RemoteValue] = {}
+
+    def lookup(self, rrid: RRID, factory: Callable[[], Any]) -> Any:
+        """The store of `rrid` (a _Cell or a channel), created by `factory` on first use."""
+        with self.lock:
+            rv = self.values.get(rrid)
+            if rv is None:
+                rv = self.values[rrid] = _RemoteValue(rrid.whence)
+            if rv.store is None:
+                rv.store = factory()
+            return rv.store
+
+    def get(self, rrid: RRID) -> Any:
+        rv = self.values.get(rrid)
+        return None if rv is None else rv.store
+
+    def apply(self, rrid: RRID, pid: int, delta: int) -> None:
+        with self.lock:
+            rv = self.values.get(rrid)
+            if rv is None:
+                rv = self.values[rrid] = _RemoteValue(rrid.whence)
+            n = rv.clients.get(pid, 0) + delta
+            if n:
+                rv.clients[pid] = n
+            else:
+                rv.clients.pop(pid, None)
+            if not rv.clients:
+                del self.values[rrid]
+
+    def remove_pid(self, pid: int) -> None:
+        with self.lock:
+            for rrid in list(self.values):
+                rv = self.values[rrid]
+                if rv.clients.pop(pid, None) is not None and not rv.clients:
+                    del self.values[rrid]
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+
+STORE = RefStore()
+
+
+def _on_refs(conn, msg: protocol.Message):
+    for whence, id_, pid, delta in serialization.loads(msg.body, msg.buffers):
+        STORE.apply(RRID(whence, id_), pid, delta)
+    return None
+
+
+register_handler(protocol.REFS, _on_refs)
+
+
+# ==================================================================== holder side: count deltas
+_client_refs: "weakref.WeakValueDictionary[RRID, Future | RemoteChannel]" = weakref.WeakValueDictionary()
+_deltas: "queue.SimpleQueue[tuple | None]" = queue.SimpleQueue()
+_flusher: threading.Thread | None = None
+_flusher_lock = threading.Lock()
+
+
+def _queue_delta(where: int, rrid: RRID, pid: int, delta: int) -> None:
+    """Queue a count change for the owner; safe from `__del__` (SimpleQueue.put is reentrant)."""
+    _deltas.put((where, rrid, pid, delta))
+    if _flusher is None:
+        _start_flusher()
+
+
+def _start_flusher() -> None:
+    global _flusher
+    with _flusher_lock:
+        if _flusher is None:
+            t = threading.Thread(target=_flush_loop, name="pydist-refcount", daemon=True)
+            t.start()
+            _flusher = t
+
+
+def _flush_loop() -> None:
+    while True:
+        item = _deltas.get()
+        batch = [item]
+        try:
+            while True:
+                batch.append(_deltas.get_nowait())
+        except queue.Empty:
+            pass
+        by_owner: dict[int, list] = {}
+        for it in batch:
+            if it is not None:
+                where, rrid, pid, delta = it
+                by_owner.setdefault(where, []).append((rrid.whence, rrid.id, pid, delta))
+        for where, deltas in by_owner.items():
+            _send_deltas(where, deltas)
+
+
+def _send_deltas(where: int, deltas: list) -> None:
+    if where == PGRP.id:
+        for whence, id_, pid, delta in deltas:
+            STORE.apply(RRID(whence, id_), pid, delta)
+        return
+    w = PGRP.workers.get(where)
+    if w is None or w.conn is None:
+        return  # owner gone: its values went with it
+    try:
+        w.conn.send(protocol.encode_frame(protocol.REFS, serialization.dumps_inline(deltas)))
+    except ConnectionClosed:
+        pass
+
+
+def _send_adds_now(where: int, deltas: list) -> None:
+    """Tell owner `where` of new clients before the message carrying the refs leaves."""
+    _send_deltas(where, deltas)
+
+
+# ==================================================================== Future
+_PENDING, _VALUE, _ERROR, _REMOTE_DONE = 0, 1, 2, 3
+
+
+def _on_owner(ref: "Future | RemoteChannel", f: Callable, *args: Any) -> Any:
+    """Run `f(rrid, *args)` on the reference's owner (here, without a message, if we own it)."""
+    if ref.where == PGRP.id:
+        return f(ref.rrid, *args)
+    return call_fetch(ref.where, f, (ref.rrid, *args))
+
+
+class Future:
+    """A write-once value that lives on process `where` (default: this one).
+
+    Returned by `remotecall`; `Future(pid)` makes an empty one that anybody holding it may
+    `put` once. `fetch` caches the value, so a second `fetch` costs nothing. Futures can be
+    awaited (`await fut`) and accept completion callbacks.
+    """
+
+    __slots__ = ("where", "whence", "id", "_lock", "_state", "_value", "_count", "_latch",
+                 "_callbacks", "_watching", "__weakref__")
+
+    def __init__(self, pid: int | None = None):
+        rrid = _new_rrid()
+        self._setup(PGRP.id if pid is None else pid, rrid, _PENDING, None, 1, push=False)
+
+    @classmethod
+    def _make(cls, where: int, rrid: RRID, state: int, value: Any, count: int,
+              push: bool) -> "Future":
+        self = cls.__new__(cls)
+        self._setup(where, rrid, state, value, count, push)
+        return self
+
+    def _setup(self, where: int, rrid: RRID, state: int, value: Any, count: int,
+               push: bool) -> None:
+        self.where = where
+        self.whence, self.id = rrid
+        self._lock = threading.Lock()
+        self._state = state
+        self._value = value
+        self._count = count
+        self._latch: threading.Lock | None = None
+        if push and state == _PENDING:
+            self._latch = threading.Lock()
+            self._latch.acquire()
+        self._callbacks: list | None = None
+        self._watching = False
+        _client_refs[rrid] = self
+
+    @property
+    def rrid(self) -> RRID:
+        return RRID(self.whence, self.id)
+
+    def __repr__(self) -> str:
+        state = {_PENDING: "pending", _VALUE: "ready", _ERROR: "failed", _REMOTE_DONE: "done"}[self._state]
+        return f"Future(where={self.where}, whence={self.whence}, id={self.id}, {state})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Future) and other.rrid == self.rrid
+
+    def __hash__(self) -> int:
+        return hash(("Future", self.whence, self.id))
+
+    def __del__(self) -> None:
+        try:
+            if self._count > 0:
+                _queue_delta(self.where, self.rrid, PGRP.id, -self._count)
+        except Exception:
+            pass
+
+    def __reduce__(self):
+        if self._state in (_VALUE, _ERROR):
+            return (_rebuild_future, (self.where, self.whence, self.id, self._state, self._value))
+        raise TypeError("a pending Future can only be sent to pydist processes, inside a remote call")
+
+    # -- completion (called by the push handler, local owners, or death) --
+    def _complete(self, state: int, value: Any) -> None:
+        """Record the outcome; release our count once the value is cached here."""
+        if state == _REMOTE_DONE and value is not None:
+            state = _ERROR  # finished remotely with an error: the error is all there is
+        with self._lock:
+            if self._state in (_VALUE, _ERROR):
+                return
+            if state == _REMOTE_DONE and self._state == _REMOTE_DONE:
+                return
+            was_pending = self._state == _PENDING
+            self._state = state
+            self._value = value
+            release = 0
+            if state in (_VALUE, _ERROR) and self._count > 0:
+                release, self._count = self._count, 0
+            callbacks = self._callbacks if was_pending else None
+            if was_pending:
+                self._callbacks = None
+            latch = self._latch if was_pending else None
+        if release and not isinstance(value, ProcessExitedException):
+            _queue_delta(self.where, self.rrid, PGRP.id, -release)
+        if latch is not None:
+            latch.release()
+        for cb in callbacks or ():
+            try:
+                cb(self)
+            except Exception:
+                logging.getLogger("pydist").exception("pydist: error in a Future done-callback")
+
+    def _result(self) -> Any:
+        if self._state == _ERROR:
+            raise self._value
+        return self._value
+
+    # -- public API --
+    def isready(self) -> bool:
+        """True if a value has been put (or the call has finished)."""
+        if self._state != _PENDING:
+            return True
+        if self.where == PGRP.id:
+            cell = STORE.get(self.rrid)
+            return cell is not None and cell.done
+        if self._latch is not None:
+            return False
+        return _on_owner(self, _isready_ref)
+
+    def wait(self, timeout: float | None = None) -> "Future":
+        """Wait until the value is there; raise the RemoteException of a failed call."""
+        self._wait_done(timeout)
+        if self._state == _ERROR:
+            raise self._value
+        return self
+
+    def _wait_done(self, timeout: float | None) -> None:
+        if self._state != _PENDING:
+            return
+        if self.where == PGRP.id:
+            cell = STORE.lookup(self.rrid, _Cell)
+            if not cell.wait(timeout):
+                raise TimeoutError(f"Future not ready after {timeout} seconds")
+            self._complete(_VALUE if cell.ok else _ERROR, cell.value)
+            return
+        if self._latch is not None:
+            latch = self._latch
+            if not latch.acquire(timeout=-1 if timeout is None else timeout):
+                raise TimeoutError(f"Future not ready after {timeout} seconds")
+            latch.release()
+            return
+        ok, err = _on_owner(self, _wait_ref, timeout)
+        self._complete(_REMOTE_DONE, None if ok else err)
+
+    def fetch(self, timeout: float | None = None) -> Any:
+        """The value (waiting for it); raises the RemoteException of a failed call."""
+        if self._state in (_VALUE, _ERROR):
+            return self._result()
+        self._wait_done(timeout)
+        if self._state in (_VALUE, _ERROR):
+            return self._result()
+        ok, value = _on_owner(self, _fetch_ref, timeout)
+        self._complete(_VALUE if ok else _ERROR, value)
+        return self._result()
+
+    def put(self, value: Any) -> "Future":
+        """Set the value; a Future can be set only once (InvalidStateError)."""
+        if self._state in (_VALUE, _ERROR):
+            raise InvalidStateError("Future can be set only once")
+        _on_owner(self, _put_ref, value)
+        self._complete(_VALUE, value)
+        return self
+
+    def done(self) -> bool:
+        """True once the outcome is known here (never blocks, never messages)."""
+        return self._state != _PENDING
+
+    def add_done_callback(self, fn: Callable[["Future"], None]) -> None:
+        """Call `fn(self)` once the value is there (at once if it is). It runs in the thread
+        that completes the Future, often a connection's reading thread: it must not block."""
+        with self._lock:
+            pending = self._state == _PENDING
+            if pending:
+                if self._callbacks is None:
+                    self._callbacks = []
+                self._callbacks.append(fn)
+                start_watch = not self._watching and self._latch is None
+                self._watching = True
+        if not pending:
+            fn(self)
+        elif start_watch:
+            self._watch()
+
+    def _watch(self) -> None:
+        """Learn of completion without a push: ask the owner to tell us."""
+        if self.where == PGRP.id:
+            cell = STORE.lookup(self.rrid, _Cell)
+            cell.on_done(lambda c: self._complete(_VALUE if c.ok else _ERROR, c.value))
+            return
+
+        def landed(slot) -> None:
+            if slot.ok:
+                ok, err = slot.value
+                self._complete(_REMOTE_DONE, None if ok else err)
+            else:
+                self._complete(_ERROR, slot.value)
+
+        try:
+            call_async(self.where, _wait_ref, (self.rrid, None), None, landed)
+        except ProcessExitedException as e:
+            self._complete(_ERROR, e)
+
+    def __await__(self):
+        import asyncio
+
+        if self._state == _PENDING:
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+
+            def wake(_: Future) -> None:
+                loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+
+            self.add_done_callback(wake)
+            yield from waiter.__await__()
+        if self._state in (_VALUE, _ERROR):
+            return self._result()
+        loop = asyncio.get_running_loop()
+        return (yield from loop.run_in_executor(None, self.fetch).__await__())
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.fetch()[key]
+
+
+# Owner-side operations, run as calls on the owner.
+def _isready_ref(rrid: RRID) -> bool:
+    cell = STORE.get(rrid)
+    return cell is not None and cell.done
+
+
+def _wait_ref(rrid: RRID, timeout: float | None) -> tuple[bool, Any]:
+    cell = STORE.lookup(rrid, _Cell)
+    if not cell.wait(timeout):
+        raise TimeoutError(f"Future not ready after {timeout} seconds")
+    return (True, None) if cell.ok else (False, cell.value)
+
+
+def _fetch_ref(rrid: RRID, timeout: float | None) -> tuple[bool, Any]:
+    cell = STORE.lookup(rrid, _Cell)
+    if not cell.wait(timeout):
+        raise TimeoutError(f"Future not ready after {timeout} seconds")
+    return cell.ok, cell.value
+
+
+def _put_ref(rrid: RRID, value: Any) -> None:
+    STORE.lookup(rrid, _Cell).set(True, value)
+
+
+def _reduce_future(fut: Future, pickler: Any):
+    if fut._state in (_VALUE, _ERROR):
+        return (_rebuild_future, (fut.where, fut.whence, fut.id, fut._state, fut._value))
+    _note_new_client(fut, pickler)
+    return (_rebuild_future, (fut.where, fut.whence, fut.id, _PENDING, None))
+
+
+def _note_new_client(ref: "Future | RemoteChannel", pickler: Any) -> None:
+    """A pending reference is being sent to `pickler.dest`: the owner gets +1 for it."""
+    dest = pickler.dest
+    if dest is None or dest == ref.where:
+        return  # an owner counts itself when the reference arrives
+    where, rrid = ref.where, ref.rrid
+    if where == PGRP.id:
+        action = lambda: STORE.apply(rrid, dest, +1)  # noqa: E731
+    else:
+        action = lambda: _send_adds_now(where, [(rrid.whence, rrid.id, dest, +1)])  # noqa: E731
+    pickler.context.setdefault("after", []).append(action)
+
+
+def _arrived(ref_cls: type, where: int, rrid: RRID) -> Any:
+    """Count this process as a client of a pending reference that just arrived; return the
+    local object (the existing one, if we already hold this reference)."""
+    if where == PGRP.id:
+        STORE.apply(rrid, PGRP.id, +1)
+    existing = _client_refs.get(rrid)
+    if existing is not None and type(existing) is ref_cls:
+        with existing._lock:
+            if getattr(existing, "_state", _PENDING) not in (_VALUE, _ERROR):
+                existing._count += 1
+                return existing
+        _queue_delta(where, rrid, PGRP.id, -1)  # already fetched here: give it back
+        return existing
+    return None
+
+
+def _rebuild_future(where: int, whence: int, id_: int, state: int, value: Any) -> Future:
+    rrid = RRID(whence, id_)
+    if state in (_VALUE, _ERROR):
+        existing = _client_refs.get(rrid)
+        if isinstance(existing, Future):
+            existing._complete(state, value)
+            return existing
+        return Future._make(where, rrid, state, value, 0, push=False)
+    existing = _arrived(Future, where, rrid)
+    if existing is not None:
+        return existing
+    return Future._make(where, rrid, _PENDING, None, 1, push=False)
+
+
+serialization.register_reducer(Future, _reduce_future)
+
+
+def _on_push(conn, msg: protocol.Message):
+    """A remotecall we made has finished on its worker."""
+    fut = _client_refs.get(RRID(msg.a, msg.b))
+    if not isinstance(fut, Future):
+        return None  # dropped already; its __del__ released our count
+    if msg.flags & protocol.FLAG_NOVALUE:
+        fut._complete(_REMOTE_DONE, None)
+        return None
+    try:
+        value = serialization.loads(msg.body, msg.buffers)
+    except BaseException as e:
+        fut._complete(_REMOTE_DONE, None)  # fetch will ask the owner, and report the failure
+        return None
+    fut._complete(_ERROR if msg.flags & protocol.FLAG_ERROR else _VALUE, value)
+    return None
+
+
+register_handler(protocol.PUSH, _on_push)
+
+
+def new_call_future(where: int) -> Future:
+    """The Future of a remotecall to `where`, whose result the worker will push to us."""
+    return Future._make(where, _new_rrid(), _PENDING, None, 1, push=True)
+
+
+def _worker_lost(pid: int, state: Any) -> None:
+    """Fail every Future owned by `pid` still waiting here; drop `pid` from our counts."""
+    STORE.remove_pid(pid)
+    lost = ProcessExitedException(pid)
+    for ref in list(_client_refs.values()):
+        if isinstance(ref, Future) and ref.where == pid and ref._state in (_PENDING, _REMOTE_DONE):
+            ref._complete(_ERROR, lost)
+
+
+PGRP.removed_listeners.append(_worker_lost)
+
+
+# ==================================================================== RemoteChannel
+def _default_channel() -> Channel:
+    return Channel(1)
+
+
+class RemoteChannel:
+    """A channel that lives on process `where`; every operation runs there.
+
+    `RemoteChannel(f, pid)` creates the channel now by running `f()` on `pid` (any object with
+    Channel's methods); `RemoteChannel(pid)` or `RemoteChannel(pid=pid)` gets a `Channel(1)`
+    on first use.
+    """
+
+    __slots__ = ("where", "whence", "id", "_lock", "_count", "__weakref__")
+
+    def __init__(self, f: Callable[[], Any] | int | None = None, pid: int | None = None):
+        if isinstance(f, int) and not isinstance(f, bool):
+            f, pid = None, f
+        where = PGRP.id if pid is None else pid
+        rrid = _new_rrid()
+        self._setup(where, rrid, 1)
+        if f is not None:
+            if not callable(f):
+                raise TypeError(f"RemoteChannel: f must be a zero-argument callable, got {f!r}")
+            _on_owner(self, _create_channel, f)
+
+    def _setup(self, where: int, rrid: RRID, count: int) -> None:
+        self.where = where
+        self.whence, self.id = rrid
+        self._lock = threading.Lock()
+        self._count = count
+        _client_refs[rrid] = self
+
+    @property
+    def rrid(self) -> RRID:
+        return RRID(self.whence, self.id)
+
+    def __repr__(self) -> str:
+        return f"RemoteChannel(where={self.where}, whence={self.whence}, id={self.id})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RemoteChannel) and other.rrid == self.rrid
+
+    def __hash__(self) -> int:
+        return hash(("RemoteChannel", self.whence, self.id))
+
+    def __del__(self) -> None:
+        try:
+            if self._count > 0:
+                _queue_delta(self.where, self.rrid, PGRP.id, -self._count)
+        except Exception:
+            pass
+
+    def __reduce__(self):
+        raise TypeError("a RemoteChannel can only be sent to pydist processes, inside a remote call")
+
+    def put(self, v: Any, timeout: float | None = None) -> "RemoteChannel":
+        """Put `v` (waits while the channel is full); returns the channel."""
+        _on_owner(self, _channel_op, "put", (v, timeout))
+        return self
+
+    def take(self, timeout: float | None = None) -> Any:
+        return _on_owner(self, _channel_op, "take", (timeout,))
+
+    def fetch(self, timeout: float | None = None) -> Any:
+        """The first value, without removing it."""
+        return _on_owner(self, _channel_op, "fetch", (timeout,))
+
+    def wait(self, timeout: float | None = None) -> None:
+        _on_owner(self, _channel_op, "wait", (timeout,))
+
+    def isready(self) -> bool:
+        return _on_owner(self, _channel_op, "isready", ())
+
+    def isempty(self) -> bool:
+        return _on_owner(self, _channel_op, "isempty", ())
+
+    def close(self) -> None:
+        _on_owner(self, _channel_op, "close", ())
+
+    def isopen(self) -> bool:
+        return _on_owner(self, _channel_op, "isopen", ())
+
+    def __len__(self) -> int:
+        return _on_owner(self, _channel_op, "__len__", ())
+
+    def __iter__(self) -> Iterator[Any]:
+        """Take values until the channel is closed and empty."""
+        while True:
+            try:
+                yield self.take()
+            except InvalidStateError:
+                return
+
+
+def _create_channel(rrid: RRID, f: Callable[[], Any]) -> None:
+    chan = f()
+    for method in ("put", "take", "isready"):
+        if not callable(getattr(chan, method, None)):
+            raise TypeError(f"RemoteChannel: f() must return a channel-like object, got {chan!r}")
+    STORE.lookup(rrid, lambda: chan)
+
+
+_CHANNEL_OPS = {"put", "take", "fetch", "wait", "isready", "isempty", "close", "isopen", "__len__"}
+
+
+def _channel_op(rrid: RRID, op: str, args: tuple) -> Any:
+    if op not in _CHANNEL_OPS:
+        raise ValueError(f"unknown channel operation {op!r}")
+    chan = STORE.lookup(rrid, _default_channel)
+    return getattr(chan, op)(*args)
+
+
+def _reduce_channel(rc: RemoteChannel, pickler: Any):
+    _note_new_client(rc, pickler)
+    return (_rebuild_channel, (rc.where, rc.whence, rc.id))
+
+
+def _rebuild_channel(where: int, whence: int, id_: int) -> RemoteChannel:
+    rrid = RRID(whence, id_)
+    existing = _arrived(RemoteChannel, where, rrid)
+    if existing is not None:
+        return existing
+    rc = RemoteChannel.__new__(RemoteChannel)
+    rc._setup(where, rrid, 1)
+    return rc
+
+
+serialization.register_reducer(RemoteChannel, _reduce_channel)
+
+
+# ==================================================================== module-level forms
+def remoteref_id(r: Future | RemoteChannel) -> RRID:
+    """The RRID(whence, id) of a remote reference."""
+    return r.rrid
+
+
+def channel_from_id(rrid: RRID | tuple) -> Any:
+    """The backing channel (or Future cell) of `rrid`; only on its owner."""
+    store = STORE.get(RRID(*rrid))
+    if store is None:
+        raise KeyError("Local instance of remote reference not found")
+    return store
+
+
+def fetch(x: Any, timeout: float | None = None) -> Any:
+    """Fetch a Future or RemoteChannel (or Channel); any other object is returned as is."""
+    if isinstance(x, (Future, RemoteChannel, Channel)):
+        return x.fetch(timeout) if timeout is not None else x.fetch()
+    return x
+
+
+def put(x: Any, v: Any, timeout: float | None = None) -> Any:
+    return x.put(v) if timeout is None or isinstance(x, Future) else x.put(v, timeout)
+
+
+def take(x: Any, timeout: float | None = None) -> Any:
+    return x.take() if timeout is None else x.take(timeout)
+
+
+def isready(x: Any) -> bool:
+    return x.isready()
+
+
+def wait(x: Any, timeout: float | None = None) -> Any:
+    return x.wait() if timeout is None else x.wait(timeout)

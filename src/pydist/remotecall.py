@@ -1,0 +1,112 @@
+"""The remote-call API: remotecall, remotecall_fetch, remotecall_wait, remote_do.
+
+`remotecall` sends a CALL carrying the RRID of the Future it returns; the worker stores the
+outcome under that RRID (so anybody holding the Future can fetch it from there) and pushes it
+straight back to the caller: the value itself when it pickles small, else just "done".
+A call whose target is this process runs here with no serialization at all.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from . import protocol, serialization
+from .calls import call_fetch, pack, remote_do_internal, run_user_call, send_reply, unpack_call
+from .cluster import PGRP, register_handler
+from .exceptions import ProcessExitedException
+from .refs import RRID, STORE, Future, _Cell, new_call_future
+from .transport import Connection, ConnectionClosed
+
+__all__ = ["remotecall", "remotecall_fetch", "remotecall_wait", "remote_do"]
+
+# A result whose pickle is at most this large (and has no out-of-band buffers) is pushed to
+# the caller with the completion notice; a larger one waits on the worker for a fetch.
+PUSH_LIMIT = 64 * 1024
+
+
+def _target(id_or_pool: Any) -> int:
+    if isinstance(id_or_pool, int) and not isinstance(id_or_pool, bool):
+        return id_or_pool
+    resolve = getattr(id_or_pool, "_pydist_target", None)
+    if resolve is not None:
+        return resolve()
+    raise TypeError(f"expected a process id, got {id_or_pool!r}")
+
+
+def remotecall(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
+    """Run `f(*args, **kwargs)` on process `id` and return a Future of its result at once."""
+    pid = _target(id)
+    if pid == PGRP.id:
+        fut = Future(pid)
+        cell = STORE.lookup(fut.rrid, _Cell)
+        threading.Thread(target=lambda: cell.set(*run_user_call(f, args, kwargs)),
+                         name="pydist-local-call", daemon=True).start()
+        return fut
+    conn = PGRP.connection(pid)
+    fut = new_call_future(pid)
+    chunks = pack(pid, protocol.CALL, (f, args, kwargs), a=fut.whence, b=fut.id,
+                  what=f"a call of {getattr(f, '__qualname__', repr(f))}")
+    try:
+        conn.send(chunks)
+    except ConnectionClosed:
+        raise ProcessExitedException(pid) from None
+    return fut
+
+
+def remotecall_fetch(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run `f(*args, **kwargs)` on process `id` and return its value; a failure raises
+    RemoteException, a lost worker ProcessExitedException."""
+    return call_fetch(_target(id), f, args, kwargs)
+
+
+def remotecall_wait(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
+    """Like `remotecall`, but return the Future only once the call has finished (raising
+    its RemoteException if it failed)."""
+    return remotecall(f, id, *args, **kwargs).wait()
+
+
+def remote_do(f: Callable, id: Any, *args: Any, **kwargs: Any) -> None:
+    """Run `f(*args, **kwargs)` on process `id` and return at once; errors are printed there."""
+    remote_do_internal(_target(id), f, args, kwargs)
+
+
+# ==================================================================== worker side
+def _on_call(conn: Connection, msg: protocol.Message):
+    rrid = RRID(msg.a, msg.b)
+    cell = STORE.lookup(rrid, _Cell)  # in frame order: a later fetch or count finds it
+    ok, call = unpack_call(msg)
+    if not ok:
+        return lambda: _finish(conn, rrid, cell, False, call)
+
+    def task() -> None:
+        ok, value = run_user_call(*call)
+        _finish(conn, rrid, cell, ok, value)
+
+    return task
+
+
+def _finish(conn: Connection, rrid: RRID, cell: _Cell, ok: bool, value: Any) -> None:
+    cell.set(ok, value)
+    if conn.closed:
+        return
+    dest = conn.peer_pid if conn.peer_pid is not None else 0
+    flags = 0 if ok else protocol.FLAG_ERROR
+    body: bytes = b""
+    try:
+        body, buffers, context = serialization.dumps(value, dest=dest)
+        if buffers or len(body) > PUSH_LIMIT:
+            flags, body = protocol.FLAG_NOVALUE, b""
+        else:
+            serialization.run_after(context)
+    except Exception:
+        # Not picklable: say "done"; a fetch will then report why it cannot be sent.
+        flags, body = protocol.FLAG_NOVALUE, b""
+    try:
+        conn.send(protocol.encode_frame(protocol.PUSH, body, a=rrid.whence, b=rrid.id, flags=flags))
+    except ConnectionClosed:
+        pass
+
+
+register_handler(protocol.CALL, _on_call)
+_ = send_reply  # re-exported for handlers that answer requests
