@@ -1,0 +1,90 @@
+"""Shared fixtures: real worker processes, started once per module where possible.
+
+Tests that kill or remove workers ask for `fresh_workers` instead, so that they never break
+the workers other tests share.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import pytest
+
+import pydist
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+
+def ensure_workers(n: int) -> list[int]:
+    """At least `n` live workers; returns the first `n` worker ids."""
+    have = [p for p in pydist.workers() if p != 1]
+    if len(have) < n:
+        have += pydist.addprocs(n - len(have))
+    return sorted(have)[:n]
+
+
+@pytest.fixture
+def two_workers():
+    """Two shared workers (started only when missing); they outlive the test: do not kill
+    them (use `fresh_workers` for that)."""
+    return ensure_workers(2)
+
+
+@pytest.fixture
+def fresh_workers():
+    """A factory of new workers owned by one test, removed at its end."""
+    made: list[int] = []
+
+    def make(n: int = 1, **kw) -> list[int]:
+        pids = pydist.addprocs(n, **kw)
+        made.extend(pids)
+        return pids
+
+    yield make
+    alive = [p for p in made if p in pydist.procs()]
+    if alive:
+        pydist.rmprocs(alive, waitfor=30)
+
+
+def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02, what: str = "condition"):
+    """Poll `predicate` until true or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def pid_alive(ospid: int) -> bool:
+    try:
+        os.kill(ospid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{ospid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def worker_ospid(pid: int) -> int:
+    return pydist.remotecall_fetch(os.getpid, pid)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No worker may outlive the test session."""
+    pids = [p for p in pydist.workers() if p != 1]
+    if pids:
+        try:
+            pydist.rmprocs(pids, waitfor=30)
+        except Exception:
+            pass
