@@ -211,7 +211,8 @@ def send_reply(conn: Connection, sid: int, ok: bool, value: Any) -> None:
         serialization.run_after(context)
     except Exception as e:
         err = SerializationError(f"the result could not be pickled: {type(e).__name__}: {e}")
-        ok, value = False, make_remote_exception(PGRP.id, CapturedException(err, ""))
+        ok, value = False, make_remote_exception(
+            PGRP.id, CapturedException(err, f"{type(err).__name__}: {err}\n"))
         body, buffers = serialization.dumps_inline(value), []
     try:
         conn.send(protocol.encode_frame(protocol.RESULT, body, buffers, a=sid,

@@ -185,7 +185,7 @@ class FrameDecoder:
     ):
         self.max_message = max_message
         self.max_buffers = max_buffers
-        self._staging = bytearray(staging_size)
+        self._staging = bytearray(max(staging_size, 4 * HEADER_LEN))
         self._view = memoryview(self._staging)
         self._start = 0
         self._end = 0
@@ -330,7 +330,7 @@ class FrameDecoder:
         if avail >= n:  # small body, all here: one copy out of the staging buffer
             self._msg.body = bytes(self._view[self._start : self._start + n])
             self._start += n
-            self._next_buffer(0)
+            self._next_buffer()
         else:
             self._set_target(bytearray(n))
 
@@ -345,17 +345,19 @@ class FrameDecoder:
         self._target_view = None
         if self._state == _S_BODY:
             self._msg.body = target
-            self._next_buffer(0)
         else:
             self._msg.buffers.append(target)
-            self._next_buffer(len(self._msg.buffers))
+        self._next_buffer()
 
-    def _next_buffer(self, i: int) -> None:
+    def _next_buffer(self) -> None:
+        """Start receiving the next out-of-band buffer, or emit the finished message."""
+        i = len(self._msg.buffers)
+        while i < len(self._lengths) and self._lengths[i] == 0:
+            self._msg.buffers.append(bytearray())
+            i += 1
         if i < len(self._lengths):
             self._state = _S_BUFFER
             self._set_target(bytearray(self._lengths[i]))
-            if self._lengths[i] == 0:
-                self._finish_target()
         else:
             self._ready.append(self._msg)
             self._msg = None

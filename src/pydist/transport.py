@@ -215,7 +215,7 @@ class Connection:
                         self._report_closed(None)
                         return None
                     dec.buffer_updated(n)
-                except (OSError, ProtocolError, ValueError) as e:
+                except Exception as e:  # OSError, ProtocolError, or a decoder bug: the stream is lost
                     self._report_closed(e)
                     return None
                 continue

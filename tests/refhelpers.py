@@ -1,0 +1,109 @@
+"""Worker-side helpers for test_refs.py, importable by name on every process (workers inherit
+the master's sys.path, which conftest extends with this directory)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pydist
+import pydist.refs
+
+# Instances of Tracked alive in this process (observed through weak references only).
+LIVE: "weakref.WeakSet[Tracked]" = weakref.WeakSet()
+# References a test asked this process to keep, by key.
+HELD: dict = {}
+
+
+class Tracked:
+    """A value whose lifetime a test can observe on the process that holds it."""
+
+    def __init__(self, tag: str, payload: bytes = b""):
+        self.tag = tag
+        self.payload = payload
+        LIVE.add(self)
+
+    def __reduce__(self):  # unpickled copies are tracked too
+        return (Tracked, (self.tag, self.payload))
+
+
+def make_tracked(tag: str, size: int = 0) -> Tracked:
+    """A Tracked carrying `size` bytes (over 64 KB: the worker keeps it until fetched)."""
+    return Tracked(tag, bytes(size))
+
+
+def live_tags() -> list[str]:
+    """Tags of the Tracked objects alive here, after a full collection."""
+    gc.collect()
+    return sorted(t.tag for t in LIVE)
+
+
+def has_ref(rrid) -> bool:
+    """Is the value of `rrid` still kept in this process's reference store?"""
+    return pydist.refs.RRID(*rrid) in pydist.refs.STORE.values
+
+
+def client_counts(rrid) -> dict | None:
+    rv = pydist.refs.STORE.values.get(pydist.refs.RRID(*rrid))
+    return None if rv is None else dict(rv.clients)
+
+
+def store_len() -> int:
+    return len(pydist.refs.STORE)
+
+
+def hold(key, obj) -> None:
+    HELD[key] = obj
+
+
+def held(key):
+    return HELD[key]
+
+
+def drop(key) -> None:
+    HELD.pop(key, None)
+    gc.collect()
+
+
+def collect() -> None:
+    gc.collect()
+
+
+def fetch_and_drop(fut) -> int:
+    """Fetch a Future passed in, and let it go at once; returns len of the value."""
+    value = fut.fetch()
+    n = len(value)
+    del fut, value
+    gc.collect()
+    return n
+
+
+def live_tags_on(pid: int) -> list[str]:
+    """`live_tags()` of process `pid`, asked from here (over this process's own connection)."""
+    return pydist.remotecall_fetch(live_tags, pid)
+
+
+def ping(pid: int) -> int:
+    """One round trip to `pid` (makes the lazy connection to it)."""
+    return pydist.remotecall_fetch(pydist.myid, pid)
+
+
+def bad_counts() -> list:
+    """Entries of this process's store with a zero or negative client count."""
+    with pydist.refs.STORE.lock:
+        return [(tuple(r), dict(v.clients)) for r, v in pydist.refs.STORE.values.items()
+                if any(n <= 0 for n in v.clients.values())]
+
+
+def relay(fut, to_pid: int) -> int:
+    """Hand `fut` on to `to_pid` (which keeps it), then fetch our own copy."""
+    pydist.remotecall_wait(hold, to_pid, "relayed", fut)
+    return len(fut.fetch())
+
+
+def fetch_held(key, timeout=None):
+    return HELD[key].fetch(timeout=timeout)
+
+
+def len_of_held_fetch(key, timeout=None) -> int:
+    return len(HELD[key].fetch(timeout=timeout))

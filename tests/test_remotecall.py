@@ -1,0 +1,633 @@
+"""Remote calls: remotecall, remotecall_fetch, remotecall_wait, remote_do.
+
+API.md "Processes", "Remote calls", "Errors"; Julia reference sections 1.5, 1.8, 2.6.
+
+The first part of this module uses the two workers shared by the module (`two_workers`) and,
+for anything that kills workers, workers owned by one test (`fresh_workers`). The last part
+(`TestTopologies`) needs a cluster without other workers, because the topology belongs to the
+whole cluster: it removes every worker first and leaves none behind. It must stay last.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+import pydist
+from conftest import wait_until, worker_ospid
+
+
+# ==================================================================== helpers run on workers
+def f_args(v1, v2=0, *, kw1=0, kw2=0):
+    """Julia's test D:947-966."""
+    return v1 + v2 + kw1 + kw2
+
+
+def pid_and(x, *, tag="t"):
+    return (pydist.myid(), x, tag)
+
+
+def by_reference_probe():
+    """True when this very function object is the one of the imported test module, i.e. it
+    was sent by reference (a by-value copy would be a different object)."""
+    mod = sys.modules.get(__name__)
+    return mod is not None and getattr(mod, "by_reference_probe", None) is by_reference_probe
+
+
+def put_into(ch, value, *, extra=None):
+    ch.put((pydist.myid(), value, extra))
+
+
+def mutate_first(v):
+    v[0] = "changed"
+    return v
+
+
+def identity(x):
+    return x
+
+
+def divide_by_zero():
+    return 1 / 0  # marker-divide-by-zero
+
+
+class CustomError(Exception):
+    def __init__(self, code, text):
+        super().__init__(code, text)
+        self.code = code
+        self.text = text
+
+
+def raise_custom(code, text="custom failure"):
+    raise CustomError(code, text)
+
+
+def raise_worker_only_error(msg):
+    """Raise an exception whose class lives in a module that exists on this worker only
+    (importable here, so pickled by reference, but not importable on the master)."""
+    import types
+
+    mod = sys.modules.get("pydist_worker_only_mod")
+    if mod is None:
+        mod = types.ModuleType("pydist_worker_only_mod")
+        exec("class WorkerOnlyError(Exception):\n    pass\n", mod.__dict__)
+        sys.modules["pydist_worker_only_mod"] = mod
+    raise mod.WorkerOnlyError(msg)
+
+
+def raise_worker_exec_error(msg):
+    """Raise an exception whose class was made by `exec` into a throw-away namespace here."""
+    ns = {"__name__": "pydist_worker_script"}
+    exec("class WorkerExecError(Exception):\n    pass\n", ns)
+    raise ns["WorkerExecError"](msg)
+
+
+def call_on(pid, f, *args, **kwargs):
+    """Make a remote call from wherever this runs."""
+    return pydist.remotecall_fetch(f, pid, *args, **kwargs)
+
+
+def signal_then_sleep(ch, seconds):
+    ch.put(pydist.myid())
+    time.sleep(seconds)
+    return "woke up"
+
+
+def signal_then_take(started, ch):
+    started.put(pydist.myid())
+    return ch.take()
+
+
+def has_live_connection(pid):
+    from pydist.cluster import PGRP
+
+    w = PGRP.workers.get(pid)
+    return w is not None and w.conn is not None and not w.conn.closed
+
+
+class Counter:
+    def __init__(self, n):
+        self.n = n
+
+    def bump(self, by=1, *, times=1):
+        self.n += by * times
+        return (pydist.myid(), self.n)
+
+
+def _unused_pid():
+    from pydist.cluster import PGRP
+
+    return 99 if PGRP.next_pid <= 99 else PGRP.next_pid + 1_000_000
+
+
+def _master_channel(size=math.inf):
+    """A RemoteChannel owned by the master, that workers can put into."""
+    return pydist.RemoteChannel(lambda: pydist.Channel(size))
+
+
+def _run_in_thread(fn, *args, **kwargs):
+    """Run `fn` in a daemon thread; returns (thread, box) where box gets 'value' or 'error'
+    and 'elapsed_at' (monotonic time when it finished)."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            box["error"] = e
+        box["finished_at"] = time.monotonic()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, box
+
+
+# ==================================================================== 1. what can be called
+def test_module_function_by_reference_with_args_and_kwargs(two_workers):
+    w = two_workers[0]
+    assert pydist.remotecall_fetch(f_args, w, 1) == 1
+    assert pydist.remotecall_fetch(f_args, w, 1, 2, kw1=3, kw2=4) == 10
+    assert pydist.remotecall_fetch(f_args, w, 1, kw2=100) == 101
+    assert pydist.remotecall(f_args, w, 1, 2, kw1=3).fetch(timeout=30) == 6
+    fut = pydist.remotecall_wait(f_args, w, 5, v2=5, kw1=5, kw2=5)
+    assert isinstance(fut, pydist.Future)
+    assert fut.isready()
+    assert fut.fetch() == 20
+    assert pydist.remotecall_fetch(pid_and, w, "x", tag="kw") == (w, "x", "kw")
+    # tests/ is on the workers' sys.path: the function travels by reference
+    assert pydist.remotecall_fetch(by_reference_probe, w) is True
+
+
+def test_remote_do_with_args_and_kwargs_runs_on_the_worker(two_workers):
+    w = two_workers[1]
+    ch = _master_channel()
+    assert pydist.remote_do(put_into, w, ch, 42, extra={"k": 1}) is None
+    assert ch.take(timeout=30) == (w, 42, {"k": 1})
+    pydist.remote_do(lambda c, v, *, plus: c.put((pydist.myid(), v + plus)), w, ch, 1, plus=2)
+    assert ch.take(timeout=30) == (w, 3)
+
+
+def test_lambdas_and_closures_by_value(two_workers):
+    w = two_workers[0]
+    assert pydist.remotecall_fetch(lambda x, y=1: (x * y, pydist.myid()), w, 3, y=4) == (12, w)
+
+    base = [10, 20, 30]
+    offset = 7
+
+    def closure(i, *, scale=1):
+        return base[i] * scale + offset
+
+    assert pydist.remotecall_fetch(closure, w, 1, scale=2) == 47
+    assert pydist.remotecall(closure, w, 2).fetch(timeout=30) == 37
+
+    def make_adder(k):
+        return lambda x: x + k + offset
+
+    assert pydist.remotecall_wait(make_adder(100), w, 1).fetch() == 108
+
+
+def test_functions_and_classes_defined_by_exec_in_a_main_like_namespace(two_workers):
+    w = two_workers[1]
+    for modname in ("__main__", "pydist_fake_user_script"):
+        ns = {"__name__": modname}
+        exec(
+            "import os\n"
+            "SCALE = 3\n"
+            "def square_plus(x, *, plus=0):\n"
+            "    return x * x * SCALE + plus, os.getpid()\n"
+            "class Acc:\n"
+            "    def __init__(self, k):\n"
+            "        self.k = k\n"
+            "    def add(self, x):\n"
+            "        return self.k + x\n",
+            ns,
+        )
+        value, ospid = pydist.remotecall_fetch(ns["square_plus"], w, 2, plus=1)
+        assert value == 13
+        assert ospid != os.getpid()
+        assert pydist.remotecall_fetch(ns["Acc"](5).add, w, 3) == 8
+        assert pydist.remotecall(ns["square_plus"], w, 1).fetch(timeout=30)[0] == 3
+
+
+def test_builtin_function_and_bound_method(two_workers):
+    w1, w2 = two_workers
+    p1 = pydist.remotecall_fetch(os.getpid, w1)
+    p2 = pydist.remotecall_fetch(os.getpid, w2)
+    assert len({p1, p2, os.getpid()}) == 3
+    assert p1 == worker_ospid(w1)
+
+    c = Counter(10)
+    assert pydist.remotecall_fetch(c.bump, w1, 2, times=3) == (w1, 16)
+    assert c.n == 10  # the worker worked on a copy
+    assert pydist.remotecall(c.bump, w2).fetch(timeout=30) == (w2, 11)
+    assert pydist.remotecall_fetch(len, w1, [1, 2, 3]) == 3
+    assert pydist.remotecall_fetch(sorted, w2, [3, 1, 2], reverse=True) == [3, 2, 1]
+
+
+# ==================================================================== 2. local calls
+def test_local_call_shares_arguments_by_reference(two_workers):
+    me = pydist.myid()
+    assert me == 1
+    v = ["original", 2]
+    out = pydist.remotecall_fetch(mutate_first, me, v)
+    assert out is v
+    assert v == ["changed", 2]
+
+    v2 = ["original", 2]
+    assert pydist.remotecall(mutate_first, me, v2).fetch(timeout=30) is v2
+    assert v2[0] == "changed"
+    v3 = ["original", 2]
+    assert pydist.remotecall_wait(mutate_first, me, v3).fetch() is v3
+    assert v3[0] == "changed"
+
+
+def test_remote_call_copies_arguments_and_result(two_workers):
+    w = two_workers[0]
+    v = ["original", 2]
+    out = pydist.remotecall_fetch(mutate_first, w, v)
+    assert v == ["original", 2]
+    assert out == ["changed", 2]
+    assert out is not v
+
+
+def test_unpicklable_arguments_are_fine_locally_but_not_remotely(two_workers):
+    lock = threading.Lock()
+    assert pydist.remotecall_fetch(identity, pydist.myid(), lock) is lock
+    assert pydist.remotecall_fetch(lambda l: l, 1, lock) is lock
+    with pytest.raises(pydist.SerializationError):
+        pydist.remotecall_fetch(identity, two_workers[0], lock)
+    # the failed send did not disturb the connection
+    assert pydist.remotecall_fetch(pydist.myid, two_workers[0]) == two_workers[0]
+
+
+# ==================================================================== 3. errors
+def test_remote_error_is_a_remote_exception_with_traceback(two_workers):
+    w = two_workers[0]
+    fails = lambda: 1 / 0  # noqa: E731 - marker-lambda-line
+    with pytest.raises(pydist.RemoteException) as info:
+        pydist.remotecall_fetch(fails, w)
+    e = info.value
+    assert e.pid == w
+    text = str(e)
+    assert text.startswith(f"On worker {w}:\n")
+    assert "ZeroDivisionError" in text
+    assert "marker-lambda-line" in text  # the lambda's source line, read on the worker
+    assert "<lambda>" in text
+    assert isinstance(e.captured, pydist.CapturedException)
+    assert type(e.captured.ex) is ZeroDivisionError
+    assert "ZeroDivisionError" in e.captured.traceback
+    # also catchable as the original type
+    with pytest.raises(ZeroDivisionError) as info2:
+        pydist.remotecall_fetch(divide_by_zero, w)
+    assert isinstance(info2.value, pydist.RemoteException)
+    assert "marker-divide-by-zero" in str(info2.value)
+    assert info2.value.pid == w
+
+
+def test_local_call_error_is_a_remote_exception_too(two_workers):
+    with pytest.raises(pydist.RemoteException) as info:
+        pydist.remotecall_fetch(divide_by_zero, 1)
+    assert info.value.pid == 1
+    assert type(info.value.captured.ex) is ZeroDivisionError
+    assert isinstance(info.value, ZeroDivisionError)
+
+
+def test_custom_exception_type_is_rebuilt(two_workers):
+    w = two_workers[1]
+    with pytest.raises(CustomError) as info:
+        pydist.remotecall_fetch(raise_custom, w, 7, text="boom seven")
+    e = info.value
+    assert isinstance(e, pydist.RemoteException)
+    assert e.pid == w
+    assert type(e.captured.ex) is CustomError
+    assert e.captured.ex.code == 7
+    assert e.captured.ex.text == "boom seven"
+    assert "boom seven" in str(e)
+    assert "CustomError" in str(e)
+
+
+def test_exception_class_not_importable_on_master_becomes_remote_error(two_workers):
+    w = two_workers[0]
+    assert "pydist_worker_only_mod" not in sys.modules
+    with pytest.raises(pydist.RemoteException) as info:
+        pydist.remotecall_fetch(raise_worker_only_error, w, "only over there")
+    e = info.value
+    assert e.pid == w
+    ex = e.captured.ex
+    assert isinstance(ex, pydist.RemoteError)
+    assert "WorkerOnlyError" in ex.type_name
+    assert ex.message == "only over there"
+    assert "WorkerOnlyError" in str(e) and "only over there" in str(e)
+    assert str(e).startswith(f"On worker {w}:\n")
+    assert "pydist_worker_only_mod" not in sys.modules
+    # the worker is still fine
+    assert pydist.remotecall_fetch(pydist.myid, w) == w
+
+
+def test_exception_class_made_by_exec_on_worker_keeps_name_and_message(two_workers):
+    w = two_workers[1]
+    with pytest.raises(pydist.RemoteException) as info:
+        pydist.remotecall_fetch(raise_worker_exec_error, w, "exec'd there")
+    ex = info.value.captured.ex
+    name = ex.type_name if isinstance(ex, pydist.RemoteError) else type(ex).__name__
+    assert name.endswith("WorkerExecError")
+    assert "exec'd there" in str(ex)
+    assert "WorkerExecError" in str(info.value)
+
+
+def test_future_fetch_and_remotecall_wait_raise_the_remote_exception(two_workers):
+    w = two_workers[0]
+    fut = pydist.remotecall(divide_by_zero, w)
+    with pytest.raises(pydist.RemoteException) as info:
+        fut.fetch(timeout=30)
+    assert info.value.pid == w
+    assert type(info.value.captured.ex) is ZeroDivisionError
+    with pytest.raises(ZeroDivisionError):
+        fut.wait(timeout=30)
+    with pytest.raises(CustomError) as info2:
+        pydist.remotecall_wait(raise_custom, w, 3)
+    assert isinstance(info2.value, pydist.RemoteException)
+    assert info2.value.pid == w
+    assert info2.value.captured.ex.code == 3
+
+
+def test_remote_do_error_is_printed_on_worker_and_not_raised(two_workers, capfd):
+    w = two_workers[1]
+    assert pydist.remote_do(raise_custom, w, 11, text="remote-do-failure-marker") is None
+    # the worker keeps serving
+    assert pydist.remotecall_fetch(pydist.myid, w) == w
+    assert pydist.remotecall_fetch(f_args, w, 1, 1) == 2
+    seen = []
+
+    def printed():
+        seen.append(capfd.readouterr().out)
+        return "remote-do-failure-marker" in "".join(seen)
+
+    wait_until(printed, timeout=15, what="the remote_do error printed by the worker")
+    out = "".join(seen)
+    assert f"From worker {w}:" in out
+    assert "CustomError" in out
+
+
+def test_nested_failure_wraps_the_inner_remote_exception(fresh_workers):
+    # two separate addprocs calls, so that this test does not depend on the address exchange
+    # between workers started together (see test_all_to_all_lazy_worker_to_worker_...)
+    (a,) = fresh_workers(1)
+    (b,) = fresh_workers(1)
+    with pytest.raises(pydist.RemoteException) as info:
+        pydist.remotecall_fetch(call_on, a, b, divide_by_zero)
+    outer = info.value
+    assert outer.pid == a
+    inner = outer.captured.ex
+    assert isinstance(inner, pydist.RemoteException)
+    assert inner.pid == b
+    assert type(inner.captured.ex) is ZeroDivisionError
+    assert str(outer).startswith(f"On worker {a}:\n")
+    assert f"On worker {b}:" in str(outer)
+
+
+# ==================================================================== 4. unknown / removed pids
+def test_unknown_pid_is_a_value_error(two_workers):
+    bogus = _unused_pid()
+    msg = f"no process with id {bogus} exists"
+    with pytest.raises(ValueError) as info:
+        pydist.remotecall_fetch(pydist.myid, bogus)
+    assert str(info.value) == msg
+    for call in (pydist.remotecall, pydist.remotecall_wait, pydist.remote_do):
+        with pytest.raises(ValueError, match=msg):
+            call(pydist.myid, bogus)
+
+
+def test_removed_pid_raises_process_exited_at_once(fresh_workers):
+    (w,) = fresh_workers(1)
+    assert pydist.remotecall_fetch(pydist.myid, w) == w
+    pydist.rmprocs(w, waitfor=30)
+    assert w not in pydist.procs()
+    for call in (pydist.remotecall_fetch, pydist.remotecall, pydist.remotecall_wait,
+                 pydist.remote_do):
+        t0 = time.monotonic()
+        with pytest.raises(pydist.ProcessExitedException) as info:
+            call(pydist.myid, w)
+        assert time.monotonic() - t0 < 2.0
+        assert type(info.value) is pydist.ProcessExitedException
+        assert info.value.worker_id == w
+
+
+# ==================================================================== 5. death of a worker
+def test_killed_worker_fails_every_waiter_promptly(fresh_workers):
+    (w,) = fresh_workers(1)
+    ospid = worker_ospid(w)
+    started = _master_channel()
+
+    t_fetch, box_fetch = _run_in_thread(pydist.remotecall_fetch, signal_then_sleep, w, started, 60)
+    futures = [pydist.remotecall(signal_then_sleep, w, started, 60) for _ in range(3)]
+    t_wait, box_wait = _run_in_thread(pydist.remotecall_wait, signal_then_sleep, w, started, 60)
+    for _ in range(5):  # all five calls are running on the worker
+        assert started.take(timeout=30) == w
+
+    def wait_future(f):
+        return f.wait(timeout=30)
+
+    t_fwait, box_fwait = _run_in_thread(wait_future, futures[0])
+
+    killed_at = time.monotonic()
+    os.kill(ospid, signal.SIGKILL)
+
+    for t in (t_fetch, t_wait, t_fwait):
+        t.join(timeout=15)
+        assert not t.is_alive(), "a waiter hung after its worker was killed"
+    for box in (box_fetch, box_wait, box_fwait):
+        err = box.get("error")
+        assert type(err) is pydist.ProcessExitedException, box
+        assert err.worker_id == w
+        assert box["finished_at"] - killed_at < 5.0
+    for fut in futures:
+        with pytest.raises(pydist.ProcessExitedException) as info:
+            fut.fetch(timeout=15)
+        assert type(info.value) is pydist.ProcessExitedException
+        assert info.value.worker_id == w
+    assert time.monotonic() - killed_at < 10.0
+
+    wait_until(lambda: w not in pydist.workers(), timeout=10, what=f"worker {w} to be dropped")
+    assert w not in pydist.procs()
+    t0 = time.monotonic()
+    with pytest.raises(pydist.ProcessExitedException):
+        pydist.remotecall_fetch(pydist.myid, w)
+    with pytest.raises(pydist.ProcessExitedException):
+        pydist.remotecall(pydist.myid, w)
+    with pytest.raises(pydist.ProcessExitedException):
+        pydist.remote_do(pydist.myid, w)
+    assert time.monotonic() - t0 < 2.0
+
+
+# ==================================================================== 6. concurrency on a worker
+def test_calls_blocked_in_take_do_not_block_other_calls(two_workers):
+    w = two_workers[0]
+    ch = pydist.RemoteChannel(lambda: pydist.Channel(1), w)
+    assert ch.where == w
+    started = _master_channel()
+    futures = [pydist.remotecall(signal_then_take, w, started, ch) for _ in range(5)]
+    for _ in range(5):
+        assert started.take(timeout=30) == w
+    assert not any(f.isready() for f in futures)
+    # the worker still answers while five of its calls are blocked
+    assert pydist.remotecall(pydist.myid, w).fetch(timeout=10) == w
+    assert pydist.remotecall(f_args, w, 2, 3).fetch(timeout=10) == 5
+    for i in range(5):
+        ch.put(i, timeout=30)
+    assert sorted(f.fetch(timeout=30) for f in futures) == [0, 1, 2, 3, 4]
+
+
+# ==================================================================== 7. thread safety
+def test_many_master_threads_calling_concurrently(two_workers):
+    ws = list(two_workers)
+    n_threads, n_calls = 8, 200
+    errors: list = []
+    counts = [0] * n_threads
+
+    def hammer(t):
+        try:
+            for i in range(n_calls):
+                w = ws[(t + i) % 2]
+                x = t * 10_000 + i
+                got = pydist.remotecall_fetch(pid_and, w, x, tag=f"{t}-{i}")
+                if got != (w, x, f"{t}-{i}"):
+                    errors.append((t, i, w, got))
+                    return
+                counts[t] += 1
+        except BaseException as e:  # noqa: BLE001
+            errors.append((t, repr(e)))
+
+    threads = [threading.Thread(target=hammer, args=(t,), daemon=True) for t in range(n_threads)]
+    for th in threads:
+        th.start()
+    deadline = time.monotonic() + 60
+    for th in threads:
+        th.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(th.is_alive() for th in threads), "some caller threads hung"
+    assert errors == []
+    assert counts == [n_calls] * n_threads
+
+
+# ==================================================================== 8. many round trips
+def test_ten_thousand_sequential_round_trips(two_workers):
+    w = two_workers[1]
+    t0 = time.monotonic()
+    bad = [r for r in (pydist.remotecall_fetch(pydist.myid, w) for _ in range(10_000)) if r != w]
+    elapsed = time.monotonic() - t0
+    assert bad == []
+    assert elapsed < 30.0, f"10,000 round trips took {elapsed:.1f}s"
+
+
+# ==================================================================== 9. topologies (keep last)
+def _unreachable_pairs(ws):
+    """(src, dst, what happened) for every ordered pair of workers where src cannot call dst."""
+    failures = []
+    for src in ws:
+        for dst in ws:
+            if src != dst:
+                try:
+                    got = pydist.remotecall_fetch(call_on, src, dst, pydist.myid)
+                except pydist.RemoteException as e:
+                    got = repr(e)
+                if got != dst:
+                    failures.append((src, dst, got))
+    return failures
+
+
+@pytest.fixture
+def empty_cluster():
+    """Remove every worker (the shared ones included): the topology is cluster-wide."""
+    others = [p for p in pydist.workers() if p != 1]
+    if others:
+        pydist.rmprocs(others, waitfor=30)
+    assert pydist.workers() == [1]
+    yield
+
+
+@pytest.mark.usefixtures("empty_cluster")
+class TestTopologies:
+    def test_all_to_all_lazy_worker_to_worker_both_directions(self, fresh_workers):
+        # workers started by one addprocs call must all be able to reach each other
+        ws = fresh_workers(4)
+        assert ws == sorted(ws)
+        assert _unreachable_pairs(ws) == []  # lower calls higher and higher calls lower
+        a, b = ws[0], ws[1]
+        # a call that goes a -> b -> a, with arguments and keywords
+        assert pydist.remotecall_fetch(call_on, a, b, call_on, a, pydist.myid) == a
+        assert pydist.remotecall_fetch(call_on, b, a, f_args, 1, kw1=2) == 3
+
+    def test_all_to_all_lazy_across_separate_addprocs(self, fresh_workers):
+        (a,) = fresh_workers(1)
+        (b,) = fresh_workers(1)
+        assert pydist.remotecall_fetch(call_on, a, b, pydist.myid) == b  # lower calls higher
+        assert pydist.remotecall_fetch(call_on, b, a, pydist.myid) == a  # higher calls lower
+        assert pydist.remotecall_fetch(call_on, a, b, call_on, a, pydist.myid) == a
+
+    def test_all_to_all_not_lazy_connects_at_addprocs(self, fresh_workers):
+        ws = fresh_workers(3, lazy=False)
+        # each higher pid dialled every lower one during addprocs, before any call between them
+        not_connected = [(hi, lo) for hi in ws for lo in ws
+                         if lo < hi and not pydist.remotecall_fetch(has_live_connection, hi, lo)]
+        assert not_connected == []
+        a, b = ws[0], ws[1]
+        wait_until(lambda: pydist.remotecall_fetch(has_live_connection, a, b),
+                   timeout=10, what="the lower worker to see the higher one's connection")
+        assert _unreachable_pairs(ws) == []
+
+    def test_master_worker_forbids_worker_to_worker_calls(self, fresh_workers):
+        a, b = fresh_workers(2, topology="master_worker")
+        assert pydist.remotecall_fetch(pydist.myid, a) == a
+        assert pydist.remotecall_fetch(pydist.myid, b) == b
+        for src, dst in ((a, b), (b, a)):
+            with pytest.raises(pydist.RemoteException) as info:
+                pydist.remotecall_fetch(call_on, src, dst, pydist.myid)
+            assert info.value.pid == src
+            assert "master_worker" in str(info.value)
+        # master-to-worker calls still work afterwards
+        assert pydist.remotecall(f_args, a, 1, 2).fetch(timeout=30) == 3
+        assert pydist.remotecall_fetch(pydist.myid, b) == b
+
+    def test_changing_topology_while_workers_exist_is_refused(self, fresh_workers):
+        (a,) = fresh_workers(1, topology="master_worker")
+        before = pydist.procs()
+        with pytest.raises((RuntimeError, ValueError)) as info:
+            pydist.addprocs(1)  # default topology: all_to_all
+        assert "opology" in str(info.value)
+        assert pydist.procs() == before
+        with pytest.raises((RuntimeError, ValueError)):
+            pydist.addprocs(1, topology="all_to_all")
+        assert pydist.procs() == before
+        assert pydist.remotecall_fetch(pydist.myid, a) == a
+
+    def test_changing_lazy_while_workers_exist_is_refused(self, fresh_workers):
+        fresh_workers(1)  # all_to_all, lazy
+        before = pydist.procs()
+        with pytest.raises((RuntimeError, ValueError)):
+            pydist.addprocs(1, lazy=False)
+        assert pydist.procs() == before
+
+    def test_invalid_topology_is_a_value_error(self):
+        before = pydist.procs()
+        with pytest.raises(ValueError, match="not_a_topology"):
+            pydist.addprocs(1, topology="not_a_topology")
+        assert pydist.procs() == before
+
+    def test_unknown_addprocs_keyword_is_a_type_error_naming_it(self):
+        before = pydist.procs()
+        with pytest.raises(TypeError, match="bogus_keyword"):
+            pydist.addprocs(1, bogus_keyword=1)
+        assert pydist.procs() == before
+
+
+
+def test_topology_tests_left_no_workers_behind():
+    # runs after TestTopologies: it removed the shared workers, and each test its own
+    assert pydist.workers() == [1]
+    assert pydist.nprocs() == 1
