@@ -107,3 +107,9 @@ def fetch_held(key, timeout=None):
 
 def len_of_held_fetch(key, timeout=None) -> int:
     return len(HELD[key].fetch(timeout=timeout))
+
+
+def take_into(box, key) -> None:
+    """Take a reference out of RemoteChannel `box` and keep it under `key` (the reference then
+    lives only in HELD, not in the arguments of a call)."""
+    HELD[key] = box.take(timeout=30)

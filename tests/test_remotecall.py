@@ -111,6 +111,39 @@ def has_live_connection(pid):
     return w is not None and w.conn is not None and not w.conn.closed
 
 
+class _StderrRecorder:
+    """Installed as sys.stderr on a worker: records what is written, and passes it on."""
+
+    def __init__(self, orig):
+        self.orig = orig
+        self.parts: list[str] = []
+
+    def write(self, text):
+        self.parts.append(text)
+        return self.orig.write(text)
+
+    def flush(self):
+        self.orig.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.orig, name)
+
+
+def start_recording_stderr():
+    if not isinstance(sys.stderr, _StderrRecorder):
+        sys.stderr = _StderrRecorder(sys.stderr)
+    sys.stderr.parts.clear()
+
+
+def recorded_stderr():
+    return "".join(sys.stderr.parts) if isinstance(sys.stderr, _StderrRecorder) else ""
+
+
+def stop_recording_stderr():
+    if isinstance(sys.stderr, _StderrRecorder):
+        sys.stderr = sys.stderr.orig
+
+
 class Counter:
     def __init__(self, n):
         self.n = n
@@ -133,7 +166,7 @@ def _master_channel(size=math.inf):
 
 def _run_in_thread(fn, *args, **kwargs):
     """Run `fn` in a daemon thread; returns (thread, box) where box gets 'value' or 'error'
-    and 'elapsed_at' (monotonic time when it finished)."""
+    and 'finished_at' (monotonic time when it finished)."""
     box: dict = {}
 
     def run():
@@ -357,22 +390,25 @@ def test_future_fetch_and_remotecall_wait_raise_the_remote_exception(two_workers
     assert info2.value.captured.ex.code == 3
 
 
-def test_remote_do_error_is_printed_on_worker_and_not_raised(two_workers, capfd):
+def test_remote_do_error_is_printed_on_worker_and_not_raised(two_workers):
     w = two_workers[1]
-    assert pydist.remote_do(raise_custom, w, 11, text="remote-do-failure-marker") is None
-    # the worker keeps serving
-    assert pydist.remotecall_fetch(pydist.myid, w) == w
-    assert pydist.remotecall_fetch(f_args, w, 1, 1) == 2
-    seen = []
+    pydist.remotecall_fetch(start_recording_stderr, w)
+    try:
+        assert pydist.remote_do(raise_custom, w, 11, text="remote-do-failure-marker") is None
+        # the worker keeps serving
+        assert pydist.remotecall_fetch(pydist.myid, w) == w
+        assert pydist.remotecall_fetch(f_args, w, 1, 1) == 2
 
-    def printed():
-        seen.append(capfd.readouterr().out)
-        return "remote-do-failure-marker" in "".join(seen)
+        def printed_on_worker():
+            text = pydist.remotecall_fetch(recorded_stderr, w)
+            return text if "remote-do-failure-marker" in text else None
 
-    wait_until(printed, timeout=15, what="the remote_do error printed by the worker")
-    out = "".join(seen)
-    assert f"From worker {w}:" in out
-    assert "CustomError" in out
+        printed = wait_until(printed_on_worker, timeout=15,
+                             what="the remote_do error printed on the worker")
+        assert "CustomError" in printed
+        assert str(w) in printed
+    finally:
+        pydist.remotecall_fetch(stop_recording_stderr, w)
 
 
 def test_nested_failure_wraps_the_inner_remote_exception(fresh_workers):

@@ -750,7 +750,7 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
         w.connect_at = config.connect_at
         w.conn = conn
         conn.start()
-        other = _join_list(w, config)
+        other = _join_list(w, config, timeout)
         join_params = {
             "self_pid": pid,
             "other_workers": other,
@@ -792,12 +792,20 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
         raise LaunchWorkerError(f"could not set up worker {pid}: {e!r}") from e
 
 
-def _join_list(w: Worker, config: WorkerConfig) -> list:
+def _join_list(w: Worker, config: WorkerConfig, timeout: float) -> list:
     """The earlier workers a new worker should know (and, unless lazy, dial)."""
     pg = PGRP
     if pg.topology == "master_worker":
         return []
+    deadline = time.monotonic() + timeout
     with pg.lock:
+        # Lower pids of the same addprocs may still be joining: wait for them (as Julia does),
+        # so that the new worker learns every earlier worker's address.
+        while any(o.pid < w.pid and o.state is WorkerState.created for o in pg.workers.values()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise LaunchWorkerError(f"peer workers did not connect within {timeout} seconds")
+            pg.changed.wait(min(remaining, 0.5))
         others = [o for o in pg.workers.values()
                   if o.pid < w.pid and o.state is WorkerState.connected and o.connect_at]
     if pg.topology == "custom":

@@ -37,8 +37,20 @@ def register_reducer(cls: type, reducer: Reducer) -> None:
     _reducers[cls] = reducer
 
 
+_known_importable: dict[Any, bool] = {}  # module-level code lives as long as its module
+
+
 def _is_importable(obj: Any) -> bool:
     """True if `obj` can be found again as `obj.__module__` + `obj.__qualname__`."""
+    if obj in _known_importable:
+        return True
+    if _find_by_name(obj):
+        _known_importable[obj] = True
+        return True
+    return False
+
+
+def _find_by_name(obj: Any) -> bool:
     mod_name = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", None)
     if mod_name is None or qualname is None or mod_name in _by_value_modules:

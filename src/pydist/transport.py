@@ -106,6 +106,12 @@ def handshake_acceptor(sock: socket.socket, cookie: bytes, timeout: float) -> No
 
 
 def _sendmsg_all(sock: socket.socket, chunks: list) -> None:
+    if len(chunks) == 1:
+        chunk = chunks[0]
+        sent = sock.send(chunk)
+        if sent == len(chunk):
+            return
+        chunks = [memoryview(chunk)[sent:]]
     views = [c if isinstance(c, memoryview) else memoryview(c) for c in chunks]
     i = 0
     while i < len(views):
@@ -152,8 +158,22 @@ class Connection:
     # -- sending --
     def send(self, chunks: list) -> None:
         """Send one frame's chunks; thread-safe. Raises ConnectionClosed if the peer is gone."""
+        lock = self._send_lock
+        if not self._outq and lock.acquire(False):  # uncontended: straight to the socket
+            try:
+                if self.closed:
+                    raise ConnectionClosed(f"connection to {self.name} is closed")
+                _sendmsg_all(self.sock, chunks)
+            except OSError as e:
+                self.close()
+                raise ConnectionClosed(f"connection to {self.name} lost: {e}") from e
+            finally:
+                lock.release()
+            if self._outq:  # others queued while we held the lock: make sure they go out
+                self.send([])
+            return
         self._outq.append(chunks)
-        with self._send_lock:
+        with lock:
             if not self._outq:
                 return  # another writer already sent ours
             if self.closed:

@@ -1,0 +1,908 @@
+"""Futures, RemoteChannels and distributed reference counting, with real worker processes.
+
+Whether a value is still kept by its owner is checked ON THE OWNER, by membership of its RRID
+in `pydist.refs.STORE.values` (see refhelpers.has_ref); count messages travel asynchronously,
+so "freed" is polled for with a deadline and "still kept" is checked over a short window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import math
+import os
+import signal
+import threading
+import time
+import uuid
+
+import pytest
+
+import pydist
+import refhelpers as rh
+from pydist import (
+    RRID,
+    Channel,
+    Future,
+    InvalidStateError,
+    ProcessExitedException,
+    RemoteChannel,
+    RemoteException,
+)
+
+from conftest import wait_until, worker_ospid
+
+BIG = 1_000_000  # a result this large is not pushed to the caller: the owner keeps it
+FREED_WITHIN = 5.0  # values are normally freed within milliseconds
+BLOCKED = 0.25
+
+
+# ==================================================================== helpers
+def on(pid, fn, *args):
+    return pydist.remotecall_fetch(fn, pid, *args)
+
+
+def has_ref(pid, rrid) -> bool:
+    return on(pid, rh.has_ref, tuple(rrid))
+
+
+def counts(pid, rrid):
+    return on(pid, rh.client_counts, tuple(rrid))
+
+
+def wait_freed(pid, rrid, timeout=FREED_WITHIN):
+    gc.collect()
+    wait_until(lambda: not has_ref(pid, rrid), timeout=timeout,
+               what=f"{tuple(rrid)} to be freed on {pid} (client counts {counts(pid, rrid)})")
+
+
+def assert_kept(pid, rrid, window=0.3):
+    """The owner keeps the value during the whole window (and at least 3 checks)."""
+    gc.collect()
+    deadline = time.monotonic() + window
+    n = 0
+    while n < 3 or time.monotonic() < deadline:
+        assert has_ref(pid, rrid), f"{tuple(rrid)} was freed on {pid} too early"
+        n += 1
+
+
+def kill9(pid):
+    os.kill(worker_ospid(pid), signal.SIGKILL)
+
+
+def fresh_one_by_one(fresh_workers, n):
+    """n fresh workers, each from its own addprocs call (see the `w` fixture)."""
+    return [fresh_workers(1)[0] for _ in range(n)]
+
+
+def big_result():
+    return bytes(BIG)
+
+
+class Runner:
+    """Run `fn()` in a daemon thread; `done` is set when it returned or raised."""
+
+    def __init__(self, fn, *args, **kwargs):
+        self.done = threading.Event()
+        self.result = None
+        self.exc = None
+
+        def run():
+            try:
+                self.result = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001
+                self.exc = e
+            finally:
+                self.done.set()
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def value(self, timeout=20.0):
+        assert self.done.wait(timeout), "still blocked"
+        if self.exc is not None:
+            raise self.exc
+        return self.result
+
+    def error(self, timeout=20.0):
+        assert self.done.wait(timeout), "still blocked"
+        assert self.exc is not None, f"expected an exception, got {self.result!r}"
+        return self.exc
+
+
+@pytest.fixture(scope="module")
+def w():
+    """Two workers [w2, w3] shared by this module's tests (they must not be killed).
+
+    They are added one at a time: a worker started in the same `addprocs` call as a lower one
+    may not learn that one's address (see test_workers_from_one_addprocs_can_share_refs), and
+    this module is about references, so its other tests must not depend on that race.
+    """
+    a = pydist.addprocs(1)[0]
+    b = pydist.addprocs(1)[0]
+    assert on(b, rh.ping, a) == a
+    yield [a, b]
+    pydist.rmprocs([a, b], waitfor=30)
+
+
+# ==================================================================== 1. Future
+def test_future_attributes(w):
+    w2, w3 = w
+    f = Future()
+    assert (f.where, f.whence) == (pydist.myid(), pydist.myid()) == (1, 1)
+    g = Future(w2)
+    assert (g.where, g.whence) == (w2, 1)
+    assert isinstance(f.id, int) and isinstance(g.id, int)
+    assert f.id != g.id
+    r = pydist.remotecall(lambda: 1, w3)
+    assert (r.where, r.whence) == (w3, 1)
+    assert len({f.id, g.id, r.id}) == 3
+    r.wait()
+    # Made on a worker: whence is that worker.
+    h_where, h_whence = on(w3, lambda p: (lambda x: (x.where, x.whence))(pydist.Future(p)), w2)
+    assert (h_where, h_whence) == (w2, w3)
+
+
+def test_future_has_no_remote_state_until_used(w):
+    w2, _ = w
+    gc.collect()
+    before = on(w2, rh.store_len)
+    f = Future(w2)
+    assert not has_ref(w2, f.rrid)
+    assert on(w2, lambda: len(pydist.refs.STORE)) == before
+    assert not f.isready()  # asking is not creating
+    assert not has_ref(w2, f.rrid)
+    with pytest.raises(TimeoutError):
+        f.fetch(timeout=0.2)  # a fetch makes the owner's slot...
+    assert has_ref(w2, f.rrid)
+    assert counts(w2, f.rrid) == {1: 1}
+    rrid = f.rrid
+    del f  # ...which is freed when the only holder drops it
+    wait_freed(w2, rrid)
+
+
+@pytest.mark.parametrize("owner", ["master", "worker"])
+def test_future_put_then_fetch_and_second_put(w, owner):
+    pid = 1 if owner == "master" else w[0]
+    f = Future(pid)
+    assert f.put([1, 2]) is f
+    assert f.isready()
+    assert f.fetch() == [1, 2]
+    with pytest.raises(InvalidStateError):
+        f.put(3)
+    assert f.fetch() == [1, 2]
+    assert f.wait() is f
+
+
+@pytest.mark.parametrize("owner", ["master", "worker2", "worker3"])
+def test_second_put_from_another_process_is_invalid_state(w, owner):
+    """The first put comes from worker 3; the master's own put must then fail on the owner."""
+    w2, w3 = w
+    pid = {"master": 1, "worker2": w2, "worker3": w3}[owner]
+    f = Future(pid)
+    pydist.remotecall_wait(lambda x: x.put("first") and None, w3, f)
+    assert f.isready()
+    try:
+        f.put("second")
+    except InvalidStateError:
+        pass
+    else:
+        pytest.fail("a second put did not raise")
+    assert f.fetch() == "first"
+
+
+def test_put_on_worker_then_fetch_on_master(w):
+    w2, w3 = w
+    for pid in (1, w2, w3):
+        f = Future(pid)
+        pydist.remotecall_wait(lambda x: x.put({"from": pydist.myid()}) and None, w3, f)
+        assert f.fetch() == {"from": w3}
+    # A put made while the master is already waiting in fetch.
+    f = Future(w2)
+    fetcher = Runner(f.fetch)
+    assert not fetcher.done.wait(BLOCKED)
+    pydist.remote_do(lambda x: x.put(99), w3, f)
+    assert fetcher.value() == 99
+
+
+def test_fetch_timeout_on_never_set_future(w):
+    for pid in (1, w[0]):
+        f = Future(pid)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            f.fetch(timeout=0.2)
+        with pytest.raises(TimeoutError):
+            f.wait(timeout=0.2)
+        assert 0.3 <= time.monotonic() - t0 < 10
+        assert not f.isready()
+        f.put(1)  # still usable after timing out
+        assert f.fetch(timeout=0.2) == 1
+
+
+def test_pending_remotecall_fetch_timeout(w):
+    gate = RemoteChannel()
+    f = pydist.remotecall(lambda g: g.take(), w[0], gate)
+    with pytest.raises(TimeoutError):
+        f.fetch(timeout=0.2)
+    gate.put("go")
+    assert f.fetch(timeout=20) == "go"
+
+
+def test_fetch_caches_value_even_after_owner_dies(fresh_workers):
+    (p,) = fresh_workers(1)
+    small = pydist.remotecall(lambda: "small", p)
+    large = pydist.remotecall(big_result, p)
+    fut = Future(p)
+    fut.put((1, 2))
+    assert small.fetch() == "small"
+    assert len(large.fetch()) == BIG
+    kill9(p)
+    wait_until(lambda: p not in pydist.procs(), timeout=20, what="worker removal")
+    # No network: the owner is gone, the values come from the cache.
+    assert small.fetch() == "small"
+    assert len(large.fetch()) == BIG
+    assert fut.fetch() == (1, 2)
+    assert small.isready() and large.isready()
+    assert large.wait() is large
+
+
+def test_wait_and_isready(w):
+    w2, w3 = w
+    gate = RemoteChannel()
+    f = pydist.remotecall(lambda g: g.take(), w2, gate)
+    assert not f.isready()
+    waiter = Runner(f.wait)
+    assert not waiter.done.wait(BLOCKED)
+    assert not f.isready()
+    gate.put(5)
+    assert waiter.value() is f
+    assert f.isready()
+    assert f.fetch() == 5
+    # A Future(pid) becomes ready when anybody puts it.
+    g = Future(w2)
+    assert not g.isready()
+    pydist.remotecall_wait(lambda x: x.put(0) and None, w3, g)
+    assert g.isready()
+    assert g.wait() is g
+
+
+def test_remotecall_wait_returns_finished_future(w):
+    f = pydist.remotecall_wait(lambda: 3 * 7, w[0])
+    assert isinstance(f, Future)
+    assert f.isready()
+    assert f.fetch() == 21
+    g = pydist.remotecall_wait(big_result, w[1])
+    assert g.isready()
+    assert len(g.fetch()) == BIG
+    with pytest.raises(RemoteException):
+        pydist.remotecall_wait(lambda: 1 / 0, w[0])
+
+
+@pytest.mark.parametrize("where", ["worker", "myid"])
+def test_fetch_of_failed_call_raises_remote_exception(w, where):
+    pid = w[0] if where == "worker" else pydist.myid()
+    f = pydist.remotecall(lambda: 1 / 0, pid)
+    for _ in range(2):  # and again: the failure is kept, not forgotten
+        with pytest.raises(RemoteException) as ei:
+            f.fetch()
+        e = ei.value
+        assert e.pid == pid
+        assert isinstance(e, ZeroDivisionError)
+        assert isinstance(e.captured.ex, ZeroDivisionError)
+        assert str(e).startswith(f"On worker {pid}:\n")
+    with pytest.raises(ZeroDivisionError):
+        f.wait()
+    assert f.isready()
+
+
+def test_future_passed_to_worker_can_be_fetched_there(w):
+    w2, w3 = w
+    assert pydist.remotecall_fetch(lambda f: f.fetch(), w3, pydist.remotecall(lambda: 7, w2)) == 7
+    # Unfinished when sent: the worker waits for it.
+    gate = RemoteChannel()
+    f = pydist.remotecall(lambda g: g.take(), w2, gate)
+    r = pydist.remotecall(lambda x: x.fetch() * 2, w3, f)
+    gate.put(21)
+    assert r.fetch() == 42
+    # Large (kept on its owner): fetched from the owner by the third process.
+    big = pydist.remotecall(big_result, w2)
+    assert pydist.remotecall_fetch(lambda x: len(x.fetch()), w3, big) == BIG
+    assert len(big.fetch()) == BIG
+
+
+def test_await_returns_value(w):
+    w2, w3 = w
+
+    async def main():
+        small = await pydist.remotecall(lambda: "v", w2)
+        large = await pydist.remotecall(big_result, w3)
+        local = Future()
+        threading.Timer(0.05, local.put, args=("later",)).start()
+        later = await local
+        with pytest.raises(RemoteException):
+            await pydist.remotecall(lambda: [][1], w2)
+        return small, len(large), later
+
+    assert asyncio.run(main()) == ("v", BIG, "later")
+
+
+def test_asyncio_gather_over_many_futures(w):
+    w2, w3 = w
+
+    async def main():
+        futs = [pydist.remotecall(lambda i=i: i * i, (w2, w3)[i % 2]) for i in range(50)]
+        return await asyncio.wait_for(asyncio.gather(*futs), 60)
+
+    assert asyncio.run(main()) == [i * i for i in range(50)]
+
+
+def _callback_recorder():
+    calls = []
+    ev = threading.Event()
+
+    def cb(fut):
+        calls.append(fut)
+        ev.set()
+
+    return calls, ev, cb
+
+
+@pytest.mark.parametrize("kind", ["remotecall", "remotecall-big", "future-on-worker", "local"])
+def test_add_done_callback_called_exactly_once(w, kind):
+    w2, w3 = w
+    gate = RemoteChannel()
+    if kind == "remotecall":
+        f = pydist.remotecall(lambda g: g.take(), w2, gate)
+        finish = lambda: gate.put("x")  # noqa: E731
+    elif kind == "remotecall-big":
+        f = pydist.remotecall(lambda g: g.take() and bytes(BIG), w2, gate)
+        finish = lambda: gate.put("x")  # noqa: E731
+    elif kind == "future-on-worker":
+        f = Future(w2)
+        finish = lambda: pydist.remotecall_wait(lambda x: x.put("x") and None, w3, f)  # noqa: E731
+    else:
+        f = Future()
+        finish = lambda: threading.Thread(target=f.put, args=("x",)).start()  # noqa: E731
+    calls, ev, cb = _callback_recorder()
+    f.add_done_callback(cb)
+    assert not ev.wait(BLOCKED)
+    finish()
+    assert ev.wait(20), "callback not called"
+    f.fetch()
+    on(w2, rh.collect)  # a round trip: a duplicate notification would have landed by now
+    f.fetch()
+    assert len(calls) == 1 and calls[0] is f
+    # Added after completion: called (at once), once.
+    calls2, ev2, cb2 = _callback_recorder()
+    f.add_done_callback(cb2)
+    assert ev2.wait(20)
+    assert len(calls2) == 1 and calls2[0] is f
+    assert len(calls) == 1
+
+
+def test_module_level_functions(w):
+    w2, _ = w
+    f = pydist.remotecall(lambda: 11, w2)
+    assert pydist.wait(f) is f
+    assert pydist.isready(f)
+    assert pydist.fetch(f) == 11
+    g = Future(w2)
+    pydist.put(g, "p")
+    assert pydist.fetch(g) == "p"
+    with pytest.raises(InvalidStateError):
+        pydist.put(g, "again")
+    rc = RemoteChannel(lambda: Channel(4), w2)
+    assert not pydist.isready(rc)
+    pydist.put(rc, 1)
+    pydist.put(rc, 2)
+    pydist.wait(rc)
+    assert pydist.isready(rc)
+    assert pydist.fetch(rc) == 1
+    assert pydist.take(rc) == 1
+    assert pydist.take(rc) == 2
+    with pytest.raises(TimeoutError):
+        pydist.take(rc, timeout=0.2)
+    assert pydist.fetch(5) == 5
+    assert pydist.fetch("abc") == "abc"
+    assert pydist.fetch(None) is None
+    obj = object()
+    assert pydist.fetch(obj) is obj
+
+
+def test_remoteref_id_is_rrid_named_tuple(w):
+    f = Future(w[0])
+    rid = pydist.remoteref_id(f)
+    assert isinstance(rid, RRID) and isinstance(rid, tuple)
+    assert rid == (f.whence, f.id)
+    assert (rid.whence, rid.id) == (f.whence, f.id)
+    assert RRID._fields == ("whence", "id")
+    rc = RemoteChannel(w[1])
+    rrc = pydist.remoteref_id(rc)
+    assert isinstance(rrc, RRID) and rrc == (rc.whence, rc.id)
+    assert rrc != rid
+
+
+def test_channel_from_id(w):
+    w2, w3 = w
+    msg = "Local instance of remote reference not found"
+    rc = RemoteChannel(lambda: Channel(10), w2)
+    rc.put("a")
+    rc.put("b")
+    rrid = pydist.remoteref_id(rc)
+    # On the owner: the backing channel itself.
+    assert on(w2, lambda r: (type(pydist.channel_from_id(r)).__name__,
+                             len(pydist.channel_from_id(r)),
+                             pydist.channel_from_id(r).fetch()), rrid) == ("Channel", 2, "a")
+    # Elsewhere: KeyError.
+    with pytest.raises(KeyError) as ei:
+        pydist.channel_from_id(rrid)
+    assert ei.value.args[0] == msg
+    with pytest.raises(KeyError) as ei:
+        on(w3, pydist.channel_from_id, rrid)
+    assert msg in str(ei.value)
+    # A master-owned RemoteChannel: the very channel its operations use.
+    local = RemoteChannel(lambda: Channel(3))
+    local.put(1)
+    ch = pydist.channel_from_id(pydist.remoteref_id(local))
+    assert isinstance(ch, Channel) and len(ch) == 1
+    ch.put(2)
+    assert [local.take(), local.take()] == [1, 2]
+    # A Future's backing object exists on its owner once used, not elsewhere.
+    f = Future(w2)
+    f.put(1)
+    g = Future(w2)
+    with pytest.raises(TimeoutError):
+        g.fetch(timeout=0.05)
+    assert on(w2, lambda r: pydist.channel_from_id(r) is not None, g.rrid)
+    with pytest.raises(KeyError):
+        pydist.channel_from_id(g.rrid)
+
+
+# ==================================================================== 2. RemoteChannel
+def test_remote_channel_constructors(w):
+    w2, _ = w
+    a = RemoteChannel(lambda: Channel(10), w2)
+    assert (a.where, a.whence) == (w2, 1)
+    assert has_ref(w2, a.rrid)  # made at once on its owner
+    for i in range(10):
+        a.put(i, timeout=5)
+    with pytest.raises(TimeoutError):
+        a.put(10, timeout=0.2)  # Channel(10) is full
+
+    b = RemoteChannel(w2)  # an int first means the pid; a Channel(1) made on first use
+    assert (b.where, b.whence) == (w2, 1)
+    assert not has_ref(w2, b.rrid)
+    b.put("one")
+    assert has_ref(w2, b.rrid)
+    with pytest.raises(TimeoutError):
+        b.put("two", timeout=0.2)  # capacity 1
+    assert b.take() == "one"
+
+    c = RemoteChannel(pid=w2)
+    assert c.where == w2
+
+    d = RemoteChannel()  # local
+    assert (d.where, d.whence) == (1, 1)
+    d.put("x")
+    with pytest.raises(TimeoutError):
+        d.put("y", timeout=0.2)
+    assert d.take() == "x"
+
+
+@pytest.mark.parametrize("owner", ["master", "worker"])
+def test_remote_channel_operations(w, owner):
+    pid = 1 if owner == "master" else w[0]
+    rc = RemoteChannel(lambda: Channel(5), pid)
+    assert rc.isopen()
+    assert rc.isempty() and not rc.isready()
+    assert rc.put("a") is rc
+    rc.put("b")
+    assert not rc.isempty()
+    assert not rc.isempty()  # asking does not consume
+    assert rc.isready()
+    assert rc.fetch() == "a"
+    assert rc.fetch() == "a"  # peek
+    rc.wait()
+    assert rc.take() == "a"
+    assert rc.fetch() == "b"
+    assert rc.take() == "b"
+    assert rc.isempty()
+    # wait blocks until a value arrives and does not take it
+    waiter = Runner(rc.wait)
+    assert not waiter.done.wait(BLOCKED)
+    rc.put("c")
+    waiter.value()
+    assert rc.take() == "c"
+    # take blocks until a put
+    taker = Runner(rc.take)
+    assert not taker.done.wait(BLOCKED)
+    rc.put("d")
+    assert taker.value() == "d"
+    rc.close()
+    assert not rc.isopen()
+
+
+@pytest.mark.parametrize("owner", ["master", "worker"])
+def test_remote_channel_closed(w, owner):
+    pid = 1 if owner == "master" else w[0]
+    rc = RemoteChannel(lambda: Channel(5), pid)
+    rc.put(1)
+    rc.put(2)
+    rc.close()
+    try:
+        rc.put(3)
+    except InvalidStateError:
+        pass
+    else:
+        pytest.fail("put on a closed RemoteChannel did not raise")
+    assert rc.fetch() == 1
+    assert rc.take() == 1  # drains what is left
+    assert list(rc) == [2]
+    try:
+        rc.take()
+    except InvalidStateError:
+        pass
+    else:
+        pytest.fail("take on a closed empty RemoteChannel did not raise")
+    assert list(rc) == []
+
+
+@pytest.mark.parametrize("owner", ["master", "worker"])
+def test_remote_channel_timeouts(w, owner):
+    pid = 1 if owner == "master" else w[0]
+    rc = RemoteChannel(lambda: Channel(1), pid)
+    for op in (rc.take, rc.fetch, rc.wait):
+        t0 = time.monotonic()
+        try:
+            op(timeout=0.2)
+        except TimeoutError:
+            pass
+        else:
+            pytest.fail(f"{op.__name__} did not time out")
+        assert 0.15 <= time.monotonic() - t0 < 10
+    rc.put(1)
+    try:
+        rc.put(2, timeout=0.2)
+    except TimeoutError:
+        pass
+    else:
+        pytest.fail("put on a full channel did not time out")
+    assert rc.take(timeout=1) == 1
+    assert rc.isempty()
+
+
+@pytest.mark.parametrize("owner", ["master", "worker2", "worker3"])
+def test_remote_channel_iteration_until_closed(w, owner):
+    w2, w3 = w
+    pid = {"master": 1, "worker2": w2, "worker3": w3}[owner]
+    rc = RemoteChannel(lambda: Channel(3), pid)
+
+    def produce(c, n):
+        for i in range(n):
+            c.put(i)
+        c.close()
+
+    prod = pydist.remotecall(produce, w2, rc, 20)
+    assert list(rc) == list(range(20))
+    prod.fetch()
+    assert not rc.isopen()
+
+
+@pytest.mark.parametrize("owner", ["master", "worker2", "worker3"])
+def test_pipeline_between_two_workers(w, owner):
+    w2, w3 = w
+    pid = {"master": 1, "worker2": w2, "worker3": w3}[owner]
+    rc = RemoteChannel(lambda: Channel(10), pid)
+
+    def produce(c):
+        for i in range(100):
+            c.put(i)
+        return pydist.myid()
+
+    def consume(c):
+        return sum(c.take() for _ in range(100)), pydist.myid()
+
+    consumer = pydist.remotecall(consume, w3, rc)
+    producer = pydist.remotecall(produce, w2, rc)
+    assert producer.fetch() == w2
+    assert consumer.fetch() == (sum(range(100)), w3)
+    assert rc.isempty()
+
+
+def test_master_owned_channel_used_by_workers(w):
+    w2, w3 = w
+    jobs = RemoteChannel(lambda: Channel(math.inf))
+    results = RemoteChannel(lambda: Channel(math.inf))
+    for i in range(30):
+        jobs.put(i)
+    jobs.close()
+
+    def work(j, r):
+        n = 0
+        for x in j:
+            r.put((pydist.myid(), x * 10))
+            n += 1
+        return n
+
+    f2 = pydist.remotecall(work, w2, jobs, results)
+    f3 = pydist.remotecall(work, w3, jobs, results)
+    assert f2.fetch() + f3.fetch() == 30
+    got = [results.take(timeout=10) for _ in range(30)]
+    assert sorted(x for _, x in got) == [i * 10 for i in range(30)]
+    assert {p for p, _ in got} <= {w2, w3}
+    assert results.isempty()
+
+
+def test_workers_from_one_addprocs_can_share_refs(fresh_workers):
+    """Workers started by one addprocs call pass a RemoteChannel around a ring at once."""
+    for _ in range(4):
+        pids = fresh_workers(3)
+        rc = RemoteChannel(lambda: Channel(10), pids[0])
+        for p in pids:
+            pydist.remotecall_fetch(lambda c: c.put(pydist.myid()) and None, p, rc)
+        # each worker takes one item from a channel owned by another worker
+        got = sorted(pydist.remotecall_fetch(lambda c: c.take(timeout=10), p, rc) for p in pids)
+        assert got == sorted(pids)
+        rc2 = RemoteChannel(lambda: Channel(10), pids[1])
+        assert pydist.remotecall_fetch(lambda c: c.put(1) and c.take(), pids[2], rc2) == 1
+        assert pydist.remotecall_fetch(lambda c: c.put(2) and c.take(), pids[0], rc2) == 2
+        rc3 = RemoteChannel(lambda: Channel(10), pids[2])
+        assert pydist.remotecall_fetch(lambda c: c.put(3) and c.take(), pids[0], rc3) == 3
+        assert pydist.remotecall_fetch(lambda c: c.put(4) and c.take(), pids[1], rc3) == 4
+        pydist.rmprocs(pids, waitfor=30)
+
+
+# ==================================================================== 3. reference counting
+@pytest.mark.parametrize("size", ["small", "big"])
+def test_remotecall_result_freed_after_fetch(w, size):
+    w2, _ = w
+    fn = (lambda: "s") if size == "small" else big_result
+    f = pydist.remotecall(fn, w2)
+    f.wait()
+    if size == "big":
+        assert_kept(w2, f.rrid)  # not pushed: the owner keeps it for our fetch
+    f.fetch()
+    wait_freed(w2, f.rrid)
+    assert f.fetch() in ("s", bytes(BIG))  # still cached here
+
+
+@pytest.mark.parametrize("size", ["small", "big"])
+def test_unfetched_result_freed_when_dropped(w, size):
+    w2, _ = w
+    fn = (lambda: "s") if size == "small" else big_result
+    f = pydist.remotecall(fn, w2)
+    f.wait()
+    rrid = f.rrid
+    if size == "big":
+        assert_kept(w2, rrid)
+    del f
+    wait_freed(w2, rrid)
+
+
+def test_unused_future_to_worker_dropped_leaves_nothing(w):
+    w2, _ = w
+    fs = [Future(w2) for _ in range(20)]
+    rrids = [f.rrid for f in fs]
+    del fs
+    gc.collect()
+    for r in rrids:
+        wait_freed(w2, r)
+    assert on(w2, rh.bad_counts) == []
+
+
+@pytest.mark.parametrize("how,observer", [("fetch", "master"), ("drop", "master"), ("drop", "peer")])
+def test_value_object_released_on_owner(w, how, observer):
+    """The worker's own object (seen through a WeakSet there) dies after fetch / drop.
+
+    observer="peer": worker 3 looks at worker 2 for us, so that after the drop nothing more
+    reaches worker 2 over the master's connection: a worker left idle must not keep the value.
+    """
+    w2, w3 = w
+    tag = f"t-{uuid.uuid4().hex[:8]}"
+    if observer == "master":
+        look = lambda: on(w2, rh.live_tags)  # noqa: E731
+        kept = lambda r: has_ref(w2, r)  # noqa: E731
+    else:
+        look = lambda: on(w3, rh.live_tags_on, w2)  # noqa: E731
+        kept = lambda r: on(w3, lambda r, p: pydist.remotecall_fetch(rh.has_ref, p, r), tuple(r), w2)  # noqa: E731
+        on(w3, rh.ping, w2)
+    f = pydist.remotecall(rh.make_tracked, w2, tag, 200_000)
+    f.wait()
+    assert tag in look()
+    rrid = f.rrid
+    assert kept(rrid)
+    if how == "fetch":
+        v = f.fetch()
+        assert isinstance(v, rh.Tracked) and v.tag == tag and len(v.payload) == 200_000
+    else:
+        del f
+        gc.collect()
+    wait_until(lambda: not kept(rrid), timeout=FREED_WITHIN, what="the STORE entry to go")
+    wait_until(lambda: tag not in look(), timeout=FREED_WITHIN,
+               what=f"worker {w2} to let go of the value object")
+
+
+@pytest.mark.parametrize("kind", ["future", "channel"])
+def test_third_party_reference_keeps_value_alive(w, kind):
+    """Master makes f on 2, worker 3 keeps a copy (in a global), master drops its own: 2 keeps
+    the value until 3 drops it too."""
+    w2, w3 = w
+    on(w3, rh.ping, w2)  # 3 is connected to the owner
+    key = uuid.uuid4().hex
+    if kind == "future":
+        ref = pydist.remotecall(big_result, w2)
+        ref.wait()
+    else:
+        ref = RemoteChannel(lambda: Channel(2), w2)
+        ref.put("kept")
+    rrid = ref.rrid
+    box = RemoteChannel(lambda: Channel(1))  # on the master: 3 takes the reference out of it
+    box.put(ref)
+    pydist.remotecall_wait(rh.take_into, w3, box, key)
+    del ref
+    gc.collect()
+    wait_until(lambda: counts(w2, rrid) == {w3: 1}, timeout=FREED_WITHIN,
+               what=f"only worker 3 to hold the value (counts {counts(w2, rrid)})")
+    assert_kept(w2, rrid)
+    if kind == "future":
+        assert on(w3, rh.len_of_held_fetch, key, 10) == BIG  # and 3 can still use it
+    else:
+        assert on(w3, lambda k: rh.held(k).fetch(timeout=10), key) == "kept"
+        assert_kept(w2, rrid)
+    pydist.remotecall_wait(rh.drop, w3, key)
+    wait_freed(w2, rrid)
+
+
+def test_third_party_fetch_and_drop_race(w):
+    w2, w3 = w
+    rrids = []
+    for _ in range(20):
+        f = pydist.remotecall(big_result, w2)
+        rrids.append(f.rrid)
+        assert pydist.remotecall_fetch(rh.fetch_and_drop, w3, f) == BIG
+        del f
+    gc.collect()
+    for r in rrids:
+        wait_freed(w2, r)
+    assert on(w2, rh.bad_counts) == []
+    assert on(w3, rh.bad_counts) == []
+    assert rh.bad_counts() == []
+
+
+def test_remote_channel_freed_when_master_drops_it(w):
+    w2, _ = w
+    rc = RemoteChannel(lambda: Channel(10), w2)
+    rrid = rc.rrid
+    rc.put(1)
+    assert rc.take() == 1
+    assert_kept(w2, rrid)
+    rc2 = RemoteChannel(w2)
+    rrid2 = rc2.rrid
+    rc2.put("x")
+    assert_kept(w2, rrid2)
+    del rc, rc2
+    wait_freed(w2, rrid)
+    wait_freed(w2, rrid2)
+
+
+def test_remote_channel_used_by_worker_freed_when_master_drops_it(w):
+    """A worker used the channel in a call that has returned: only the master holds it."""
+    w2, w3 = w
+    rc = RemoteChannel(lambda: Channel(10), w2)
+    rrid = rc.rrid
+    pydist.remotecall_fetch(lambda c: c.put(pydist.myid()) and None, w3, rc)
+    assert rc.take() == w3
+    assert_kept(w2, rrid)
+    del rc
+    wait_freed(w2, rrid)
+
+
+def test_future_made_on_worker_handed_to_master_is_freed(fresh_workers):
+    """Worker b makes Future(a) and returns it; the master puts and fetches; a frees it."""
+    a, b = fresh_one_by_one(fresh_workers, 2)
+    f = on(b, lambda p: pydist.Future(p), a)
+    assert (f.where, f.whence) == (a, b)
+    f.put("v")
+    assert f.fetch() == "v"
+    assert on(b, rh.collect) is None
+    rrid = f.rrid
+    del f
+    wait_freed(a, rrid)
+    assert on(a, rh.bad_counts) == []
+
+
+def test_reference_passed_on_by_worker_not_connected_to_owner(fresh_workers):
+    """b (never connected to the owner a) hands the Future on to c, then fetches its own copy;
+    the master drops its copy. c still holds it: a must keep the value for c."""
+    a, b, c = fresh_one_by_one(fresh_workers, 3)
+    f = pydist.remotecall(big_result, a)
+    f.wait()
+    rrid = f.rrid
+    assert on(b, rh.relay, f, c) == BIG
+    del f
+    gc.collect()
+    # Let every count message settle: the master and b are done with it.
+    wait_until(lambda: (lambda n: n is None or (1 not in n and b not in n))(counts(a, rrid)),
+               timeout=FREED_WITHIN, what="master and b to release")
+    assert counts(a, rrid) == {c: 1}
+    assert on(c, rh.len_of_held_fetch, "relayed", 5) == BIG
+
+
+def test_holder_that_never_talked_to_owner_releases(fresh_workers):
+    """b gets a reference owned by a, without ever talking to a, and drops it: a frees it."""
+    a, b = fresh_one_by_one(fresh_workers, 2)
+    f = pydist.remotecall(big_result, a)
+    f.wait()
+    rrid = f.rrid
+    box = RemoteChannel(lambda: Channel(1))
+    box.put(f)
+    pydist.remotecall_wait(rh.take_into, b, box, "k")
+    del f
+    gc.collect()
+    wait_until(lambda: counts(a, rrid) == {b: 1}, timeout=FREED_WITHIN, what="only b to hold it")
+    pydist.remotecall_wait(rh.drop, b, "k")
+    wait_freed(a, rrid)
+
+
+@pytest.mark.parametrize("kind", ["future", "channel"])
+def test_dead_holder_releases_value_on_owner(fresh_workers, kind):
+    a, b = fresh_one_by_one(fresh_workers, 2)
+    ref = pydist.remotecall(big_result, a) if kind == "future" else RemoteChannel(lambda: Channel(2), a)
+    if kind == "future":
+        ref.wait()
+    rrid = ref.rrid
+    pydist.remotecall_wait(rh.hold, b, "k", ref)
+    del ref
+    gc.collect()
+    wait_until(lambda: counts(a, rrid) == {b: 1}, timeout=FREED_WITHIN, what="only b to hold it")
+    assert_kept(a, rrid)
+    kill9(b)
+    wait_freed(a, rrid, timeout=20)
+    assert a in pydist.procs()
+
+
+# ==================================================================== 4. owners that die
+def test_waiters_get_process_exited_when_owner_dies(fresh_workers):
+    (p,) = fresh_workers(1)
+    rc = RemoteChannel(lambda: Channel(1), p)
+    pending = pydist.remotecall(lambda: time.sleep(120), p)
+    fut = Future(p)
+    takers = [Runner(rc.take), Runner(rc.take, timeout=100)]
+    fetchers = [Runner(pending.fetch), Runner(pending.wait), Runner(fut.fetch)]
+    calls, ev, cb = _callback_recorder()
+    pending.add_done_callback(cb)
+    for r in takers + fetchers:
+        assert not r.done.wait(0.05)
+    assert not pending.isready()
+    kill9(p)
+    t0 = time.monotonic()
+    for r in takers + fetchers:
+        e = r.error(timeout=15)
+        assert type(e) is ProcessExitedException, repr(e)
+        assert e.worker_id == p
+    assert time.monotonic() - t0 < 15
+    assert ev.wait(10) and calls == [pending]
+    with pytest.raises(ProcessExitedException):
+        pending.fetch()
+    with pytest.raises(ProcessExitedException):
+        rc.put(1)
+    with pytest.raises(ProcessExitedException):
+        Future(p).fetch()
+
+
+def test_await_pending_future_of_dead_owner(fresh_workers):
+    (p,) = fresh_workers(1)
+    f = pydist.remotecall(lambda: time.sleep(120), p)
+
+    async def main():
+        task = asyncio.ensure_future(_await(f))
+        await asyncio.sleep(0)  # the task starts and blocks in `await f`
+        assert not task.done()
+        kill9(p)
+        return await asyncio.wait_for(task, 20)
+
+    with pytest.raises(ProcessExitedException):
+        asyncio.run(main())
+
+
+async def _await(f):
+    return await f
