@@ -264,9 +264,9 @@ class ProcessGroup:
     def deregister(self, pid: int, exc: BaseException | None = None) -> None:
         """Forget `pid`: fail everything waiting on it and tell the listeners. Idempotent."""
         with self.lock:
-            w = self.workers.pop(pid, None)
-            if w is None or pid in self.deleted:
+            if pid in self.deleted or pid == self.id:
                 return
+            w = self.workers.pop(pid, None) or Worker(pid)  # we may never have heard of it
             self.deleted.add(pid)
             was_terminating = w.state is WorkerState.terminating
             w.state = WorkerState.terminated if was_terminating else WorkerState.exterminated
@@ -707,7 +707,7 @@ def _addprocs_locked(manager: ClusterManager, params: dict) -> list[int]:
     all_workers = workers()
     from .calls import remote_do_internal
 
-    for pid in list(new_pids):
+    for pid in [p for p in all_workers if p != 1]:  # everyone learns the new membership
         try:
             remote_do_internal(pid, _set_valid_processes, (all_workers,))
         except ProcessExitedException:

@@ -26,7 +26,7 @@ import weakref
 from typing import Any, Callable, Iterator, NamedTuple
 
 from . import protocol, serialization
-from .calls import call_async, call_fetch
+from .calls import call_async, call_fetch, remote_do_internal
 from .channel import Channel
 from .cluster import PGRP, register_handler
 from .exceptions import (
@@ -208,17 +208,34 @@ def _flush_loop() -> None:
 
 
 def _send_deltas(where: int, deltas: list) -> None:
+    """Deliver count changes to owner `where`, always by the same route (so they stay in
+    order): directly, or through the master when the topology forbids a direct link."""
     if where == PGRP.id:
         for whence, id_, pid, delta in deltas:
             STORE.apply(RRID(whence, id_), pid, delta)
         return
-    w = PGRP.workers.get(where)
-    if w is None or w.conn is None:
+    if where in PGRP.deleted:
         return  # owner gone: its values went with it
+    if PGRP.id != 1 and where != 1 and PGRP.topology != "all_to_all":
+        w = PGRP.workers.get(where)
+        if w is None or w.conn is None:
+            try:
+                remote_do_internal(1, _relay_deltas, (where, deltas))
+            except ProcessExitedException:
+                pass
+            return
     try:
-        w.conn.send(protocol.encode_frame(protocol.REFS, serialization.dumps_inline(deltas)))
-    except ConnectionClosed:
+        conn = PGRP.connection(where)  # connects now if this is a lazy worker-to-worker link
+        conn.send(protocol.encode_frame(protocol.REFS, serialization.dumps_inline(deltas)))
+    except (ConnectionClosed, ProcessExitedException, ValueError):
         pass
+    except Exception:
+        logging.getLogger("pydist").exception("pydist: could not send reference counts to %d", where)
+
+
+def _relay_deltas(where: int, deltas: list) -> None:
+    """Run on the master: forward count changes to an owner the sender cannot reach."""
+    _send_deltas(where, deltas)
 
 
 def _send_adds_now(where: int, deltas: list) -> None:

@@ -220,6 +220,7 @@ class Connection:
                 task()
             except BaseException:  # a task must never kill its thread silently
                 log.exception("pydist: internal error in a task on %s", self.name)
+            task = None  # do not keep the call (and its result) alive while idle
 
     def _lead(self) -> Callable[[], None] | None:
         """Read and handle frames until one yields work; None once the connection is dead."""
