@@ -285,9 +285,15 @@ def test_interrupt_idle_worker_is_harmless(fresh_workers):
 # ---------------------------------------------------------------- lifetimes
 MASTER = textwrap.dedent(
     """
-    import os, sys, time, pydist
+    import atexit, os, sys, time, pydist
+
+    def say_bye():
+        atexit.register(lambda: print("bye from", pydist.myid(), flush=True))
+
     pids = pydist.addprocs(2)
     print(" ".join(str(pydist.remotecall_fetch(os.getpid, p)) for p in pids), flush=True)
+    for p in pids:
+        pydist.remotecall_fetch(say_bye, p)
     if sys.argv[1] == "hang":
         time.sleep(600)
     """
@@ -314,11 +320,15 @@ def test_workers_exit_when_master_is_killed(tmp_path):
                what="workers to exit after their master was SIGKILLed")
 
 
-def test_workers_exit_when_master_exits(tmp_path):
+def test_workers_exit_cleanly_when_master_exits(tmp_path):
     proc, ospids = _start_master(tmp_path, "exit")
-    assert proc.wait(60) == 0
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
     wait_until(lambda: not any(pid_alive(p) for p in ospids), timeout=30,
                what="workers to exit with their master")
+    # A clean exit, not a kill: the workers' own atexit hooks ran and were relayed.
+    assert "From worker 2:\tbye from 2" in out
+    assert "From worker 3:\tbye from 3" in out
 
 
 def test_worker_exits_if_no_master_connects():

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -362,11 +363,16 @@ class LocalManager(ClusterManager):
             LocalManager._live.discard(proc)
 
     @classmethod
-    def cleanup_all(cls) -> None:
-        """Kill and reap every local worker process that is still running."""
+    def cleanup_all(cls, grace: float = 3.0) -> None:
+        """Reap every local worker process; kill those still running after `grace` seconds
+        (workers that were asked to exit get that long to finish cleanly)."""
         with cls._live_lock:
             procs = list(cls._live)
             cls._live.clear()
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.0, deadline - time.monotonic()))
         for proc in procs:
             if proc.poll() is None:
                 with contextlib.suppress(OSError):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -135,6 +136,19 @@ FLAG_NOVALUE = 2  # PUSH only: the call is done, its value stays on the owner
 _KNOWN_FLAGS = FLAG_ERROR | FLAG_NOVALUE
 
 DEFAULT_MAX_MESSAGE = 1 << 40  # 1 TiB: a bound on garbage, not on real data
+# Receive buffers at least this large are pre-faulted anonymous mappings: a fresh bytearray is
+# zero-filled page by page first, which halves the bandwidth of a 100 MB transfer.
+PREFAULT_THRESHOLD = 1 << 20
+
+
+def allocate(n: int):
+    """A writable buffer of `n` bytes for received data (the final home of an array)."""
+    if n >= PREFAULT_THRESHOLD and hasattr(mmap, "MAP_POPULATE"):
+        try:
+            return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
+        except OSError:
+            pass
+    return bytearray(n)
 DEFAULT_MAX_BUFFERS = 1 << 16
 
 
@@ -332,9 +346,9 @@ class FrameDecoder:
             self._start += n
             self._next_buffer()
         else:
-            self._set_target(bytearray(n))
+            self._set_target(allocate(n))
 
-    def _set_target(self, target: bytearray) -> None:
+    def _set_target(self, target) -> None:
         self._target = target
         self._target_view = memoryview(target)
         self._filled = 0
@@ -357,7 +371,7 @@ class FrameDecoder:
             i += 1
         if i < len(self._lengths):
             self._state = _S_BUFFER
-            self._set_target(bytearray(self._lengths[i]))
+            self._set_target(allocate(self._lengths[i]))
         else:
             self._ready.append(self._msg)
             self._msg = None
