@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -101,7 +102,10 @@ class WorkerOutput:
     The thread ends when the worker closes its stdout (it exits).
     """
 
+    _all: "weakref.WeakSet[WorkerOutput]" = weakref.WeakSet()
+
     def __init__(self, stream: BinaryIO, pid: int | None = None):
+        WorkerOutput._all.add(self)
         self.stream = stream
         self.pid = pid
         self.address: tuple[str, int] | None = None
@@ -147,6 +151,13 @@ class WorkerOutput:
         finally:
             self.eof = True
             self.found.set()
+
+    @classmethod
+    def drain_all(cls, timeout: float) -> None:
+        """Wait (up to `timeout` in all) for relays of exited workers to print their last lines."""
+        deadline = time.monotonic() + timeout
+        for relay in list(cls._all):
+            relay._thread.join(max(0.0, deadline - time.monotonic()))
 
     def wait_address(self, timeout: float, process: Any = None) -> tuple[str, int]:
         """The worker's (addr, port); LaunchWorkerError saying what went wrong otherwise."""
@@ -379,6 +390,7 @@ class LocalManager(ClusterManager):
                     proc.kill()
             with contextlib.suppress(Exception):
                 proc.wait(5)
+        WorkerOutput.drain_all(1.0)
 
 
 def _default_bind_addr() -> str:
