@@ -6,7 +6,7 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .exceptions import InvalidStateError
 
@@ -138,8 +138,13 @@ class Channel:
 
     def __iter__(self) -> Iterator[Any]:
         """Take values until the channel is closed and empty."""
-        while True:
-            try:
-                yield self.take()
-            except InvalidStateError:
-                return
+        return take_until_closed(self.take)
+
+
+def take_until_closed(take: Callable[[], Any]) -> Iterator[Any]:
+    """Yield `take()` until it reports the channel closed and empty (InvalidStateError)."""
+    while True:
+        try:
+            yield take()
+        except InvalidStateError:
+            return

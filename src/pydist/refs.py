@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 from . import protocol, serialization
 from .calls import call_async, call_fetch, remote_do_internal
-from .channel import Channel
+from .channel import Channel, take_until_closed
 from .cluster import PGRP, register_handler
 from .exceptions import (
     CapturedException,
@@ -39,6 +39,7 @@ from .exceptions import (
 from .transport import ConnectionClosed
 
 __all__ = [
+    "AbstractRemoteRef",
     "RRID",
     "Future",
     "RemoteChannel",
@@ -254,7 +255,38 @@ def _on_owner(ref: "Future | RemoteChannel", f: Callable, *args: Any) -> Any:
     return call_fetch(ref.where, f, (ref.rrid, *args))
 
 
-class Future:
+class AbstractRemoteRef:
+    """What a Future and a RemoteChannel share: an owner (`where`), an RRID, and this
+    process's count on the owner, given back when the reference is dropped."""
+
+    __slots__ = ("where", "whence", "id", "_lock", "_count", "__weakref__")
+
+    def _init_ref(self, where: int, rrid: RRID, count: int) -> None:
+        self.where = where
+        self.whence, self.id = rrid
+        self._lock = threading.Lock()
+        self._count = count
+        _client_refs[rrid] = self
+
+    @property
+    def rrid(self) -> RRID:
+        return RRID(self.whence, self.id)
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.rrid == self.rrid
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, self.whence, self.id))
+
+    def __del__(self) -> None:
+        try:
+            if self._count > 0:
+                _queue_delta(self.where, self.rrid, PGRP.id, -self._count)
+        except Exception:
+            pass
+
+
+class Future(AbstractRemoteRef):
     """A write-once value that lives on process `where` (default: this one).
 
     Returned by `remotecall`; `Future(pid)` makes an empty one that anybody holding it may
@@ -262,8 +294,7 @@ class Future:
     awaited (`await fut`) and accept completion callbacks.
     """
 
-    __slots__ = ("where", "whence", "id", "_lock", "_state", "_value", "_count", "_latch",
-                 "_callbacks", "_watching", "__weakref__")
+    __slots__ = ("_state", "_value", "_latch", "_callbacks", "_watching")
 
     def __init__(self, pid: int | None = None):
         rrid = _new_rrid()
@@ -278,40 +309,19 @@ class Future:
 
     def _setup(self, where: int, rrid: RRID, state: int, value: Any, count: int,
                push: bool) -> None:
-        self.where = where
-        self.whence, self.id = rrid
-        self._lock = threading.Lock()
         self._state = state
         self._value = value
-        self._count = count
         self._latch: threading.Lock | None = None
         if push and state == _PENDING:
             self._latch = threading.Lock()
             self._latch.acquire()
         self._callbacks: list | None = None
         self._watching = False
-        _client_refs[rrid] = self
-
-    @property
-    def rrid(self) -> RRID:
-        return RRID(self.whence, self.id)
+        self._init_ref(where, rrid, count)
 
     def __repr__(self) -> str:
         state = {_PENDING: "pending", _VALUE: "ready", _ERROR: "failed", _REMOTE_DONE: "done"}[self._state]
         return f"Future(where={self.where}, whence={self.whence}, id={self.id}, {state})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Future) and other.rrid == self.rrid
-
-    def __hash__(self) -> int:
-        return hash(("Future", self.whence, self.id))
-
-    def __del__(self) -> None:
-        try:
-            if self._count > 0:
-                _queue_delta(self.where, self.rrid, PGRP.id, -self._count)
-        except Exception:
-            pass
 
     def __reduce__(self):
         if self._state in (_VALUE, _ERROR):
@@ -588,7 +598,7 @@ def _default_channel() -> Channel:
     return Channel(1)
 
 
-class RemoteChannel:
+class RemoteChannel(AbstractRemoteRef):
     """A channel that lives on process `where`; every operation runs there.
 
     `RemoteChannel(f, pid)` creates the channel now by running `f()` on `pid` (any object with
@@ -596,45 +606,20 @@ class RemoteChannel:
     on first use.
     """
 
-    __slots__ = ("where", "whence", "id", "_lock", "_count", "__weakref__")
+    __slots__ = ()
 
     def __init__(self, f: Callable[[], Any] | int | None = None, pid: int | None = None):
         if isinstance(f, int) and not isinstance(f, bool):
             f, pid = None, f
         where = PGRP.id if pid is None else pid
-        rrid = _new_rrid()
-        self._setup(where, rrid, 1)
+        self._init_ref(where, _new_rrid(), 1)
         if f is not None:
             if not callable(f):
                 raise TypeError(f"RemoteChannel: f must be a zero-argument callable, got {f!r}")
             _on_owner(self, _create_channel, f)
 
-    def _setup(self, where: int, rrid: RRID, count: int) -> None:
-        self.where = where
-        self.whence, self.id = rrid
-        self._lock = threading.Lock()
-        self._count = count
-        _client_refs[rrid] = self
-
-    @property
-    def rrid(self) -> RRID:
-        return RRID(self.whence, self.id)
-
     def __repr__(self) -> str:
         return f"RemoteChannel(where={self.where}, whence={self.whence}, id={self.id})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, RemoteChannel) and other.rrid == self.rrid
-
-    def __hash__(self) -> int:
-        return hash(("RemoteChannel", self.whence, self.id))
-
-    def __del__(self) -> None:
-        try:
-            if self._count > 0:
-                _queue_delta(self.where, self.rrid, PGRP.id, -self._count)
-        except Exception:
-            pass
 
     def __reduce__(self):
         raise TypeError("a RemoteChannel can only be sent to pydist processes, inside a remote call")
@@ -671,11 +656,7 @@ class RemoteChannel:
 
     def __iter__(self) -> Iterator[Any]:
         """Take values until the channel is closed and empty."""
-        while True:
-            try:
-                yield self.take()
-            except InvalidStateError:
-                return
+        return take_until_closed(self.take)
 
 
 def _create_channel(rrid: RRID, f: Callable[[], Any]) -> None:
@@ -707,7 +688,7 @@ def _rebuild_channel(where: int, whence: int, id_: int) -> RemoteChannel:
     if existing is not None:
         return existing
     rc = RemoteChannel.__new__(RemoteChannel)
-    rc._setup(where, rrid, 1)
+    rc._init_ref(where, rrid, 1)
     return rc
 
 
