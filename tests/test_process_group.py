@@ -389,3 +389,42 @@ def test_command_line_errors(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pydist", str(tmp_path / "missing.py")],
                          capture_output=True, text=True, env=_env(), timeout=60)
     assert out.returncode != 0 and "no such script" in out.stderr
+
+
+# ---------------------------------------------------------------- custom topology
+class ChainManager(pydist.LocalManager):
+    """Local workers in a chain: the worker with ident k connects to the one with ident k-1."""
+
+    def launch(self, params, launched, launch_ntfy):
+        mine: list = []
+        super().launch(params, mine, __import__("threading").Condition())
+        for k, config in enumerate(mine):
+            config.ident = k
+            config.connect_idents = [k - 1] if k else []
+            with launch_ntfy:
+                launched.append(config)
+                launch_ntfy.notify_all()
+
+
+def _call_peer(peer):
+    return pydist.remotecall_fetch(pydist.myid, peer)
+
+
+def test_custom_topology_connects_only_the_named_peers():
+    pydist.rmprocs(pydist.workers(), waitfor=30)
+    try:
+        a, b, c = pydist.addprocs(ChainManager(3), topology="custom")
+        assert pydist.remotecall_fetch(_call_peer, b, a) == a  # b -> a: connected at join
+        assert pydist.remotecall_fetch(_call_peer, a, b) == b  # and usable both ways
+        assert pydist.remotecall_fetch(_call_peer, c, b) == b
+        with pytest.raises(RemoteException, match="Topology : custom"):
+            pydist.remotecall_fetch(_call_peer, c, a)  # not in c's connect_idents
+    finally:
+        pydist.rmprocs(pydist.workers(), waitfor=30)
+
+
+def test_worker_id_from_socket(two_workers):
+    w = two_workers[0]
+    sock = pydist.cluster.PGRP.workers[w].conn.sock
+    assert pydist.worker_id_from_socket(sock) == w
+    assert pydist.worker_id_from_socket(object()) == -1
