@@ -159,10 +159,9 @@ def call_async(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
     """Send `f(*args, **kwargs)` to `pid`; return the reply slot (`callback(slot)` runs in the
     reading thread when the reply lands: it must not block)."""
     conn = PGRP.connection(pid)
-    chunks_payload = (f, args, kwargs or _EMPTY)
     sid, slot = PGRP.new_slot(pid, callback)
     try:
-        chunks = pack(pid, protocol.CALL_FETCH, chunks_payload, a=sid, what=_describe(f))
+        chunks = pack(pid, protocol.CALL_FETCH, (f, args, kwargs or _EMPTY), a=sid, what=_describe(f))
         conn.send(chunks)
     except ConnectionClosed:
         PGRP.fail_slot(sid, ProcessExitedException(pid))

@@ -142,7 +142,6 @@ class ProcessGroup:
         self.removed_listeners: list[Callable[[int, WorkerState], None]] = []
         self.added_listeners: list[Callable[[int], None]] = []
         self.listener: transport.Listener | None = None
-        self.bind_addr: str | None = None
         self.shutdown = threading.Event()
         self.exit_code = 0
         self.master_connected = threading.Event()
@@ -239,14 +238,7 @@ class ProcessGroup:
             self.changed.notify_all()
         w.connected.set()
 
-    # ---------------------------------------------------------------- sending
-    def send(self, pid: int, chunks: list) -> None:
-        conn = self.connection(pid)
-        try:
-            conn.send(chunks)
-        except transport.ConnectionClosed:
-            raise ProcessExitedException(pid) from None
-
+    # ---------------------------------------------------------------- replies
     def new_slot(self, pid: int, callback=None) -> tuple[int, _Slot]:
         sid = next(self.slot_ids)
         slot = _Slot(pid, callback)
@@ -261,7 +253,7 @@ class ProcessGroup:
             slot.set(False, exc)
 
     # ---------------------------------------------------------------- losing a worker
-    def deregister(self, pid: int, exc: BaseException | None = None) -> None:
+    def deregister(self, pid: int) -> None:
         """Forget `pid`: fail everything waiting on it and tell the listeners. Idempotent."""
         with self.lock:
             if pid in self.deleted or pid == self.id:
@@ -325,7 +317,7 @@ class _Handler:
             return
         w = PGRP.workers.get(pid)
         if w is not None and w.conn is conn:
-            PGRP.deregister(pid, exc)
+            PGRP.deregister(pid)
 
 
 HANDLER = _Handler()
@@ -441,8 +433,8 @@ def _join(conn: transport.Connection, params: dict) -> dict:
 
 
 def _limit_blas_threads() -> None:
-    """Pin BLAS pools to one thread (the variables are set at launch; this covers libraries
-    already loaded, where threadpoolctl is installed)."""
+    """Pin BLAS pools to one thread for libraries loaded from now on (LocalManager already
+    sets these variables at launch; other managers may not)."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
 
@@ -918,6 +910,7 @@ def _terminate_all_workers() -> None:
         return
     PGRP.shutdown.set()
     pids = [p for p in PGRP.workers]
+    managers = {id(w.manager): w.manager for w in PGRP.workers.values() if w.manager}.values()
     if not pids:
         return
     try:
@@ -932,12 +925,11 @@ def _terminate_all_workers() -> None:
     except Exception:
         log.exception("pydist: error removing workers at exit")
     finally:
-        for w in list(PGRP.workers.values()) + []:
-            if w.manager is not None:
-                try:
-                    w.manager.cleanup()
-                except Exception:
-                    pass
+        for manager in managers:
+            try:
+                manager.cleanup()
+            except Exception:
+                log.exception("pydist: %r failed to clean up", manager)
         LocalManager.cleanup_all()
 
 

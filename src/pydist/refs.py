@@ -29,13 +29,7 @@ from . import protocol, serialization
 from .calls import call_async, call_fetch, remote_do_internal
 from .channel import Channel, take_until_closed
 from .cluster import PGRP, register_handler
-from .exceptions import (
-    CapturedException,
-    InvalidStateError,
-    ProcessExitedException,
-    RemoteException,
-    make_remote_exception,
-)
+from .exceptions import InvalidStateError, ProcessExitedException
 from .transport import ConnectionClosed
 
 __all__ = [
@@ -566,7 +560,7 @@ def _on_push(conn, msg: protocol.Message):
         return None
     try:
         value = serialization.loads(msg.body, msg.buffers)
-    except BaseException as e:
+    except BaseException:
         fut._complete(_REMOTE_DONE, None)  # fetch will ask the owner, and report the failure
         return None
     fut._complete(_ERROR if msg.flags & protocol.FLAG_ERROR else _VALUE, value)

@@ -12,7 +12,7 @@ import threading
 from typing import Any, Callable
 
 from . import protocol, serialization
-from .calls import call_fetch, pack, remote_do_internal, run_user_call, send_reply, unpack_call
+from .calls import call_fetch, pack, remote_do_internal, run_user_call, unpack_call
 from .cluster import PGRP, register_handler
 from .exceptions import ProcessExitedException
 from .refs import RRID, STORE, Future, _Cell, new_call_future
@@ -109,4 +109,3 @@ def _finish(conn: Connection, rrid: RRID, cell: _Cell, ok: bool, value: Any) -> 
 
 
 register_handler(protocol.CALL, _on_call)
-_ = send_reply  # re-exported for handlers that answer requests

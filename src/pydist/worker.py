@@ -69,7 +69,6 @@ def start_worker(out=None, cookie: str | None = None, close_stdin: bool = True,
     timeout = worker_timeout()
     listener = Listener(addr, port, PGRP.cookie_bytes, _accept_connection, timeout)
     PGRP.listener = listener
-    PGRP.bind_addr = addr
     listener.start()
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_sigint)
