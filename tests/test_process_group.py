@@ -14,6 +14,7 @@ import pytest
 from conftest import pid_alive, wait_until, worker_ospid
 
 import pydist
+import pydist.transport
 from pydist import RemoteException
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -428,3 +429,19 @@ def test_worker_id_from_socket(two_workers):
     sock = pydist.cluster.PGRP.workers[w].conn.sock
     assert pydist.worker_id_from_socket(sock) == w
     assert pydist.worker_id_from_socket(object()) == -1
+
+
+def test_custom_cluster_cookie_is_used_by_new_workers(fresh_workers):
+    old = pydist.cluster_cookie()
+    try:
+        assert pydist.cluster_cookie("my-own-cookie") == "my-own-cookie"
+        (w,) = fresh_workers(1)
+        assert pydist.remotecall_fetch(pydist.cluster_cookie, w) == "my-own-cookie"
+        host, port = pydist.cluster.PGRP.workers[w].connect_at
+        with pytest.raises(pydist.AuthenticationError):
+            pydist.transport.connect(host, port, old.encode(), 5)
+        pydist.transport.connect(host, port, b"my-own-cookie", 5).close()
+    finally:
+        pydist.cluster_cookie(old)
+    with pytest.raises(TypeError):
+        pydist.cluster_cookie(b"bytes")
