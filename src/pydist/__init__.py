@@ -60,6 +60,16 @@ from .refs import (
     wait,
 )
 from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
+from .workerpool import (
+    AbstractWorkerPool,
+    CachingPool,
+    WorkerPool,
+    clear,
+    default_worker_pool,
+    remote,
+    set_default_worker_pool,
+)
+from .macros import distributed, everywhere, fetchany, fetchfrom, spawn, spawnat
 
 
 def start_worker(*args, **kwargs):
@@ -80,6 +90,9 @@ def process_messages(sock, incoming: bool = True) -> None:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AbstractWorkerPool", "CachingPool", "WorkerPool", "clear", "default_worker_pool", "remote",
+    "set_default_worker_pool", "distributed", "everywhere", "fetchany", "fetchfrom", "spawn",
+    "spawnat",
     "AuthenticationError", "CapturedException", "Channel", "ClusterManager", "ExceptionGroup",
     "Future", "InvalidStateError", "LaunchWorkerError", "LocalManager", "ProcessExitedException",
     "ProtocolError", "PydistError", "RRID", "RemoteChannel", "RemoteError", "RemoteException",

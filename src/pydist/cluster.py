@@ -130,7 +130,8 @@ class ProcessGroup:
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)  # notified on every membership change
         self.workers: dict[int, Worker] = {}
-        self.deleted: set[int] = set()
+        self.deleted: set[int] = set()  # removed pids (never reused)
+        self.gone: set[int] = set()  # removed pids whose removal has been fully handled
         self.topology = "all_to_all"
         self.lazy: bool | None = None
         self.cookie = secrets.token_hex(16)
@@ -290,6 +291,9 @@ class ProcessGroup:
                 listener(pid, w.state)
             except Exception:
                 log.exception("pydist: error in a worker-removed listener")
+        with self.lock:
+            self.gone.add(pid)
+            self.changed.notify_all()
 
 
 PGRP = ProcessGroup()
@@ -863,7 +867,7 @@ def rmprocs(*pids: Any, waitfor: float | None = None):
         deadline = None if limit is None else time.monotonic() + limit
         with PGRP.lock:
             while True:
-                left = [p for p in to_wait if p in PGRP.workers]
+                left = [p for p in to_wait if p not in PGRP.gone]
                 if not left:
                     return
                 remaining = None if deadline is None else deadline - time.monotonic()

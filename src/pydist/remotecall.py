@@ -25,17 +25,23 @@ __all__ = ["remotecall", "remotecall_fetch", "remotecall_wait", "remote_do"]
 PUSH_LIMIT = 64 * 1024
 
 
-def _target(id_or_pool: Any) -> int:
-    if isinstance(id_or_pool, int) and not isinstance(id_or_pool, bool):
-        return id_or_pool
-    resolve = getattr(id_or_pool, "_pydist_target", None)
-    if resolve is not None:
-        return resolve()
-    raise TypeError(f"expected a process id, got {id_or_pool!r}")
+def _target(id: Any) -> int:
+    if isinstance(id, int) and not isinstance(id, bool):
+        return id
+    raise TypeError(f"expected a process id or a worker pool, got {id!r}")
+
+
+def _pool(id: Any) -> Any:
+    """`id` if it is a worker pool (anything with the pool call methods), else None."""
+    return None if isinstance(id, int) else (id if hasattr(id, "_remotecall_fetch") else None)
 
 
 def remotecall(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
-    """Run `f(*args, **kwargs)` on process `id` and return a Future of its result at once."""
+    """Run `f(*args, **kwargs)` on process `id` (or a worker of pool `id`) and return a Future
+    of its result at once."""
+    pool = _pool(id)
+    if pool is not None:
+        return pool._remotecall(f, args, kwargs)
     pid = _target(id)
     if pid == PGRP.id:
         fut = Future(pid)
@@ -57,17 +63,26 @@ def remotecall(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
 def remotecall_fetch(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Any:
     """Run `f(*args, **kwargs)` on process `id` and return its value; a failure raises
     RemoteException, a lost worker ProcessExitedException."""
+    pool = _pool(id)
+    if pool is not None:
+        return pool._remotecall_fetch(f, args, kwargs)
     return call_fetch(_target(id), f, args, kwargs)
 
 
 def remotecall_wait(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
     """Like `remotecall`, but return the Future only once the call has finished (raising
     its RemoteException if it failed)."""
+    pool = _pool(id)
+    if pool is not None:
+        return pool._remotecall_wait(f, args, kwargs)
     return remotecall(f, id, *args, **kwargs).wait()
 
 
 def remote_do(f: Callable, id: Any, *args: Any, **kwargs: Any) -> None:
     """Run `f(*args, **kwargs)` on process `id` and return at once; errors are printed there."""
+    pool = _pool(id)
+    if pool is not None:
+        return pool._remote_do(f, args, kwargs)
     remote_do_internal(_target(id), f, args, kwargs)
 
 

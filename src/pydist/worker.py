@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import types
 
 from .calls import interrupt_running_calls, interruptible_sleep
 from .cluster import PGRP, _accept_connection, init_worker
@@ -47,6 +48,13 @@ def parse_bind_to(spec: str | None) -> tuple[str, int]:
     return addr, port_n
 
 
+def _fresh_main() -> None:
+    """Give user code (`everywhere`, by-value functions) a clean `__main__`, not this module."""
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = __builtins__
+    sys.modules["__main__"] = main
+
+
 def _on_sigint(signum, frame) -> None:
     interrupt_running_calls()
 
@@ -65,6 +73,7 @@ def start_worker(out=None, cookie: str | None = None, close_stdin: bool = True,
         sys.stdout.flush()
         os.dup2(1, 2)
     init_worker(cookie)
+    _fresh_main()
     addr, port = parse_bind_to(bind_to)
     timeout = worker_timeout()
     listener = Listener(addr, port, PGRP.cookie_bytes, _accept_connection, timeout)

@@ -1,0 +1,416 @@
+"""Worker pools: sets of workers that calls take from and give back.
+
+`remotecall*(f, pool, ...)` takes a free worker from the pool, runs the call there and gives
+the worker back when the call has finished (for `remotecall`, when its Future completes). A
+pool drops workers that die, so `take` and `wait` never hang on a dead one. A `WorkerPool`
+sent to another process becomes a proxy whose operations run on the pool's owner; a
+`CachingPool` sends each function to each worker only once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import weakref
+from abc import ABC, abstractmethod
+from collections import deque
+from typing import Any, Callable, Iterable
+
+from .calls import call_fetch
+from .cluster import PGRP, procs
+from .refs import RemoteChannel
+from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
+
+__all__ = [
+    "AbstractWorkerPool",
+    "WorkerPool",
+    "CachingPool",
+    "default_worker_pool",
+    "set_default_worker_pool",
+    "remote",
+    "clear",
+]
+
+
+class AbstractWorkerPool(ABC):
+    """A pool of worker ids. Subclasses implement the seven primitives below; the remote-call
+    functions accept any pool in place of a worker id."""
+
+    @abstractmethod
+    def push(self, w: int) -> None:
+        """Add worker `w` to the pool (free)."""
+
+    @abstractmethod
+    def put(self, w: int) -> None:
+        """Give worker `w` back after a call (ignored if it is no longer in the pool)."""
+
+    @abstractmethod
+    def take(self) -> int:
+        """Take a free, live worker, waiting for one."""
+
+    @abstractmethod
+    def wait(self) -> None:
+        """Wait until a live worker is free."""
+
+    @abstractmethod
+    def isready(self) -> bool:
+        """True if `take` would not wait."""
+
+    @abstractmethod
+    def __len__(self) -> int:
+        ...
+
+    @abstractmethod
+    def workers(self) -> list[int]:
+        ...
+
+    def nworkers(self) -> int:
+        return len(self.workers())
+
+    # -- how remote calls use a pool --
+    def _remotecall_fetch(self, f: Callable, args: tuple, kwargs: dict) -> Any:
+        w = self.take()
+        try:
+            return remotecall_fetch(f, w, *args, **kwargs)
+        finally:
+            self.put(w)
+
+    def _remotecall(self, f: Callable, args: tuple, kwargs: dict):
+        w = self.take()
+        try:
+            fut = remotecall(f, w, *args, **kwargs)
+        except BaseException:
+            self.put(w)
+            raise
+        fut.add_done_callback(lambda _: self._give_back_later(w))
+        return fut
+
+    def _give_back_later(self, w: int) -> None:
+        """Give `w` back from a completion callback (which must not block)."""
+        self.put(w)
+
+    def _remotecall_wait(self, f: Callable, args: tuple, kwargs: dict):
+        w = self.take()
+        try:
+            return remotecall_wait(f, w, *args, **kwargs)
+        finally:
+            self.put(w)
+
+    def _remote_do(self, f: Callable, args: tuple, kwargs: dict) -> None:
+        w = self.take()
+        try:
+            remote_do(f, w, *args, **kwargs)
+        finally:
+            self.put(w)
+
+
+def _alive(w: int) -> bool:
+    return w == PGRP.id or (w in PGRP.workers and w not in PGRP.deleted) or w == 1
+
+
+_pool_ids = itertools.count(1)
+_local_pools: "weakref.WeakValueDictionary[int, WorkerPool]" = weakref.WeakValueDictionary()
+
+
+class WorkerPool(AbstractWorkerPool):
+    """A pool of workers owned by the process that made it. Sent elsewhere (e.g. as an
+    argument of a remote call), it arrives as a proxy that forwards every operation here."""
+
+    def __init__(self, workers: Iterable[int] = ()):
+        self._cond = threading.Condition(threading.Lock())
+        self._workers: set[int] = set()
+        self._free: deque[int] = deque()
+        self._default = False
+        self._id = next(_pool_ids)
+        _local_pools[self._id] = self
+        for w in workers:
+            self.push(w)
+
+    def __repr__(self) -> str:
+        return f"WorkerPool({sorted(self._workers)})"
+
+    def __reduce__(self):
+        return (_WorkerPoolProxy, (PGRP.id, self._id))
+
+    def push(self, w: int) -> None:
+        with self._cond:
+            if w not in self._workers:
+                self._workers.add(w)
+                self._free.append(w)
+                self._cond.notify_all()
+
+    def put(self, w: int) -> None:
+        with self._cond:
+            if w in self._workers and w not in self._free:
+                self._free.append(w)
+                self._cond.notify_all()
+
+    def _take_free_live(self) -> int | None:
+        """Pop a free live worker, dropping dead ones on the way (lock held)."""
+        while self._free:
+            w = self._free.popleft()
+            if _alive(w):
+                return w
+            self._workers.discard(w)
+        return None
+
+    def take(self) -> int:
+        with self._cond:
+            while True:
+                if not self._workers:
+                    if self._default:
+                        return 1
+                    raise RuntimeError("No active worker available in pool")
+                w = self._take_free_live()
+                if w is not None:
+                    return w
+                if not self._workers:
+                    continue
+                self._cond.wait()
+
+    def wait(self) -> None:
+        with self._cond:
+            while True:
+                if not self._workers and self._default:
+                    return
+                w = self._take_free_live()
+                if w is not None:
+                    self._free.appendleft(w)
+                    return
+                if not self._workers:
+                    raise RuntimeError("No active worker available in pool")
+                self._cond.wait()
+
+    def isready(self) -> bool:
+        with self._cond:
+            if not self._workers and self._default:
+                return True
+            w = self._take_free_live()
+            if w is None:
+                return False
+            self._free.appendleft(w)
+            return True
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def workers(self) -> list[int]:
+        if not self._workers and self._default:
+            return [1]
+        return sorted(self._workers)
+
+    def _drop(self, w: int) -> None:
+        with self._cond:
+            if w in self._workers:
+                self._workers.discard(w)
+                try:
+                    self._free.remove(w)
+                except ValueError:
+                    pass
+                self._cond.notify_all()
+
+
+def _pool_op(pool_id: int, op: str, args: tuple) -> Any:
+    """Run on a pool's owner for a proxy elsewhere."""
+    pool = _local_pools.get(pool_id)
+    if pool is None:
+        raise RuntimeError(f"worker pool {pool_id} no longer exists on process {PGRP.id}")
+    return getattr(pool, op)(*args)
+
+
+class _WorkerPoolProxy(AbstractWorkerPool):
+    """A WorkerPool seen from another process: every operation runs on its owner."""
+
+    def __init__(self, owner: int, pool_id: int):
+        self.owner = owner
+        self.pool_id = pool_id
+
+    def __repr__(self) -> str:
+        return f"<WorkerPool {self.pool_id} of process {self.owner}>"
+
+    def __reduce__(self):
+        return (_WorkerPoolProxy, (self.owner, self.pool_id))
+
+    def _op(self, op: str, *args: Any) -> Any:
+        if self.owner == PGRP.id:
+            return _pool_op(self.pool_id, op, args)
+        return call_fetch(self.owner, _pool_op, (self.pool_id, op, args))
+
+    def push(self, w: int) -> None:
+        self._op("push", w)
+
+    def put(self, w: int) -> None:
+        self._op("put", w)
+
+    def take(self) -> int:
+        return self._op("take")
+
+    def wait(self) -> None:
+        self._op("wait")
+
+    def isready(self) -> bool:
+        return self._op("isready")
+
+    def __len__(self) -> int:
+        return self._op("__len__")
+
+    def workers(self) -> list[int]:
+        return self._op("workers")
+
+    def _give_back_later(self, w: int) -> None:
+        # Giving back is a remote call: never make it from a connection's reading thread.
+        threading.Thread(target=self.put, args=(w,), name="pydist-pool-put", daemon=True).start()
+
+
+class CachingPool(WorkerPool):
+    """A WorkerPool that sends each function to each worker once and reuses it from a cache on
+    the worker (a RemoteChannel holding the function). Cannot be sent to other processes."""
+
+    def __init__(self, workers: Iterable[int] = ()):
+        super().__init__(workers)
+        self._cache: dict[tuple[int, int], tuple[Any, RemoteChannel]] = {}
+        self._cache_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"CachingPool({sorted(self._workers)})"
+
+    def __reduce__(self):
+        raise TypeError("CachingPool objects are not serializable.")
+
+    def clear(self) -> "CachingPool":
+        """Forget every cached function (the workers free them)."""
+        with self._cache_lock:
+            self._cache.clear()
+        return self
+
+    def _cached(self, w: int, f: Callable) -> tuple[Any, tuple]:
+        """(function to call, extra leading args) for running `f` on `w` through the cache."""
+        if w == PGRP.id:
+            return f, ()
+        key = (w, id(f))
+        with self._cache_lock:
+            entry = self._cache.get(key)
+            if entry is not None and entry[0] is f:
+                return _exec_from_cache, (entry[1],)
+            rc = RemoteChannel(w)
+            self._cache[key] = (f, rc)
+        return _exec_and_cache, (f, rc)
+
+    def _remotecall_fetch(self, f: Callable, args: tuple, kwargs: dict) -> Any:
+        w = self.take()
+        try:
+            g, lead = self._cached(w, f)
+            return remotecall_fetch(g, w, *lead, *args, **kwargs)
+        finally:
+            self.put(w)
+
+    def _remotecall(self, f: Callable, args: tuple, kwargs: dict):
+        w = self.take()
+        try:
+            g, lead = self._cached(w, f)
+            fut = remotecall(g, w, *lead, *args, **kwargs)
+        except BaseException:
+            self.put(w)
+            raise
+        fut.add_done_callback(lambda _: self.put(w))
+        return fut
+
+    def _remotecall_wait(self, f: Callable, args: tuple, kwargs: dict):
+        w = self.take()
+        try:
+            g, lead = self._cached(w, f)
+            return remotecall_wait(g, w, *lead, *args, **kwargs)
+        finally:
+            self.put(w)
+
+
+def _exec_and_cache(f: Callable, rc: RemoteChannel, *args: Any, **kwargs: Any) -> Any:
+    """On the worker: keep `f` in the cache channel (owned here), then run it."""
+    rc.put(f)
+    return f(*args, **kwargs)
+
+
+def _exec_from_cache(rc: RemoteChannel, *args: Any, **kwargs: Any) -> Any:
+    """On the worker: run the cached function (a local peek, no message)."""
+    return rc.fetch()(*args, **kwargs)
+
+
+# ==================================================================== the default pool
+_default_pool: AbstractWorkerPool | None = None
+_default_lock = threading.Lock()
+
+
+def default_worker_pool() -> AbstractWorkerPool:
+    """The pool that `remote` and pool-less calls use: on the master, every worker, filled as
+    workers join and emptied as they leave (with none, `take` gives 1); on a worker, a proxy
+    of the master's."""
+    global _default_pool
+    with _default_lock:
+        if _default_pool is None:
+            if PGRP.is_master():
+                pool = WorkerPool([p for p in procs() if p != 1])
+                pool._default = True
+                _default_pool = pool
+            else:
+                _default_pool = call_fetch(1, default_worker_pool)
+        return _default_pool
+
+
+def set_default_worker_pool(pool: AbstractWorkerPool) -> None:
+    """Make `pool` the default worker pool of this process (Julia's `default_worker_pool!`)."""
+    global _default_pool
+    if not isinstance(pool, AbstractWorkerPool):
+        raise TypeError(f"expected a worker pool, got {pool!r}")
+    with _default_lock:
+        _default_pool = pool
+
+
+def _worker_added(pid: int) -> None:
+    if _default_pool is not None and isinstance(_default_pool, WorkerPool) and _default_pool._default:
+        _default_pool.push(pid)
+
+
+def _worker_removed(pid: int, state: Any) -> None:
+    for pool in list(_local_pools.values()):
+        pool._drop(pid)
+
+
+PGRP.added_listeners.append(_worker_added)
+PGRP.removed_listeners.append(_worker_removed)
+
+
+def remote(f: Callable, pool: AbstractWorkerPool | None = None) -> Callable:
+    """A function that runs `f` on a worker of `pool` (default: the default pool)."""
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return remotecall_fetch(f, pool if pool is not None else default_worker_pool(),
+                                *args, **kwargs)
+
+    run.__name__ = f"remote({getattr(f, '__name__', 'f')})"
+    return run
+
+
+def _clear_globals(names: list[str]) -> None:
+    main = sys.modules["__main__"].__dict__
+    for name in names:
+        if name in main:
+            main[name] = None
+
+
+def clear(pool_or_names: Any, pids: Any = None) -> Any:
+    """`clear(caching_pool)` empties its function cache; `clear(names, pids=None)` sets those
+    `__main__` globals to None on `pids` (default: all workers)."""
+    if isinstance(pool_or_names, CachingPool):
+        return pool_or_names.clear()
+    names = [pool_or_names] if isinstance(pool_or_names, str) else list(pool_or_names)
+    if pids is None:
+        targets = [p for p in procs() if p != 1] or [1]
+    elif isinstance(pids, int):
+        targets = [pids]
+    else:
+        targets = list(pids)
+    for pid in targets:
+        remotecall_fetch(_clear_globals, pid, names)
+    return None
+

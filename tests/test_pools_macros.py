@@ -1,0 +1,264 @@
+"""Worker pools and the macros as functions (spawnat, spawn, fetchfrom, fetchany, everywhere,
+distributed), against real workers."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+
+import pytest
+from conftest import wait_until, worker_ospid
+
+import pydist
+from pydist import CachingPool, RemoteException, WorkerPool
+
+
+def square(x):
+    return x * x
+
+
+def whoami_after(ev_channel):
+    ev_channel.take()
+    return pydist.myid()
+
+
+# ---------------------------------------------------------------- WorkerPool
+def test_worker_pool_basics(two_workers):
+    a, b = two_workers
+    pool = WorkerPool([a, b])
+    assert len(pool) == 2 and pool.nworkers() == 2 and pool.workers() == [a, b]
+    assert pool.isready()
+    w = pool.take()
+    assert w in (a, b)
+    pool.put(w)
+    assert sorted({pydist.remotecall_fetch(pydist.myid, pool) for _ in range(10)}) == [a, b]
+    assert pydist.remotecall(square, pool, 7).fetch() == 49
+    assert pydist.remotecall_wait(square, pool, 3).fetch() == 9
+    assert pydist.remote(square, pool)(5) == 25
+
+
+def test_empty_pool_take_raises():
+    with pytest.raises(RuntimeError, match="No active worker available in pool"):
+        WorkerPool().take()
+
+
+def test_remotecall_gives_the_worker_back_only_when_done(two_workers):
+    a, _ = two_workers
+    pool = WorkerPool([a])
+    gate = pydist.RemoteChannel(lambda: pydist.Channel(1))
+    fut = pydist.remotecall(whoami_after, pool, gate)
+    assert not pool.isready()  # the worker is busy with our call
+    gate.put("go")
+    assert fut.fetch() == a
+    wait_until(pool.isready, what="the worker to return to the pool")
+
+
+def test_busy_pool_waits_for_a_free_worker(two_workers):
+    a, _ = two_workers
+    pool = WorkerPool([a])
+    gate = pydist.RemoteChannel(lambda: pydist.Channel(1))
+    fut = pydist.remotecall(whoami_after, pool, gate)
+    got = []
+    t = threading.Thread(target=lambda: got.append(pydist.remotecall_fetch(pydist.myid, pool)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and not got  # waiting for the only worker
+    gate.put("go")
+    t.join(30)
+    assert got == [a] and fut.fetch() == a
+
+
+def test_dead_worker_is_dropped_from_pools(fresh_workers):
+    a, b = fresh_workers(2)
+    pool = WorkerPool([a, b])
+    os.kill(worker_ospid(a), signal.SIGKILL)
+    wait_until(lambda: a not in pydist.workers(), what="the dead worker to be deregistered")
+    assert pool.workers() == [b]
+    assert {pydist.remotecall_fetch(pydist.myid, pool) for _ in range(5)} == {b}
+    only_dead = WorkerPool([a])
+    assert not only_dead.isready()
+    with pytest.raises(RuntimeError, match="No active worker"):
+        only_dead.take()
+
+
+def test_pool_waiter_is_woken_when_its_worker_dies(fresh_workers):
+    (a,) = fresh_workers(1)
+    pool = WorkerPool([a])
+    w = pool.take()
+    errors = []
+
+    def waiter():
+        try:
+            pool.take()
+        except RuntimeError as e:
+            errors.append(e)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    os.kill(worker_ospid(w), signal.SIGKILL)
+    t.join(30)
+    assert not t.is_alive() and errors
+
+
+def test_pool_sent_to_a_worker_is_a_proxy_of_the_master_pool(two_workers):
+    a, b = two_workers
+    pool = WorkerPool([b])
+    # On worker a, the pool forwards take/put to the master, which hands out b.
+    assert pydist.remotecall_fetch(lambda p: pydist.remotecall_fetch(pydist.myid, p), a, pool) == b
+    assert pydist.remotecall_fetch(lambda p: p.workers(), a, pool) == [b]
+    assert pool.isready()  # b was given back
+
+
+# ---------------------------------------------------------------- default pool
+def test_default_worker_pool_tracks_membership(fresh_workers):
+    pool = pydist.default_worker_pool()
+    (a,) = fresh_workers(1)
+    assert a in pool.workers()
+    pydist.rmprocs(a, waitfor=30)
+    assert a not in pool.workers()
+    assert pydist.remote(pydist.myid)() in pydist.workers()
+
+
+def test_default_pool_with_no_workers_uses_the_master():
+    pydist.rmprocs(pydist.workers(), waitfor=30)
+    pool = pydist.default_worker_pool()
+    assert pool.workers() == [1] and pool.isready() and pool.take() == 1
+    assert pydist.remote(pydist.myid)() == 1
+
+
+def test_set_default_worker_pool(two_workers):
+    a, _ = two_workers
+    old = pydist.default_worker_pool()
+    try:
+        pydist.set_default_worker_pool(WorkerPool([a]))
+        assert {pydist.remote(pydist.myid)() for _ in range(5)} == {a}
+    finally:
+        pydist.set_default_worker_pool(old)
+    with pytest.raises(TypeError):
+        pydist.set_default_worker_pool([a])
+
+
+# ---------------------------------------------------------------- CachingPool
+def test_caching_pool_ships_each_function_once(two_workers):
+    a, _ = two_workers
+    big = list(range(200_000))  # captured: worth caching
+    pool = CachingPool([a])
+    f = lambda i: len(big) + i  # noqa: E731
+    assert [pydist.remotecall_fetch(f, pool, i) for i in range(3)] == [200_000, 200_001, 200_002]
+    assert len(pool._cache) == 1
+    rc = next(iter(pool._cache.values()))[1]
+    # The worker holds the function in its cache channel; later calls send only that channel.
+    assert pydist.remotecall_fetch(lambda c: c.isready(), a, rc)
+    assert pydist.remotecall(f, pool, 10).fetch() == 200_010
+    pydist.clear(pool)
+    assert pool._cache == {}
+
+
+def test_caching_pool_is_not_serializable(two_workers):
+    with pytest.raises(TypeError, match="CachingPool objects are not serializable"):
+        pickle.dumps(CachingPool(two_workers))
+
+
+def test_clear_globals(two_workers):
+    a, b = two_workers
+    pydist.everywhere("payload = list(range(10))", procs=[a, b])
+    pydist.clear(["payload"], [a])
+    assert pydist.everywhere("payload", procs=a) is None
+    assert pydist.everywhere("payload", procs=b) == list(range(10))
+
+
+# ---------------------------------------------------------------- macros
+def test_spawnat_spawn_fetchfrom_fetchany(two_workers):
+    a, b = two_workers
+    assert pydist.spawnat(b, pydist.myid).fetch() == b
+    seen = {pydist.spawnat("any", pydist.myid).fetch() for _ in range(6)}
+    assert set(two_workers) <= seen
+    assert pydist.spawn(square, 4).fetch() == 16
+    assert pydist.fetchfrom(a, square, 6) == 36
+    assert pydist.fetchany(pydist.myid) in pydist.workers()
+
+
+def test_everywhere_code_runs_on_all_processes_master_included(two_workers):
+    pydist.everywhere("import os; everywhere_pid = os.getpid()")
+    import __main__
+
+    assert __main__.everywhere_pid == os.getpid()
+    pids = {pydist.everywhere("everywhere_pid", procs=w) for w in two_workers}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert pydist.everywhere("3 * 7", procs=two_workers[0]) == 21
+
+
+def test_everywhere_as_decorator(two_workers):
+    @pydist.everywhere
+    def triple(x):
+        return 3 * x
+
+    @pydist.everywhere(procs=two_workers)
+    class Box:
+        def __init__(self, v):
+            self.v = v
+
+    assert triple(2) == 6
+    assert pydist.everywhere("triple(5)", procs=two_workers[1]) == 15
+    assert pydist.everywhere("Box(4).v", procs=two_workers[0]) == 4
+
+
+def test_everywhere_errors_are_grouped(two_workers):
+    with pytest.raises(pydist.ExceptionGroup) as info:
+        pydist.everywhere("1 / 0", procs=two_workers)
+    assert len(info.value.exceptions) == 2
+    assert all(isinstance(e, RemoteException) for e in info.value.exceptions)
+    with pytest.raises(RemoteException) as single:
+        pydist.everywhere("undefined_name_xyz", procs=two_workers[0])
+    assert single.value.pid == two_workers[0]
+
+
+def test_splitrange_balance():
+    from pydist.macros import splitrange
+
+    for n in range(0, 40):
+        for k in range(1, 7):
+            parts = splitrange(n, k)
+            sizes = [len(p) for p in parts]
+            assert sum(sizes) == n
+            assert list(itertools_chain(parts)) == list(range(n))
+            if n:
+                assert len(parts) == min(n, k)
+                assert max(sizes) - min(sizes) <= 1
+
+
+def itertools_chain(parts):
+    for p in parts:
+        yield from p
+
+
+def test_distributed_with_reducer(two_workers):
+    assert pydist.distributed(square, range(101), lambda x, y: x + y) == sum(i * i for i in range(101))
+    # in order: a non-commutative reduction (string concatenation)
+    assert pydist.distributed(str, range(12), lambda x, y: x + y) == "".join(map(str, range(12)))
+    # the iterable is evaluated once
+    calls = []
+
+    def gen():
+        calls.append(1)
+        yield from range(10)
+
+    assert pydist.distributed(lambda x: x, gen(), lambda x, y: x + y) == 45
+    assert calls == [1]
+
+
+def test_distributed_chunks_run_on_each_worker(two_workers):
+    out = pydist.distributed(lambda x: {pydist.myid()}, range(20), lambda x, y: x | y)
+    assert out == set(pydist.workers())
+
+
+def test_distributed_without_reducer_returns_a_handle(two_workers):
+    ch = pydist.RemoteChannel(lambda: pydist.Channel(100))
+    handle = pydist.distributed(lambda x: ch.put(x), range(10))
+    handle.wait(30)
+    assert sorted(ch.take() for _ in range(10)) == list(range(10))
+    bad = pydist.distributed(lambda x: 1 / (x - 3), range(10))
+    with pytest.raises(ZeroDivisionError):
+        bad.wait(30)
