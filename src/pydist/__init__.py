@@ -70,6 +70,7 @@ from .workerpool import (
     set_default_worker_pool,
 )
 from .macros import distributed, everywhere, fetchany, fetchfrom, spawn, spawnat
+from .pmap import ExponentialBackOff, pmap
 
 
 def start_worker(*args, **kwargs):
@@ -92,7 +93,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AbstractWorkerPool", "CachingPool", "WorkerPool", "clear", "default_worker_pool", "remote",
     "set_default_worker_pool", "distributed", "everywhere", "fetchany", "fetchfrom", "spawn",
-    "spawnat",
+    "spawnat", "pmap", "ExponentialBackOff",
     "AuthenticationError", "CapturedException", "Channel", "ClusterManager", "ExceptionGroup",
     "Future", "InvalidStateError", "LaunchWorkerError", "LocalManager", "ProcessExitedException",
     "ProtocolError", "PydistError", "RRID", "RemoteChannel", "RemoteError", "RemoteException",

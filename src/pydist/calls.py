@@ -80,6 +80,11 @@ def run_user_call(f: Callable, args: tuple, kwargs: dict) -> tuple[bool, Any]:
     return ok, value
 
 
+def in_remote_call() -> bool:
+    """True in a thread that is running a remote call (on behalf of another process)."""
+    return threading.get_ident() in _running
+
+
 def capture(exc: BaseException) -> RemoteException:
     """Wrap an exception raised here by user code as the RemoteException callers will see."""
     tb = exc.__traceback__

@@ -68,11 +68,19 @@ class AbstractWorkerPool(ABC):
     def nworkers(self) -> int:
         return len(self.workers())
 
+    def try_take(self) -> int | None:
+        """A free live worker if there is one now, else None (never waits)."""
+        return self.take() if self.isready() else None
+
     # -- how remote calls use a pool --
+    def _call_on(self, w: int, f: Callable, args: tuple, kwargs: dict) -> Any:
+        """Run `f` on `w`, a worker already taken from this pool."""
+        return remotecall_fetch(f, w, *args, **kwargs)
+
     def _remotecall_fetch(self, f: Callable, args: tuple, kwargs: dict) -> Any:
         w = self.take()
         try:
-            return remotecall_fetch(f, w, *args, **kwargs)
+            return self._call_on(w, f, args, kwargs)
         finally:
             self.put(w)
 
@@ -169,6 +177,12 @@ class WorkerPool(AbstractWorkerPool):
                     continue
                 self._cond.wait()
 
+    def try_take(self) -> int | None:
+        with self._cond:
+            if not self._workers and self._default:
+                return 1
+            return self._take_free_live()
+
     def wait(self) -> None:
         with self._cond:
             while True:
@@ -246,6 +260,9 @@ class _WorkerPoolProxy(AbstractWorkerPool):
     def take(self) -> int:
         return self._op("take")
 
+    def try_take(self) -> int | None:
+        return self._op("try_take")
+
     def wait(self) -> None:
         self._op("wait")
 
@@ -297,13 +314,9 @@ class CachingPool(WorkerPool):
             self._cache[key] = (f, rc)
         return _exec_and_cache, (f, rc)
 
-    def _remotecall_fetch(self, f: Callable, args: tuple, kwargs: dict) -> Any:
-        w = self.take()
-        try:
-            g, lead = self._cached(w, f)
-            return remotecall_fetch(g, w, *lead, *args, **kwargs)
-        finally:
-            self.put(w)
+    def _call_on(self, w: int, f: Callable, args: tuple, kwargs: dict) -> Any:
+        g, lead = self._cached(w, f)
+        return remotecall_fetch(g, w, *lead, *args, **kwargs)
 
     def _remotecall(self, f: Callable, args: tuple, kwargs: dict):
         w = self.take()

@@ -1,0 +1,313 @@
+"""`pmap`: a parallel map over a worker pool, with Julia's keywords.
+
+Elements (or batches of elements) go to free workers of the pool, at most one call per
+worker at a time, results come back in input order. `on_error`, `retry_delays` and
+`retry_check` behave as in Julia: with `batch_size=1` the `on_error` handler runs on the
+worker and retries run on the caller; with batches, failed elements are retried one by one
+and `on_error` runs on the caller.
+
+A pmap never deadlocks when nested: a process that is itself running a remote call and finds
+no free worker runs the element itself instead of waiting (it is a worker of the outer map,
+lending itself to its own inner map). On the master, pmap waits for workers as usual.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator
+
+from .calls import in_remote_call
+from .cluster import workers
+from .exceptions import RemoteException
+from .workerpool import AbstractWorkerPool, CachingPool
+
+__all__ = ["pmap", "ExponentialBackOff"]
+
+
+class ExponentialBackOff:
+    """The delays of `n` retries: `first_delay`, then multiplied by `factor` each time, capped
+    at `max_delay`, each with +/- `jitter` relative noise (Julia's `ExponentialBackOff`)."""
+
+    def __init__(self, n: int = 1, first_delay: float = 0.05, max_delay: float = 10.0,
+                 factor: float = 5.0, jitter: float = 0.1):
+        if n < 0 or first_delay < 0 or max_delay < 0 or factor <= 0 or not 0 <= jitter <= 1:
+            raise ValueError("ExponentialBackOff: n, delays >= 0, factor > 0, 0 <= jitter <= 1")
+        self.n, self.first_delay, self.max_delay = n, first_delay, max_delay
+        self.factor, self.jitter = factor, jitter
+
+    def __iter__(self) -> Iterator[float]:
+        delay = self.first_delay
+        for _ in range(self.n):
+            yield delay * (1 - self.jitter + 2 * self.jitter * random.random())
+            delay = min(delay * self.factor, self.max_delay)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __repr__(self) -> str:
+        return (f"ExponentialBackOff(n={self.n}, first_delay={self.first_delay}, "
+                f"max_delay={self.max_delay}, factor={self.factor}, jitter={self.jitter})")
+
+
+class _Apply:
+    """`fn(*args)`, with `on_error(exc)` as the result of a failing element when given.
+    Picklable, so that it runs on the worker (Julia ships this wrapper too)."""
+
+    def __init__(self, fn: Callable, on_error: Callable | None):
+        self.fn = fn
+        self.on_error = on_error
+
+    def __call__(self, *args: Any) -> Any:
+        if self.on_error is None:
+            return self.fn(*args)
+        try:
+            return self.fn(*args)
+        except Exception as e:
+            return self.on_error(e)
+
+
+class _Failed:
+    """A failed element of a batch, kept for retry or on_error on the caller."""
+
+    def __init__(self, args: tuple, exc: BaseException):
+        self.args = args
+        self.exc = exc
+
+
+def _run_batch(fn: Callable, batch: list, capture: bool) -> list:
+    """On the worker: the results of one batch; failures become `_Failed` if `capture`."""
+    out = []
+    for args in batch:
+        try:
+            out.append(fn(*args))
+        except Exception as e:
+            if not capture:
+                raise
+            out.append(_Failed(args, e))
+    return out
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    return exc.captured.ex if isinstance(exc, RemoteException) else exc
+
+
+def _run_on_pool(pool: AbstractWorkerPool, fn: Callable, args: tuple, lend: bool) -> Any:
+    """One call through the pool. With `lend` (the map was started inside a remote call), this
+    process runs the call itself rather than wait for a free worker: that is what keeps
+    nested maps from deadlocking."""
+    if lend:
+        w = pool.try_take()
+        if w is None:
+            return fn(*args)
+    else:
+        w = pool.take()
+    try:
+        return pool._call_on(w, fn, args, {})
+    finally:
+        pool.put(w)
+
+
+def _with_retries(run: Callable[[tuple], Any], delays: list, check: Callable | None):
+    """`run` with Julia's `retry(delays=, check=)`: failures are unwrapped from
+    RemoteException, `check(state, exc) -> (state, retry?)` may stop the retries."""
+
+    def attempt(args: tuple) -> Any:
+        state = None
+        for delay in [*delays, None]:
+            try:
+                return run(args)
+            except Exception as e:
+                exc = _unwrap(e)
+                if delay is None:
+                    raise exc from (e if exc is not e else None)
+                if check is not None:
+                    verdict = check(state, exc)
+                    state, again = verdict if isinstance(verdict, tuple) else (state, verdict)
+                    if not again:
+                        raise exc from (e if exc is not e else None)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    return attempt
+
+
+class _Progress:
+    def __init__(self, enabled: bool, total: int):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                raise ImportError("pmap(progress=True) needs tqdm: pip install tqdm") from None
+            self.bar = tqdm(total=total, desc="pmap")
+        self.lock = threading.Lock()
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            with self.lock:
+                self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _parallel_map(run: Callable[[Any], Any], items: list, ntasks: int, progress: _Progress,
+                  weight: Callable[[Any], int] = lambda _: 1) -> list:
+    """Results of `run(item)` in order, `ntasks` at a time; the first error stops the map and
+    is raised."""
+    results: list = [None] * len(items)
+    if not items:
+        return results
+    ntasks = max(1, min(ntasks, len(items)))
+    next_index = iter(range(len(items)))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def loop() -> None:
+        while True:
+            with lock:
+                if errors:
+                    return
+                i = next(next_index, None)
+            if i is None:
+                return
+            try:
+                results[i] = run(items[i])
+            except BaseException as e:
+                with lock:
+                    errors.append(e)
+                return
+            progress.update(weight(items[i]))
+
+    if ntasks == 1:
+        loop()
+    else:
+        threads = [threading.Thread(target=loop, name="pydist-pmap", daemon=True)
+                   for _ in range(ntasks - 1)]
+        for t in threads:
+            t.start()
+        loop()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
+         distributed: bool = True, batch_size: int | str = 1, on_error: Callable | None = None,
+         retry_delays: Iterable[float] = (), retry_check: Callable | None = None,
+         progress: bool = False) -> list:
+    """Map `f` over `iterables` (zipped, like `map`) on the workers of `pool` (default: a fresh
+    CachingPool of all workers), returning the results in order.
+
+    `pool` may also come first after `f`. `batch_size` (an int or "auto") groups elements into
+    one call; `on_error(exc)` turns a failure into that element's result; `retry_delays` (an
+    iterable such as `ExponentialBackOff(n=3)`) retries failures, filtered by
+    `retry_check(state, exc) -> (state, bool)`; `progress=True` shows a tqdm bar.
+    """
+    if iterables and isinstance(iterables[0], AbstractWorkerPool):
+        if pool is not None:
+            raise TypeError("pmap: pool given both positionally and as pool=")
+        pool, iterables = iterables[0], iterables[1:]
+    if not iterables:
+        raise TypeError("pmap: expected at least one iterable")
+    items = [(x,) for x in iterables[0]] if len(iterables) == 1 else list(zip(*iterables))
+    if pool is None:
+        pool = CachingPool(workers())
+    delays = list(retry_delays)
+    nworkers = max(1, pool.nworkers())
+    if distributed and (len(pool) == 0 or pool.workers() == [_myid()]):
+        distributed = False
+    if batch_size == "auto":
+        batch_size = max(1, math.ceil(len(items) / (4 * nworkers))) if distributed else 1
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"pmap: batch_size must be a positive int or 'auto', got {batch_size!r}")
+    if not distributed:
+        batch_size = 1
+    progress_bar = _Progress(progress, len(items))
+    lend = in_remote_call()  # decided here: the map's helper threads act for this thread
+    try:
+        if batch_size == 1:
+            return _map_elements(f, items, pool, distributed, on_error, delays, retry_check,
+                                 nworkers, progress_bar, lend)
+        return _map_batches(f, items, pool, batch_size, on_error, delays, retry_check,
+                            nworkers, progress_bar, lend)
+    finally:
+        progress_bar.close()
+
+
+def _myid() -> int:
+    from .cluster import myid
+
+    return myid()
+
+
+def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers, progress,
+                  lend):
+    apply = _Apply(f, on_error)
+    if distributed:
+        def run(args: tuple) -> Any:
+            return _run_on_pool(pool, apply, args, lend)
+    else:
+        def run(args: tuple) -> Any:
+            return apply(*args)
+    if delays:
+        run = _with_retries(run, delays, check)
+    return _parallel_map(run, items, nworkers if distributed else 1, progress)
+
+
+def _map_batches(f, items, pool, batch_size, on_error, delays, check, nworkers, progress,
+                 lend):
+    capture = on_error is not None or bool(delays)
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+
+    def run(batch: list) -> list:
+        try:
+            return _run_on_pool(pool, _run_batch, (f, batch, capture), lend)
+        except Exception as e:
+            if not capture:
+                raise
+            return [_Failed(args, _unwrap(e)) for args in batch]  # the whole batch failed
+
+    chunks = _parallel_map(run, batches, nworkers, progress, weight=len)
+    results = [r for chunk in chunks for r in chunk]
+    failed = [i for i, r in enumerate(results) if isinstance(r, _Failed)]
+    if not failed:
+        return results
+    if delays and (check is None or _all_retryable(check, [results[i].exc for i in failed])):
+        # As Julia: retry the failed elements one by one, with the remaining delays.
+        retried = pmap(_Star(f), [results[i].args for i in failed], pool=pool, batch_size=1,
+                       on_error=on_error, retry_delays=delays[1:], retry_check=check)
+        for i, value in zip(failed, retried):
+            results[i] = value
+        return results
+    if on_error is not None:
+        for i in failed:
+            results[i] = on_error(results[i].exc)
+        return results
+    raise results[failed[0]].exc
+
+
+class _Star:
+    """`f(*args)` for a single argument tuple (picklable)."""
+
+    def __init__(self, f: Callable):
+        self.f = f
+
+    def __call__(self, args: tuple) -> Any:
+        return self.f(*args)
+
+
+def _all_retryable(check: Callable, excs: list[BaseException]) -> bool:
+    state = None
+    for exc in excs:
+        verdict = check(state, exc)
+        state, again = verdict if isinstance(verdict, tuple) else (state, verdict)
+        if not again:
+            return False
+    return True

@@ -1,0 +1,184 @@
+"""pmap against real workers: results, keywords (the full 32-way matrix), retries over dying
+workers, nesting on a busy pool, and ExponentialBackOff."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+
+import pytest
+from conftest import worker_ospid
+
+import pydist
+from pydist import ExponentialBackOff, RemoteException, WorkerPool, pmap
+
+
+def square(x):
+    return x * x
+
+
+class FlakyOnOdd:
+    """Fails the first attempt at each odd element (a marker file records the attempt), so a
+    retry succeeds wherever it runs."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def __call__(self, x):
+        if x % 2:
+            marker = os.path.join(self.directory, f"tried-{x}")
+            if not os.path.exists(marker):
+                open(marker, "w").close()
+                raise ValueError(f"first try at {x}")
+        return 10 * x
+
+
+class DiesOnce:
+    """Kills its own worker process the first time it meets `x == target`."""
+
+    def __init__(self, directory: str, target: int):
+        self.marker = os.path.join(directory, "died")
+        self.target = target
+
+    def __call__(self, x):
+        if x == self.target and not os.path.exists(self.marker):
+            open(self.marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return x + 1
+
+
+def test_basic_forms(two_workers):
+    assert pmap(square, range(20)) == [x * x for x in range(20)]
+    assert pmap(lambda a, b: a * b, [1, 2, 3], (4, 5, 6)) == [4, 10, 18]
+    assert pmap(square, (x for x in range(5))) == [0, 1, 4, 9, 16]
+    assert pmap(square, []) == []
+    pool = WorkerPool(two_workers)
+    assert pmap(square, pool, range(6)) == [0, 1, 4, 9, 16, 25]
+    assert pmap(square, range(6), pool=pool) == [0, 1, 4, 9, 16, 25]
+    assert pmap(square, range(6), distributed=False) == [0, 1, 4, 9, 16, 25]
+    assert set(pmap(lambda _: pydist.myid(), range(20))) == set(two_workers)
+    with pytest.raises(TypeError):
+        pmap(square, pool, range(3), pool=pool)
+    with pytest.raises(ValueError, match="batch_size"):
+        pmap(square, range(3), batch_size=0)
+
+
+def test_first_error_is_raised_as_remote_exception(two_workers):
+    with pytest.raises(RemoteException) as info:
+        pmap(lambda x: 1 / (x - 3), range(6))
+    assert isinstance(info.value.captured.ex, ZeroDivisionError)
+    with pytest.raises(ZeroDivisionError):  # also batched
+        pmap(lambda x: 1 / (x - 3), range(6), batch_size=2)
+
+
+def test_on_error_examples_from_julia_docs(two_workers):
+    f = lambda x: (_ for _ in ()).throw(ValueError("foo")) if x % 2 == 0 else x  # noqa: E731
+    out = pmap(f, range(1, 5), on_error=lambda e: e)
+    assert out[0] == 1 and out[2] == 3
+    assert isinstance(out[1], ValueError) and str(out[1]) == "foo"  # raw, not RemoteException
+    assert pmap(f, range(1, 5), on_error=lambda e: 0) == [1, 0, 3, 0]
+
+
+MATRIX = list(itertools.product(
+    [True, False],               # distributed
+    [1, 3],                      # batch_size
+    [None, "on_error"],          # on_error
+    [(), (0.01,)],               # retry_delays
+    [None, "check"],             # retry_check
+))
+
+
+@pytest.mark.parametrize("distributed, batch_size, on_error, delays, check", MATRIX)
+def test_keyword_matrix(two_workers, tmp_path, distributed, batch_size, on_error, delays, check):
+    f = FlakyOnOdd(str(tmp_path))
+    checks_seen = []
+
+    def retry_check(state, exc):
+        checks_seen.append(type(exc).__name__)
+        return state, True
+
+    kwargs = dict(
+        distributed=distributed, batch_size=batch_size,
+        on_error=(lambda e: f"handled {type(e).__name__}") if on_error else None,
+        retry_delays=delays, retry_check=retry_check if check else None,
+    )
+    xs = list(range(8))
+    batched = distributed and batch_size > 1
+    # Julia: unbatched, on_error wraps f where it runs (no error reaches the retries);
+    # batched, failed elements are retried first and on_error handles what is left.
+    retried = bool(delays) and (batched or not on_error)
+    if not on_error and not delays:
+        with pytest.raises(ValueError, match="first try"):
+            pmap(f, xs, **kwargs)
+        return
+    out = pmap(f, xs, **kwargs)
+    if retried:
+        assert out == [10 * x for x in xs]
+        if check:
+            assert checks_seen and set(checks_seen) == {"ValueError"}
+    else:
+        assert out == [10 * x if x % 2 == 0 else "handled ValueError" for x in xs]
+
+
+def test_retry_check_can_refuse(two_workers, tmp_path):
+    with pytest.raises(ValueError, match="first try"):
+        pmap(FlakyOnOdd(str(tmp_path)), range(4), retry_delays=[0.01],
+             retry_check=lambda s, e: (s, False))
+
+
+def test_exponential_backoff():
+    delays = list(ExponentialBackOff(n=4, first_delay=0.1, max_delay=1.0, factor=3.0, jitter=0.0))
+    assert delays == pytest.approx([0.1, 0.3, 0.9, 1.0])
+    jittered = list(ExponentialBackOff(n=50, first_delay=1.0, factor=1.0, jitter=0.1))
+    assert all(0.9 <= d <= 1.1 for d in jittered) and len(set(jittered)) > 1
+    assert len(ExponentialBackOff(n=3)) == 3
+    with pytest.raises(ValueError):
+        ExponentialBackOff(n=-1)
+
+
+def test_worker_dying_mid_pmap_with_retries_completes(fresh_workers, tmp_path):
+    pool = WorkerPool(fresh_workers(2))
+    out = pmap(DiesOnce(str(tmp_path), 5), range(12), pool=pool,
+               retry_delays=ExponentialBackOff(n=3, first_delay=0.01))
+    assert out == [x + 1 for x in range(12)]
+    assert len(pool) == 1  # the dead worker left the pool
+
+
+def test_worker_dying_mid_pmap_batched_with_retries_completes(fresh_workers, tmp_path):
+    pool = WorkerPool(fresh_workers(2))
+    out = pmap(DiesOnce(str(tmp_path), 5), range(12), pool=pool, batch_size=3,
+               retry_delays=[0.01, 0.01])
+    assert out == [x + 1 for x in range(12)]
+
+
+def test_worker_dying_mid_pmap_without_retries_raises(fresh_workers, tmp_path):
+    pool = WorkerPool(fresh_workers(2))
+    with pytest.raises(pydist.ProcessExitedException):
+        pmap(DiesOnce(str(tmp_path), 5), range(12), pool=pool)
+
+
+def test_nested_pmap_on_a_busy_shared_pool_does_not_deadlock(two_workers):
+    pool = WorkerPool(two_workers)
+
+    def outer(x):
+        # Every worker of `pool` is busy with the outer map: the inner map must still finish.
+        return sum(pmap(square, range(x), pool=pool))
+
+    assert pmap(outer, range(8), pool=pool) == [sum(i * i for i in range(x)) for x in range(8)]
+
+
+def test_batch_size_auto(two_workers):
+    xs = list(range(10_000))
+    assert pmap(square, xs, batch_size="auto") == [x * x for x in xs]
+
+
+def test_progress_bar(two_workers, capsys):
+    pytest.importorskip("tqdm")
+    assert pmap(square, range(30), progress=True) == [x * x for x in range(30)]
+    assert "30/30" in capsys.readouterr().err
+
+
+def test_kill_worker_fixture_sanity(fresh_workers):
+    (w,) = fresh_workers(1)
+    assert worker_ospid(w) != os.getpid()
