@@ -169,13 +169,14 @@ _flusher_lock = threading.Lock()
 
 
 def _queue_delta(where: int, rrid: RRID, pid: int, delta: int) -> None:
-    """Queue a count change for the owner; safe from `__del__` (SimpleQueue.put is reentrant)."""
+    """Queue a count change for the owner. Safe from `__del__`, also at interpreter exit:
+    SimpleQueue.put is reentrant, and nothing here starts a thread."""
     _deltas.put((where, rrid, pid, delta))
-    if _flusher is None:
-        _start_flusher()
 
 
 def _start_flusher() -> None:
+    """Start the thread that sends queued count changes (once, when the first reference is
+    made: never from `__del__`, which may run while the interpreter is shutting down)."""
     global _flusher
     with _flusher_lock:
         if _flusher is None:
@@ -256,6 +257,8 @@ class AbstractRemoteRef:
     __slots__ = ("where", "whence", "id", "_lock", "_count", "__weakref__")
 
     def _init_ref(self, where: int, rrid: RRID, count: int) -> None:
+        if _flusher is None:
+            _start_flusher()
         self.where = where
         self.whence, self.id = rrid
         self._lock = threading.Lock()
