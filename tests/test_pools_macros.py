@@ -262,3 +262,26 @@ def test_distributed_without_reducer_returns_a_handle(two_workers):
     bad = pydist.distributed(lambda x: 1 / (x - 3), range(10))
     with pytest.raises(ZeroDivisionError):
         bad.wait(30)
+
+
+def test_caching_pool_unpickles_the_function_once_per_worker(fresh_workers):
+    import poolhelpers
+
+    a, b = fresh_workers(2)
+    f = poolhelpers.Counted("t")
+    plain = WorkerPool([a])
+    assert [pydist.remotecall_fetch(f, plain, i) for i in range(4)] == [("t", i) for i in range(4)]
+    assert pydist.remotecall_fetch(poolhelpers.unpickled, a) == 4  # sent with every call
+    cached = CachingPool([b])
+    assert [pydist.remotecall_fetch(f, cached, i) for i in range(4)] == [("t", i) for i in range(4)]
+    assert pydist.pmap(f, cached, range(3)) == [("t", i) for i in range(3)]
+    assert pydist.remotecall_fetch(poolhelpers.unpickled, b) == 2  # once for direct calls, once for pmap's wrapper
+
+
+def test_progress_without_tqdm_says_what_to_install(two_workers, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    with pytest.raises(ImportError, match="pip install tqdm"):
+        pydist.pmap(square, range(3), progress=True)
