@@ -6,6 +6,7 @@ Each block is checked by trial division on some worker. `retry_delays` retries a
 worker failed (here: a worker that dies on purpose once, to show the map still completes).
 """
 
+import importlib.util
 import os
 import signal
 import sys
@@ -41,11 +42,7 @@ if __name__ == "__main__":
     marker = os.path.join(tempfile.mkdtemp(), "crashed")
     crash = OneCrash(marker, blocks // 2) if pydist.nworkers() > 1 and pydist.workers() != [1] else None
     work = crash or (lambda b, s: count_primes(b * s, (b + 1) * s))
-    progress = True
-    try:
-        import tqdm  # noqa: F401
-    except ImportError:
-        progress = False
+    progress = importlib.util.find_spec("tqdm") is not None  # the bar needs tqdm installed
     counts = pydist.pmap(work, range(blocks), [size] * blocks,
                          retry_delays=pydist.ExponentialBackOff(n=3, first_delay=0.05),
                          progress=progress)

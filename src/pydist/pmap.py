@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 from .calls import in_remote_call
-from .cluster import workers
+from .cluster import myid, workers
 from .exceptions import RemoteException
 from .workerpool import AbstractWorkerPool, CachingPool
 
@@ -221,7 +221,7 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
         pool = CachingPool(workers())
     delays = list(retry_delays)
     nworkers = max(1, pool.nworkers())
-    if distributed and (len(pool) == 0 or pool.workers() == [_myid()]):
+    if distributed and (len(pool) == 0 or pool.workers() == [myid()]):
         distributed = False
     if batch_size == "auto":
         batch_size = max(1, math.ceil(len(items) / (4 * nworkers))) if distributed else 1
@@ -239,12 +239,6 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
                             nworkers, progress_bar, lend)
     finally:
         progress_bar.close()
-
-
-def _myid() -> int:
-    from .cluster import myid
-
-    return myid()
 
 
 def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers, progress,
