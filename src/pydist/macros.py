@@ -70,9 +70,9 @@ def _define_in_main(obj: Any) -> None:
 def _run_on_all(fn: Callable, arg: Any, pids: list[int]) -> None:
     """Run `fn(arg)` on every pid (remote ones concurrently, this one last); raise an
     ExceptionGroup of everything that failed."""
-    futures = [(p, remotecall(fn, p, arg)) for p in pids if p != PGRP.id]
+    futures = [remotecall(fn, p, arg) for p in pids if p != PGRP.id]
     errors: list[BaseException] = []
-    for p, fut in futures:
+    for fut in futures:
         try:
             fut.wait()
         except BaseException as e:  # RemoteException or ProcessExitedException

@@ -110,26 +110,32 @@ def _run_on_pool(pool: AbstractWorkerPool, fn: Callable, args: tuple, lend: bool
         pool.put(w)
 
 
+def _ask(check: Callable, state: Any, exc: BaseException) -> tuple[Any, bool]:
+    """Julia's `retry_check(state, exc)`: returns (state, retry?) or just retry?."""
+    verdict = check(state, exc)
+    return verdict if isinstance(verdict, tuple) else (state, verdict)
+
+
 def _with_retries(run: Callable[[tuple], Any], delays: list, check: Callable | None):
     """`run` with Julia's `retry(delays=, check=)`: failures are unwrapped from
     RemoteException, `check(state, exc) -> (state, retry?)` may stop the retries."""
 
     def attempt(args: tuple) -> Any:
         state = None
-        for delay in [*delays, None]:
+        pending = iter(delays)
+        while True:
             try:
                 return run(args)
             except Exception as e:
                 exc = _unwrap(e)
+                delay = next(pending, None)
+                if delay is not None and check is not None:
+                    state, again = _ask(check, state, exc)
+                    if not again:
+                        delay = None
                 if delay is None:
                     raise exc from (e if exc is not e else None)
-                if check is not None:
-                    verdict = check(state, exc)
-                    state, again = verdict if isinstance(verdict, tuple) else (state, verdict)
-                    if not again:
-                        raise exc from (e if exc is not e else None)
                 time.sleep(delay)
-        raise AssertionError("unreachable")
 
     return attempt
 
@@ -300,8 +306,7 @@ class _Star:
 def _all_retryable(check: Callable, excs: list[BaseException]) -> bool:
     state = None
     for exc in excs:
-        verdict = check(state, exc)
-        state, again = verdict if isinstance(verdict, tuple) else (state, verdict)
+        state, again = _ask(check, state, exc)
         if not again:
             return False
     return True

@@ -136,6 +136,7 @@ FLAG_NOVALUE = 2  # PUSH only: the call is done, its value stays on the owner
 _KNOWN_FLAGS = FLAG_ERROR | FLAG_NOVALUE
 
 DEFAULT_MAX_MESSAGE = 1 << 40  # 1 TiB: a bound on garbage, not on real data
+DEFAULT_MAX_BUFFERS = 1 << 16
 # Receive buffers at least this large are pre-faulted anonymous mappings: a fresh bytearray is
 # zero-filled page by page first, which halves the bandwidth of a 100 MB transfer.
 PREFAULT_THRESHOLD = 1 << 20
@@ -149,7 +150,6 @@ def allocate(n: int):
         except OSError:
             pass
     return bytearray(n)
-DEFAULT_MAX_BUFFERS = 1 << 16
 
 
 @dataclass(slots=True)

@@ -215,8 +215,8 @@ def _send_deltas(where: int, deltas: list) -> None:
     if PGRP.id != 1 and where != 1 and PGRP.topology != "all_to_all":
         w = PGRP.workers.get(where)
         if w is None or w.conn is None:
-            try:
-                remote_do_internal(1, _relay_deltas, (where, deltas))
+            try:  # the master forwards them
+                remote_do_internal(1, _send_deltas, (where, deltas))
             except ProcessExitedException:
                 pass
             return
@@ -227,16 +227,6 @@ def _send_deltas(where: int, deltas: list) -> None:
         pass
     except Exception:
         logging.getLogger("pydist").exception("pydist: could not send reference counts to %d", where)
-
-
-def _relay_deltas(where: int, deltas: list) -> None:
-    """Run on the master: forward count changes to an owner the sender cannot reach."""
-    _send_deltas(where, deltas)
-
-
-def _send_adds_now(where: int, deltas: list) -> None:
-    """Tell owner `where` of new clients before the message carrying the refs leaves."""
-    _send_deltas(where, deltas)
 
 
 # ==================================================================== Future
@@ -516,7 +506,7 @@ def _note_new_client(ref: "Future | RemoteChannel", pickler: Any) -> None:
     if where == PGRP.id:
         action = lambda: STORE.apply(rrid, dest, +1)  # noqa: E731
     else:
-        action = lambda: _send_adds_now(where, [(rrid.whence, rrid.id, dest, +1)])  # noqa: E731
+        action = lambda: _send_deltas(where, [(rrid.whence, rrid.id, dest, +1)])  # noqa: E731
     pickler.context.setdefault("after", []).append(action)
 
 

@@ -37,7 +37,7 @@ def register_reducer(cls: type, reducer: Reducer) -> None:
     _reducers[cls] = reducer
 
 
-_known_importable: dict[Any, bool] = {}  # module-level code lives as long as its module
+_known_importable: set = set()  # module-level code lives as long as its module, no leak
 
 
 def _is_importable(obj: Any) -> bool:
@@ -45,7 +45,7 @@ def _is_importable(obj: Any) -> bool:
     if obj in _known_importable:
         return True
     if _find_by_name(obj):
-        _known_importable[obj] = True
+        _known_importable.add(obj)
         return True
     return False
 

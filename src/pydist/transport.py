@@ -161,24 +161,14 @@ class Connection:
         lock = self._send_lock
         if not self._outq and lock.acquire(False):  # uncontended: straight to the socket
             try:
-                if self.closed:
-                    raise ConnectionClosed(f"connection to {self.name} is closed")
-                _sendmsg_all(self.sock, chunks)
-            except OSError as e:
-                self.close()
-                raise ConnectionClosed(f"connection to {self.name} lost: {e}") from e
+                self._write(chunks)
             finally:
                 lock.release()
-            if self._outq:  # others queued while we held the lock: make sure they go out
-                self.send([])
             return
+        # Contended: queue, then whoever gets the lock first sends everything queued. A frame
+        # queued while another writer holds the lock belongs to a thread waiting right here.
         self._outq.append(chunks)
         with lock:
-            if not self._outq:
-                return  # another writer already sent ours
-            if self.closed:
-                self._outq.clear()
-                raise ConnectionClosed(f"connection to {self.name} is closed")
             batch: list = []
             popleft = self._outq.popleft
             try:
@@ -186,11 +176,18 @@ class Connection:
                     batch.extend(popleft())
             except IndexError:
                 pass
-            try:
-                _sendmsg_all(self.sock, batch)
-            except OSError as e:
-                self.close()
-                raise ConnectionClosed(f"connection to {self.name} lost: {e}") from e
+            if batch:  # empty: another writer already sent ours
+                self._write(batch)
+
+    def _write(self, chunks: list) -> None:
+        """Send `chunks` (send lock held); ConnectionClosed if the connection is gone."""
+        if self.closed:
+            raise ConnectionClosed(f"connection to {self.name} is closed")
+        try:
+            _sendmsg_all(self.sock, chunks)
+        except OSError as e:
+            self.close()
+            raise ConnectionClosed(f"connection to {self.name} lost: {e}") from e
 
     # -- receiving --
     def _serve(self) -> None:

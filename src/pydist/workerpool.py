@@ -73,9 +73,14 @@ class AbstractWorkerPool(ABC):
         return self.take() if self.isready() else None
 
     # -- how remote calls use a pool --
+    def _prepare(self, w: int, f: Callable) -> tuple[Callable, tuple]:
+        """What to send to `w` to run `f`: (function, leading args). CachingPool overrides it."""
+        return f, ()
+
     def _call_on(self, w: int, f: Callable, args: tuple, kwargs: dict) -> Any:
         """Run `f` on `w`, a worker already taken from this pool."""
-        return remotecall_fetch(f, w, *args, **kwargs)
+        g, lead = self._prepare(w, f)
+        return remotecall_fetch(g, w, *lead, *args, **kwargs)
 
     def _remotecall_fetch(self, f: Callable, args: tuple, kwargs: dict) -> Any:
         w = self.take()
@@ -87,7 +92,8 @@ class AbstractWorkerPool(ABC):
     def _remotecall(self, f: Callable, args: tuple, kwargs: dict):
         w = self.take()
         try:
-            fut = remotecall(f, w, *args, **kwargs)
+            g, lead = self._prepare(w, f)
+            fut = remotecall(g, w, *lead, *args, **kwargs)
         except BaseException:
             self.put(w)
             raise
@@ -101,20 +107,22 @@ class AbstractWorkerPool(ABC):
     def _remotecall_wait(self, f: Callable, args: tuple, kwargs: dict):
         w = self.take()
         try:
-            return remotecall_wait(f, w, *args, **kwargs)
+            g, lead = self._prepare(w, f)
+            return remotecall_wait(g, w, *lead, *args, **kwargs)
         finally:
             self.put(w)
 
     def _remote_do(self, f: Callable, args: tuple, kwargs: dict) -> None:
         w = self.take()
         try:
-            remote_do(f, w, *args, **kwargs)
+            g, lead = self._prepare(w, f)
+            remote_do(g, w, *lead, *args, **kwargs)
         finally:
             self.put(w)
 
 
 def _alive(w: int) -> bool:
-    return w == PGRP.id or (w in PGRP.workers and w not in PGRP.deleted) or w == 1
+    return w in (PGRP.id, 1) or w in PGRP.workers  # removed workers leave PGRP.workers
 
 
 _pool_ids = itertools.count(1)
@@ -301,8 +309,8 @@ class CachingPool(WorkerPool):
             self._cache.clear()
         return self
 
-    def _cached(self, w: int, f: Callable) -> tuple[Any, tuple]:
-        """(function to call, extra leading args) for running `f` on `w` through the cache."""
+    def _prepare(self, w: int, f: Callable) -> tuple[Callable, tuple]:
+        """Through the cache: ship `f` to `w` the first time, only its cache channel later."""
         if w == PGRP.id:
             return f, ()
         key = (w, id(f))
@@ -313,29 +321,6 @@ class CachingPool(WorkerPool):
             rc = RemoteChannel(w)
             self._cache[key] = (f, rc)
         return _exec_and_cache, (f, rc)
-
-    def _call_on(self, w: int, f: Callable, args: tuple, kwargs: dict) -> Any:
-        g, lead = self._cached(w, f)
-        return remotecall_fetch(g, w, *lead, *args, **kwargs)
-
-    def _remotecall(self, f: Callable, args: tuple, kwargs: dict):
-        w = self.take()
-        try:
-            g, lead = self._cached(w, f)
-            fut = remotecall(g, w, *lead, *args, **kwargs)
-        except BaseException:
-            self.put(w)
-            raise
-        fut.add_done_callback(lambda _: self.put(w))
-        return fut
-
-    def _remotecall_wait(self, f: Callable, args: tuple, kwargs: dict):
-        w = self.take()
-        try:
-            g, lead = self._cached(w, f)
-            return remotecall_wait(g, w, *lead, *args, **kwargs)
-        finally:
-            self.put(w)
 
 
 def _exec_and_cache(f: Callable, rc: RemoteChannel, *args: Any, **kwargs: Any) -> Any:
