@@ -8,8 +8,6 @@ import os
 import signal
 
 import pytest
-from conftest import worker_ospid
-
 import pydist
 from pydist import ExponentialBackOff, RemoteException, WorkerPool, pmap
 
@@ -178,7 +176,3 @@ def test_progress_bar(two_workers, capsys):
     assert pmap(square, range(30), progress=True) == [x * x for x in range(30)]
     assert "30/30" in capsys.readouterr().err
 
-
-def test_kill_worker_fixture_sanity(fresh_workers):
-    (w,) = fresh_workers(1)
-    assert worker_ospid(w) != os.getpid()
