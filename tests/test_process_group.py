@@ -344,12 +344,14 @@ def test_worker_exits_if_no_master_connects():
 
 
 def test_worker_bind_to_parsing():
+    from pydist.transport import default_bind_addr
     from pydist.worker import parse_bind_to
 
-    assert parse_bind_to("127.0.0.1") == ("127.0.0.1", 0)
-    assert parse_bind_to("127.0.0.1:9000") == ("127.0.0.1", 9000)
-    assert parse_bind_to("[::1]:9000") == ("::1", 9000)
-    assert parse_bind_to(None) == ("127.0.0.1", 0)
+    assert parse_bind_to("127.0.0.1") == ("127.0.0.1", 0, False)
+    assert parse_bind_to("127.0.0.1:9000") == ("127.0.0.1", 9000, False)
+    assert parse_bind_to("127.0.0.1:[9000]") == ("127.0.0.1", 9000, True)
+    assert parse_bind_to("[::1]:9000") == ("::1", 9000, False)
+    assert parse_bind_to(None) == (default_bind_addr(), 0, False)
     with pytest.raises(ValueError):
         parse_bind_to("127.0.0.1:99999")
     with pytest.raises(ValueError):

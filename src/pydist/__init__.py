@@ -11,7 +11,6 @@ from .cluster import (
     WorkerState,
     addprocs,
     cluster_cookie,
-    init_worker,
     interrupt,
     myid,
     myrole,
@@ -19,6 +18,7 @@ from .cluster import (
     nworkers,
     other_procs,
     other_workers,
+    process_messages,
     procs,
     rmprocs,
     worker_id_from_socket,
@@ -46,6 +46,19 @@ from .managers import (
     kill,
     launch,
     manage,
+)
+from .sshmanager import SSHManager
+from .callbacks import (
+    add_worker_exited_callback,
+    add_worker_exiting_callback,
+    add_worker_started_callback,
+    add_worker_starting_callback,
+    getstatus,
+    remove_worker_exited_callback,
+    remove_worker_exiting_callback,
+    remove_worker_started_callback,
+    remove_worker_starting_callback,
+    setstatus,
 )
 from .refs import (
     RRID,
@@ -80,12 +93,11 @@ def start_worker(*args, **kwargs):
     return _start_worker(*args, **kwargs)
 
 
-def process_messages(sock, incoming: bool = True) -> None:
-    """Serve the pydist protocol over an already authenticated socket (custom transports)."""
-    from .cluster import HANDLER
-    from .transport import Connection
+def init_worker(cookie: str, manager: ClusterManager | None = None) -> None:
+    """Make this process a worker (see `pydist.worker.init_worker`)."""
+    from .worker import init_worker as _init_worker
 
-    Connection(sock, HANDLER, "custom").start()
+    _init_worker(cookie, manager)
 
 
 __version__ = "0.1.0"
@@ -102,5 +114,9 @@ __all__ = [
     "isready", "kill", "launch", "manage", "myid", "myrole", "nprocs", "nworkers", "other_procs",
     "other_workers", "process_messages", "procs", "put", "remote_do", "remotecall",
     "remotecall_fetch", "remotecall_wait", "remoteref_id", "rmprocs", "start_worker", "take",
-    "wait", "worker_id_from_socket", "workers",
+    "wait", "worker_id_from_socket", "workers", "SSHManager",
+    "add_worker_starting_callback", "add_worker_started_callback", "add_worker_exiting_callback",
+    "add_worker_exited_callback", "remove_worker_starting_callback",
+    "remove_worker_started_callback", "remove_worker_exiting_callback",
+    "remove_worker_exited_callback", "setstatus", "getstatus",
 ]

@@ -13,6 +13,7 @@ Higher layers register message handlers (`register_handler`) and listen for work
 from __future__ import annotations
 
 import atexit
+import contextlib
 import enum
 import itertools
 import logging
@@ -24,7 +25,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable
 
-from . import protocol, serialization, transport
+from . import callbacks, protocol, serialization, transport
 from .exceptions import (
     AuthenticationError,
     CapturedException,
@@ -34,7 +35,14 @@ from .exceptions import (
     ProtocolError,
     RemoteException,
 )
-from .managers import ClusterManager, LocalManager, WorkerConfig, launch_timeout, worker_timeout
+from .managers import (
+    ClusterManager,
+    LocalManager,
+    WorkerConfig,
+    WorkerOutput,
+    launch_timeout,
+    worker_timeout,
+)
 
 log = logging.getLogger("pydist")
 
@@ -54,6 +62,7 @@ __all__ = [
     "cluster_cookie",
     "worker_id_from_socket",
     "init_worker",
+    "process_messages",
 ]
 
 TOPOLOGIES = ("all_to_all", "master_worker", "custom")
@@ -146,6 +155,8 @@ class ProcessGroup:
         self.shutdown = threading.Event()
         self.exit_code = 0
         self.master_connected = threading.Event()
+        self.manager: ClusterManager | None = None  # a worker's own manager (init_worker)
+        self.managers: list[ClusterManager] = []  # every manager used, cleaned up at exit
 
     # ---------------------------------------------------------------- identity / membership
     def is_master(self) -> bool:
@@ -221,16 +232,30 @@ class ProcessGroup:
                 return
             if w.connect_at is None:
                 raise RuntimeError(f"process {self.id} does not know the address of peer {pid}")
-            host, port = w.connect_at
             try:
-                sock = transport.connect(host, port, self.cookie_bytes(), worker_timeout())
-            except (OSError, ProtocolError) as e:
+                sock = self._open_peer(pid, w.connect_at)
+            except (OSError, ProtocolError, LaunchWorkerError) as e:
                 raise RuntimeError(f"Error on {self.id} while connecting to peer {pid}: {e}") from e
             conn = transport.Connection(sock, HANDLER, f"worker {pid}")
             conn.peer_pid = pid
             conn.send(protocol.encode_frame(protocol.IDENTIFY, a=self.id))
             self._attach(w, conn)
             conn.start()
+
+    def _open_peer(self, pid: int, connect_at: Any):
+        """An authenticated connection to peer `pid`: through this worker's own manager if
+        `init_worker` was given one (custom transports), else TCP to `connect_at`."""
+        if self.manager is None:
+            host, port = connect_at
+            return transport.connect(host, port, self.cookie_bytes(), worker_timeout())
+        sock = transport.as_socket(self.manager.connect(pid, WorkerConfig(connect_at=connect_at)))
+        try:
+            transport.tune_socket(sock)
+            transport.handshake_initiator(sock, self.cookie_bytes(), worker_timeout())
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _attach(self, w: Worker, conn: transport.Connection) -> None:
         with self.lock:
@@ -291,6 +316,8 @@ class ProcessGroup:
                 listener(pid, w.state)
             except Exception:
                 log.exception("pydist: error in a worker-removed listener")
+        if self.is_master():
+            callbacks.run_exited(pid, w.state)
         with self.lock:
             self.gone.add(pid)
             self.changed.notify_all()
@@ -477,10 +504,35 @@ def _accept_connection(sock: socket.socket) -> None:
 
 
 def init_worker(cookie: str, manager: ClusterManager | None = None) -> None:
-    """Make this process a worker that authenticates peers with `cookie`."""
+    """Make this process a worker that authenticates peers with `cookie`. With a `manager`,
+    connections to other workers are made through `manager.connect` (custom transports)."""
     PGRP.id = 0
     PGRP.role = "worker"
     PGRP.cookie = cookie
+    PGRP.manager = manager
+
+
+def process_messages(reader: Any, writer: Any = None, incoming: bool = True) -> transport.Connection:
+    """Serve the pydist protocol over a custom transport and return the connection at once.
+
+    `reader`/`writer` are binary streams (pass unbuffered ones, e.g. `bufsize=0` pipes), or
+    `reader` is a socket and `writer` None. `incoming=True` means the peer opened the
+    connection (the master, to a worker): we authenticate as the accepting side. A worker
+    serves until `pydist.worker.wait_for_shutdown()` returns.
+    """
+    sock = transport.as_socket(reader if writer is None else (reader, writer))
+    timeout = worker_timeout()
+    try:
+        if incoming:
+            transport.handshake_acceptor(sock, PGRP.cookie_bytes(), timeout)
+        else:
+            transport.handshake_initiator(sock, PGRP.cookie_bytes(), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    conn = transport.Connection(sock, HANDLER, "custom")
+    conn.start()
+    return conn
 
 
 # ==================================================================== public membership API
@@ -565,6 +617,7 @@ def worker_id_from_socket(sock: Any) -> int:
 # ==================================================================== addprocs
 _COMMON_KEYWORDS = {
     "exename", "exeflags", "dir", "env", "topology", "lazy", "enable_threaded_blas", "timeout",
+    "callback_warning_interval",
 }
 _LOCAL_KEYWORDS = _COMMON_KEYWORDS | {"restrict"}
 _SSH_KEYWORDS = _COMMON_KEYWORDS | {
@@ -599,16 +652,29 @@ def addprocs(target: int | list | ClusterManager | None = None, **kw: Any) -> li
         manager: ClusterManager = LocalManager(n, restrict=kw.pop("restrict", True))
     elif isinstance(target, ClusterManager):
         manager = target
-    elif isinstance(target, (list, tuple)):
+    elif isinstance(target, (list, tuple, str)):
         _check_keywords(kw, _SSH_KEYWORDS)
-        raise NotImplementedError("addprocs: SSH machines are not supported yet")
+        from .sshmanager import SSHManager
+
+        manager = SSHManager(target)
     else:
         raise TypeError(f"addprocs: expected a count, a list of machines or a ClusterManager, got {target!r}")
     params = dict(manager.default_addprocs_params())
     params.update(kw)
     _normalize_params(params)
+    warn_every = float(params.get("callback_warning_interval") or 10.0)
+    callbacks.run_starting(manager, params, warn_every)
     with PGRP.launch_lock:
-        return _addprocs_locked(manager, params)
+        if manager not in PGRP.managers:
+            PGRP.managers.append(manager)
+        new_pids, errors = _addprocs_locked(manager, params)
+    callbacks.run_started(new_pids, warn_every)
+    if errors:
+        error = errors[0] if len(errors) == 1 else ExceptionGroup(
+            f"addprocs: {len(errors)} workers failed to start", errors)
+        error.added_pids = new_pids  # the workers that did start stay in the cluster
+        raise error
+    return new_pids
 
 
 def _normalize_params(params: dict) -> None:
@@ -678,9 +744,39 @@ def _addprocs_locked(manager: ClusterManager, params: dict) -> list[int]:
 
     def setup(config: WorkerConfig) -> None:
         try:
-            new_pids.append(_create_worker(manager, config, params))
+            pid = _create_worker(manager, config, params)
         except BaseException as e:
             errors.append(e)
+            return
+        new_pids.append(pid)
+        count = config.count
+        if count == "auto":
+            count = PGRP.workers[pid].cpu_threads or 1
+        if isinstance(count, int) and count > 1:
+            try:
+                more = _launch_additional(manager, pid, config, count - 1)
+            except BaseException as e:
+                errors.append(e)
+                return
+            subs = [threading.Thread(target=setup_additional, args=(pid, c), daemon=True,
+                                     name="pydist-setup") for c in more]
+            for t in subs:
+                t.start()
+            for t in subs:
+                t.join()
+
+    def setup_additional(first: int, config: WorkerConfig) -> None:
+        try:
+            pid = _create_worker(manager, config, params)
+        except BaseException as e:
+            errors.append(e)
+            return
+        new_pids.append(pid)
+        from .calls import remote_do_internal
+        from .worker import name_additional
+
+        with contextlib.suppress(ProcessExitedException):
+            remote_do_internal(first, name_additional, (config.ospid, pid))
 
     while True:
         with notify:
@@ -698,8 +794,9 @@ def _addprocs_locked(manager: ClusterManager, params: dict) -> list[int]:
                     break
     for t in setups:
         t.join()
-    if launch_error:
+    if launch_error and not new_pids:
         raise launch_error[0]
+    errors[:0] = launch_error
     all_workers = workers()
     from .calls import remote_do_internal
 
@@ -714,11 +811,27 @@ def _addprocs_locked(manager: ClusterManager, params: dict) -> list[int]:
                 listener(pid)
             except Exception:
                 log.exception("pydist: error in a worker-added listener")
-    if errors:
-        if len(errors) == 1:
-            raise errors[0]
-        raise ExceptionGroup(f"addprocs: {len(errors)} workers failed to start", errors)
-    return sorted(new_pids)
+    return sorted(new_pids), errors
+
+
+def _launch_additional(manager: ClusterManager, first: int, config: WorkerConfig,
+                       n: int) -> list[WorkerConfig]:
+    """Have worker `first` start `n` more workers on its host (Julia's launch_additional);
+    one config each, with the first one's connection settings."""
+    from .calls import call_fetch
+    from .worker import launch_additional
+
+    addresses = call_fetch(first, launch_additional,
+                           (n, config.exename or "python3", list(config.exeflags or []),
+                            config.bind_addr or "127.0.0.1"))
+    return [
+        WorkerConfig(host=config.host, port=port, bind_addr=addr, ospid=ospid,
+                     tunnel=config.tunnel, multiplex=config.multiplex, sshflags=config.sshflags,
+                     exename=config.exename, exeflags=config.exeflags, userdata=config.userdata,
+                     enable_threaded_blas=config.enable_threaded_blas,
+                     max_parallel=config.max_parallel)
+        for addr, port, ospid in addresses
+    ]
 
 
 def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) -> int:
@@ -731,7 +844,7 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
     timeout = params["timeout"]
     try:
         with launch_timeout(timeout):
-            sock = manager.connect(pid, config)
+            sock = transport.as_socket(manager.connect(pid, config))
         try:
             transport.tune_socket(sock)
             transport.handshake_initiator(sock, pg.cookie_bytes(), timeout)
@@ -839,12 +952,14 @@ def _flatten_pids(pids: Iterable) -> list[int]:
     return out
 
 
-def rmprocs(*pids: Any, waitfor: float | None = None):
-    """Remove workers: ask each to exit (the manager escalates if it does not), then wait up
-    to `waitfor` seconds (forever if None) for all to be gone. `waitfor=0` returns a handle
-    with `.wait()` at once."""
+def rmprocs(*pids: Any, waitfor: float | None = None, callback_timeout: float = 10.0):
+    """Remove workers: run the worker-exiting callbacks (at most `callback_timeout` seconds),
+    ask each worker to exit (the manager escalates if it does not), then wait up to `waitfor`
+    seconds (forever if None) for all to be gone. `waitfor=0` returns a handle with `.wait()`
+    at once."""
     _check_master()
     targets = _flatten_pids(pids)
+    callbacks.run_exiting([p for p in targets if p != 1 and p in PGRP.workers], callback_timeout)
     with PGRP.launch_lock:
         to_wait = []
         for pid in targets:
@@ -914,11 +1029,8 @@ def _terminate_all_workers() -> None:
         return
     PGRP.shutdown.set()
     pids = [p for p in PGRP.workers]
-    managers = {id(w.manager): w.manager for w in PGRP.workers.values() if w.manager}.values()
-    if not pids:
-        return
     try:
-        rmprocs(pids, waitfor=5.0)
+        rmprocs(pids, waitfor=5.0, callback_timeout=5.0)
     except TimeoutError:
         log.warning("Forcibly interrupting busy workers")
         try:
@@ -929,12 +1041,12 @@ def _terminate_all_workers() -> None:
     except Exception:
         log.exception("pydist: error removing workers at exit")
     finally:
-        for manager in managers:
+        for manager in PGRP.managers:
             try:
                 manager.cleanup()
             except Exception:
                 log.exception("pydist: %r failed to clean up", manager)
-        LocalManager.cleanup_all()
+        WorkerOutput.drain_all(1.0)
 
 
 atexit.register(_terminate_all_workers)

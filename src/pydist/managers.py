@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from .exceptions import LaunchWorkerError
@@ -38,6 +38,9 @@ __all__ = [
     "kill",
     "connect",
     "default_addprocs_params",
+    "read_worker_address",
+    "connect_tcp",
+    "worker_env",
     "worker_timeout",
 ]
 
@@ -88,6 +91,8 @@ class WorkerConfig:
     ident: Any = None
     connect_idents: list | None = None
     enable_threaded_blas: bool | None = None
+    # Not Julia's: the relay of this worker's output, made by `read_worker_address`.
+    output: "WorkerOutput | None" = field(default=None, repr=False, compare=False)
 
 
 ADDRESS_LINE = re.compile(rb"^pydist_worker:(\d+)#(.*?)\r?$")
@@ -187,13 +192,21 @@ class WorkerOutput:
 
 
 class ClusterManager(ABC):
-    """Starts and stops workers. Subclasses implement `launch`; the rest has defaults.
+    """How workers are started, reached, interrupted and stopped (Julia's interface).
 
-    `launch(params, launched, launch_ntfy)` appends one `WorkerConfig` per started worker to
-    `launched`, notifies the `threading.Condition` `launch_ntfy`, and returns when all are
-    launched. `connect(pid, config)` returns a connected socket to the worker (the process
-    group authenticates it). `kill(pid, config)` asks the worker to exit. `manage(pid, config,
-    op)` is told of "register", "deregister", "interrupt" and "finalize".
+    Subclasses implement `launch(params, launched, launch_ntfy)`: start the workers, append
+    one `WorkerConfig` per worker to `launched` (under `launch_ntfy`, a `threading.Condition`,
+    then `notify_all()`), and return when all are launched. The defaults of the other methods
+    serve any manager whose workers run `python -m pydist.worker` and speak TCP:
+
+    - `connect(pid, config)` returns a connected socket, or a `(reader, writer)` pair of binary
+      streams for a custom transport; the process group then authenticates it. The default
+      reads the worker's address line from `config.io` (or uses `config.host`/`config.port`,
+      or `config.connect_at` between workers) and opens a TCP connection.
+    - `kill(pid, config)` asks the worker to exit.
+    - `manage(pid, config, op)` is told "register", "deregister", "interrupt" and "finalize";
+      the default interrupts a worker on this machine with SIGINT.
+    - `cleanup()` runs at interpreter exit: release processes and tunnels still held.
     """
 
     @abstractmethod
@@ -213,28 +226,9 @@ class ClusterManager(ABC):
 
         request_exit(pid)
 
-    def connect(self, pid: int, config: WorkerConfig) -> socket.socket:
-        timeout = worker_timeout()
-        if config.connect_at is not None and config.io is None:
-            host, port = config.connect_at
-        elif config.io is not None:
-            output = getattr(config, "_output", None)
-            if output is None:
-                output = config._output = WorkerOutput(config.io, pid)
-            output.pid = pid
-            bind_addr, port = output.wait_address(timeout, config.process)
-            host = config.host or bind_addr
-            config.bind_addr = config.bind_addr or bind_addr
-            config.port = port
-        else:
-            host, port = config.host, config.port
-            if host is None or port is None:
-                raise LaunchWorkerError(f"worker {pid}: WorkerConfig has neither io nor host and port")
-        config.connect_at = (config.bind_addr or host, port)
-        try:
-            return socket.create_connection((host, port), timeout=timeout)
-        except OSError as e:
-            raise LaunchWorkerError(f"could not connect to worker {pid} at {host}:{port}: {e}") from e
+    def connect(self, pid: int, config: WorkerConfig) -> "socket.socket | tuple":
+        host, port = read_worker_address(pid, config)
+        return connect_tcp(pid, host, port)
 
     def default_addprocs_params(self) -> dict:
         return {
@@ -249,6 +243,45 @@ class ClusterManager(ABC):
 
     def cleanup(self) -> None:
         """Release whatever the manager still holds at exit (processes, tunnels)."""
+
+
+def read_worker_address(pid: int, config: WorkerConfig) -> tuple[str, int]:
+    """Where to connect to worker `pid`: (host, port). Fills in `config.bind_addr`,
+    `config.port` and `config.connect_at` (the address other workers will use).
+
+    With `config.io` set, reads the worker's `pydist_worker:<port>#<addr>` line from it (and
+    relays its later output); else uses `config.host`/`config.port`; between workers (only
+    `connect_at` set) uses `connect_at`.
+    """
+    if config.connect_at is not None and config.io is None and config.host is None:
+        host, port = config.connect_at
+        return host, port
+    if config.io is not None:
+        if config.output is None:
+            config.output = WorkerOutput(config.io, pid)
+        config.output.pid = pid
+        bind_addr, port = config.output.wait_address(worker_timeout(), config.process)
+        host = _strip_user(config.host) or bind_addr
+        config.bind_addr = config.bind_addr or bind_addr
+        config.port = port
+    else:
+        host, port = _strip_user(config.host), config.port
+        if host is None or port is None:
+            raise LaunchWorkerError(f"worker {pid}: WorkerConfig has neither io nor host and port")
+    config.connect_at = (config.bind_addr or host, port)
+    return host, port
+
+
+def _strip_user(host: str | None) -> str | None:
+    return None if host is None else host.rpartition("@")[2]
+
+
+def connect_tcp(pid: int, host: str, port: int) -> socket.socket:
+    """A TCP connection to worker `pid`, or LaunchWorkerError saying where it failed."""
+    try:
+        return socket.create_connection((host, port), timeout=worker_timeout())
+    except OSError as e:
+        raise LaunchWorkerError(f"could not connect to worker {pid} at {host}:{port}: {e}") from e
 
 
 def launch(manager: ClusterManager, params: dict, launched: list, launch_ntfy) -> None:
@@ -276,11 +309,11 @@ def _pydist_import_root() -> str:
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _worker_env(params: dict) -> dict:
-    env = dict(os.environ)
-    root = _pydist_import_root()
-    paths = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
-    env["PYTHONPATH"] = os.pathsep.join(paths)
+def worker_env(params: dict, base: dict | None = None) -> dict:
+    """The environment for a worker process: `base` (default: ours) plus what pydist needs
+    (unbuffered output, the worker timeout, single-threaded BLAS unless asked) and the
+    `env` of `params`, which wins."""
+    env = dict(os.environ if base is None else base)
     env["PYDIST_WORKER_TIMEOUT"] = str(params.get("timeout") or worker_timeout())
     env["PYTHONUNBUFFERED"] = "1"
     if not params.get("enable_threaded_blas", False):
@@ -293,10 +326,7 @@ def _worker_env(params: dict) -> dict:
 class LocalManager(ClusterManager):
     """Workers on this machine: `python -m pydist.worker`, listening on 127.0.0.1 unless
     `restrict=False`. Removal asks politely, then sends SIGTERM after `exit_timeout` seconds
-    and SIGKILL after `term_timeout` more."""
-
-    _live: set = set()  # every worker process started by any LocalManager, until reaped
-    _live_lock = threading.Lock()
+    and SIGKILL after `term_timeout` more. Written on the public interface only."""
 
     def __init__(self, np: int, restrict: bool = True, exit_timeout: float = 5.0,
                  term_timeout: float = 5.0):
@@ -304,7 +334,8 @@ class LocalManager(ClusterManager):
         self.restrict = restrict
         self.exit_timeout = exit_timeout
         self.term_timeout = term_timeout
-        self._reapers: list[threading.Thread] = []
+        self._procs: set[subprocess.Popen] = set()  # started and not yet reaped
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LocalManager(np={self.np}, restrict={self.restrict})"
@@ -313,11 +344,15 @@ class LocalManager(ClusterManager):
         return dict(super().default_addprocs_params(), restrict=self.restrict)
 
     def launch(self, params: dict, launched: list, launch_ntfy: threading.Condition) -> None:
-        bind = "127.0.0.1" if self.restrict else _default_bind_addr()
-        cmd = [params["exename"], *params["exeflags"], "-m", "pydist.worker", "--bind-to", bind]
-        env = _worker_env(params)
         from .cluster import cluster_cookie
+        from .transport import default_bind_addr
 
+        bind = "127.0.0.1" if self.restrict else default_bind_addr()
+        cmd = [params["exename"], *params["exeflags"], "-m", "pydist.worker", "--bind-to", bind]
+        env = worker_env(params)
+        root = _pydist_import_root()  # so that workers import this very pydist
+        paths = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
         cookie = cluster_cookie()
         for _ in range(self.np):
             try:
@@ -327,8 +362,8 @@ class LocalManager(ClusterManager):
                 )
             except OSError as e:
                 raise LaunchWorkerError(f"could not start worker process {cmd}: {e}") from e
-            with LocalManager._live_lock:
-                LocalManager._live.add(proc)
+            with self._lock:
+                self._procs.add(proc)
             try:
                 proc.stdin.write(cookie.encode() + b"\n")
                 proc.stdin.close()
@@ -349,12 +384,9 @@ class LocalManager(ClusterManager):
         except Exception:
             pass
         proc = config.process
-        if proc is None:
-            return
-        t = threading.Thread(target=self._escalate, args=(pid, proc), name="pydist-reaper",
-                             daemon=True)
-        t.start()
-        self._reapers.append(t)
+        if proc is not None:
+            threading.Thread(target=self._escalate, args=(pid, proc), name="pydist-reaper",
+                             daemon=True).start()
 
     def _escalate(self, pid: int, proc: subprocess.Popen) -> None:
         try:
@@ -370,32 +402,27 @@ class LocalManager(ClusterManager):
                 with contextlib.suppress(OSError):
                     proc.kill()
                 proc.wait()
-        with LocalManager._live_lock:
-            LocalManager._live.discard(proc)
+        with self._lock:
+            self._procs.discard(proc)
 
-    @classmethod
-    def cleanup_all(cls, grace: float = 3.0) -> None:
-        """Reap every local worker process; kill those still running after `grace` seconds
-        (workers that were asked to exit get that long to finish cleanly)."""
-        with cls._live_lock:
-            procs = list(cls._live)
-            cls._live.clear()
-        deadline = time.monotonic() + grace
-        for proc in procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.0, deadline - time.monotonic()))
-        for proc in procs:
-            if proc.poll() is None:
-                with contextlib.suppress(OSError):
-                    proc.kill()
-            with contextlib.suppress(Exception):
-                proc.wait(5)
-        WorkerOutput.drain_all(1.0)
+    def cleanup(self, grace: float = 3.0) -> None:
+        """Reap every worker process this manager started; kill those still running after
+        `grace` seconds (workers asked to exit get that long to finish cleanly)."""
+        with self._lock:
+            procs = list(self._procs)
+            self._procs.clear()
+        reap(procs, grace)
 
 
-def _default_bind_addr() -> str:
-    """An address of this host that other machines can reach (best effort)."""
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
+def reap(procs: list, grace: float) -> None:
+    """Wait up to `grace` seconds in all for `procs` to exit, then kill the rest."""
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.poll() is None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+        with contextlib.suppress(Exception):
+            proc.wait(5)

@@ -16,7 +16,9 @@ hand-offs per round trip, about 50-80 µs here, against a ~125 µs raw floor. Se
 
 from __future__ import annotations
 
+import io
 import logging
+import select
 import socket
 import threading
 from collections import deque
@@ -44,8 +46,126 @@ class Handler(Protocol):
         """The connection is gone; called exactly once."""
 
 
-def tune_socket(sock: socket.socket) -> None:
+class StreamPair:
+    """A socket look-alike over a pair of binary streams (pipes, a custom manager's IO), so
+    that the handshake and `Connection` serve custom transports unchanged.
+
+    `reader` needs `readinto1` or `readinto`, `writer` needs `write` and `flush`. Timeouts
+    apply only when `reader` is unbuffered and has a file descriptor (use `bufsize=0` pipes).
+    """
+
+    family = None
+
+    def __init__(self, reader, writer):
+        self.reader = reader
+        self.writer = writer
+        self._readinto = getattr(reader, "readinto1", None) or reader.readinto
+        self._timeout: float | None = None
+        self._write_lock = threading.Lock()
+
+    def settimeout(self, timeout: float | None) -> None:
+        self._timeout = timeout
+
+    def recv_into(self, buf) -> int:
+        if self._timeout is not None and isinstance(self.reader, io.RawIOBase):
+            try:
+                fd = self.reader.fileno()
+            except (OSError, ValueError):
+                fd = None
+            if fd is not None and not select.select([fd], [], [], self._timeout)[0]:
+                raise socket.timeout("timed out")
+        n = self._readinto(buf)
+        return 0 if n is None else n
+
+    def sendmsg(self, chunks) -> int:
+        total = 0
+        with self._write_lock:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view.nbytes:
+                    n = self.writer.write(view)
+                    n = view.nbytes if n is None else n
+                    view = view[n:]
+                    total += n
+            self.writer.flush()
+        return total
+
+    def send(self, data) -> int:
+        return self.sendmsg([data])
+
+    def sendall(self, data) -> None:
+        self.sendmsg([data])
+
+    def setsockopt(self, *args) -> None:
+        pass
+
+    def shutdown(self, how: int) -> None:
+        """Close our writing end: the peer reads EOF, closes its end, and our reader ends."""
+        try:
+            self.writer.close()
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        for stream in (self.writer, self.reader):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+
+
+def as_socket(endpoint) -> "socket.socket | StreamPair":
+    """What a manager's `connect` returned -- a socket or a (reader, writer) pair -- as
+    something the handshake and `Connection` can use."""
+    if isinstance(endpoint, (socket.socket, StreamPair)):
+        return endpoint
+    if isinstance(endpoint, tuple) and len(endpoint) == 2:
+        return StreamPair(*endpoint)
+    raise TypeError(
+        f"ClusterManager.connect must return a socket or a (reader, writer) pair, got {endpoint!r}"
+    )
+
+
+def interface_addresses() -> list[str]:
+    """The IPv4 addresses of this host's network interfaces, in interface order (Linux)."""
+    import fcntl
+    import struct
+
+    addrs = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915,  # SIOCGIFADDR
+                                     struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # no IPv4 address on this interface
+            addrs.append(socket.inet_ntoa(packed[20:24]))
+    return addrs
+
+
+def default_bind_addr() -> str:
+    """The address a worker listens on when not told: the one its ssh client reached it at
+    (`SSH_CONNECTION`), else the first interface that is neither loopback nor link-local,
+    else 127.0.0.1."""
+    import os
+
+    ssh = os.environ.get("SSH_CONNECTION", "").split()
+    if len(ssh) == 4:
+        return ssh[2]
+    try:
+        candidates = interface_addresses()
+    except (OSError, ImportError, AttributeError):
+        candidates = []
+    for addr in candidates:
+        if not addr.startswith(("127.", "169.254.")):
+            return addr
+    return "127.0.0.1"
+
+
+def tune_socket(sock) -> None:
     """TCP_NODELAY and keepalive: small messages go out at once, dead peers are noticed."""
+    if not isinstance(sock, socket.socket):
+        return
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
@@ -131,7 +251,7 @@ def _sendmsg_all(sock: socket.socket, chunks: list) -> None:
 class Connection:
     """An authenticated socket to one peer, served by a leader/follower thread group."""
 
-    def __init__(self, sock: socket.socket, handler: Handler, name: str):
+    def __init__(self, sock: "socket.socket | StreamPair", handler: Handler, name: str):
         self.sock = sock
         self.handler = handler
         self.name = name
@@ -144,6 +264,7 @@ class Connection:
         self._state = threading.Lock()
         self._idle = 0
         self._closed_reported = False
+        self._gone = threading.Event()
 
     def __repr__(self) -> str:
         return f"<Connection {self.name} peer={self.peer_pid}{' closed' if self.closed else ''}>"
@@ -260,6 +381,11 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+        self._gone.set()
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Block until the connection is gone and its loss handled; False on timeout."""
+        return self._gone.wait(timeout)
 
     def close(self) -> None:
         """Close the connection; the reading thread then reports it to the handler once."""

@@ -1,9 +1,13 @@
 """The worker process: `python -m pydist.worker [--bind-to ADDR[:PORT]]`.
 
-It reads the cluster cookie from its first line of stdin, listens, prints
+It reads the cluster cookie from its first line of stdin (or `--cookie`), listens, prints
 `pydist_worker:<port>#<addr>` and serves connections until its master goes away or tells it
 to exit. If no master connects within `PYDIST_WORKER_TIMEOUT` seconds it exits, so a worker
-never outlives a master that died while starting it.
+never outlives a master that died while starting it. With `--exit-on-eof` (SSH workers) it
+also exits when its stdin closes: the ssh session that started it is gone.
+
+A worker also starts sibling workers on its host when asked (`launch_additional`): that is
+how `count > 1` workers per SSH host start with one ssh connection, as in Julia.
 """
 
 from __future__ import annotations
@@ -11,26 +15,32 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 import types
 
 from .calls import interrupt_running_calls, interruptible_sleep
-from .cluster import PGRP, _accept_connection, init_worker
-from .managers import worker_timeout
-from .transport import Listener
+from . import cluster
+from .cluster import PGRP, _accept_connection
+from .exceptions import LaunchWorkerError
+from .managers import WorkerOutput, worker_timeout
+from .transport import Listener, default_bind_addr
 
-__all__ = ["start_worker", "main"]
+__all__ = ["init_worker", "start_worker", "wait_for_shutdown", "launch_additional", "main"]
 
 # After the master is gone, how long a clean exit may take before we force it.
 EXIT_GRACE_SECONDS = 2.0
 
 
-def parse_bind_to(spec: str | None) -> tuple[str, int]:
-    """'ADDR', 'ADDR:PORT', '[IPv6]:PORT' -> (addr, port); port 0 means any free port."""
+def parse_bind_to(spec: str | None) -> tuple[str, int, bool]:
+    """'ADDR', 'ADDR:PORT', 'ADDR:[PORT]', '[IPv6]:PORT' -> (addr, port, is_hint). Port 0
+    means any free port; a hint ('[PORT]', DistributedNext's syntax) means the first free
+    port from PORT on, so that several workers can share one spec. No spec: see
+    `transport.default_bind_addr`."""
     if not spec:
-        return "127.0.0.1", 0
+        return default_bind_addr(), 0, False
     if spec.startswith("["):
         addr, _, rest = spec[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else ""
@@ -38,6 +48,7 @@ def parse_bind_to(spec: str | None) -> tuple[str, int]:
         addr, port = spec.split(":")
     else:
         addr, port = spec, ""
+    hint = port.startswith("[") and port.endswith("]")
     port = port.strip("[]")
     try:
         port_n = int(port) if port else 0
@@ -45,7 +56,19 @@ def parse_bind_to(spec: str | None) -> tuple[str, int]:
         raise ValueError(f"invalid port in --bind-to {spec!r}") from None
     if not 0 <= port_n <= 65535:
         raise ValueError(f"invalid port number in --bind-to {spec!r}")
-    return addr, port_n
+    return addr, port_n, hint and port_n > 0
+
+
+def _listen(addr: str, port: int, hint: bool, timeout: float) -> Listener:
+    """Listen on addr:port; with a port hint, on the first free port from `port` on."""
+    last = port + 1000 if hint else port
+    while True:
+        try:
+            return Listener(addr, port, PGRP.cookie_bytes, _accept_connection, timeout)
+        except OSError:
+            if port >= min(last, 65535):
+                raise
+            port += 1
 
 
 def _fresh_main() -> None:
@@ -59,9 +82,24 @@ def _on_sigint(signum, frame) -> None:
     interrupt_running_calls()
 
 
+def init_worker(cookie: str, manager=None) -> None:
+    """Make this process a worker that authenticates peers with `cookie`; SIGINT (the
+    master's `interrupt`) then interrupts running calls instead of the process. With a
+    `manager`, connections to other workers go through `manager.connect` (custom
+    transports). A custom-transport worker then calls `process_messages` and
+    `wait_for_shutdown`."""
+    cluster.init_worker(cookie, manager)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _on_sigint)
+    time.sleep = interruptible_sleep  # a sleeping remote call can be interrupted
+
+
 def start_worker(out=None, cookie: str | None = None, close_stdin: bool = True,
                  stderr_to_stdout: bool = True, bind_to: str | None = None) -> int:
-    """Serve as a worker until the master goes away; returns the exit code."""
+    """Serve as a worker until the master goes away; returns the exit code.
+
+    Reads the cookie from stdin unless given, listens on `bind_to` (default: see
+    `transport.default_bind_addr`), prints the address line to `out`, then serves."""
     out = sys.stdout if out is None else out
     if cookie is None:
         cookie = sys.stdin.readline().strip()
@@ -74,27 +112,107 @@ def start_worker(out=None, cookie: str | None = None, close_stdin: bool = True,
         os.dup2(1, 2)
     init_worker(cookie)
     _fresh_main()
-    addr, port = parse_bind_to(bind_to)
+    addr, port, hint = parse_bind_to(bind_to)
     timeout = worker_timeout()
-    listener = Listener(addr, port, PGRP.cookie_bytes, _accept_connection, timeout)
+    listener = _listen(addr, port, hint, timeout)
     PGRP.listener = listener
     listener.start()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_sigint)
-    time.sleep = interruptible_sleep  # a sleeping remote call can be interrupted
     print(f"pydist_worker:{listener.address[1]}#{addr}", file=out, flush=True)
 
-    if not PGRP.master_connected.wait(timeout):
-        print(f"Master process (id 1) could not connect within {timeout} seconds.\nexiting.",
-              file=sys.stderr, flush=True)
-        return 1
+    deadline = time.monotonic() + timeout
+    while not PGRP.master_connected.wait(0.2):
+        if PGRP.shutdown.is_set():  # e.g. stdin closed (--exit-on-eof)
+            return PGRP.exit_code
+        if time.monotonic() > deadline:
+            print(f"Master process (id 1) could not connect within {timeout} seconds.\nexiting.",
+                  file=sys.stderr, flush=True)
+            return 1
+    return wait_for_shutdown()
+
+
+def wait_for_shutdown() -> int:
+    """Block until the master tells this worker to exit or goes away; close every connection
+    and return the exit code (0 when told to exit). A custom-transport worker calls this
+    after `process_messages`."""
     while not PGRP.shutdown.wait(1.0):
         pass
-    listener.close()
+    if PGRP.listener is not None:
+        PGRP.listener.close()
     for w in list(PGRP.workers.values()):
         if w.conn is not None:
             w.conn.close()
     return PGRP.exit_code
+
+
+def _exit_on_stdin_eof() -> None:
+    """Shut down when stdin reaches end of file: whoever launched us (ssh) is gone."""
+
+    def watch() -> None:
+        try:
+            while sys.stdin.readline():
+                pass
+        except (OSError, ValueError):
+            pass
+        if not PGRP.shutdown.is_set():
+            PGRP.exit_code = 1
+            PGRP.shutdown.set()
+            try:  # our output went through that session too: it may be gone
+                print("pydist worker: stdin closed (the launching ssh session is gone), "
+                      "exiting.", file=sys.stderr, flush=True)
+            except (OSError, ValueError):
+                pass
+
+    threading.Thread(target=watch, name="pydist-stdin-watch", daemon=True).start()
+
+
+# ---------------------------------------------------------------- sibling workers (count > 1)
+_siblings: dict[int, WorkerOutput] = {}  # ospid -> output relay, for naming it later
+
+
+def launch_additional(n: int, exename: str, exeflags: list[str], bind_addr: str) -> list[tuple]:
+    """Run on a worker: start `n` more workers on this host, like Julia's
+    `launch_additional`; return each one's (addr, port, ospid). Their output is relayed
+    through ours; `name_additional` tells a relay which pid its worker got."""
+    addr, port, _ = parse_bind_to(bind_addr)
+    if port:  # a fixed port is the first worker's: the others take the next free ones
+        bind_addr = f"[{addr}]:[{port}]" if ":" in addr else f"{addr}:[{port}]"
+    cmd = [exename, *exeflags, "-m", "pydist.worker", "--bind-to", bind_addr]
+    procs = []
+    try:
+        for _ in range(n):
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append(proc)
+            proc.stdin.write(PGRP.cookie.encode() + b"\n")
+            proc.stdin.close()
+        relays = [WorkerOutput(p.stdout) for p in procs]
+        result = []
+        for proc, relay in zip(procs, relays):
+            addr, port = relay.wait_address(worker_timeout(), proc)
+            result.append((addr, port, proc.pid))
+    except BaseException as e:
+        for proc in procs:
+            proc.kill()
+        if isinstance(e, (LaunchWorkerError, OSError)):
+            raise LaunchWorkerError(f"worker {PGRP.id} could not start {n} more workers "
+                                    f"with {cmd}: {e}") from e
+        raise
+    for proc, relay in zip(procs, relays):
+        _siblings[proc.pid] = relay
+        threading.Thread(target=_reap, args=(proc,), name="pydist-reaper", daemon=True).start()
+    return result
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    proc.wait()
+    _siblings.pop(proc.pid, None)
+
+
+def name_additional(ospid: int, pid: int) -> None:
+    """Run on a worker: the sibling with OS pid `ospid` joined as worker `pid`."""
+    relay = _siblings.get(ospid)
+    if relay is not None:
+        relay.pid = pid
 
 
 def _force_exit_later(code: int) -> None:
@@ -111,9 +229,20 @@ def _force_exit_later(code: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pydist.worker",
                                      description="Run a pydist worker (the cookie is read from stdin).")
-    parser.add_argument("--bind-to", default=None, metavar="ADDR[:PORT]")
+    parser.add_argument("--bind-to", default=None, metavar="ADDR[:PORT]",
+                        help="address to listen on (default: the address ssh reached this "
+                             "host at, else the first non-loopback interface)")
+    parser.add_argument("--cookie", default=None,
+                        help="the cluster cookie (default: read from the first line of stdin)")
+    parser.add_argument("--exit-on-eof", action="store_true",
+                        help="exit when stdin closes (the launching ssh session is gone)")
     args = parser.parse_args(argv)
-    code = start_worker(bind_to=args.bind_to)
+    cookie = args.cookie
+    if args.exit_on_eof:
+        if cookie is None:
+            cookie = sys.stdin.readline().strip()
+        _exit_on_stdin_eof()
+    code = start_worker(bind_to=args.bind_to, cookie=cookie, close_stdin=not args.exit_on_eof)
     sys.stdout.flush()
     _force_exit_later(code)  # user threads must not keep an orphan alive
     sys.exit(code)

@@ -1,0 +1,360 @@
+"""SSHManager against real OpenSSH servers: sshd on 127.0.0.1:2222 and three "hosts" h1..h3
+(network namespaces with their own address, hostname and sshd), as `.ci/infra/up.sh` makes
+them. Without that infrastructure these tests skip (CI sets PYDIST_REQUIRE_INFRA=1, which
+turns the skip into a failure).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import pydist
+from pydist.cluster import PGRP
+from pydist.exceptions import LaunchWorkerError, RemoteException
+
+from conftest import pid_alive, wait_until
+
+INFRA = os.environ.get("PYDIST_INFRA_DIR", "/tmp/infra")
+SSH_CONFIG = os.path.join(INFRA, "ssh-client", "config")
+SSHFLAGS = ["-F", SSH_CONFIG]
+HOSTS = ["h1", "h2", "h3"]
+HOST_ADDR = {"h1": "10.200.0.1", "h2": "10.200.0.2", "h3": "10.200.0.3"}
+
+
+def _missing(reason: str):
+    if os.environ.get("PYDIST_REQUIRE_INFRA") == "1":
+        pytest.fail(f"required SSH infrastructure is missing: {reason}")
+    pytest.skip(f"{reason} (run `.ci/infra/up.sh` as root to create it)")
+
+
+def _ssh_ok(*target: str) -> bool:
+    try:
+        done = subprocess.run(["ssh", *SSHFLAGS, *target, "true"], stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def loopback_sshd():
+    """sshd on 127.0.0.1:2222."""
+    if not os.path.exists(SSH_CONFIG):
+        _missing(f"no ssh client config at {SSH_CONFIG}")
+    if not _ssh_ok("-p", "2222", "127.0.0.1"):
+        _missing("no sshd answering on 127.0.0.1:2222")
+    return "127.0.0.1:2222"
+
+
+@pytest.fixture(scope="session")
+def hosts(loopback_sshd):
+    """The namespace hosts h1..h3, each with its own sshd."""
+    for h in HOSTS:
+        if not _ssh_ok(h):
+            _missing(f"namespace host {h} is not reachable over ssh (network namespaces "
+                     "cannot be created here, or netns-up.sh was not run)")
+    return list(HOSTS)
+
+
+@pytest.fixture
+def ssh_workers():
+    """addprocs over ssh with the test client config; removes what it added at the end."""
+    made: list[int] = []
+
+    def add(machines, **kw) -> list[int]:
+        kw.setdefault("sshflags", SSHFLAGS)
+        try:
+            pids = pydist.addprocs(machines, **kw)
+        except BaseException as e:
+            made.extend(getattr(e, "added_pids", []))
+            raise
+        made.extend(pids)
+        return pids
+
+    yield add
+    alive = [p for p in made if p in pydist.procs()]
+    if alive:
+        pydist.rmprocs(alive, waitfor=60)
+
+
+def ssh_worker_processes() -> list[int]:
+    """OS pids of SSH-launched workers (all namespace hosts share our PID namespace)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"pydist.worker" in args and b"--exit-on-eof" in args and pid_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_ssh_worker_left_behind():
+    """After this module, every SSH worker it started -- including those whose launch
+    failed half-way -- is gone."""
+    before = set(ssh_worker_processes())
+    yield
+    wait_until(lambda: not set(ssh_worker_processes()) - before, timeout=60,
+               what="every SSH worker started by these tests to exit")
+
+
+def hostname_of(pid: int) -> str:
+    return pydist.remotecall_fetch(socket.gethostname, pid)
+
+
+def config_of(pid: int) -> pydist.WorkerConfig:
+    return PGRP.workers[pid].config
+
+
+def call_other(target: int) -> str:
+    """Run on a worker: call `target` (another worker) directly."""
+    return pydist.remotecall_fetch(socket.gethostname, target)
+
+
+def put_into(channel, value) -> None:
+    channel.put(value)
+
+
+def all_gone(ospids, procs=()) -> bool:
+    return not any(pid_alive(p) for p in ospids) and all(p.poll() is not None for p in procs)
+
+
+# ==================================================================== modes
+MODES = {
+    "plain": {},
+    "tunnel": {"tunnel": True},
+    "tunnel+multiplex": {"tunnel": True, "multiplex": True},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_workers_on_three_hosts(hosts, ssh_workers, mode):
+    pids = ssh_workers(hosts, **MODES[mode])
+    assert len(pids) == 3
+    by_host = {hostname_of(p): p for p in pids}
+    assert sorted(by_host) == HOSTS
+    for h, p in by_host.items():
+        config = config_of(p)
+        # Each worker listens on the address ssh reached its host at; others use it.
+        assert config.connect_at[0] == HOST_ADDR[h]
+        if mode == "plain":
+            assert config.forward is None
+        else:
+            lport, addr, port = config.forward.split(":")
+            assert (addr, int(port)) == config.connect_at
+            assert PGRP.workers[p].conn.sock.getpeername() == ("127.0.0.1", int(lport))
+    # Worker to worker, across hosts, without the master in the middle.
+    assert pydist.remotecall_fetch(call_other, by_host["h1"], by_host["h3"]) == "h3"
+    assert pydist.remotecall_fetch(call_other, by_host["h3"], by_host["h2"]) == "h2"
+    ch = pydist.RemoteChannel(lambda: pydist.Channel(4), by_host["h2"])
+    pydist.remotecall_fetch(put_into, by_host["h1"], ch, "from h1")
+    assert ch.take() == "from h1"
+
+    ospids = [config_of(p).ospid for p in pids]
+    sshs = [config_of(p).process for p in pids]
+    tunnels = [(config_of(p).userdata or {}).get("tunnel_proc") for p in pids]
+    assert all(pid_alive(o) for o in ospids)
+    pydist.rmprocs(pids, waitfor=60)
+    # Workers, their ssh sessions and our tunnels are all gone.
+    wait_until(lambda: all_gone(ospids, sshs + [t for t in tunnels if t]), timeout=30,
+               what="ssh workers, ssh clients and tunnels to exit")
+    if mode == "tunnel":
+        assert all(t is not None for t in tunnels)
+    else:
+        assert all(t is None for t in tunnels)
+
+
+def test_tunnel_reaches_a_worker_listening_on_its_hosts_loopback(hosts, ssh_workers):
+    # The worker listens on h1's own 127.0.0.1: only a tunnel reaches it.
+    [pid] = ssh_workers(["h1 127.0.0.1"], tunnel=True)
+    assert hostname_of(pid) == "h1"
+    assert config_of(pid).connect_at[0] == "127.0.0.1"
+    with pytest.raises(LaunchWorkerError, match="on host h1: could not connect to worker"):
+        ssh_workers(["h1 127.0.0.1"], timeout=20)
+
+
+# ==================================================================== several workers per host
+def parent_ospid() -> int:
+    return os.getppid()
+
+
+def test_count_and_auto_start_siblings_through_the_first_worker(hosts, ssh_workers, capsys):
+    pids = ssh_workers([("h1", 2), "auto*h2"])
+    hostnames = sorted(hostname_of(p) for p in pids)
+    ncpu = pydist.remotecall_fetch(os.cpu_count, pids[0])
+    assert hostnames == ["h1", "h1"] + ["h2"] * ncpu
+    on_h1 = sorted((p for p in pids if hostname_of(p) == "h1"),
+                   key=lambda p: config_of(p).process is None)
+    first, sibling = on_h1
+    assert config_of(first).process is not None and config_of(sibling).process is None
+    # The sibling was started by the first worker on its host, not by its own ssh.
+    assert pydist.remotecall_fetch(parent_ospid, sibling) == config_of(first).ospid
+    # Its output reaches us through the first worker, prefixed with its own id.
+    pydist.remotecall_fetch(print, sibling, "hello from the sibling")
+    wait_until(lambda: f"From worker {sibling}:\thello from the sibling"
+               in capsys.readouterr().out, timeout=30, what="the sibling's output")
+    assert pydist.remotecall_fetch(call_other, sibling, first) == "h1"
+
+
+# ==================================================================== failures
+def test_a_missing_host_does_not_abort_the_others(hosts, ssh_workers):
+    with pytest.raises(LaunchWorkerError) as info:
+        ssh_workers(["h1", "nohost.invalid", "h2"])
+    message = str(info.value)
+    assert "on host nohost.invalid" in message
+    assert "Could not resolve hostname" in message  # what ssh said
+    added = info.value.added_pids
+    assert sorted(hostname_of(p) for p in added) == ["h1", "h2"]
+    assert all(p in pydist.workers() for p in added)
+
+
+def test_bad_machine_strings_and_keywords_are_refused_before_launching(loopback_sshd):
+    n = pydist.nprocs()
+    with pytest.raises(ValueError, match="invalid port number"):
+        pydist.addprocs(["h1:99999"])
+    with pytest.raises(ValueError, match="invalid port format"):
+        pydist.addprocs(["h1:ssh"])
+    with pytest.raises(ValueError, match="invalid shell"):
+        pydist.addprocs(["h1"], shell="fish", sshflags=SSHFLAGS)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'restrict'"):
+        pydist.addprocs(["h1"], restrict=False)
+    assert pydist.nprocs() == n
+
+
+# ==================================================================== interrupt, removal, death
+def test_interrupt_over_ssh(hosts, ssh_workers):
+    [pid] = ssh_workers(["h3"])
+    fut = pydist.remotecall(time.sleep, pid, 60)
+    wait_until(lambda: not fut.isready(), timeout=5)
+    time.sleep(0.5)  # let the call start sleeping
+    t0 = time.monotonic()
+    pydist.interrupt(pid)
+    with pytest.raises(RemoteException) as info:
+        fut.fetch()
+    assert time.monotonic() - t0 < 20
+    assert "KeyboardInterrupt" in str(info.value)
+    assert hostname_of(pid) == "h3"  # the worker lives on
+
+
+MASTER = textwrap.dedent(
+    """
+    import json, sys, time
+    import pydist
+    from pydist.cluster import PGRP
+    pids = pydist.addprocs(sys.argv[1:], sshflags={sshflags!r})
+    info = {{"ospids": [PGRP.workers[p].config.ospid for p in pids],
+             "sshs": [PGRP.workers[p].config.process.pid for p in pids]}}
+    print(json.dumps(info), flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_master_killed_remote_workers_exit(hosts, tmp_path):
+    script = tmp_path / "master.py"
+    script.write_text(MASTER.format(sshflags=SSHFLAGS))
+    master = subprocess.Popen([sys.executable, str(script), "h1", "h2", "h3"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(master.stdout.readline())
+        assert len(info["ospids"]) == 3 and all(pid_alive(p) for p in info["ospids"])
+    finally:
+        master.kill()
+        master.wait()
+    wait_until(lambda: not any(pid_alive(p) for p in info["ospids"] + info["sshs"]),
+               timeout=30, what="remote workers and ssh clients to exit after the master died")
+
+
+def test_worker_exits_when_its_ssh_client_is_killed(hosts, ssh_workers, capfd):
+    [pid] = ssh_workers(["h2"])
+    config = config_of(pid)
+    config.process.kill()
+    wait_until(lambda: not pid_alive(config.ospid), timeout=30,
+               what="the worker to exit after its ssh client was killed")
+    wait_until(lambda: pid not in pydist.procs(), timeout=30, what="the master to notice")
+    assert f"Worker {pid} terminated." in capfd.readouterr().err
+
+
+# ==================================================================== machine strings, keywords
+def test_every_machine_string_form_over_real_ssh(hosts, ssh_workers):
+    user = getpass.getuser()
+    pids = ssh_workers([
+        "127.0.0.1:2222",                   # host:port
+        f"{user}@127.0.0.1:2222",           # user@host:port (same machine: counts add up)
+        "h3 10.200.0.3",                    # bind address
+        "h2 10.200.0.2:[9300]",             # bind address with a port hint
+        "2*h1",                             # count prefix
+    ])
+    names = sorted(hostname_of(p) for p in pids)
+    assert names == sorted([socket.gethostname()] * 2 + ["h3", "h2", "h1", "h1"])
+    ports = {hostname_of(p): config_of(p).connect_at for p in pids}
+    assert ports["h3"][0] == "10.200.0.3"
+    assert ports["h2"][0] == "10.200.0.2" and ports["h2"][1] >= 9300
+
+
+def worker_facts() -> dict:
+    with open("/proc/self/cmdline", "rb") as f:
+        cmdline = f.read().split(b"\0")
+    return {"cwd": os.getcwd(), "env": dict(os.environ), "exe": sys.executable,
+            "cookie_arg": b"--cookie" in cmdline}
+
+
+def test_dir_env_exename_and_cmdline_cookie(hosts, ssh_workers, monkeypatch, tmp_path):
+    monkeypatch.setenv("PYDIST_TEST_FORWARDED", "from the master")
+    monkeypatch.setenv("NOT_FORWARDED", "x")
+    [pid] = ssh_workers(["h1"], dir=str(tmp_path), env={"MY_VAR": "it's a \"value\" $HOME"},
+                        exename=sys.executable, cmdline_cookie=True)
+    facts = pydist.remotecall_fetch(worker_facts, pid)
+    assert facts["cwd"] == str(tmp_path)
+    assert facts["env"]["MY_VAR"] == "it's a \"value\" $HOME"
+    assert facts["env"]["PYDIST_TEST_FORWARDED"] == "from the master"
+    assert "NOT_FORWARDED" not in facts["env"]
+    assert facts["exe"] == sys.executable
+    assert facts["cookie_arg"] is True
+
+
+def test_max_parallel_one_and_the_ssh_keyword(hosts, ssh_workers):
+    import shutil
+
+    pids = ssh_workers(hosts, max_parallel=1, ssh=shutil.which("ssh"))
+    assert sorted(hostname_of(p) for p in pids) == HOSTS
+
+
+def test_sshmanager_object_and_its_repr(hosts, ssh_workers):
+    manager = pydist.SSHManager(["h1", ("h1", 2), "h2"])
+    assert "('h1', 3)" in repr(manager)  # counts of one machine add up, as in Julia
+    pids = ssh_workers(manager)
+    assert sorted(hostname_of(p) for p in pids) == ["h1", "h1", "h1", "h2"]
+
+
+def test_machine_file_on_the_command_line(hosts, tmp_path):
+    machines = tmp_path / "machines"
+    machines.write_text("# two hosts\nh1\n2*h2 10.200.0.2\n\n")
+    script = tmp_path / "script.py"
+    script.write_text(textwrap.dedent(
+        """
+        import socket
+        import pydist
+        names = [pydist.remotecall_fetch(socket.gethostname, p) for p in pydist.workers()]
+        print("HOSTS", ",".join(sorted(names)))
+        """))
+    env = dict(os.environ, PYDIST_SSHFLAGS=" ".join(SSHFLAGS))
+    done = subprocess.run([sys.executable, "-m", "pydist", "-p", "1", "--machine-file",
+                           str(machines), str(script)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    expected = ",".join(sorted([socket.gethostname(), "h1", "h2", "h2"]))
+    assert f"HOSTS {expected}" in done.stdout
