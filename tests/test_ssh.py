@@ -207,6 +207,8 @@ def test_count_and_auto_start_siblings_through_the_first_worker(hosts, ssh_worke
     wait_until(lambda: f"From worker {sibling}:\thello from the sibling"
                in capsys.readouterr().out, timeout=30, what="the sibling's output")
     assert pydist.remotecall_fetch(call_other, sibling, first) == "h1"
+    # procs(pid) groups processes by host.
+    assert pydist.procs(sibling) == sorted(on_h1)
 
 
 # ==================================================================== failures

@@ -56,10 +56,11 @@ def _add(kind: str, f: Callable, key: Hashable | None) -> Hashable:
         ) from None
     except ValueError:
         pass  # no signature to inspect (a builtin): trust it
+    auto = key is None
     with _lock:
-        if key is None:
-            key = f"{getattr(f, '__name__', 'callback')}-{next(_counter)}"
         registry = _registries[kind]
+        while key is None or (auto and key in registry):  # a user key may look like ours
+            key = f"{getattr(f, '__name__', 'callback')}-{next(_counter)}"
         if key in registry:
             raise ValueError(f"A callback function with key {key!r} already exists")
         registry[key] = f
