@@ -79,7 +79,7 @@ class ShellManager(ClusterManager):
         self.n = n
         self.procs: list[subprocess.Popen] = []
         self.registered: list[int] = []
-        self.deregistered: list[int] = []
+        self.ops: list[tuple[int, str]] = []
 
     def launch(self, params, launched, launch_ntfy):
         cmd = f"exec {params['exename']} -m pydist.worker --bind-to 127.0.0.1"
@@ -98,8 +98,8 @@ class ShellManager(ClusterManager):
     def manage(self, pid, config, op):
         if op == "register":
             self.registered.append(pid)
-        elif op == "deregister":
-            self.deregistered.append(pid)
+        else:
+            self.ops.append((pid, op))
         super().manage(pid, config, op)
 
     def cleanup(self):
@@ -122,7 +122,9 @@ def test_own_launch_command_over_the_default_tcp_transport(no_workers, capsys):
     wait_until(lambda: f"From worker {pids[1]}:\trelayed line" in capsys.readouterr().out,
                timeout=10, what="the relayed output")
     pydist.rmprocs(pids, waitfor=60)
-    assert sorted(manager.deregistered) == pids
+    # Each removed worker is deregistered, then finalized, once.
+    for pid in pids:
+        assert [op for p, op in manager.ops if p == pid] == ["deregister", "finalize"]
     wait_until(lambda: all(p.poll() is not None for p in manager.procs), timeout=30,
                what="the shell-launched workers to exit")
     manager.cleanup()

@@ -318,6 +318,11 @@ class ProcessGroup:
                 log.exception("pydist: error in a worker-removed listener")
         if self.is_master():
             callbacks.run_exited(pid, w.state)
+            if w.manager is not None:  # Julia calls this from the Worker's finalizer
+                try:
+                    w.manager.manage(pid, w.config, "finalize")
+                except Exception:
+                    log.exception("pydist: manage(finalize) failed for worker %d", pid)
         with self.lock:
             self.gone.add(pid)
             self.changed.notify_all()

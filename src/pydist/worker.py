@@ -170,12 +170,9 @@ _siblings: dict[int, WorkerOutput] = {}  # ospid -> output relay, for naming it 
 
 
 def launch_additional(n: int, exename: str, exeflags: list[str], bind_addr: str) -> list[tuple]:
-    """Run on a worker: start `n` more workers on this host, like Julia's
-    `launch_additional`; return each one's (addr, port, ospid). Their output is relayed
+    """Run on a worker: start `n` more workers on this host, listening on `bind_addr` (any
+    free port), like Julia's `launch_additional`; return each one's (addr, port, ospid). Their output is relayed
     through ours; `name_additional` tells a relay which pid its worker got."""
-    addr, port, _ = parse_bind_to(bind_addr)
-    if port:  # a fixed port is the first worker's: the others take the next free ones
-        bind_addr = f"[{addr}]:[{port}]" if ":" in addr else f"{addr}:[{port}]"
     cmd = [exename, *exeflags, "-m", "pydist.worker", "--bind-to", bind_addr]
     procs = []
     try:
