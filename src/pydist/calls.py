@@ -146,8 +146,10 @@ def call_fetch(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
         if ok:
             return value
         raise value
-    slot = call_async(pid, f, args, kwargs)
+    conn, slot = _send_call(pid, f, args, kwargs, None)
     try:
+        if conn is not None:
+            conn.wait_reply(lambda: slot.done)  # read the reply here if nobody else reads
         slot.wait()
     finally:
         if not slot.done:  # interrupted while waiting: forget the slot
@@ -163,6 +165,11 @@ def call_async(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
                callback: Callable | None = None):
     """Send `f(*args, **kwargs)` to `pid`; return the reply slot (`callback(slot)` runs in the
     reading thread when the reply lands: it must not block)."""
+    return _send_call(pid, f, args, kwargs, callback)[1]
+
+
+def _send_call(pid: int, f: Callable, args: tuple, kwargs: dict | None, callback):
+    """(connection or None if it is gone, reply slot) for a call of `f` sent to `pid`."""
     conn = PGRP.connection(pid)
     sid, slot = PGRP.new_slot(pid, callback)
     try:
@@ -170,10 +177,11 @@ def call_async(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
         conn.send(chunks)
     except ConnectionClosed:
         PGRP.fail_slot(sid, ProcessExitedException(pid))
+        return None, slot
     except BaseException:
         PGRP.slots.pop(sid, None)
         raise
-    return slot
+    return conn, slot
 
 
 def remote_do_internal(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = None) -> None:

@@ -238,6 +238,7 @@ class ProcessGroup:
                 raise RuntimeError(f"Error on {self.id} while connecting to peer {pid}: {e}") from e
             conn = transport.Connection(sock, HANDLER, f"worker {pid}")
             conn.peer_pid = pid
+            conn.serve_blocking = True  # a worker serves calls on every connection
             conn.send(protocol.encode_frame(protocol.IDENTIFY, a=self.id))
             self._attach(w, conn)
             conn.start()
@@ -505,6 +506,7 @@ def _dial_peer(pid: int) -> None:
 def _accept_connection(sock: socket.socket) -> None:
     """A worker's listener authenticated a new connection: serve it (JOIN or IDENTIFY first)."""
     conn = transport.Connection(sock, HANDLER, "incoming")
+    conn.serve_blocking = True  # a worker serves calls on every connection
     conn.start()
 
 

@@ -24,6 +24,7 @@ import hmac
 import mmap
 import os
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 
 from .exceptions import AuthenticationError, ProtocolError
@@ -210,7 +211,7 @@ class FrameDecoder:
         self._target_view: memoryview | None = None
         self._filled = 0
         self._direct = False
-        self._ready: list[Message] = []
+        self._ready: deque[Message] = deque()
         self._broken: ProtocolError | None = None
 
     # -- buffer interface --
@@ -239,7 +240,11 @@ class FrameDecoder:
             raise
 
     def next_message(self) -> Message | None:
-        return self._ready.pop(0) if self._ready else None
+        return self._ready.popleft() if self._ready else None
+
+    def has_message(self) -> bool:
+        """A complete message is waiting (already received, not yet taken)."""
+        return bool(self._ready)
 
     def feed(self, data: bytes) -> list[Message]:
         """Copy `data` in and return every message it completed."""
@@ -250,7 +255,7 @@ class FrameDecoder:
             buf[:n] = mv[:n]
             self.buffer_updated(n)
             mv = mv[n:]
-        out, self._ready = self._ready, []
+        out, self._ready = list(self._ready), deque()
         return out
 
     @property

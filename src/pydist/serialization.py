@@ -15,10 +15,12 @@ reference count) register a reducer with `register_reducer`; it may queue work i
 
 from __future__ import annotations
 
+import functools
 import io
 import pickle
 import sys
 import types
+import weakref
 from typing import Any, Callable
 
 PROTOCOL = 5
@@ -72,6 +74,82 @@ class _NeedsCloudpickle(Exception):
     pass
 
 
+# ---------------------------------------------------------------- functions sent by value
+# Pickling a function by value costs ~35 µs, ten times a call by reference. When nothing the
+# function can see has changed (its code, defaults, closure, and the globals it names are
+# modules, importable code or immutable scalars, all unchanged), the bytes cloudpickle made
+# last time are reused: the receiver unpickles exactly what a fresh pickling would give.
+_UNSTABLE = object()
+_SCALARS = frozenset({int, float, complex, str, bytes, bool, type(None)})
+_by_value_cache: "weakref.WeakKeyDictionary[types.FunctionType, tuple]" = weakref.WeakKeyDictionary()
+
+
+@functools.lru_cache(maxsize=4096)
+def _global_names(code: types.CodeType) -> tuple[str, ...]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names.update(_global_names(const))
+    return tuple(sorted(names))
+
+
+def _stable(value: Any, depth: int) -> Any:
+    """A fingerprint of `value` that changes whenever its pickle could, or _UNSTABLE."""
+    t = type(value)
+    if t in _SCALARS:
+        return (t, value)
+    if t is tuple:
+        parts = tuple(_stable(v, depth) for v in value)
+        return _UNSTABLE if _UNSTABLE in parts else parts
+    if t is types.ModuleType:
+        return ("module", id(value))
+    if t is types.FunctionType:
+        if _is_importable(value):
+            return ("ref", id(value))
+        return _fingerprint(value, depth - 1) if depth > 0 else _UNSTABLE
+    if (t is types.BuiltinFunctionType or isinstance(value, type)) and _is_importable(value):
+        return ("ref", id(value))
+    return _UNSTABLE
+
+
+def _fingerprint(f: types.FunctionType, depth: int = 2) -> Any:
+    if f.__dict__:
+        return _UNSTABLE
+    parts: list = [id(f.__code__), f.__qualname__, f.__module__, f.__doc__]
+    g = f.__globals__
+    for name in _global_names(f.__code__):
+        if name in g:
+            parts.append((name, _stable(g[name], depth)))
+    for cell in f.__closure__ or ():
+        try:
+            parts.append(_stable(cell.cell_contents, depth))
+        except ValueError:
+            parts.append("<empty cell>")
+    parts.append(_stable(f.__defaults__, depth))
+    kw = f.__kwdefaults__
+    parts.append(_stable(tuple(sorted(kw.items())), depth) if kw else None)
+    for part in parts:
+        if part is _UNSTABLE or (type(part) is tuple and _UNSTABLE in part):
+            return _UNSTABLE
+    return tuple(parts)
+
+
+def _pickled_by_value(f: types.FunctionType) -> bytes | None:
+    """cloudpickle's bytes for `f`, reused while its fingerprint holds; None if `f` sees
+    something mutable (then the whole message goes through cloudpickle, as before)."""
+    fp = _fingerprint(f)
+    if fp is _UNSTABLE:
+        return None
+    cached = _by_value_cache.get(f)
+    if cached is not None and cached[0] == fp:
+        return cached[1]
+    import cloudpickle
+
+    data = cloudpickle.dumps(f, protocol=PROTOCOL)
+    _by_value_cache[f] = (fp, data)
+    return data
+
+
 class _FastPickler(pickle.Pickler):
     def __init__(self, file, dest: int | None, buffer_callback=None):
         super().__init__(file, PROTOCOL, buffer_callback=buffer_callback)
@@ -82,7 +160,12 @@ class _FastPickler(pickle.Pickler):
         reducer = _reducers.get(type(obj))
         if reducer is not None:
             return reducer(obj, self)
-        if (type(obj) is types.FunctionType or isinstance(obj, type)) and not _is_importable(obj):
+        if type(obj) is types.FunctionType and not _is_importable(obj):
+            data = _pickled_by_value(obj)
+            if data is None:
+                raise _NeedsCloudpickle
+            return pickle.loads, (data,)
+        if isinstance(obj, type) and not _is_importable(obj):
             raise _NeedsCloudpickle
         return NotImplemented
 

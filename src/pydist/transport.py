@@ -1,10 +1,10 @@
 """Sockets: the authenticated connection to one peer, and the listener of a worker.
 
-A `Connection` is served by a small leader/follower group of threads. One thread at a time (the
-leader) reads frames and handles the cheap ones in place (results, reference counts). When a
-frame asks for work (a remote call), the leader hands the reading role to an idle follower
-(starting one if none is idle) and runs the work itself. So a call never waits behind another
-one, and the common sequential round trip has no thread hand-off at all on the serving side.
+A `Connection` has a reading role that one thread at a time holds: a caller waiting for its
+reply, a worker thread that has just answered a call, or the process's poller thread when
+data arrives while nobody is reading (see `_Poller`). Cheap frames (results, reference
+counts) are handled by whoever reads them; calls run in pool threads, so a call never waits
+behind another one, and on the common paths no thread wakes another.
 
 Writes go straight from the calling thread to the socket with `sendmsg` (header, body and
 out-of-band buffers in one system call, no copy). Concurrent writers combine: whoever holds the
@@ -21,6 +21,7 @@ import logging
 import select
 import socket
 import threading
+import time
 from collections import deque
 from typing import Callable, Protocol
 
@@ -248,8 +249,197 @@ def _sendmsg_all(sock: socket.socket, chunks: list) -> None:
             i += 1
 
 
+class _ThreadPool:
+    """Daemon threads that run connection work (calls, reads). Work goes straight to an idle
+    thread (the most recently idle first) or to a new one; a thread idle for
+    IDLE_THREAD_SECONDS exits. A thread may stay busy for long (a worker's reader), so
+    idle threads are handed work one by one, never through a shared queue."""
+
+    class _Idle:
+        __slots__ = ("wake", "fn")
+
+        def __init__(self) -> None:
+            self.wake = threading.Lock()
+            self.wake.acquire()
+            self.fn: Callable[[], None] | None = None
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_ThreadPool._Idle] = []
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        with self._lock:
+            idle = self._idle.pop() if self._idle else None
+        if idle is None:
+            threading.Thread(target=self._run, args=(fn,), name="pydist-task",
+                             daemon=True).start()
+            return
+        idle.fn = fn
+        idle.wake.release()
+
+    def _run(self, fn: Callable[[], None] | None) -> None:
+        me = self._Idle()
+        while True:
+            try:
+                fn()
+            except BaseException:  # work must never kill its thread silently
+                log.exception("pydist: internal error in a connection task")
+            fn = None  # do not keep the work (and its result) alive while idle
+            with self._lock:
+                self._idle.append(me)
+            if not me.wake.acquire(timeout=IDLE_THREAD_SECONDS):
+                with self._lock:
+                    if me in self._idle:
+                        self._idle.remove(me)
+                        return
+                me.wake.acquire()  # picked just as we timed out: the work is coming
+            fn, me.fn = me.fn, None
+
+
+POOL = _ThreadPool()
+
+
+class _Poller:
+    """One thread per process watching the sockets nobody is reading (epoll, one-shot).
+
+    A connection's reading role is held by at most one thread at a time. While nobody holds
+    it, the socket is armed here; when data arrives, this thread takes the role and reads
+    what is there without blocking (results are delivered in place, calls go to the pool).
+    A caller waiting for its reply takes the role itself and reads the reply directly, and a
+    worker thread that has just answered a call goes straight back to reading: on the
+    common paths, no other thread is woken at all.
+    """
+
+    EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT if hasattr(select, "epoll") else 0
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._conns: dict[int, "Connection"] = {}
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def register(self, conn: "Connection") -> None:
+        with self._lock:
+            self._conns[conn.fd] = conn
+            self._epoll.register(conn.fd, 0)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pydist-poller",
+                                                daemon=True)
+                self._thread.start()
+
+    def unregister(self, conn: "Connection") -> None:
+        with self._lock:
+            if self._conns.get(conn.fd) is conn:
+                del self._conns[conn.fd]
+                try:
+                    self._epoll.unregister(conn.fd)
+                except (OSError, ValueError):
+                    pass
+
+    def arm(self, conn: "Connection") -> None:
+        try:
+            self._epoll.modify(conn.fd, self.EVENTS)
+        except (OSError, ValueError):
+            pass  # closed meanwhile
+
+    def disarm(self, conn: "Connection") -> None:
+        try:
+            self._epoll.modify(conn.fd, 0)
+        except (OSError, ValueError):
+            pass
+
+    def _run(self) -> None:
+        poll = self._epoll.poll
+        while True:
+            try:
+                events = poll()
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                conn = self._conns.get(fd)
+                if conn is not None:
+                    conn._on_readable()
+
+
+class _Watchdog:
+    """Takes the reading role back from calls that run long (see `Connection._serve`).
+
+    It polls every millisecond while some call holds a lent role, and for a moment after
+    (so that a steady stream of short calls never has to wake it), then sleeps until the
+    next lend.
+    """
+
+    PROMOTE_AFTER = 0.001
+    LINGER = 0.05
+
+    def __init__(self) -> None:
+        self._watched: set["Connection"] = set()
+        self._wake = threading.Event()
+        self._sleeping = True
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: "Connection") -> None:
+        self._watched.add(conn)
+        if self._sleeping:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._run, name="pydist-watchdog",
+                                                    daemon=True)
+                    self._thread.start()
+            self._wake.set()
+
+    def _run(self) -> None:
+        idle_since = time.monotonic()
+        while True:
+            if self._watched:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > self.LINGER:
+                self._sleeping = True
+                self._wake.clear()
+                if not self._watched:
+                    self._wake.wait()
+                self._sleeping = False
+                idle_since = None
+                continue
+            _sleep(self.PROMOTE_AFTER)
+            now = time.monotonic()
+            for conn in list(self._watched):
+                if not conn._take_back_lent_role(now):
+                    self._watched.discard(conn)
+
+
+_sleep = time.sleep  # the real one (workers replace time.sleep with an interruptible one)
+WATCHDOG = _Watchdog()
+
+
+_poller: _Poller | None = None
+_poller_lock = threading.Lock()
+
+
+def _get_poller() -> _Poller | None:
+    global _poller
+    if _poller is None and hasattr(select, "epoll"):
+        with _poller_lock:
+            if _poller is None:
+                _poller = _Poller()
+    return _poller
+
+
 class Connection:
-    """An authenticated socket to one peer, served by a leader/follower thread group."""
+    """An authenticated socket to one peer.
+
+    Receiving: whoever holds the reading role (`_role`) reads frames and handles the cheap
+    ones in place; a frame that asks for work (a call) becomes a task. See `_Poller` for who
+    reads when. Sockets are read without any dedicated thread; stream pairs (custom
+    transports) get one reading thread.
+
+    Sending: straight from the calling thread with one `sendmsg` (header, body and buffers,
+    no copy); concurrent writers combine, whoever holds the write lock sends everything
+    queued so far.
+    """
 
     def __init__(self, sock: "socket.socket | StreamPair", handler: Handler, name: str):
         self.sock = sock
@@ -257,24 +447,32 @@ class Connection:
         self.name = name
         self.peer_pid: int | None = None
         self.closed = False
+        # After running a call, go straight back to reading (a worker's connections): the
+        # next call is then read by the thread that answered the last one.
+        self.serve_blocking = False
         self._decoder = protocol.FrameDecoder()
         self._outq: deque = deque()
         self._send_lock = threading.Lock()
-        self._leader = threading.Lock()
+        self._role = threading.Lock()
         self._state = threading.Lock()
-        self._idle = 0
         self._closed_reported = False
         self._gone = threading.Event()
+        self._lend_lock = threading.Lock()
+        self._lent_at = 0.0  # when the reading role was lent to a running call (0: not lent)
+        self._poller = _get_poller() if isinstance(sock, socket.socket) else None
+        self.fd = sock.fileno() if self._poller is not None else -1
 
     def __repr__(self) -> str:
         return f"<Connection {self.name} peer={self.peer_pid}{' closed' if self.closed else ''}>"
 
     def start(self) -> None:
         """Start serving incoming frames."""
-        self._spawn()
-
-    def _spawn(self) -> None:
-        threading.Thread(target=self._serve, name=f"pydist-{self.name}", daemon=True).start()
+        if self._poller is None:
+            threading.Thread(target=self._dedicated_reader, name=f"pydist-{self.name}",
+                             daemon=True).start()
+            return
+        self._poller.register(self)
+        self._poller.arm(self)
 
     # -- sending --
     def send(self, chunks: list) -> None:
@@ -311,50 +509,30 @@ class Connection:
             raise ConnectionClosed(f"connection to {self.name} lost: {e}") from e
 
     # -- receiving --
-    def _serve(self) -> None:
-        while True:
-            with self._state:
-                self._idle += 1
-            got = self._leader.acquire(timeout=IDLE_THREAD_SECONDS)
-            with self._state:
-                self._idle -= 1
-                if not got:
-                    if self._idle > 0 or self.closed:
-                        return
-                    continue
-            if self.closed:
-                self._leader.release()
-                return
-            task = self._lead()
-            if task is None:  # connection is dead
-                self._leader.release()
-                return
-            with self._state:
-                need_follower = self._idle == 0
-            if need_follower:
-                self._spawn()
-            self._leader.release()
-            try:
-                task()
-            except BaseException:  # a task must never kill its thread silently
-                log.exception("pydist: internal error in a task on %s", self.name)
-            task = None  # do not keep the call (and its result) alive while idle
-
-    def _lead(self) -> Callable[[], None] | None:
-        """Read and handle frames until one yields work; None once the connection is dead."""
+    def _read(self, blocking: bool, until: Callable[[], bool] | None = None):
+        """Read and handle frames (reading role held). Returns a task as soon as a frame
+        yields one; None when `until()` is true, when non-blocking and nothing is left to
+        read, or when the connection is dead (then `self.closed`)."""
         dec = self._decoder
-        recv_into = self.sock.recv_into
         on_message = self.handler.on_message
+        flags = 0 if blocking else socket.MSG_DONTWAIT
         while True:
             msg = dec.next_message()
             if msg is None:
+                if until is not None and until():
+                    return None
                 try:
-                    n = recv_into(dec.get_buffer())
+                    buf = dec.get_buffer()
+                    n = self.sock.recv_into(buf, 0, flags) if flags else self.sock.recv_into(buf)
                     if n == 0:
                         self._report_closed(None)
                         return None
                     dec.buffer_updated(n)
-                except Exception as e:  # OSError, ProtocolError, or a decoder bug: the stream is lost
+                except BlockingIOError:
+                    return None
+                except InterruptedError:
+                    continue
+                except Exception as e:  # OSError, ProtocolError, a decoder bug: the stream is lost
                     self._report_closed(e)
                     return None
                 continue
@@ -367,12 +545,133 @@ class Connection:
             if task is not None:
                 return task
 
+    def _take_role(self) -> bool:
+        if self._closed_reported or not self._role.acquire(False):
+            return False
+        if self._poller is not None:
+            self._poller.disarm(self)
+        return True
+
+    def _release_role(self) -> None:
+        """Give up the reading role: frames already received go to a pool thread, otherwise
+        the poller watches the socket again."""
+        pending = self._decoder.has_message()
+        self._role.release()
+        if self._closed_reported:
+            return
+        if pending or self.closed:  # closed: someone must read the end and report it
+            POOL.submit(self._drain)
+        elif self._poller is not None:
+            self._poller.arm(self)
+
+    def _on_readable(self) -> None:
+        """Poller thread: data arrived while nobody was reading. Read what is there."""
+        if self._take_role():
+            self._drain_taken()
+
+    def _drain(self) -> None:
+        if self._take_role():
+            self._drain_taken()
+
+    def _drain_taken(self) -> None:
+        """Read without blocking until nothing is left (role held); tasks go to the pool."""
+        try:
+            while True:
+                task = self._read(blocking=False)
+                if task is None:
+                    break
+                POOL.submit(self._task_runner(task))
+        finally:
+            self._release_role()
+
+    def _task_runner(self, task: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            task()
+            if self.serve_blocking:
+                self._serve()
+            else:
+                self._drain()
+        return run
+
+    def _serve(self) -> None:
+        """Read in this thread and run each call it yields here, for as long as this thread
+        can keep the reading role (a worker's thread after answering a call).
+
+        A call runs with the role *lent* to it: if it is still running after
+        `_Watchdog.PROMOTE_AFTER`, the watchdog takes the role back for others (so a call
+        that waits for another message never blocks the connection); if it finishes first,
+        this thread simply reads on, with no system call and no other thread involved.
+        """
+        if not self._take_role():
+            return
+        while True:
+            try:
+                task = self._read(blocking=True)
+            except BaseException:
+                self._release_role()
+                raise
+            if task is None:
+                self._release_role()
+                return
+            with self._lend_lock:
+                self._lent_at = time.monotonic()
+            WATCHDOG.watch(self)
+            try:
+                task()
+            except BaseException:
+                log.exception("pydist: internal error in a task on %s", self.name)
+            task = None
+            with self._lend_lock:
+                still_ours = self._lent_at != 0.0
+                self._lent_at = 0.0
+            if not still_ours:  # taken back while the call ran: read again if it is free
+                if not self._take_role():
+                    return
+
+    def _take_back_lent_role(self, now: float) -> bool:
+        """Watchdog: give the role lent to a long call back to the others. False if the call
+        is not lent any more (it finished)."""
+        with self._lend_lock:
+            if self._lent_at == 0.0:
+                return False
+            if now - self._lent_at < _Watchdog.PROMOTE_AFTER:
+                return True
+            self._lent_at = 0.0
+        self._release_role()
+        return False
+
+    def wait_reply(self, is_done: Callable[[], bool]) -> None:
+        """Read this connection in the calling thread until `is_done()`, if nobody else is
+        reading it (then there is no thread hand-off for the reply). Returns early, leaving
+        the caller to wait as usual, when another thread reads or the connection is dead."""
+        if self._poller is None or is_done() or not self._take_role():
+            return
+        try:
+            while not is_done():
+                task = self._read(blocking=True, until=is_done)
+                if task is not None:
+                    POOL.submit(self._task_runner(task))  # never run calls while waiting
+                elif self.closed:
+                    break
+        finally:
+            self._release_role()
+
+    def _dedicated_reader(self) -> None:
+        """Stream pairs: one thread holds the reading role for the connection's lifetime."""
+        with self._role:
+            while not self.closed:
+                task = self._read(blocking=True)
+                if task is not None:
+                    POOL.submit(task)
+
     def _report_closed(self, exc: BaseException | None) -> None:
         self.close()
         with self._state:
             if self._closed_reported:
                 return
             self._closed_reported = True
+        if self._poller is not None:
+            self._poller.unregister(self)
         try:
             self.handler.on_close(self, exc)
         except Exception:
@@ -388,7 +687,7 @@ class Connection:
         return self._gone.wait(timeout)
 
     def close(self) -> None:
-        """Close the connection; the reading thread then reports it to the handler once."""
+        """Close the connection; whoever reads it next reports it to the handler once."""
         if self.closed:
             return
         self.closed = True
@@ -396,6 +695,8 @@ class Connection:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        if not self._role.locked():
+            POOL.submit(self._drain)  # read the end and report the loss
 
 
 class Listener:
