@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 import threading
 import time
 
@@ -246,6 +247,32 @@ def test_functions_and_classes_defined_by_exec_in_a_main_like_namespace(two_work
         assert ospid != os.getpid()
         assert pydist.remotecall_fetch(ns["Acc"](5).add, w, 3) == 8
         assert pydist.remotecall(ns["square_plus"], w, 1).fetch(timeout=30)[0] == 3
+
+
+def test_functions_by_value_see_their_current_globals_closure_and_defaults(two_workers):
+    """Functions sent by value reuse their pickled bytes only while nothing they see changed."""
+    w = two_workers[0]
+    ns: dict = {"__name__": "__main__"}
+    exec(textwrap.dedent("""
+        scale = 2
+        items = [1]
+        def scaled(x): return x * scale
+        def count(): return len(items)
+        def default(a=3): return a
+        def make(v): return lambda: v
+    """), ns)
+    assert pydist.remotecall_fetch(ns["scaled"], w, 5) == 10
+    ns["scale"] = 3
+    assert pydist.remotecall_fetch(ns["scaled"], w, 5) == 15
+    assert pydist.remotecall_fetch(ns["count"], w) == 1
+    ns["items"].append(2)  # mutated in place: never served from the cache
+    assert pydist.remotecall_fetch(ns["count"], w) == 2
+    assert pydist.remotecall_fetch(ns["default"], w) == 3
+    ns["default"].__defaults__ = (4,)
+    assert pydist.remotecall_fetch(ns["default"], w) == 4
+    assert [pydist.remotecall_fetch(ns["make"](v), w) for v in (5, 6)] == [5, 6]
+    for _ in range(3):  # the same function, unchanged, again and again
+        assert pydist.remotecall_fetch(ns["scaled"], w, 1) == 3
 
 
 def test_builtin_function_and_bound_method(two_workers):
@@ -549,6 +576,49 @@ def test_many_master_threads_calling_concurrently(two_workers):
     assert not any(th.is_alive() for th in threads), "some caller threads hung"
     assert errors == []
     assert counts == [n_calls] * n_threads
+
+
+def test_one_caller_per_new_worker_while_workers_join(fresh_workers):
+    """Each fresh worker is called from its own thread right after it joins, while the master
+    still sends it start-up messages (a pool thread handed two pieces of work at once once
+    made one of them wait forever behind a worker's reading loop)."""
+    for _ in range(4):
+        pids = fresh_workers(3)
+        errors: list = []
+
+        def hit(p):
+            try:
+                for _ in range(100):
+                    assert pydist.remotecall_fetch(pydist.myid, p) == p
+            except BaseException as e:  # noqa: BLE001
+                errors.append(repr(e))
+
+        threads = [threading.Thread(target=hit, args=(p,), daemon=True) for p in pids]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=60)
+        assert not any(th.is_alive() for th in threads), "a caller hung"
+        assert errors == []
+        pydist.rmprocs(pids, waitfor=60)
+
+
+def call_that_waits_for_a_later_message(ch):
+    """Runs on a worker: blocks until the master's next call on the same connection puts."""
+    return ch.take()
+
+
+def test_a_call_waiting_for_the_next_message_on_its_connection(two_workers):
+    w = two_workers[0]
+    ch = pydist.RemoteChannel(lambda: pydist.Channel(1), w)
+    for i in range(20):  # the waiting call holds the reading role until it is taken back
+        fut = pydist.remotecall(call_that_waits_for_a_later_message, w, ch)
+        pydist.remotecall_fetch(put_into, w, ch, i)
+        assert fut.fetch(timeout=30) == i
+
+
+def put_into(ch, value):
+    ch.put(value)
 
 
 # ==================================================================== 8. many round trips

@@ -47,7 +47,6 @@ from .managers import (
     launch,
     manage,
 )
-from .sshmanager import SSHManager
 from .callbacks import (
     add_worker_exited_callback,
     add_worker_exiting_callback,
@@ -98,6 +97,16 @@ def init_worker(cookie: str, manager: ClusterManager | None = None) -> None:
     from .worker import init_worker as _init_worker
 
     _init_worker(cookie, manager)
+
+
+def __getattr__(name: str):
+    # SSHManager pulls in shlex, shutil, tempfile and getpass: imported on first use only,
+    # so that `import pydist` (and every worker's start) stays light.
+    if name == "SSHManager":
+        from .sshmanager import SSHManager
+
+        return SSHManager
+    raise AttributeError(f"module 'pydist' has no attribute {name!r}")
 
 
 __version__ = "0.1.0"

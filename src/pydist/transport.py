@@ -30,7 +30,7 @@ from .exceptions import AuthenticationError, ProtocolError
 
 log = logging.getLogger("pydist")
 
-# An idle follower thread exits after this many seconds if another one is still waiting.
+# An idle pool thread exits after this many seconds.
 IDLE_THREAD_SECONDS = 30.0
 _IOV_MAX = 512
 
