@@ -613,11 +613,11 @@ def test_a_call_waiting_for_the_next_message_on_its_connection(two_workers):
     ch = pydist.RemoteChannel(lambda: pydist.Channel(1), w)
     for i in range(20):  # the waiting call holds the reading role until it is taken back
         fut = pydist.remotecall(call_that_waits_for_a_later_message, w, ch)
-        pydist.remotecall_fetch(put_into, w, ch, i)
+        pydist.remotecall_fetch(put_value, w, ch, i)
         assert fut.fetch(timeout=30) == i
 
 
-def put_into(ch, value):
+def put_value(ch, value):
     ch.put(value)
 
 

@@ -22,6 +22,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 import weakref
 from typing import Any, Callable, Iterator, NamedTuple
 
@@ -185,9 +186,15 @@ def _start_flusher() -> None:
             _flusher = t
 
 
+# Count changes come in bursts (a loop fetching thousands of Futures): after the first one,
+# wait this long so that the burst goes out as a few messages instead of thousands.
+FLUSH_DELAY = 0.002
+
+
 def _flush_loop() -> None:
     while True:
         item = _deltas.get()
+        time.sleep(FLUSH_DELAY)
         batch = [item]
         try:
             while True:

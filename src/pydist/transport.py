@@ -16,6 +16,7 @@ hand-offs per round trip, about 50-80 µs here, against a ~125 µs raw floor. Se
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import select
@@ -380,6 +381,7 @@ class _Watchdog:
         self._thread: threading.Thread | None = None
 
     def watch(self, conn: "Connection") -> None:
+        """Called with the connection's lend lock held."""
         self._watched.add(conn)
         if self._sleeping:
             with self._lock:
@@ -388,6 +390,10 @@ class _Watchdog:
                                                     daemon=True)
                     self._thread.start()
             self._wake.set()
+
+    def unwatch(self, conn: "Connection") -> None:
+        """Called with the connection's lend lock held."""
+        self._watched.discard(conn)
 
     def _run(self) -> None:
         idle_since = time.monotonic()
@@ -407,8 +413,7 @@ class _Watchdog:
             _sleep(self.PROMOTE_AFTER)
             now = time.monotonic()
             for conn in list(self._watched):
-                if not conn._take_back_lent_role(now):
-                    self._watched.discard(conn)
+                conn._take_back_lent_role(now)
 
 
 _sleep = time.sleep  # the real one (workers replace time.sleep with an interruptible one)
@@ -574,15 +579,22 @@ class Connection:
             self._drain_taken()
 
     def _drain_taken(self) -> None:
-        """Read without blocking until nothing is left (role held); tasks go to the pool."""
+        """Read without blocking until nothing is left (role held); tasks go to the pool.
+        On a serving connection the first task goes to a pool thread *with the role*: that
+        thread runs it, then reads on (`_serve`), so a stream of calls costs one hand-off."""
         try:
             while True:
                 task = self._read(blocking=False)
                 if task is None:
                     break
+                if self.serve_blocking:
+                    POOL.submit(functools.partial(self._serve, task))
+                    return  # the role went with the task
                 POOL.submit(self._task_runner(task))
-        finally:
+        except BaseException:
             self._release_role()
+            raise
+        self._release_role()
 
     def _task_runner(self, task: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -593,29 +605,31 @@ class Connection:
                 self._drain()
         return run
 
-    def _serve(self) -> None:
+    def _serve(self, task: Callable[[], None] | None = None) -> None:
         """Read in this thread and run each call it yields here, for as long as this thread
-        can keep the reading role (a worker's thread after answering a call).
+        can keep the reading role (a worker's thread after answering a call). With a `task`,
+        the role is already held and that call runs first.
 
         A call runs with the role *lent* to it: if it is still running after
         `_Watchdog.PROMOTE_AFTER`, the watchdog takes the role back for others (so a call
         that waits for another message never blocks the connection); if it finishes first,
         this thread simply reads on, with no system call and no other thread involved.
         """
-        if not self._take_role():
+        if task is None and not self._take_role():
             return
         while True:
-            try:
-                task = self._read(blocking=True)
-            except BaseException:
-                self._release_role()
-                raise
             if task is None:
-                self._release_role()
-                return
-            with self._lend_lock:
+                try:
+                    task = self._read(blocking=True)
+                except BaseException:
+                    self._release_role()
+                    raise
+                if task is None:
+                    self._release_role()
+                    return
+            with self._lend_lock:  # lend and watch at once (see _take_back_lent_role)
                 self._lent_at = time.monotonic()
-            WATCHDOG.watch(self)
+                WATCHDOG.watch(self)
             try:
                 task()
             except BaseException:
@@ -631,12 +645,14 @@ class Connection:
     def _take_back_lent_role(self, now: float) -> bool:
         """Watchdog: give the role lent to a long call back to the others. False if the call
         is not lent any more (it finished)."""
-        with self._lend_lock:
+        with self._lend_lock:  # so that a new lend cannot slip between check and unwatch
             if self._lent_at == 0.0:
+                WATCHDOG.unwatch(self)
                 return False
             if now - self._lent_at < _Watchdog.PROMOTE_AFTER:
                 return True
             self._lent_at = 0.0
+            WATCHDOG.unwatch(self)
         self._release_role()
         return False
 
