@@ -37,8 +37,9 @@ class _Running:
         self.lock = threading.Lock()
         self.active = True
         self.interrupted = False
-        self.cancel = threading.Lock()  # released by interrupt; wakes an interruptible sleep
-        self.cancel.acquire()
+        # Made by the first interruptible sleep (most calls never sleep); released by
+        # interrupt, which wakes that sleep.
+        self.cancel: threading.Lock | None = None
 
 
 _running: dict[int, _Running] = {}
@@ -101,7 +102,8 @@ def interrupt_running_calls() -> int:
             if not rec.active or rec.interrupted:
                 continue
             rec.interrupted = True
-            rec.cancel.release()
+            if rec.cancel is not None:
+                rec.cancel.release()
             _set_async_exc(tid, KeyboardInterrupt)
             n += 1
     return n
@@ -117,7 +119,14 @@ def interruptible_sleep(seconds: float) -> None:
         return _original_sleep(seconds)
     if seconds < 0:
         raise ValueError("sleep length must be non-negative")
-    if rec.cancel.acquire(timeout=seconds):
+    with rec.lock:
+        if rec.interrupted:
+            raise KeyboardInterrupt
+        if rec.cancel is None:
+            rec.cancel = threading.Lock()
+            rec.cancel.acquire()
+        cancel = rec.cancel
+    if cancel.acquire(timeout=seconds):
         raise KeyboardInterrupt
 
 

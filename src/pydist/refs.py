@@ -64,34 +64,47 @@ def _new_rrid() -> RRID:
 
 # ==================================================================== owner side
 class _Cell:
-    """A Future's value on its owner: written once, waited for by any number of threads."""
+    """A Future's value on its owner: written once, waited for by any number of threads.
+    (Most are set before anyone waits: the Event waiters sleep on is made only if needed.)"""
 
-    __slots__ = ("_cond", "done", "ok", "value", "_callbacks")
+    __slots__ = ("_lock", "_event", "done", "ok", "value", "_callbacks")
 
     def __init__(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._event: threading.Event | None = None
         self.done = False
         self.ok = True
         self.value: Any = None
-        self._callbacks: list[Callable[["_Cell"], None]] = []
+        self._callbacks: list[Callable[["_Cell"], None]] | None = None
 
     def set(self, ok: bool, value: Any) -> None:
-        with self._cond:
+        with self._lock:
             if self.done:
                 raise InvalidStateError("Future can be set only once")
             self.ok, self.value, self.done = ok, value, True
-            self._cond.notify_all()
-            callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
+            event, callbacks, self._callbacks = self._event, self._callbacks, None
+        if event is not None:
+            event.set()
+        for cb in callbacks or ():
             cb(self)
 
     def wait(self, timeout: float | None = None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: self.done, timeout)
+        if self.done:
+            return True
+        with self._lock:
+            if self.done:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        event.wait(timeout)
+        return self.done
 
     def on_done(self, cb: Callable[["_Cell"], None]) -> None:
-        with self._cond:
+        with self._lock:
             if not self.done:
+                if self._callbacks is None:
+                    self._callbacks = []
                 self._callbacks.append(cb)
                 return
         cb(self)
