@@ -399,6 +399,10 @@ class Future(AbstractRemoteRef):
             self._complete(_VALUE if cell.ok else _ERROR, cell.value)
             return
         if self._latch is not None:
+            if timeout is None:  # read the push here if nobody else reads that connection
+                w = PGRP.workers.get(self.where)
+                if w is not None and w.conn is not None:
+                    w.conn.wait_reply(lambda: self._state != _PENDING)
             latch = self._latch
             if not latch.acquire(timeout=-1 if timeout is None else timeout):
                 raise TimeoutError(f"Future not ready after {timeout} seconds")
