@@ -289,11 +289,23 @@ class FrameDecoder:
             self._start, self._end = 0, n
 
     def _process(self) -> None:
+        header = _HEADER.unpack_from
         while True:
             avail = self._end - self._start
             if self._state == _S_HEADER:
                 if avail < HEADER_LEN:
                     return
+                # Fast path: a frame without buffers whose body is all here (most frames).
+                magic, kind, flags, nbufs, body_len, a, b, c = header(self._staging, self._start)
+                if (not nbufs and avail - HEADER_LEN >= body_len and magic == FRAME_MAGIC
+                        and kind in KIND_NAMES and not flags & ~_KNOWN_FLAGS):
+                    start = self._start + HEADER_LEN
+                    self._start = start + body_len
+                    self._ready.append(
+                        Message(kind, flags, a, b, c, bytes(self._view[start:self._start])))
+                    if self._start == self._end:
+                        self._start = self._end = 0
+                    continue
                 self._parse_header()
             elif self._state == _S_LENGTHS:
                 need = 8 * len(self._lengths)
