@@ -689,13 +689,19 @@ class Connection:
         if self._poller is not None:
             self._poller.unregister(self)
         try:
-            self.handler.on_close(self, exc)
-        except Exception:
-            log.exception("pydist: error while handling the loss of %s", self.name)
-        try:
             self.sock.close()
         except OSError:
             pass
+        if self._poller is not None and threading.current_thread() is self._poller._thread:
+            POOL.submit(lambda: self._handle_loss(exc))  # user callbacks may run there
+        else:
+            self._handle_loss(exc)
+
+    def _handle_loss(self, exc: BaseException | None) -> None:
+        try:
+            self.handler.on_close(self, exc)
+        except Exception:
+            log.exception("pydist: error while handling the loss of %s", self.name)
         self._gone.set()
 
     def wait_closed(self, timeout: float | None = None) -> bool:
