@@ -749,13 +749,19 @@ def _addprocs_locked(manager: ClusterManager, params: dict) -> list[int]:
     errors: list[BaseException] = []
     setups: list[threading.Thread] = []
 
-    def setup(config: WorkerConfig) -> None:
+    def add(config: WorkerConfig) -> int | None:
         try:
             pid = _create_worker(manager, config, params)
         except BaseException as e:
             errors.append(e)
-            return
+            return None
         new_pids.append(pid)
+        return pid
+
+    def setup(config: WorkerConfig) -> None:
+        pid = add(config)
+        if pid is None:
+            return
         count = config.count
         if count == "auto":
             count = PGRP.workers[pid].cpu_threads or 1
@@ -773,12 +779,9 @@ def _addprocs_locked(manager: ClusterManager, params: dict) -> list[int]:
                 t.join()
 
     def setup_additional(first: int, config: WorkerConfig) -> None:
-        try:
-            pid = _create_worker(manager, config, params)
-        except BaseException as e:
-            errors.append(e)
+        pid = add(config)
+        if pid is None:
             return
-        new_pids.append(pid)
         from .calls import remote_do_internal
         from .worker import name_additional
 

@@ -32,6 +32,7 @@ from .managers import (
     WorkerConfig,
     read_worker_address,
     reap,
+    worker_env,
     worker_timeout,
 )
 
@@ -265,13 +266,8 @@ class SSHManager(ClusterManager):
         cmdline_cookie = bool(params.get("cmdline_cookie"))
         if cmdline_cookie:
             args += ["--cookie", cluster_cookie()]
-        env = {k: v for k, v in os.environ.items() if k.startswith("PYDIST_")}
-        env["PYDIST_WORKER_TIMEOUT"] = str(params.get("timeout") or worker_timeout())
-        env["PYTHONUNBUFFERED"] = "1"
-        if not params.get("enable_threaded_blas", False):
-            for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-                env[var] = "1"
-        env.update(params.get("env") or {})
+        env = worker_env(params, base={k: v for k, v in os.environ.items()
+                                       if k.startswith("PYDIST_")})
         exename = params.get("exename") or "python3"
         remote = remote_command(params.get("shell") or "posix", exename, args,
                                 params.get("dir"), env)
