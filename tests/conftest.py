@@ -39,8 +39,13 @@ def fresh_workers():
     """A factory of new workers owned by one test, removed at its end."""
     made: list[int] = []
 
-    def make(n: int = 1, **kw) -> list[int]:
-        pids = pydist.addprocs(n, **kw)
+    def make(n=1, **kw) -> list[int]:
+        """addprocs(n, **kw); `n` may be anything addprocs takes (a list of machines...)."""
+        try:
+            pids = pydist.addprocs(n, **kw)
+        except BaseException as e:
+            made.extend(getattr(e, "added_pids", []))  # the workers that did start
+            raise
         made.extend(pids)
         return pids
 

@@ -67,24 +67,14 @@ def hosts(loopback_sshd):
 
 
 @pytest.fixture
-def ssh_workers():
+def ssh_workers(fresh_workers):
     """addprocs over ssh with the test client config; removes what it added at the end."""
-    made: list[int] = []
 
     def add(machines, **kw) -> list[int]:
         kw.setdefault("sshflags", SSHFLAGS)
-        try:
-            pids = pydist.addprocs(machines, **kw)
-        except BaseException as e:
-            made.extend(getattr(e, "added_pids", []))
-            raise
-        made.extend(pids)
-        return pids
+        return fresh_workers(machines, **kw)
 
-    yield add
-    alive = [p for p in made if p in pydist.procs()]
-    if alive:
-        pydist.rmprocs(alive, waitfor=60)
+    return add
 
 
 def ssh_worker_processes() -> list[int]:

@@ -642,19 +642,18 @@ class Connection:
                 if not self._take_role():
                     return
 
-    def _take_back_lent_role(self, now: float) -> bool:
-        """Watchdog: give the role lent to a long call back to the others. False if the call
-        is not lent any more (it finished)."""
+    def _take_back_lent_role(self, now: float) -> None:
+        """Watchdog: give the role lent to a long call back to the others; stop watching
+        once the call is not lent any more."""
         with self._lend_lock:  # so that a new lend cannot slip between check and unwatch
             if self._lent_at == 0.0:
                 WATCHDOG.unwatch(self)
-                return False
+                return
             if now - self._lent_at < _Watchdog.PROMOTE_AFTER:
-                return True
+                return
             self._lent_at = 0.0
             WATCHDOG.unwatch(self)
         self._release_role()
-        return False
 
     def wait_reply(self, is_done: Callable[[], bool]) -> None:
         """Read this connection in the calling thread until `is_done()`, if nobody else is
