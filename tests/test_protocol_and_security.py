@@ -563,7 +563,20 @@ def worker_address(pid: int) -> tuple[str, int]:
     return host, int(port)
 
 
-def raw_connect(pid: int) -> socket.socket:
+@pytest.fixture(params=["tcp", "unix"])
+def via(request) -> str:
+    """Which of a worker's two listening sockets a raw client uses: TCP, or its local Unix
+    twin (transport.local_socket_name); both must refuse the same way."""
+    return request.param
+
+
+def raw_connect(pid: int, via: str = "tcp") -> socket.socket:
+    if via == "unix":
+        host, port = worker_address(pid)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(transport.local_socket_name(host, port, pydist.cluster_cookie().encode()))
+        return s
     s = socket.create_connection(worker_address(pid), timeout=5)
     s.settimeout(5)
     return s
@@ -609,12 +622,12 @@ def assert_serves(pid: int) -> None:
     assert time.monotonic() - t0 < 5
 
 
-def test_worker_closes_on_random_bytes(two_workers):
+def test_worker_closes_on_random_bytes(two_workers, via):
     pid = two_workers[0]
     junk = os.urandom(64)
     while junk.startswith(protocol.HANDSHAKE_MAGIC[:2]):
         junk = os.urandom(64)
-    with raw_connect(pid) as s:
+    with raw_connect(pid, via) as s:
         s.sendall(junk)
         assert read_until_closed(s) == b""  # refused before any challenge was sent
     assert_serves(pid)
@@ -628,12 +641,12 @@ def test_worker_refuses_wrong_cookie(two_workers):
     assert_serves(pid)
 
 
-def test_worker_denies_wrong_cookie_proof_and_runs_nothing(two_workers, tmp_path):
+def test_worker_denies_wrong_cookie_proof_and_runs_nothing(two_workers, via, tmp_path):
     """A client that ignores the challenge check and sends a proof made with a wrong cookie,
     then a call: the worker says no and never runs the call."""
     pid = two_workers[0]
     marker = tmp_path / "after-bad-proof"
-    with raw_connect(pid) as s:
+    with raw_connect(pid, via) as s:
         nonce_i = protocol.new_nonce()
         s.sendall(protocol.encode_hello(nonce_i))
         challenge = recv_exact(s, protocol.CHALLENGE_LEN)
@@ -650,23 +663,23 @@ def test_worker_denies_wrong_cookie_proof_and_runs_nothing(two_workers, tmp_path
     assert not marker.exists()
 
 
-def test_worker_refuses_frame_before_handshake(two_workers, tmp_path):
+def test_worker_refuses_frame_before_handshake(two_workers, via, tmp_path):
     """A well-formed frame sent instead of HELLO is refused unread: nothing is unpickled
     before authentication."""
     pid = two_workers[0]
     marker = tmp_path / "pre-auth-call"
-    with raw_connect(pid) as s:
+    with raw_connect(pid, via) as s:
         s.sendall(touch_frame(marker))
         assert read_until_closed(s) == b""
     assert_serves(pid)  # the worker has had time to run it, had it accepted it
     assert not marker.exists()
 
 
-def test_worker_refuses_frame_instead_of_proof(two_workers, tmp_path):
+def test_worker_refuses_frame_instead_of_proof(two_workers, via, tmp_path):
     """Mid-handshake: a frame sent in place of the PROOF is refused too."""
     pid = two_workers[0]
     marker = tmp_path / "mid-handshake-call"
-    with raw_connect(pid) as s:
+    with raw_connect(pid, via) as s:
         s.sendall(protocol.encode_hello(protocol.new_nonce()))
         recv_exact(s, protocol.CHALLENGE_LEN)
         try:
@@ -678,10 +691,10 @@ def test_worker_refuses_frame_instead_of_proof(two_workers, tmp_path):
     assert not marker.exists()
 
 
-def test_worker_refuses_other_protocol_version(two_workers):
+def test_worker_refuses_other_protocol_version(two_workers, via):
     pid = two_workers[0]
     cookie = pydist.cluster_cookie().encode()
-    with raw_connect(pid) as s:
+    with raw_connect(pid, via) as s:
         nonce_i = protocol.new_nonce()
         s.sendall(struct.pack("<8sH32s", protocol.HANDSHAKE_MAGIC, protocol.PROTOCOL_VERSION + 1, nonce_i))
         challenge = recv_exact(s, protocol.CHALLENGE_LEN)
@@ -694,13 +707,13 @@ def test_worker_refuses_other_protocol_version(two_workers):
     assert_serves(pid)
 
 
-def test_slow_clients_do_not_block_the_worker(two_workers):
+def test_slow_clients_do_not_block_the_worker(two_workers, via):
     """Clients that connect and send nothing (or half a HELLO) hold no lock the worker needs:
     calls keep being served and new peers can still authenticate."""
     pid = two_workers[0]
     host, port = worker_address(pid)
-    idle = [raw_connect(pid) for _ in range(4)]
-    partial = raw_connect(pid)
+    idle = [raw_connect(pid, via) for _ in range(4)]
+    partial = raw_connect(pid, via)
     partial.sendall(protocol.encode_hello(protocol.new_nonce())[:10])
     try:
         for _ in range(3):

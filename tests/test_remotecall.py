@@ -22,6 +22,7 @@ import pytest
 
 import pydist
 from conftest import wait_until, worker_ospid
+from pydist.cluster import PGRP
 
 
 # ==================================================================== helpers run on workers
@@ -619,6 +620,35 @@ def test_a_call_waiting_for_the_next_message_on_its_connection(two_workers):
 
 def put_value(ch, value):
     ch.put(value)
+
+
+def test_a_reply_queued_behind_a_long_call_is_not_held_by_it(two_workers):
+    """A worker that has received several calls at once lets their replies leave together
+    (Connection.send_reply); a reply must still not wait for a long call queued after it."""
+    w = two_workers[0]
+    conn = PGRP.connection(w)
+    futures: dict[str, pydist.Future] = {}
+
+    def submit(name, f, *args):
+        futures[name] = pydist.remotecall(f, w, *args)
+
+    for _ in range(2):
+        futures.clear()
+        # Hold the send lock, so that both calls queue and leave in one write (the worker
+        # then reads them together): first a quick one, then a long one.
+        with conn._send_lock:
+            quick = threading.Thread(target=submit, args=("quick", pydist.myid))
+            quick.start()
+            wait_until(lambda: len(conn._outq) == 1, timeout=10, what="the quick call to queue")
+            slow = threading.Thread(target=submit, args=("slow", time.sleep, 3))
+            slow.start()
+            wait_until(lambda: len(conn._outq) == 2, timeout=10, what="the slow call to queue")
+        quick.join(10)
+        slow.join(10)
+        t0 = time.monotonic()
+        assert futures["quick"].fetch(timeout=30) == w
+        assert time.monotonic() - t0 < 1.5, "the quick call's reply waited for the slow call"
+        assert futures["slow"].fetch(timeout=30) is None
 
 
 # ==================================================================== 8. many round trips

@@ -181,6 +181,11 @@ def parent_ospid() -> int:
     return os.getppid()
 
 
+def family_to(pid: int) -> str:
+    """The address family of this process's connection to `pid`."""
+    return PGRP.connection(pid).sock.family.name
+
+
 def test_count_and_auto_start_siblings_through_the_first_worker(hosts, ssh_workers, capsys):
     pids = ssh_workers([("h1", 2), "auto*h2"])
     hostnames = sorted(hostname_of(p) for p in pids)
@@ -197,6 +202,13 @@ def test_count_and_auto_start_siblings_through_the_first_worker(hosts, ssh_worke
     wait_until(lambda: f"From worker {sibling}:\thello from the sibling"
                in capsys.readouterr().out, timeout=30, what="the sibling's output")
     assert pydist.remotecall_fetch(call_other, sibling, first) == "h1"
+    # Workers in one network namespace talk over their local Unix sockets; across hosts,
+    # and from the master (in another namespace), over TCP.
+    on_h2 = next(p for p in pids if hostname_of(p) == "h2")
+    assert pydist.remotecall_fetch(call_other, sibling, on_h2) == "h2"
+    assert pydist.remotecall_fetch(family_to, sibling, first) == "AF_UNIX"
+    assert pydist.remotecall_fetch(family_to, sibling, on_h2) == "AF_INET"
+    assert family_to(sibling) == family_to(first) == "AF_INET"
     # procs(pid) groups processes by host.
     assert pydist.procs(sibling) == sorted(on_h1)
 

@@ -236,7 +236,7 @@ def send_reply(conn: Connection, sid: int, ok: bool, value: Any) -> None:
             PGRP.id, CapturedException(err, f"{type(err).__name__}: {err}\n"))
         body, buffers = serialization.dumps_inline(value), []
     try:
-        conn.send(protocol.encode_frame(protocol.RESULT, body, buffers, a=sid,
+        conn.send_reply(protocol.encode_frame(protocol.RESULT, body, buffers, a=sid,
                                         flags=0 if ok else protocol.FLAG_ERROR))
     except ConnectionClosed:
         pass  # the caller is gone; nobody is waiting

@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from . import transport
 from .exceptions import LaunchWorkerError
 
 log = logging.getLogger("pydist")
@@ -277,9 +278,13 @@ def _strip_user(host: str | None) -> str | None:
 
 
 def connect_tcp(pid: int, host: str, port: int) -> socket.socket:
-    """A TCP connection to worker `pid`, or LaunchWorkerError saying where it failed."""
+    """A connection to worker `pid` listening on TCP `host:port` -- through the worker's
+    local Unix socket when it runs in this network namespace (`transport.open_connection`)
+    -- or LaunchWorkerError saying where it failed."""
     try:
-        return socket.create_connection((host, port), timeout=worker_timeout())
+        from .cluster import PGRP
+
+        return transport.open_connection(host, port, PGRP.cookie_bytes(), worker_timeout())
     except OSError as e:
         raise LaunchWorkerError(f"could not connect to worker {pid} at {host}:{port}: {e}") from e
 

@@ -118,7 +118,7 @@ def _finish(conn: Connection, rrid: RRID, cell: _Cell, ok: bool, value: Any) -> 
         # Not picklable: say "done"; a fetch will then report why it cannot be sent.
         flags, body = protocol.FLAG_NOVALUE, b""
     try:
-        conn.send(protocol.encode_frame(protocol.PUSH, body, a=rrid.whence, b=rrid.id, flags=flags))
+        conn.send_reply(protocol.encode_frame(protocol.PUSH, body, a=rrid.whence, b=rrid.id, flags=flags))
     except ConnectionClosed:
         pass
 

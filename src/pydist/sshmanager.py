@@ -30,6 +30,7 @@ from .exceptions import LaunchWorkerError
 from .managers import (
     ClusterManager,
     WorkerConfig,
+    connect_tcp,
     read_worker_address,
     reap,
     worker_env,
@@ -313,11 +314,9 @@ class SSHManager(ClusterManager):
         self._gone.setdefault(pid, threading.Event())
         if not config.tunnel:
             try:
-                return socket.create_connection((connect_host, port), timeout=worker_timeout())
-            except OSError as e:
-                raise LaunchWorkerError(
-                    f"on host {host}: could not connect to worker {pid} at {connect_host}:{port}: {e}"
-                ) from e
+                return connect_tcp(pid, connect_host, port)
+            except LaunchWorkerError as e:
+                raise LaunchWorkerError(f"on host {host}: {e}") from e
         return self._connect_through_tunnel(pid, config, target, config.bind_addr, port)
 
     def _connect_through_tunnel(self, pid: int, config: WorkerConfig, target: str,
