@@ -286,6 +286,55 @@ def test_numpy_array_round_trips_out_of_band():
     assert np.frombuffer(msgs[0].buffers[0], dtype=np.float64)[0] == -1.0
 
 
+class _DumpsInside:
+    """Pickles by calling `serialization.dumps` itself (a reducer that re-enters it)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        body, bufs, _ = serialization.dumps(self.value, oob=False)
+        return (pickle.loads, (body,))
+
+
+def test_reused_picklers_start_clean_every_time():
+    """`dumps` reuses its picklers: nothing of one call (memo, buffers, context, a failure
+    half-way) may leak into the next, re-entered or concurrent call."""
+    big = np.arange(200_000, dtype=np.float64)
+    with pytest.raises(TypeError):  # fails after the array went out of band
+        serialization.dumps([big, threading.Lock()], dest=2)
+    shared = ["shared"]
+    body, bufs, ctx = serialization.dumps((shared, shared), dest=2)
+    assert bufs == [] and ctx == {}
+    a, b = serialization.loads(body)
+    assert a == ["shared"] and a is b  # the memo works within a call...
+    body2, _, _ = serialization.dumps((shared, shared), dest=2)
+    assert body2 == body  # ...and starts empty in the next one
+    body, bufs, _ = serialization.dumps({"x": _DumpsInside({"inner": [1, 2]}), "big": big})
+    out = serialization.loads(body, bufs)
+    assert out["x"] == {"inner": [1, 2]} and len(bufs) == 1
+    np.testing.assert_array_equal(out["big"], big)
+
+    errors: list = []
+
+    def worker(k: int) -> None:
+        try:
+            for i in range(500):
+                value = (k, i, [k] * (i % 7), np.full(3, i))
+                body, bufs, _ = serialization.dumps(value, dest=2)
+                got = serialization.loads(body, bufs)
+                assert got[:3] == value[:3] and (got[3] == i).all()
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and not any(t.is_alive() for t in threads)
+
+
 # ============================================================================ 2. decoder robustness
 
 

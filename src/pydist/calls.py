@@ -132,11 +132,14 @@ def interruptible_sleep(seconds: float) -> None:
 
 # ==================================================================== sending
 def pack(pid: int, kind: int, payload: Any, a: int = 0, b: int = 0, c: int = 0,
-         flags: int = 0, what: str = "the call") -> list:
-    """Pickle `payload` for `pid` into frame chunks; SerializationError names what failed."""
+         flags: int = 0, what: Any = "the call") -> list:
+    """Pickle `payload` for `pid` into frame chunks; SerializationError names what failed
+    (`what`: a description, or the function called, described only on failure)."""
     try:
         body, buffers, context = serialization.dumps(payload, dest=pid)
     except Exception as e:
+        if not isinstance(what, str):
+            what = _describe(what)
         raise SerializationError(f"could not send {what} to process {pid}: {type(e).__name__}: {e}") from e
     serialization.run_after(context)
     return protocol.encode_frame(kind, body, buffers, a=a, b=b, c=c, flags=flags)
@@ -182,7 +185,7 @@ def _send_call(pid: int, f: Callable, args: tuple, kwargs: dict | None, callback
     conn = PGRP.connection(pid)
     sid, slot = PGRP.new_slot(pid, callback)
     try:
-        chunks = pack(pid, protocol.CALL_FETCH, (f, args, kwargs or _EMPTY), a=sid, what=_describe(f))
+        chunks = pack(pid, protocol.CALL_FETCH, (f, args, kwargs or _EMPTY), a=sid, what=f)
         conn.send(chunks)
     except ConnectionClosed:
         PGRP.fail_slot(sid, ProcessExitedException(pid))
@@ -199,7 +202,7 @@ def remote_do_internal(pid: int, f: Callable, args: tuple = (), kwargs: dict | N
         threading.Thread(target=_do_locally, args=(f, args, kwargs or _EMPTY), daemon=True).start()
         return
     conn = PGRP.connection(pid)
-    chunks = pack(pid, protocol.REMOTE_DO, (f, args, kwargs or _EMPTY), what=_describe(f))
+    chunks = pack(pid, protocol.REMOTE_DO, (f, args, kwargs or _EMPTY), what=f)
     try:
         conn.send(chunks)
     except ConnectionClosed:

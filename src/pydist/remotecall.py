@@ -51,8 +51,7 @@ def remotecall(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
         return fut
     conn = PGRP.connection(pid)
     fut = new_call_future(pid)
-    chunks = pack(pid, protocol.CALL, (f, args, kwargs), a=fut.whence, b=fut.id,
-                  what=f"a call of {getattr(f, '__qualname__', repr(f))}")
+    chunks = pack(pid, protocol.CALL, (f, args, kwargs), a=fut.whence, b=fut.id, what=f)
     try:
         conn.send(chunks)
     except ConnectionClosed:

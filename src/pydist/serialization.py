@@ -194,20 +194,53 @@ def _cloud_pickler_class() -> Any:
     return _CloudPickler
 
 
-def _dump(pickler_cls: Any, obj: Any, dest: int | None, oob: bool):
-    buffers: list[memoryview] = []
+class _Slot:
+    """A pickler with its output stream, reused across `dumps` calls (building a pickler
+    costs more than pickling a small call)."""
 
-    def keep(buf: pickle.PickleBuffer) -> bool:
+    __slots__ = ("file", "pickler", "buffers")
+
+    def __init__(self, pickler_cls: Any, oob: bool) -> None:
+        self.file = io.BytesIO()
+        self.buffers: list[memoryview] = []
+        self.pickler = pickler_cls(self.file, None, buffer_callback=self.keep if oob else None)
+
+    def keep(self, buf: pickle.PickleBuffer) -> bool:
         raw = buf.raw()
         if raw.nbytes < OOB_THRESHOLD:
             return True  # in-band
-        buffers.append(raw)
+        self.buffers.append(raw)
         return False
 
-    f = io.BytesIO()
-    p = pickler_cls(f, dest, buffer_callback=keep if oob else None)
-    p.dump(obj)
-    return f.getvalue(), buffers, p.context
+
+_free_slots: dict[tuple[Any, bool], list[_Slot]] = {}
+_MAX_FREE_SLOTS = 8
+_MAX_KEPT_OUTPUT = 1 << 20  # a slot that wrote more than this is not kept (its buffer is large)
+
+
+def _dump(pickler_cls: Any, obj: Any, dest: int | None, oob: bool):
+    free = _free_slots.setdefault((pickler_cls, oob), [])
+    try:
+        slot = free.pop()
+    except IndexError:
+        slot = _Slot(pickler_cls, oob)
+    p = slot.pickler
+    p.dest = dest
+    context: dict[str, Any] = {}
+    p.context = context
+    try:
+        p.dump(obj)
+        body = slot.file.getvalue()
+        buffers = slot.buffers
+    finally:
+        p.clear_memo()
+        slot.buffers = []
+        p.context = None
+        if slot.file.tell() <= _MAX_KEPT_OUTPUT and len(free) < _MAX_FREE_SLOTS:
+            slot.file.seek(0)
+            slot.file.truncate()
+            free.append(slot)
+    return body, buffers, context
 
 
 def dumps(obj: Any, dest: int | None = None, oob: bool = True) -> tuple[bytes, list[memoryview], dict]:
