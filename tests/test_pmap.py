@@ -176,3 +176,94 @@ def test_progress_bar(two_workers, capsys):
     assert pmap(square, range(30), progress=True) == [x * x for x in range(30)]
     assert "30/30" in capsys.readouterr().err
 
+
+
+# ==================================================================== pipelining (lanes)
+def timed_element(x):
+    """(worker pid, start, end, x): element 0 sleeps long, the others briefly."""
+    import time
+
+    start = time.time()
+    time.sleep(3.0 if x == 0 else 0.05)
+    return pydist.myid(), start, time.time(), x
+
+
+def test_each_worker_runs_one_element_at_a_time(two_workers):
+    out = pmap(timed_element, range(1, 25), pool=WorkerPool(two_workers))
+    assert [r[3] for r in out] == list(range(1, 25))
+    by_worker: dict[int, list] = {}
+    for pid, start, end, _ in out:
+        by_worker.setdefault(pid, []).append((start, end))
+    assert set(by_worker) == set(two_workers)
+    for spans in by_worker.values():
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            assert start >= end - 1e-3, "two elements of one map overlapped on a worker"
+
+
+def test_an_element_queued_behind_a_long_one_moves_to_an_idle_worker(two_workers):
+    """Elements 0 and 1 go to the first worker, 0 runs for 3 s: the other worker, done with
+    2 and 3, takes 1 over instead of leaving it queued behind 0."""
+    out = pmap(timed_element, range(4), pool=WorkerPool(two_workers))
+    (pid0, _, end0, _), (pid1, _, end1, _) = out[0], out[1]
+    assert pid1 != pid0 and end1 < end0 - 1.0
+    assert {r[0] for r in out[2:]} == {pid1}
+
+
+class RecordsRuns:
+    """Records each element it runs in `directory`; element 0 fails after a moment."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def __call__(self, x):
+        import time
+
+        open(os.path.join(self.directory, f"ran-{x}"), "w").close()
+        time.sleep(0.3)
+        if x == 0:
+            raise ValueError("element 0 fails")
+        time.sleep(0.3)
+        return x
+
+
+def test_the_first_error_takes_back_elements_that_have_not_started(two_workers, tmp_path):
+    with pytest.raises(RemoteException) as info:
+        pmap(RecordsRuns(str(tmp_path)), range(12), pool=WorkerPool(two_workers))
+    assert "element 0 fails" in str(info.value)
+    ran = sorted(int(name.split("-")[1]) for name in os.listdir(tmp_path))
+    # 0 and 2 started at once (one per worker), 1 and 3 were queued behind them. 1 starts as
+    # soon as 0 fails, before the caller hears of it; 3, still queued behind 2, was taken
+    # back; nothing later was sent. The map returned only once 2 (and 1) had finished.
+    assert ran in ([0, 2], [0, 1, 2])
+
+
+class Unpicklable:
+    def __reduce__(self):
+        raise TypeError("deliberately unpicklable")
+
+
+def test_caching_pool_resends_a_function_whose_first_call_was_never_sent(two_workers):
+    pool = pydist.CachingPool(two_workers[:1])
+    f = lambda x: ("ok", x)  # noqa: E731
+    with pytest.raises(pydist.SerializationError):
+        pmap(f, [Unpicklable()], pool=pool)
+    assert pmap(f, [1, 2], pool=pool) == [("ok", 1), ("ok", 2)]
+    with pytest.raises(pydist.SerializationError):
+        pydist.remotecall_fetch(f, pool, Unpicklable())
+    assert pydist.remotecall_fetch(f, pool, 3) == ("ok", 3)
+
+
+def test_a_call_arriving_after_its_map_ended_returns_without_running():
+    import sys
+
+    lanes = sys.modules["pydist.pmap"]  # `pydist.pmap` is the function
+    ran = []
+    lanes._lane_close("test-lane")
+    assert lanes._lane_run("test-lane", 3, ran.append, (1,)) == lanes._CANCELLED
+    assert ran == [] and "test-lane" not in lanes._lanes
+    assert lanes._lane_cancel("other-lane", 0) is True  # not started: taken back
+    assert lanes._lane_run("other-lane", 0, ran.append, (2,)) == lanes._CANCELLED
+    assert lanes._lane_run("other-lane", 1, ran.append, (3,)) is None and ran == [3]
+    assert lanes._lane_cancel("other-lane", 1) is False  # it has run
+    lanes._lane_close("other-lane")

@@ -13,7 +13,10 @@ lending itself to its own inner map). On the master, pmap waits for workers as u
 
 from __future__ import annotations
 
+import collections
+import itertools
 import math
+import queue
 import random
 import threading
 import time
@@ -21,7 +24,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .calls import in_remote_call
 from .cluster import myid, workers
-from .exceptions import RemoteException
+from .remotecall import remote_do, remotecall, remotecall_fetch
+from .exceptions import RemoteException, SerializationError
 from .workerpool import AbstractWorkerPool, CachingPool
 
 __all__ = ["pmap", "ExponentialBackOff"]
@@ -204,6 +208,218 @@ def _parallel_map(run: Callable[[Any], Any], items: list, ntasks: int, progress:
     return results
 
 
+# ==================================================================== pipelined maps
+# A worker runs one element of a map at a time, but the next one is already there when it
+# finishes: the caller keeps PIPELINE_DEPTH calls in flight per worker, and the worker runs
+# them in the order sent (a *lane*). At the end of the input, an element still queued behind
+# a running one is taken back (if it has not started) and given to a worker that is idle, so
+# no element waits behind a long one while a worker has nothing to do.
+PIPELINE_DEPTH = 2
+_CANCELLED = "pydist-pmap-cancelled"
+
+
+class _Lane:
+    """On a worker: the elements of one map sent here, run one at a time in the order sent."""
+
+    __slots__ = ("cond", "turn", "started", "cancelled", "closed")
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition(threading.Lock())
+        self.turn = 0  # the sequence number whose turn it is
+        self.started = -1  # the last sequence number that started running
+        self.cancelled: set[int] = set()
+        self.closed = False
+
+
+_lanes: dict[str, _Lane] = {}
+_closed_lanes: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+_MAX_CLOSED_LANES = 1024  # remembered, so that a call arriving after its map ended returns
+_lanes_lock = threading.Lock()
+
+
+def _lane(key: str) -> _Lane:
+    with _lanes_lock:
+        lane = _lanes.get(key)
+        if lane is None:
+            lane = _Lane()
+            if key in _closed_lanes:  # its map has ended: do not keep it
+                lane.closed = True
+            else:
+                _lanes[key] = lane
+        return lane
+
+
+def _lane_run(key: str, seq: int, fn: Callable, args: tuple) -> Any:
+    """On the worker: run `fn(*args)` when element `seq` of lane `key` has its turn; return
+    _CANCELLED without running it if it was taken back or its map has ended."""
+    lane = _lane(key)
+    with lane.cond:
+        while lane.turn != seq and not lane.closed:
+            lane.cond.wait()
+        skip = lane.closed or seq in lane.cancelled
+        if not skip:
+            lane.started = seq
+    try:
+        return _CANCELLED if skip else fn(*args)
+    finally:
+        with lane.cond:
+            lane.cancelled.discard(seq)
+            lane.turn = max(lane.turn, seq + 1)
+            lane.cond.notify_all()
+
+
+def _lane_cancel(key: str, seq: int) -> bool:
+    """On the worker: take element `seq` of lane `key` back; False if it has started."""
+    lane = _lane(key)
+    with lane.cond:
+        if lane.started >= seq:
+            return False
+        lane.cancelled.add(seq)
+        return True
+
+
+def _lane_close(key: str) -> None:
+    """On the worker: the map has ended; elements still waiting return at once."""
+    with _lanes_lock:
+        lane = _lanes.pop(key, None)
+        _closed_lanes[key] = None
+        while len(_closed_lanes) > _MAX_CLOSED_LANES:
+            _closed_lanes.popitem(last=False)
+    if lane is not None:
+        with lane.cond:
+            lane.closed = True
+            lane.cond.notify_all()
+
+
+_lane_ids = itertools.count()
+
+
+class _Slot:
+    """An element in flight: its index, the worker and lane sequence number, its Future."""
+
+    __slots__ = ("index", "worker", "seq", "future", "stolen")
+
+    def __init__(self, index: int, worker: int, seq: int, future: Any) -> None:
+        self.index, self.worker, self.seq, self.future = index, worker, seq, future
+        self.stolen = False
+
+
+def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress: _Progress,
+                   weight: Callable[[Any], int] = lambda _: 1,
+                   on_failure: Callable[[Any, BaseException], Any] | None = None) -> list:
+    """Results of `fn(*item)` for each item, in order, run on the pool's workers with
+    PIPELINE_DEPTH calls in flight per worker (see `_Lane`). A failure becomes
+    `on_failure(item, exc)`, or (without it) stops the map: calls not yet started are taken
+    back, and the error is raised once the others have finished. A worker goes back to the
+    pool as soon as it has nothing left to do."""
+    results: list = [None] * len(items)
+    if not items:
+        return results
+    key = f"{myid()}:{next(_lane_ids)}"
+    done: "queue.SimpleQueue[_Slot]" = queue.SimpleQueue()
+    inflight: dict[int, list[_Slot]] = {}  # the workers held -> their calls, oldest first
+    next_seq: dict[int, int] = {}
+    used: set[int] = set()
+    wanted = max(1, pool.nworkers())
+    todo = 0  # the next index to send
+    pending = 0  # calls whose Future has not been handled yet
+    errors: list[BaseException] = []
+
+    def send(w: int, index: int) -> None:
+        nonlocal pending
+        seq = next_seq.get(w, 0)
+        g, lead = pool._prepare(w, fn)
+        try:
+            fut = remotecall(_lane_run, w, key, seq, g, (*lead, *items[index]))
+        except SerializationError:
+            pool._unprepare(w, fn)  # nothing was sent
+            raise
+        next_seq[w] = seq + 1  # only once sent: a lane waits for every number handed out
+        slot = _Slot(index, w, seq, fut)
+        inflight[w].append(slot)
+        pending += 1
+        fut.add_done_callback(lambda _: done.put(slot))
+
+    def fill() -> None:
+        nonlocal todo
+        while todo < len(items):
+            if len(inflight) < wanted:
+                w = pool.try_take() if inflight or pending else pool.take()
+                if w is not None:
+                    inflight[w] = []
+                    used.add(w)
+            free = [w for w, calls in inflight.items() if len(calls) < PIPELINE_DEPTH]
+            if not free:
+                return
+            for w in free:
+                while todo < len(items) and len(inflight[w]) < PIPELINE_DEPTH:
+                    todo += 1
+                    send(w, todo - 1)
+
+    def take_back(slot: _Slot) -> bool:
+        """Cancel `slot`, queued behind a running call; True if it will not run."""
+        try:
+            taken = remotecall_fetch(_lane_cancel, slot.worker, key, slot.seq)
+        except Exception:
+            return False  # its worker is gone: the call fails, and that is reported
+        if taken:
+            slot.stolen = True
+            inflight[slot.worker].remove(slot)
+        return taken
+
+    def move_queued_call_to(idle: int) -> bool:
+        """The input is used up: give `idle` a call still queued behind a running one."""
+        victim = max(inflight.values(), key=len)
+        if len(victim) < 2:
+            return False
+        slot = victim[-1]
+        if not take_back(slot):
+            return False
+        send(idle, slot.index)
+        return True
+
+    try:
+        fill()
+        while pending:
+            slot = done.get()
+            pending -= 1
+            if slot.stolen:
+                continue  # it did not run: it was sent elsewhere, or the map failed
+            inflight[slot.worker].remove(slot)
+            try:
+                results[slot.index] = slot.future.fetch()
+                progress.update(weight(items[slot.index]))
+            except BaseException as e:
+                if on_failure is not None:
+                    results[slot.index] = on_failure(items[slot.index], e)
+                    progress.update(weight(items[slot.index]))
+                else:
+                    if not errors:  # stop: take back what has not started
+                        todo = len(items)
+                        for calls in list(inflight.values()):
+                            for queued in calls[1:]:
+                                take_back(queued)
+                    errors.append(e)
+            if todo < len(items):
+                fill()
+                continue
+            for w in [w for w, calls in inflight.items() if not calls]:
+                if errors or not move_queued_call_to(w):
+                    del inflight[w]
+                    pool.put(w)
+    finally:
+        for w in list(inflight):
+            pool.put(w)
+        for w in used:
+            try:
+                remote_do(_lane_close, w, key)
+            except Exception:
+                pass  # gone: nothing to clean up there
+    if errors:
+        raise errors[0]
+    return results
+
+
 def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
          distributed: bool = True, batch_size: int | str = 1, on_error: Callable | None = None,
          retry_delays: Iterable[float] = (), retry_check: Callable | None = None,
@@ -250,6 +466,8 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
 def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers, progress,
                   lend):
     apply = _Apply(f, on_error)
+    if distributed and not lend and not delays:
+        return _pipelined_map(pool, apply, items, progress)
     if distributed:
         def run(args: tuple) -> Any:
             return _run_on_pool(pool, apply, args, lend)
@@ -266,15 +484,23 @@ def _map_batches(f, items, pool, batch_size, on_error, delays, check, nworkers, 
     capture = on_error is not None or bool(delays)
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
+    def failed_batch(batch: list, e: BaseException) -> list:
+        if not capture or not isinstance(e, Exception):
+            raise e
+        return [_Failed(args, _unwrap(e)) for args in batch]  # the whole batch failed
+
     def run(batch: list) -> list:
         try:
             return _run_on_pool(pool, _run_batch, (f, batch, capture), lend)
         except Exception as e:
-            if not capture:
-                raise
-            return [_Failed(args, _unwrap(e)) for args in batch]  # the whole batch failed
+            return failed_batch(batch, e)
 
-    chunks = _parallel_map(run, batches, nworkers, progress, weight=len)
+    if lend:
+        chunks = _parallel_map(run, batches, nworkers, progress, weight=len)
+    else:
+        chunks = _pipelined_map(pool, _run_batch, [(f, batch, capture) for batch in batches],
+                                progress, weight=lambda call: len(call[1]),
+                                on_failure=lambda call, e: failed_batch(call[1], e))
     results = [r for chunk in chunks for r in chunk]
     failed = [i for i, r in enumerate(results) if isinstance(r, _Failed)]
     if not failed:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterable
 
 from .calls import call_fetch
 from .cluster import PGRP, procs
+from .exceptions import SerializationError
 from .refs import RemoteChannel
 from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
 
@@ -77,10 +78,17 @@ class AbstractWorkerPool(ABC):
         """What to send to `w` to run `f`: (function, leading args). CachingPool overrides it."""
         return f, ()
 
+    def _unprepare(self, w: int, f: Callable) -> None:
+        """What `_prepare(w, f)` gave was never sent (pickling failed): forget it."""
+
     def _call_on(self, w: int, f: Callable, args: tuple, kwargs: dict) -> Any:
         """Run `f` on `w`, a worker already taken from this pool."""
         g, lead = self._prepare(w, f)
-        return remotecall_fetch(g, w, *lead, *args, **kwargs)
+        try:
+            return remotecall_fetch(g, w, *lead, *args, **kwargs)
+        except SerializationError:
+            self._unprepare(w, f)  # not sent: the next call must send `f` again
+            raise
 
     def _remotecall_fetch(self, f: Callable, args: tuple, kwargs: dict) -> Any:
         w = self.take()
@@ -321,6 +329,13 @@ class CachingPool(WorkerPool):
             rc = RemoteChannel(w)
             self._cache[key] = (f, rc)
         return _exec_and_cache, (f, rc)
+
+
+    def _unprepare(self, w: int, f: Callable) -> None:
+        with self._cache_lock:
+            entry = self._cache.get((w, id(f)))
+            if entry is not None and entry[0] is f:
+                del self._cache[(w, id(f))]
 
 
 def _exec_and_cache(f: Callable, rc: RemoteChannel, *args: Any, **kwargs: Any) -> Any:
