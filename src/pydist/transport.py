@@ -19,8 +19,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import os
 import logging
+import os
 import select
 import socket
 import sys
