@@ -254,16 +254,63 @@ def test_caching_pool_resends_a_function_whose_first_call_was_never_sent(two_wor
     assert pydist.remotecall_fetch(f, pool, 3) == ("ok", 3)
 
 
-def test_a_call_arriving_after_its_map_ended_returns_without_running():
+def _lane_exists(key):
+    import sys
+
+    return key in sys.modules["pydist.pmap"]._lanes
+
+
+def test_lane_calls_after_close_or_cancel_answer_without_running(two_workers):
+    import operator
     import sys
 
     lanes = sys.modules["pydist.pmap"]  # `pydist.pmap` is the function
-    ran = []
-    lanes._lane_close("test-lane")
-    assert lanes._lane_run("test-lane", 3, ran.append, (1,)) == lanes._CANCELLED
-    assert ran == [] and "test-lane" not in lanes._lanes
-    assert lanes._lane_cancel("other-lane", 0) is True  # not started: taken back
-    assert lanes._lane_run("other-lane", 0, ran.append, (2,)) == lanes._CANCELLED
-    assert lanes._lane_run("other-lane", 1, ran.append, (3,)) is None and ran == [3]
-    assert lanes._lane_cancel("other-lane", 1) is False  # it has run
-    lanes._lane_close("other-lane")
+    w, rf = two_workers[0], pydist.remotecall_fetch
+    rf(lanes._lane_close, w, "test-lane")
+    assert rf(lanes._lane_run, w, "test-lane", 3, operator.neg, (1,)) == lanes._CANCELLED
+    assert rf(_lane_exists, w, "test-lane") is False
+    assert rf(lanes._lane_cancel, w, "other-lane", 0) is True  # not started: taken back
+    assert rf(lanes._lane_run, w, "other-lane", 0, operator.neg, (2,)) == lanes._CANCELLED
+    assert rf(lanes._lane_run, w, "other-lane", 1, operator.neg, (3,)) == -3  # it ran
+    assert rf(lanes._lane_cancel, w, "other-lane", 1) is False  # it has run
+    rf(lanes._lane_close, w, "other-lane")
+    assert rf(_lane_exists, w, "other-lane") is False
+
+
+def element_thread(x):
+    import threading
+    import time
+
+    time.sleep(0.02)
+    return pydist.myid(), threading.get_ident()
+
+
+def test_a_lane_runs_consecutive_elements_in_one_thread(two_workers):
+    """The next element is already queued when one ends: the same thread runs it, with no
+    hand-off between threads (that is what makes a map of short sleeps efficient)."""
+    out = pmap(element_thread, range(40), pool=WorkerPool(two_workers))
+    threads = {}
+    for pid, tid in out:
+        threads.setdefault(pid, set()).add(tid)
+    assert set(threads) == set(two_workers)
+    assert all(len(t) <= 2 for t in threads.values()), threads
+
+
+def test_elements_queued_in_a_lane_are_answered_when_it_closes(two_workers):
+    """Elements still queued behind a running one when the map ends get their reply (they
+    do not run), so nobody waits for them."""
+    import sys
+
+    lanes = sys.modules["pydist.pmap"]
+    w = two_workers[0]
+    running = pydist.remotecall(lanes._lane_run, w, "closing-lane", 0, timed_element, (0,))
+    queued = [pydist.remotecall(lanes._lane_run, w, "closing-lane", i, timed_element, (i,))
+              for i in (1, 2)]
+    import time
+
+    time.sleep(0.5)
+    assert not any(f.isready() for f in queued)
+    pydist.remote_do(lanes._lane_close, w, "closing-lane")
+    assert [f.fetch() for f in queued] == [lanes._CANCELLED] * 2
+    assert not running.isready()  # answered at once, not after the running one
+    assert running.fetch()[3] == 0  # the running one finishes normally

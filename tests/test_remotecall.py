@@ -652,6 +652,82 @@ def test_a_reply_queued_behind_a_long_call_is_not_held_by_it(fresh_workers):
         assert futures["slow"].fetch(timeout=30) is None
 
 
+def test_a_call_that_runs_several_answers_each_as_it_ends(fresh_workers):
+    """A pmap lane: one call runs the elements queued behind it, and each reply leaves as its
+    element ends, also when the calls were read together (their replies may then wait to
+    leave together, but not behind a long element) and the first one computes (so the
+    lane's own thread sends its reply)."""
+    lanes = sys.modules["pydist.pmap"]  # `pydist.pmap` is the function
+    w = fresh_workers(1)[0]
+    conn = PGRP.connection(w)
+    futures: dict[int, pydist.Future] = {}
+
+    def submit(seq, seconds):
+        futures[seq] = pydist.remotecall(lanes._lane_run, w, "held-lane", seq, spin,
+                                         (seconds,))
+
+    with conn._send_lock:  # both leave in one write: the worker reads them together
+        first = threading.Thread(target=submit, args=(0, 0.2))
+        first.start()
+        wait_until(lambda: len(conn._outq) >= 1, timeout=10, what="the first call to queue")
+        second = threading.Thread(target=submit, args=(1, 4.0))
+        second.start()
+        wait_until(lambda: len(conn._outq) >= 2, timeout=10, what="the second call to queue")
+    first.join(10)
+    second.join(10)
+    t0 = time.monotonic()
+    assert futures[0].fetch(timeout=30) is None
+    assert time.monotonic() - t0 < 2.5, "the first reply waited for the second element"
+    assert futures[1].fetch(timeout=30) is None
+    pydist.remote_do(lanes._lane_close, w, "held-lane")
+
+
+def spin(seconds):
+    """Computes (holding the GIL) for `seconds`."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+def answers_later(value, delay):
+    """Takes over its reply and answers from another thread after `delay`."""
+    from pydist.calls import take_reply
+
+    reply = take_reply()
+    threading.Thread(target=lambda: (time.sleep(delay), reply(True, value))).start()
+    return "not the reply"
+
+
+def takes_its_reply_then_fails():
+    from pydist.calls import take_reply
+
+    reply = take_reply()
+    reply(True, "answered")
+    raise ValueError("after the reply was taken")
+
+
+@pytest.mark.parametrize("how", ["fetch", "future", "here"])
+def test_a_call_can_take_over_its_reply_and_answer_from_another_thread(two_workers, how):
+    w = pydist.myid() if how == "here" else two_workers[0]
+    t0 = time.monotonic()
+    if how == "fetch":
+        assert pydist.remotecall_fetch(answers_later, w, 42, 0.3) == 42
+    else:
+        assert pydist.remotecall(answers_later, w, 42, 0.3).fetch(timeout=30) == 42
+    assert time.monotonic() - t0 >= 0.3
+
+
+def test_what_a_call_does_after_giving_its_reply_away_is_not_its_reply(two_workers):
+    assert pydist.remotecall_fetch(takes_its_reply_then_fails, two_workers[0]) == "answered"
+
+
+def test_take_reply_outside_a_remote_call_is_a_runtime_error():
+    from pydist.calls import take_reply
+
+    with pytest.raises(RuntimeError, match="take_reply"):
+        take_reply()
+
+
 # ==================================================================== 8. many round trips
 def test_ten_thousand_sequential_round_trips(two_workers):
     w = two_workers[1]

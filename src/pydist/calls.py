@@ -8,6 +8,7 @@ reference (which runs as a small call on the reference's owner, as Julia's `call
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 import threading
 import time
@@ -31,15 +32,18 @@ _EMPTY: dict = {}
 class _Running:
     """A call running in some thread: what `interrupt` needs to stop it."""
 
-    __slots__ = ("lock", "active", "interrupted", "cancel")
+    __slots__ = ("lock", "active", "interrupted", "cancel", "reply")
 
-    def __init__(self) -> None:
+    def __init__(self, reply: Callable[[bool, Any], None] | None) -> None:
         self.lock = threading.Lock()
         self.active = True
         self.interrupted = False
         # Made by the first interruptible sleep (most calls never sleep); released by
         # interrupt, which wakes that sleep.
         self.cancel: threading.Lock | None = None
+        # Sends the call's outcome to its caller, for a call that may take that over
+        # (`take_reply`); None once taken.
+        self.reply = reply
 
 
 _running: dict[int, _Running] = {}
@@ -56,10 +60,14 @@ def _clear_pending_interrupt(tid: int) -> None:
     _set_async_exc(tid, None)
 
 
-def run_user_call(f: Callable, args: tuple, kwargs: dict) -> tuple[bool, Any]:
-    """Call `f(*args, **kwargs)`; return (True, value) or (False, RemoteException)."""
+def run_user_call(f: Callable, args: tuple, kwargs: dict,
+                  reply: Callable[[bool, Any], None] | None = None) -> tuple[bool, Any] | None:
+    """Call `f(*args, **kwargs)`; return (True, value) or (False, RemoteException). With
+    `reply` (what sends the outcome to the caller), `f` may take it over (`take_reply`):
+    then this returns None, and what `f` itself returns goes nowhere."""
     tid = threading.get_ident()
-    rec = _Running()
+    rec = _Running(reply)
+    outer = _running.get(tid)  # a call that runs calls (a pmap lane): its record comes back
     _running[tid] = rec
     try:
         try:
@@ -73,12 +81,36 @@ def run_user_call(f: Callable, args: tuple, kwargs: dict) -> tuple[bool, Any]:
         rec.active = False
         value, ok = e, False
     finally:
-        _running.pop(tid, None)
+        if outer is None:
+            _running.pop(tid, None)
+        else:
+            _running[tid] = outer
         if rec.interrupted:
             _clear_pending_interrupt(tid)
     if not ok:
         value = capture(value)
+    if reply is not None and rec.reply is None:  # taken over: the outcome is not the reply
+        if not ok:
+            print(f"Error on process {PGRP.id} in a call that had handed on its reply:\n"
+                  f"{value}", file=sys.stderr, flush=True)
+        return None
     return ok, value
+
+
+def take_reply() -> Callable[[bool, Any], None]:
+    """In a remote call: take over its reply. The caller gets the outcome given to the
+    returned function, `reply(ok, value)` (a RemoteException if not ok), from any thread and
+    at any time; what the call returns goes nowhere, and the rest of it cannot be
+    interrupted. RuntimeError where there is no such reply to take."""
+    rec = _running.get(threading.get_ident())
+    if rec is None or rec.reply is None:
+        raise RuntimeError("take_reply: not in a remote call whose reply can be taken")
+    with rec.lock:
+        if rec.interrupted:
+            raise KeyboardInterrupt
+        rec.active = False
+    reply, rec.reply = rec.reply, None
+    return reply
 
 
 def in_remote_call() -> bool:
@@ -266,8 +298,9 @@ def _on_call_fetch(conn: Connection, msg: protocol.Message):
     f, args, kwargs = call
 
     def task() -> None:
-        ok, value = run_user_call(f, args, kwargs)
-        send_reply(conn, sid, ok, value)
+        outcome = run_user_call(f, args, kwargs, functools.partial(send_reply, conn, sid))
+        if outcome is not None:
+            send_reply(conn, sid, *outcome)
 
     return task
 

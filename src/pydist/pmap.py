@@ -14,6 +14,7 @@ lending itself to its own inner map). On the master, pmap waits for workers as u
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import math
 import queue
@@ -22,9 +23,10 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-from .calls import in_remote_call
+from .calls import in_remote_call, run_user_call, take_reply
 from .cluster import myid, workers
 from .remotecall import remote_do, remotecall, remotecall_fetch
+from .transport import POOL, WATCHDOG
 from .exceptions import RemoteException, SerializationError
 from .workerpool import AbstractWorkerPool, CachingPool
 
@@ -216,19 +218,35 @@ def _parallel_map(run: Callable[[Any], Any], items: list, ntasks: int, progress:
 # no element waits behind a long one while a worker has nothing to do.
 PIPELINE_DEPTH = 2
 _CANCELLED = "pydist-pmap-cancelled"
+_NO_KWARGS: dict = {}
+_LANE_LINGER = 0.005  # how long a lane's runner waits for the next element after a long one (s)
 
 
 class _Lane:
-    """On a worker: the elements of one map sent here, run one at a time in the order sent."""
+    """On a worker: the elements of one map sent here, run one at a time in the order sent.
 
-    __slots__ = ("cond", "turn", "started", "cancelled", "closed")
+    An element that finds the lane idle runs it in its own thread: itself, then each next
+    element already queued there (their replies are taken over, `take_reply`, and each
+    leaves as its element ends). So consecutive elements follow each other in one thread,
+    with no hand-off between threads."""
+
+    __slots__ = ("lock", "arrived", "turn", "queued", "cancelled", "running", "waiting",
+                 "closed")
 
     def __init__(self) -> None:
-        self.cond = threading.Condition(threading.Lock())
-        self.turn = 0  # the sequence number whose turn it is
-        self.started = -1  # the last sequence number that started running
-        self.cancelled: set[int] = set()
+        self.lock = threading.Lock()
+        self.arrived = threading.Condition(self.lock)  # an element or a cancel came in
+        self.turn = 0  # the sequence number to run next; those below it started or were skipped
+        self.queued: dict[int, tuple] = {}  # seq -> (fn, args, reply), waiting for its turn
+        self.cancelled: set[int] = set()  # taken back, not yet skipped
+        self.running = False  # some thread is running the lane
+        self.waiting = False  # ... and waits for the next element (see _run_lane)
         self.closed = False
+
+    def wake(self) -> None:
+        """Lock held: the lane changed; wake its runner if it waits."""
+        if self.waiting:
+            self.arrived.notify()
 
 
 _lanes: dict[str, _Lane] = {}
@@ -249,46 +267,113 @@ def _lane(key: str) -> _Lane:
         return lane
 
 
-def _lane_run(key: str, seq: int, fn: Callable, args: tuple) -> Any:
-    """On the worker: run `fn(*args)` when element `seq` of lane `key` has its turn; return
-    _CANCELLED without running it if it was taken back or its map has ended."""
+def _lane_run(key: str, seq: int, fn: Callable, args: tuple) -> None:
+    """On the worker: run `fn(*args)` when element `seq` of lane `key` has its turn, and reply
+    with its outcome then; reply _CANCELLED without running it if it was taken back or its
+    map has ended."""
+    reply = take_reply()
     lane = _lane(key)
-    with lane.cond:
-        while lane.turn != seq and not lane.closed:
-            lane.cond.wait()
-        skip = lane.closed or seq in lane.cancelled
+    with lane.lock:
+        skip = lane.closed or seq < lane.turn
         if not skip:
-            lane.started = seq
-    try:
-        return _CANCELLED if skip else fn(*args)
-    finally:
-        with lane.cond:
-            lane.cancelled.discard(seq)
-            lane.turn = max(lane.turn, seq + 1)
-            lane.cond.notify_all()
+            lane.queued[seq] = (fn, args, reply)
+            lane.wake()
+        run = not (skip or lane.running)
+        if run:
+            lane.running = True
+    if skip:
+        reply(True, _CANCELLED)
+    elif run:
+        _run_lane(lane)
+
+
+def _run_lane(lane: _Lane) -> None:
+    """Run the lane's elements in order for as long as the next one is already here.
+
+    An element's reply leaves from this thread before the next element starts, unless the
+    element spent most of its time waiting (sleep, I/O) rather than computing: then a pool
+    thread sends it while the next element runs, as that one will most likely leave the GIL
+    to it as well. A computing element's reply never waits behind the next one.
+
+    After an element that ran long, this thread no longer reads its connection (the
+    watchdog gave the reading role to another): if the next element is not here yet, it
+    waits a moment for it rather than leave, so that the next one does not start in the
+    reading thread (which would have to hand its role on again)."""
+    ended = None  # (reply, outcome, waited) of the element that just ended
+    linger = False  # the element that just ended ran long
+    while True:
+        with lane.lock:
+            seq = lane.turn
+            item = lane.queued.pop(seq, None)
+            cancelled = seq in lane.cancelled
+            if cancelled:
+                lane.cancelled.discard(seq)  # skipped now; if not here yet, on arrival
+            stop = False
+            if cancelled or item is not None:
+                lane.turn = seq + 1
+            elif not linger or lane.closed:
+                lane.running, stop = False, True
+        if ended is not None:
+            reply, outcome, waited = ended
+            ended = None
+            if waited and item is not None and not cancelled:
+                POOL.submit(functools.partial(reply, *outcome))
+            else:
+                reply(*outcome)
+        if item is None:
+            if stop:
+                return
+            if cancelled:
+                continue
+            linger = False  # wait once: if nothing comes, the next pass leaves
+            with lane.lock:
+                if lane.turn not in lane.queued and lane.turn not in lane.cancelled \
+                        and not lane.closed:
+                    lane.waiting = True
+                    lane.arrived.wait(_LANE_LINGER)
+                    lane.waiting = False
+            continue
+        fn, args, reply = item
+        if cancelled:
+            reply(True, _CANCELLED)
+            continue
+        cpu, wall = time.thread_time(), time.perf_counter()
+        outcome = run_user_call(fn, args, _NO_KWARGS)
+        took = time.perf_counter() - wall
+        waited = 2 * (time.thread_time() - cpu) < took
+        linger = took >= WATCHDOG.PROMOTE_AFTER
+        ended = (reply, outcome, waited)
 
 
 def _lane_cancel(key: str, seq: int) -> bool:
     """On the worker: take element `seq` of lane `key` back; False if it has started."""
     lane = _lane(key)
-    with lane.cond:
-        if lane.started >= seq:
+    with lane.lock:
+        if seq < lane.turn:
             return False
         lane.cancelled.add(seq)
-        return True
+        item = lane.queued.pop(seq, None)
+        lane.wake()
+    if item is not None:
+        item[2](True, _CANCELLED)
+    return True
 
 
 def _lane_close(key: str) -> None:
-    """On the worker: the map has ended; elements still waiting return at once."""
+    """On the worker: the map has ended; elements still waiting are answered at once."""
     with _lanes_lock:
         lane = _lanes.pop(key, None)
         _closed_lanes[key] = None
         while len(_closed_lanes) > _MAX_CLOSED_LANES:
             _closed_lanes.popitem(last=False)
     if lane is not None:
-        with lane.cond:
+        with lane.lock:
             lane.closed = True
-            lane.cond.notify_all()
+            lane.wake()
+            waiting = list(lane.queued.values())
+            lane.queued.clear()
+        for _, _, reply in waiting:
+            reply(True, _CANCELLED)
 
 
 _lane_ids = itertools.count()

@@ -8,6 +8,7 @@ A call whose target is this process runs here with no serialization at all.
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any, Callable
 
@@ -46,7 +47,7 @@ def remotecall(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
     if pid == PGRP.id:
         fut = Future(pid)
         cell = STORE.lookup(fut.rrid, _Cell)
-        threading.Thread(target=lambda: cell.set(*run_user_call(f, args, kwargs)),
+        threading.Thread(target=_run_here, args=(cell, f, args, kwargs),
                          name="pydist-local-call", daemon=True).start()
         return fut
     conn = PGRP.connection(pid)
@@ -57,6 +58,12 @@ def remotecall(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
     except ConnectionClosed:
         raise ProcessExitedException(pid) from None
     return fut
+
+
+def _run_here(cell: _Cell, f: Callable, args: tuple, kwargs: dict) -> None:
+    outcome = run_user_call(f, args, kwargs, cell.set)
+    if outcome is not None:
+        cell.set(*outcome)
 
 
 def remotecall_fetch(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Any:
@@ -94,8 +101,9 @@ def _on_call(conn: Connection, msg: protocol.Message):
         return lambda: _finish(conn, rrid, cell, False, call)
 
     def task() -> None:
-        ok, value = run_user_call(*call)
-        _finish(conn, rrid, cell, ok, value)
+        outcome = run_user_call(*call, functools.partial(_finish, conn, rrid, cell))
+        if outcome is not None:
+            _finish(conn, rrid, cell, *outcome)
 
     return task
 

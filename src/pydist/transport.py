@@ -548,9 +548,11 @@ class Connection:
         blocks to read, when it gives up the reading role (the watchdog takes it back from
         a call that runs long, so a queued reply waits at most about a millisecond behind
         it), with any other frame sent, or when MAX_DEFERRED_REPLIES have queued."""
-        if self._deferring and self._deferring == threading.get_ident() \
-                and len(self._outq) < MAX_DEFERRED_REPLIES:
+        me = self._deferring
+        if me and me == threading.get_ident() and len(self._outq) < MAX_DEFERRED_REPLIES:
             self._outq.append(chunks)
+            if self._deferring != me:  # the role was taken back meanwhile (and flushed)
+                self.flush()
             return
         self.send(chunks)
 
@@ -628,7 +630,7 @@ class Connection:
         if self._closed_reported:
             return
         if pending or self.closed:  # closed: someone must read the end and report it
-            POOL.submit(self._drain)
+            POOL.submit(self._serve if self.serve_blocking else self._drain)
         elif self._poller is not None:
             self._poller.arm(self)
 
@@ -719,6 +721,7 @@ class Connection:
             if now - self._lent_at < _Watchdog.PROMOTE_AFTER:
                 return
             self._lent_at = 0.0
+            self._deferring = 0  # the call may go on replying (a pmap lane): not deferred
             WATCHDOG.unwatch(self)
         self._release_role()
 
