@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import pydist
+from conftest import wait_until
 from pydist import ExponentialBackOff, RemoteException, WorkerPool, pmap
 
 
@@ -260,6 +261,13 @@ def _lane_exists(key):
     return key in sys.modules["pydist.pmap"]._lanes
 
 
+def _lane_queue_length(key):
+    import sys
+
+    lane = sys.modules["pydist.pmap"]._lanes.get(key)
+    return -1 if lane is None else len(lane.queued)
+
+
 def test_lane_calls_after_close_or_cancel_answer_without_running(two_workers):
     import operator
     import sys
@@ -306,9 +314,8 @@ def test_elements_queued_in_a_lane_are_answered_when_it_closes(two_workers):
     running = pydist.remotecall(lanes._lane_run, w, "closing-lane", 0, timed_element, (0,))
     queued = [pydist.remotecall(lanes._lane_run, w, "closing-lane", i, timed_element, (i,))
               for i in (1, 2)]
-    import time
-
-    time.sleep(0.5)
+    wait_until(lambda: pydist.remotecall_fetch(_lane_queue_length, w, "closing-lane") == 2,
+               timeout=30, what="both elements to queue behind the running one")
     assert not any(f.isready() for f in queued)
     pydist.remote_do(lanes._lane_close, w, "closing-lane")
     assert [f.fetch() for f in queued] == [lanes._CANCELLED] * 2
