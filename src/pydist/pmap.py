@@ -1,7 +1,8 @@
 """`pmap`: a parallel map over a worker pool, with Julia's keywords.
 
-Elements (or batches of elements) go to free workers of the pool, at most one call per
-worker at a time, results come back in input order. `on_error`, `retry_delays` and
+Elements (or batches of elements) go to free workers of the pool, each worker running one
+at a time (with the next already queued there, see "pipelined maps" below); results come
+back in input order. `on_error`, `retry_delays` and
 `retry_check` behave as in Julia: with `batch_size=1` the `on_error` handler runs on the
 worker and retries run on the caller; with batches, failed elements are retried one by one
 and `on_error` runs on the caller.
@@ -25,9 +26,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .calls import in_remote_call, run_user_call, take_reply
 from .cluster import myid, workers
+from .exceptions import RemoteException, SerializationError
 from .remotecall import remote_do, remotecall, remotecall_fetch
 from .transport import POOL, WATCHDOG
-from .exceptions import RemoteException, SerializationError
 from .workerpool import AbstractWorkerPool, CachingPool
 
 __all__ = ["pmap", "ExponentialBackOff"]

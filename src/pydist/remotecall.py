@@ -61,6 +61,7 @@ def remotecall(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
 
 
 def _run_here(cell: _Cell, f: Callable, args: tuple, kwargs: dict) -> None:
+    """A `remotecall` to this process, in its own thread: the outcome goes to the cell."""
     outcome = run_user_call(f, args, kwargs, cell.set)
     if outcome is not None:
         cell.set(*outcome)

@@ -154,8 +154,6 @@ def default_bind_addr() -> str:
     """The address a worker listens on when not told: the one its ssh client reached it at
     (`SSH_CONNECTION`), else the first interface that is neither loopback nor link-local,
     else 127.0.0.1."""
-    import os
-
     ssh = os.environ.get("SSH_CONNECTION", "").split()
     if len(ssh) == 4:
         return ssh[2]
@@ -630,7 +628,7 @@ class Connection:
         if self._closed_reported:
             return
         if pending or self.closed:  # closed: someone must read the end and report it
-            POOL.submit(self._serve if self.serve_blocking else self._drain)
+            POOL.submit(self._read_on)
         elif self._poller is not None:
             self._poller.arm(self)
 
@@ -664,11 +662,16 @@ class Connection:
     def _task_runner(self, task: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             task()
-            if self.serve_blocking:
-                self._serve()
-            else:
-                self._drain()
+            self._read_on()
         return run
+
+    def _read_on(self) -> None:
+        """Read here if nobody else does: serve (run calls in this thread) on a worker's
+        connection, else drain what has arrived."""
+        if self.serve_blocking:
+            self._serve()
+        else:
+            self._drain()
 
     def _serve(self, task: Callable[[], None] | None = None) -> None:
         """Read in this thread and run each call it yields here, for as long as this thread
