@@ -16,7 +16,7 @@ hand-offs per round trip, about 50-80 µs here, against a ~125 µs raw floor. Se
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import hashlib
 import io
 import logging
@@ -37,12 +37,17 @@ log = logging.getLogger("pydist")
 # An idle pool thread exits after this many seconds.
 IDLE_THREAD_SECONDS = 30.0
 _IOV_MAX = 512
+_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 # At most this many replies wait for the next flush (see `Connection.send_reply`).
 MAX_DEFERRED_REPLIES = 64
 
 
 class ConnectionClosed(ConnectionError):
     """The connection was closed (by us or by the peer) before or while sending."""
+
+
+class SendTimeout(TimeoutError):
+    """A frame could not be written within the sender's deadline (the peer does not read)."""
 
 
 class Handler(Protocol):
@@ -260,34 +265,15 @@ def handshake_acceptor(sock: socket.socket, cookie: bytes, timeout: float) -> No
         sock.settimeout(None)
 
 
-def _sendmsg_all(sock: socket.socket, chunks: list) -> None:
-    if len(chunks) == 1:
-        chunk = chunks[0]
-        sent = sock.send(chunk)
-        if sent == len(chunk):
-            return
-        chunks = [memoryview(chunk)[sent:]]
-    views = [c if isinstance(c, memoryview) else memoryview(c) for c in chunks]
-    i = 0
-    while i < len(views):
-        sent = sock.sendmsg(views[i : i + _IOV_MAX])
-        while sent:
-            n = views[i].nbytes
-            if sent >= n:
-                sent -= n
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
-        while i < len(views) and views[i].nbytes == 0:
-            i += 1
-
-
+# ==================================================================== runtime threads
 class _ThreadPool:
     """Daemon threads that run connection work (calls, reads). Work goes straight to an idle
     thread (the most recently idle first) or to a new one; a thread idle for
     IDLE_THREAD_SECONDS exits. A thread may stay busy for long (a worker's reader), so
-    idle threads are handed work one by one, never through a shared queue."""
+    idle threads are handed work one by one, never through a shared queue.
+
+    `stop` refuses new work, wakes the idle threads so that they exit, and joins them; no
+    thread is started while stopped (none may start at interpreter exit)."""
 
     class _Idle:
         __slots__ = ("wake", "fn")
@@ -300,66 +286,114 @@ class _ThreadPool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._idle: list[_ThreadPool._Idle] = []
+        self._threads: set[threading.Thread] = set()
+        self._stopped = False
 
-    def submit(self, fn: Callable[[], None]) -> None:
+    def submit(self, fn: Callable[[], None]) -> bool:
+        """Run `fn` in a pool thread; False (and `fn` dropped) if the pool is stopped."""
         with self._lock:
+            if self._stopped:
+                log.debug("pydist: runtime stopped, dropped %r", fn)
+                return False
             idle = self._idle.pop() if self._idle else None
-        if idle is None:
-            threading.Thread(target=self._run, args=(fn,), name="pydist-task",
-                             daemon=True).start()
-            return
-        idle.fn = fn
-        idle.wake.release()
+            if idle is None:
+                thread = threading.Thread(target=self._run, args=(fn,), name="pydist-task",
+                                          daemon=True)
+                self._threads.add(thread)
+        if idle is not None:
+            idle.fn = fn
+            idle.wake.release()
+            return True
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            with self._lock:
+                self._threads.discard(thread)
+            return False
+        return True
 
     def _run(self, fn: Callable[[], None] | None) -> None:
         me = self._Idle()
-        while True:
-            try:
-                fn()
-            except BaseException:  # work must never kill its thread silently
-                log.exception("pydist: internal error in a connection task")
-            fn = None  # do not keep the work (and its result) alive while idle
-            with self._lock:
-                self._idle.append(me)
-            if not me.wake.acquire(timeout=IDLE_THREAD_SECONDS):
+        try:
+            while fn is not None:
+                try:
+                    fn()
+                except BaseException:  # work must never kill its thread silently
+                    log.exception("pydist: internal error in a connection task")
+                fn = None  # do not keep the work (and its result) alive while idle
                 with self._lock:
-                    if me in self._idle:
-                        self._idle.remove(me)
+                    if self._stopped:
                         return
-                me.wake.acquire()  # picked just as we timed out: the work is coming
-            fn, me.fn = me.fn, None
+                    self._idle.append(me)
+                if not me.wake.acquire(timeout=IDLE_THREAD_SECONDS):
+                    with self._lock:
+                        if me in self._idle:
+                            self._idle.remove(me)
+                            return
+                    me.wake.acquire()  # picked just as we timed out: the work is coming
+                fn, me.fn = me.fn, None
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def stop(self, timeout: float) -> list[threading.Thread]:
+        """Stop taking work, end the idle threads, wait up to `timeout` seconds for the busy
+        ones; return those still running (blocked in user code)."""
+        with self._lock:
+            self._stopped = True
+            idle, self._idle = self._idle, []
+            threads = list(self._threads)
+        for slot in idle:
+            slot.fn = None
+            slot.wake.release()
+        return _join_all(threads, timeout)
+
+    def restart(self) -> None:
+        with self._lock:
+            self._stopped = False
+
+
+def _join_all(threads: list[threading.Thread], timeout: float) -> list[threading.Thread]:
+    """Join `threads` within `timeout` seconds in all; return those still alive."""
+    deadline = time.monotonic() + timeout
+    me = threading.current_thread()
+    for thread in threads:
+        if thread is not me and thread.ident is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in threads if t is not me and t.is_alive()]
 
 
 POOL = _ThreadPool()
 
+_READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP if hasattr(select, "epoll") else 0
+_WRITE_EVENTS = select.EPOLLOUT if hasattr(select, "epoll") else 0
+_ONESHOT = select.EPOLLONESHOT if hasattr(select, "epoll") else 0
+_FAULT_EVENTS = select.EPOLLHUP | select.EPOLLERR if hasattr(select, "epoll") else 0
+
 
 class _Poller:
-    """One thread per process watching the sockets nobody is reading (epoll, one-shot).
-
-    A connection's reading role is held by at most one thread at a time. While nobody holds
-    it, the socket is armed here; when data arrives, this thread takes the role and reads
-    what is there without blocking (results are delivered in place, calls go to the pool).
-    A caller waiting for its reply takes the role itself and reads the reply directly, and a
-    worker thread that has just answered a call goes straight back to reading: on the
-    common paths, no other thread is woken at all.
-    """
-
-    EVENTS = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLONESHOT if hasattr(select, "epoll") else 0
+    """One thread per process watching sockets through epoll (one-shot): for reading while
+    nobody holds a connection's reading role, for writing while frames wait in its send
+    queue. The thread never blocks on anything but `epoll.poll`: it reads and writes without
+    blocking, and hands calls to the pool. `stop` wakes it through a pipe and joins it."""
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
         self._conns: dict[int, "Connection"] = {}
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
 
     def register(self, conn: "Connection") -> None:
         with self._lock:
             self._conns[conn.fd] = conn
             self._epoll.register(conn.fd, 0)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="pydist-poller",
-                                                daemon=True)
-                self._thread.start()
+            if self._thread is None and not self._stopping:
+                thread = threading.Thread(target=self._run, name="pydist-poller", daemon=True)
+                thread.start()
+                self._thread = thread
 
     def unregister(self, conn: "Connection") -> None:
         with self._lock:
@@ -370,29 +404,57 @@ class _Poller:
                 except (OSError, ValueError):
                     pass
 
-    def arm(self, conn: "Connection") -> None:
+    def modify(self, fd: int, mask: int) -> None:
         try:
-            self._epoll.modify(conn.fd, self.EVENTS)
+            self._epoll.modify(fd, mask)
         except (OSError, ValueError):
             pass  # closed meanwhile
 
-    def disarm(self, conn: "Connection") -> None:
-        try:
-            self._epoll.modify(conn.fd, 0)
-        except (OSError, ValueError):
-            pass
+    def stop(self, timeout: float) -> bool:
+        """Stop and join the poller thread; False if it did not end within `timeout`."""
+        with self._lock:
+            thread, self._stopping = self._thread, True
+        if thread is None:
+            return True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        alive = _join_all([thread], timeout)
+        with self._lock:
+            if not alive:
+                self._thread = None
+        return not alive
+
+    def restart(self) -> None:
+        with self._lock:
+            self._stopping = False
+            with contextlib.suppress(OSError):
+                while os.read(self._wake_r, 64):
+                    pass
+            if self._thread is None and self._conns:
+                self._thread = threading.Thread(target=self._run, name="pydist-poller",
+                                                daemon=True)
+                self._thread.start()
 
     def _run(self) -> None:
         poll = self._epoll.poll
+        wake = self._wake_r
         while True:
             try:
                 events = poll()
             except InterruptedError:
                 continue
-            for fd, _ in events:
+            for fd, ev in events:
+                if fd == wake:
+                    if self._stopping:
+                        return
+                    continue
                 conn = self._conns.get(fd)
-                if conn is not None:
-                    conn._on_readable()
+                if conn is None:
+                    continue
+                try:
+                    conn._on_events(ev)
+                except BaseException:
+                    log.exception("pydist: internal error on %s", conn.name)
 
 
 class _Watchdog:
@@ -400,7 +462,7 @@ class _Watchdog:
 
     It polls every millisecond while some call holds a lent role, and for a moment after
     (so that a steady stream of short calls never has to wake it), then sleeps until the
-    next lend.
+    next lend. Taking a role back never blocks (it writes without blocking).
     """
 
     PROMOTE_AFTER = 0.001
@@ -410,6 +472,7 @@ class _Watchdog:
         self._watched: set["Connection"] = set()
         self._wake = threading.Event()
         self._sleeping = True
+        self._stopping = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -418,19 +481,39 @@ class _Watchdog:
         self._watched.add(conn)
         if self._sleeping:
             with self._lock:
-                if self._thread is None:
-                    self._thread = threading.Thread(target=self._run, name="pydist-watchdog",
-                                                    daemon=True)
-                    self._thread.start()
+                if self._thread is None and not self._stopping:
+                    thread = threading.Thread(target=self._run, name="pydist-watchdog",
+                                              daemon=True)
+                    try:
+                        thread.start()
+                    except RuntimeError:  # interpreter shutdown
+                        return
+                    self._thread = thread
             self._wake.set()
 
     def unwatch(self, conn: "Connection") -> None:
         """Called with the connection's lend lock held."""
         self._watched.discard(conn)
 
+    def stop(self, timeout: float) -> bool:
+        with self._lock:
+            thread, self._stopping = self._thread, True
+        self._wake.set()
+        if thread is None:
+            return True
+        alive = _join_all([thread], timeout)
+        with self._lock:
+            if not alive:
+                self._thread = None
+        return not alive
+
+    def restart(self) -> None:
+        with self._lock:
+            self._stopping = False
+
     def _run(self) -> None:
         idle_since = time.monotonic()
-        while True:
+        while not self._stopping:
             if self._watched:
                 idle_since = None
             elif idle_since is None:
@@ -438,7 +521,7 @@ class _Watchdog:
             elif time.monotonic() - idle_since > self.LINGER:
                 self._sleeping = True
                 self._wake.clear()
-                if not self._watched:
+                if not self._watched and not self._stopping:
                     self._wake.wait()
                 self._sleeping = False
                 idle_since = None
@@ -466,6 +549,72 @@ def _get_poller() -> _Poller | None:
     return _poller
 
 
+def stop_runtime(timeout: float = 2.0) -> list[str]:
+    """Stop and join the transport's threads (poller, watchdog, pool); connections should be
+    closed first. Returns the names of threads still running after `timeout` (busy in user
+    code). Nothing here starts a thread."""
+    deadline = time.monotonic() + timeout
+    left: list[str] = []
+    if _poller is not None and not _poller.stop(timeout):
+        left.append("pydist-poller")
+    if not WATCHDOG.stop(max(0.0, deadline - time.monotonic())):
+        left.append("pydist-watchdog")
+    left += [t.name for t in POOL.stop(max(0.0, deadline - time.monotonic()))]
+    return left
+
+
+def restart_runtime() -> None:
+    """Allow the transport's threads to start again after `stop_runtime`."""
+    POOL.restart()
+    WATCHDOG.restart()
+    if _poller is not None:
+        _poller.restart()
+
+
+# ==================================================================== connections
+_tls = threading.local()  # .reading: this thread is inside Connection._read
+
+
+def _reading() -> bool:
+    """Whether this thread is reading a connection (then it must never wait for a peer)."""
+    return getattr(_tls, "reading", False)
+
+
+class _Frame:
+    """A frame in a connection's send queue: the byte chunks not written yet."""
+
+    __slots__ = ("views", "done")
+
+    def __init__(self, views: list) -> None:
+        self.views = views
+        self.done = False
+
+
+def _consume(queue: deque, sent: int) -> bool:
+    """Drop `sent` written bytes from the head of `queue`; True if a frame was completed."""
+    finished = False
+    while queue:
+        frame = queue[0]
+        views = frame.views
+        while views:
+            k = len(views[0])
+            if k <= sent:
+                sent -= k
+                del views[0]
+            elif sent:
+                views[0] = memoryview(views[0])[sent:]
+                sent = 0
+                break
+            else:
+                break
+        if views:
+            break
+        queue.popleft()
+        frame.done = True
+        finished = True
+    return finished
+
+
 class Connection:
     """An authenticated socket to one peer.
 
@@ -474,9 +623,11 @@ class Connection:
     reads when. Sockets are read without any dedicated thread; stream pairs (custom
     transports) get one reading thread.
 
-    Sending: straight from the calling thread with one `sendmsg` (header, body and buffers,
-    no copy); concurrent writers combine, whoever holds the write lock sends everything
-    queued so far.
+    Sending never blocks a reader: a frame is queued, and written without blocking as far
+    as the socket takes it; the poller writes the rest when the socket drains. A sender that
+    reads no connection then waits until its frame is written (back-pressure, and its
+    buffers may be reused); a reading thread never waits. Stream pairs get one writing
+    thread instead of the poller.
     """
 
     def __init__(self, sock: "socket.socket | StreamPair", handler: Handler, name: str):
@@ -489,8 +640,15 @@ class Connection:
         # next call is then read by the thread that answered the last one.
         self.serve_blocking = False
         self._decoder = protocol.FrameDecoder()
-        self._outq: deque = deque()
+        # Sending. `_outq` holds frames not fully written, in order; its head may be partly
+        # written. Only the holder of `_send_lock` writes or removes (appending needs no
+        # lock), and it holds it only for non-blocking work.
+        self._outq: deque[_Frame] = deque()
         self._send_lock = threading.Lock()
+        self._sent = threading.Condition(threading.Lock())  # senders waiting for their frame
+        self._send_waiters = 0
+        self._broken: BaseException | None = None  # the write error that lost the stream
+        # Receiving.
         self._role = threading.Lock()
         self._state = threading.Lock()
         self._closed_reported = False
@@ -500,6 +658,11 @@ class Connection:
         # The serving thread while calls it has already received wait behind the one it runs:
         # its replies may wait in `_outq` for the next flush (see `send_reply`).
         self._deferring = 0
+        # Interest in the poller: readable while nobody reads, writable while frames wait.
+        self._arm_lock = threading.Lock()
+        self._want_read = False
+        self._want_write = False
+        self._armed = 0  # what the kernel watches (0 once a one-shot event has fired)
         self._poller = _get_poller() if isinstance(sock, socket.socket) else None
         self.fd = sock.fileno() if self._poller is not None else -1
 
@@ -509,35 +672,155 @@ class Connection:
     def start(self) -> None:
         """Start serving incoming frames."""
         if self._poller is None:
-            threading.Thread(target=self._dedicated_reader, name=f"pydist-{self.name}",
-                             daemon=True).start()
+            for target, what in ((self._dedicated_reader, "reader"),
+                                 (self._stream_writer, "writer")):
+                threading.Thread(target=target, name=f"pydist-{what}-{self.name}",
+                                 daemon=True).start()
             return
         self._poller.register(self)
-        self._poller.arm(self)
+        with self._arm_lock:
+            self._want_read = True
+            self._apply_interest()
+
+    # -- interest in the poller --
+    def _apply_interest(self) -> None:
+        """Tell epoll what we wait for (arm lock held); no system call if unchanged."""
+        want = (_READ_EVENTS if self._want_read else 0) | (_WRITE_EVENTS if self._want_write else 0)
+        if want != self._armed:
+            self._armed = want
+            self._poller.modify(self.fd, want | _ONESHOT)
+
+    def _on_events(self, ev: int) -> None:
+        """Poller thread: the socket is readable or writable (or failed)."""
+        with self._arm_lock:
+            self._armed = 0  # one-shot: the kernel stopped watching
+            readable = self._want_read and ev & (_READ_EVENTS | _FAULT_EVENTS)
+            writable = self._want_write and ev & (_WRITE_EVENTS | _FAULT_EVENTS)
+            if writable:
+                self._want_write = False
+        if writable:
+            self.flush()
+        if readable:
+            self._on_readable()
+        with self._arm_lock:
+            self._apply_interest()
 
     # -- sending --
-    def send(self, chunks: list) -> None:
-        """Send one frame's chunks; thread-safe. Raises ConnectionClosed if the peer is gone."""
-        lock = self._send_lock
-        if not self._outq and lock.acquire(False):  # uncontended: straight to the socket
-            try:
-                self._write(chunks)
-            finally:
-                lock.release()
+    def send(self, chunks: list, *, wait: bool = True, timeout: float | None = None) -> None:
+        """Send one frame's chunks; thread-safe, in order per thread. What the socket does not
+        take at once is queued. Then, with `wait` and unless this thread reads a connection,
+        wait until the frame is written (SendTimeout after `timeout` seconds). Raises
+        ConnectionClosed if the connection is or gets closed first."""
+        if self._poller is None:
+            frame = _Frame(list(chunks))
+            self._outq.append(frame)
+            with self._sent:
+                self._sent.notify_all()  # wake the writing thread
+        else:
+            lock = self._send_lock
+            if not self._outq and lock.acquire(False):  # uncontended: straight to the socket
+                try:
+                    frame = self._send_now(chunks)
+                finally:
+                    lock.release()
+                if frame is None:
+                    return
+            else:  # contended: queue; whoever holds the lock next writes everything queued
+                frame = _Frame(chunks)
+                self._outq.append(frame)
+                with lock:
+                    self._flush_locked()
+            if self._broken is not None:
+                self._lose_stream()
+        if frame.done:
             return
-        # Contended: queue, then whoever gets the lock first sends everything queued. A frame
-        # queued while another writer holds the lock belongs to a thread waiting right here.
-        self._outq.append(chunks)
-        with lock:
-            batch: list = []
-            popleft = self._outq.popleft
+        if self.closed:
+            raise ConnectionClosed(f"connection to {self.name} is closed")
+        if wait and not _reading():
+            self._wait_written(frame, timeout)
+
+    def _send_now(self, chunks: list) -> _Frame | None:
+        """Write a frame into an empty queue (send lock held); the unwritten rest becomes the
+        head of the queue, returned; None if all of it was written."""
+        if self.closed:
+            raise ConnectionClosed(f"connection to {self.name} is closed")
+        if self._outq or len(chunks) > _IOV_MAX:  # others queued meanwhile: keep the order
+            frame = _Frame(chunks)
+            self._outq.append(frame)
+            self._flush_locked()
+            return frame
+        try:
+            sent = self.sock.sendmsg(chunks, (), _DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as e:
+            self._broken = e
+            return _Frame(chunks)
+        rest = _Frame(list(chunks))
+        _consume(deque([rest]), sent)
+        if rest.done:
+            return None
+        self._outq.appendleft(rest)  # before anything queued since: it is partly written
+        with self._arm_lock:
+            self._want_write = True
+            self._apply_interest()
+        return rest
+
+    def _flush_locked(self) -> None:
+        """Write queued frames without blocking (send lock held). What the socket does not
+        take stays queued and the poller is asked to write it when the socket drains."""
+        queue = self._outq
+        finished = False
+        while queue:
+            if self.closed or self._broken is not None:
+                queue.clear()
+                break
+            iov: list = []
+            n = len(queue)
+            i = 0
+            while i < n and len(iov) < _IOV_MAX:
+                iov.extend(queue[i].views)
+                i += 1
             try:
-                while True:
-                    batch.extend(popleft())
-            except IndexError:
-                pass
-            if batch:  # empty: another writer already sent ours
-                self._write(batch)
+                sent = self.sock.sendmsg(iov[:_IOV_MAX], (), _DONTWAIT)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                if self._poller is not None:
+                    with self._arm_lock:
+                        self._want_write = True
+                        self._apply_interest()
+                break
+            except OSError as e:
+                self._broken = e
+                queue.clear()
+                break
+            finished |= _consume(queue, sent)
+        if finished and self._send_waiters:
+            with self._sent:
+                self._sent.notify_all()
+
+    def _wait_written(self, frame: _Frame, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._sent:
+            self._send_waiters += 1
+            try:
+                while not frame.done:
+                    if self.closed:
+                        raise ConnectionClosed(f"connection to {self.name} closed while sending")
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise SendTimeout(
+                            f"{self.name} has not read a frame for {timeout} seconds")
+                    self._sent.wait(remaining)
+            finally:
+                self._send_waiters -= 1
+
+    def _lose_stream(self) -> None:
+        """A write failed: the stream is lost; close and raise ConnectionClosed."""
+        e = self._broken
+        self.close()
+        raise ConnectionClosed(f"connection to {self.name} lost: {e}") from e
 
     def send_reply(self, chunks: list) -> None:
         """Send a call's reply. While the thread serving this connection has more calls
@@ -548,35 +831,59 @@ class Connection:
         it), with any other frame sent, or when MAX_DEFERRED_REPLIES have queued."""
         me = self._deferring
         if me and me == threading.get_ident() and len(self._outq) < MAX_DEFERRED_REPLIES:
-            self._outq.append(chunks)
+            self._outq.append(_Frame(chunks))
             if self._deferring != me:  # the role was taken back meanwhile (and flushed)
                 self.flush()
             return
         self.send(chunks)
 
     def flush(self) -> None:
-        """Send whatever replies are queued."""
-        if self._outq:
-            try:
-                self.send([])
-            except ConnectionClosed:
-                pass
+        """Write what is queued, without blocking; the poller writes what the socket does
+        not take now. Never raises."""
+        if not self._outq or self._poller is None:
+            return
+        with self._send_lock:
+            self._flush_locked()
+        if self._broken is not None:
+            with contextlib.suppress(ConnectionClosed):
+                self._lose_stream()
 
-    def _write(self, chunks: list) -> None:
-        """Send `chunks` (send lock held); ConnectionClosed if the connection is gone."""
-        if self.closed:
-            raise ConnectionClosed(f"connection to {self.name} is closed")
-        try:
-            _sendmsg_all(self.sock, chunks)
-        except OSError as e:
-            self.close()
-            raise ConnectionClosed(f"connection to {self.name} lost: {e}") from e
+    def _stream_writer(self) -> None:
+        """Stream pairs: one thread writes the queue (blocking writes), until closed."""
+        queue = self._outq
+        while True:
+            with self._sent:
+                while not queue and not self.closed:
+                    self._sent.wait()
+                if self.closed:
+                    return
+            frame = queue[0]
+            try:
+                self.sock.sendmsg(frame.views)
+            except (OSError, ValueError) as e:
+                log.debug("pydist: writing to %s failed: %s", self.name, e)
+                self.close()
+                return
+            queue.popleft()
+            frame.done = True
+            with self._sent:
+                self._sent.notify_all()
 
     # -- receiving --
     def _read(self, blocking: bool, until: Callable[[], bool] | None = None):
         """Read and handle frames (reading role held). Returns a task as soon as a frame
         yields one; None when `until()` is true, when non-blocking and nothing is left to
-        read, or when the connection is dead (then `self.closed`)."""
+        read, or when the connection is dead (then `self.closed`). Handlers run here, in a
+        thread marked as reading: nothing they send waits for the peer."""
+        tls = _tls
+        was_reading = getattr(tls, "reading", False)
+        tls.reading = True
+        try:
+            return self._read_frames(blocking, until)
+        finally:
+            tls.reading = was_reading
+
+    def _read_frames(self, blocking: bool, until: Callable[[], bool] | None):
         dec = self._decoder
         on_message = self.handler.on_message
         flags = 0 if blocking else socket.MSG_DONTWAIT
@@ -615,22 +922,28 @@ class Connection:
         if self._closed_reported or not self._role.acquire(False):
             return False
         if self._poller is not None:
-            self._poller.disarm(self)
+            with self._arm_lock:
+                self._want_read = False
+                self._apply_interest()
         return True
 
     def _release_role(self) -> None:
         """Give up the reading role: frames already received go to a pool thread, otherwise
         the poller watches the socket again."""
-        pending = self._decoder.has_message()
-        self._role.release()
         if self._outq:
             self.flush()
+        pending = self._decoder.has_message()
+        if self._poller is not None and not pending and not self.closed:
+            with self._arm_lock:
+                self._want_read = True
+                self._role.release()
+                self._apply_interest()
+            return
+        self._role.release()
         if self._closed_reported:
             return
         if pending or self.closed:  # closed: someone must read the end and report it
             POOL.submit(self._read_on)
-        elif self._poller is not None:
-            self._poller.arm(self)
 
     def _on_readable(self) -> None:
         """Poller thread: data arrived while nobody was reading. Read what is there."""
@@ -651,8 +964,9 @@ class Connection:
                 if task is None:
                     break
                 if self.serve_blocking:
-                    POOL.submit(functools.partial(self._serve, task))
-                    return  # the role went with the task
+                    if POOL.submit(_ServeWith(self, task)):
+                        return  # the role went with the task
+                    break
                 POOL.submit(self._task_runner(task))
         except BaseException:
             self._release_role()
@@ -660,8 +974,14 @@ class Connection:
         self._release_role()
 
     def _task_runner(self, task: Callable[[], None]) -> Callable[[], None]:
+        """`task`, then read on; the task is not referenced once it has run."""
+        box = [task]
+        del task
+
         def run() -> None:
-            task()
+            t = box.pop()
+            t()
+            del t
             self._read_on()
         return run
 
@@ -673,16 +993,18 @@ class Connection:
         else:
             self._drain()
 
-    def _serve(self, task: Callable[[], None] | None = None) -> None:
+    def _serve(self, box: list | None = None) -> None:
         """Read in this thread and run each call it yields here, for as long as this thread
-        can keep the reading role (a worker's thread after answering a call). With a `task`,
-        the role is already held and that call runs first.
+        can keep the reading role (a worker's thread after answering a call). With a `box`
+        holding a task, the role is already held and that call runs first (boxed, so that
+        nothing keeps it alive once it has run).
 
         A call runs with the role *lent* to it: if it is still running after
         `_Watchdog.PROMOTE_AFTER`, the watchdog takes the role back for others (so a call
         that waits for another message never blocks the connection); if it finishes first,
         this thread simply reads on, with no system call and no other thread involved.
         """
+        task = box.pop() if box else None
         if task is None and not self._take_role():
             return
         while True:
@@ -760,14 +1082,15 @@ class Connection:
             self._closed_reported = True
         if self._poller is not None:
             self._poller.unregister(self)
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        with self._send_lock:  # no write may use the descriptor once it can be reused
+            try:
+                self.sock.close()
+            except OSError:
+                pass
         if self._poller is not None and threading.current_thread() is self._poller._thread:
-            POOL.submit(lambda: self._handle_loss(exc))  # user callbacks may run there
-        else:
-            self._handle_loss(exc)
+            if POOL.submit(lambda: self._handle_loss(exc)):  # user callbacks may run there
+                return
+        self._handle_loss(exc)
 
     def _handle_loss(self, exc: BaseException | None) -> None:
         try:
@@ -781,16 +1104,34 @@ class Connection:
         return self._gone.wait(timeout)
 
     def close(self) -> None:
-        """Close the connection; whoever reads it next reports it to the handler once."""
-        if self.closed:
-            return
-        self.closed = True
+        """Close the connection: queued frames are dropped, waiting senders get
+        ConnectionClosed, and whoever reads it next reports it to the handler once."""
+        with self._state:
+            if self.closed:
+                return
+            self.closed = True
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
+        except (OSError, ValueError):
             pass
+        with self._sent:
+            self._sent.notify_all()
         if not self._role.locked():
             POOL.submit(self._drain)  # read the end and report the loss
+
+
+class _ServeWith:
+    """Pool work: serve `conn` starting with `task` (the reading role already held). The
+    task is handed over in a box, so the pool thread does not keep it alive afterwards."""
+
+    __slots__ = ("conn", "box")
+
+    def __init__(self, conn: Connection, task: Callable[[], None]) -> None:
+        self.conn = conn
+        self.box = [task]
+
+    def __call__(self) -> None:
+        self.conn._serve(self.box)
 
 
 class Listener:
