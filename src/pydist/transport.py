@@ -203,12 +203,27 @@ def open_connection(host: str, port: int, cookie: bytes, timeout: float) -> "soc
 
 
 def tune_socket(sock) -> None:
-    """TCP_NODELAY and keepalive: small messages go out at once, dead peers are noticed."""
+    """TCP_NODELAY and keepalive: small messages go out at once, dead peers are noticed.
+    `PYDIST_SOCKET_BUFFER=N` shrinks the kernel buffers to N bytes (a test knob: then every
+    large frame is a partial write)."""
     if not isinstance(sock, socket.socket):
         return
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    size = socket_buffer_size()
+    if size:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def socket_buffer_size() -> int:
+    """The `PYDIST_SOCKET_BUFFER` test knob in bytes (0: the kernel's defaults)."""
+    value = os.environ.get("PYDIST_SOCKET_BUFFER", "")
+    try:
+        return max(0, int(value)) if value else 0
+    except ValueError:
+        raise ValueError(f"PYDIST_SOCKET_BUFFER must be a number of bytes, got {value!r}") from None
 
 
 def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
