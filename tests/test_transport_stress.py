@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 import pydist
-from pydist import transport
 
 from stresshelpers import identity, make_array, relay
 

@@ -83,6 +83,7 @@ from .workerpool import (
 )
 from .macros import distributed, everywhere, fetchany, fetchfrom, spawn, spawnat
 from .pmap import ExponentialBackOff, pmap
+from .runtime import shutdown
 
 
 def start_worker(*args, **kwargs):
@@ -114,7 +115,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AbstractWorkerPool", "CachingPool", "WorkerPool", "clear", "default_worker_pool", "remote",
     "set_default_worker_pool", "distributed", "everywhere", "fetchany", "fetchfrom", "spawn",
-    "spawnat", "pmap", "ExponentialBackOff",
+    "spawnat", "pmap", "ExponentialBackOff", "shutdown",
     "AuthenticationError", "CapturedException", "Channel", "ClusterManager", "ExceptionGroup",
     "Future", "InvalidStateError", "LaunchWorkerError", "LocalManager", "ProcessExitedException",
     "ProtocolError", "PydistError", "RRID", "RemoteChannel", "RemoteError", "RemoteException",

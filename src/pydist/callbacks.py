@@ -115,14 +115,18 @@ def _snapshot(kind: str) -> list[tuple[Hashable, Callable]]:
 
 
 class _Run:
-    """One callback running in its own thread."""
+    """One callback running in its own thread; in the calling thread when no thread may
+    start (at interpreter exit)."""
 
     def __init__(self, key: Hashable, f: Callable, args: tuple):
         self.key = key
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, args=(f, args), daemon=True,
                                        name=f"pydist-callback-{key}")
-        self.thread.start()
+        try:
+            self.thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            self._run(f, args)
 
     def _run(self, f: Callable, args: tuple) -> None:
         try:

@@ -252,8 +252,8 @@ def request_exit(pid: int) -> None:
     w = PGRP.workers.get(pid)
     if w is None or w.conn is None:
         return
-    try:
-        w.conn.send(protocol.encode_frame(protocol.EXIT))
+    try:  # never waits for the worker to read: the manager escalates if it does not exit
+        w.conn.send(protocol.encode_frame(protocol.EXIT), wait=False)
     except ConnectionClosed:
         pass
 

@@ -12,7 +12,6 @@ Higher layers register message handlers (`register_handler`) and listen for work
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import enum
 import itertools
@@ -39,7 +38,6 @@ from .managers import (
     ClusterManager,
     LocalManager,
     WorkerConfig,
-    WorkerOutput,
     launch_timeout,
     worker_timeout,
 )
@@ -1030,33 +1028,3 @@ def interrupt(*pids: Any) -> None:
         threads.append(t)
     for t in threads:
         t.join()
-
-
-# ==================================================================== exit
-def _terminate_all_workers() -> None:
-    """At master exit: remove every worker, escalating to interrupts and kills."""
-    if not PGRP.is_master():
-        return
-    PGRP.shutdown.set()
-    pids = [p for p in PGRP.workers]
-    try:
-        rmprocs(pids, waitfor=5.0, callback_timeout=5.0)
-    except TimeoutError:
-        log.warning("Forcibly interrupting busy workers")
-        try:
-            interrupt(pids)
-            rmprocs(pids, waitfor=5.0)
-        except Exception:
-            log.error("Unable to terminate all workers")
-    except Exception:
-        log.exception("pydist: error removing workers at exit")
-    finally:
-        for manager in PGRP.managers:
-            try:
-                manager.cleanup()
-            except Exception:
-                log.exception("pydist: %r failed to clean up", manager)
-        WorkerOutput.drain_all(1.0)
-
-
-atexit.register(_terminate_all_workers)

@@ -390,22 +390,21 @@ class LocalManager(ClusterManager):
             pass
         proc = config.process
         if proc is not None:
-            threading.Thread(target=self._escalate, args=(pid, proc), name="pydist-reaper",
-                             daemon=True).start()
+            with contextlib.suppress(RuntimeError):  # at interpreter exit `cleanup` reaps
+                threading.Thread(target=self._escalate, args=(pid, proc), name="pydist-reaper",
+                                 daemon=True).start()
 
     def _escalate(self, pid: int, proc: subprocess.Popen) -> None:
         try:
             proc.wait(self.exit_timeout)
         except subprocess.TimeoutExpired:
             log.warning("Failed to gracefully kill worker %d, sending SIGTERM", pid)
-            with contextlib.suppress(OSError):
-                proc.terminate()
+            signal_group(proc, signal.SIGTERM)
             try:
                 proc.wait(self.term_timeout)
             except subprocess.TimeoutExpired:
                 log.warning("Worker %d ignored SIGTERM, sending SIGKILL", pid)
-                with contextlib.suppress(OSError):
-                    proc.kill()
+                signal_group(proc, signal.SIGKILL)
                 proc.wait()
         with self._lock:
             self._procs.discard(proc)
@@ -419,6 +418,19 @@ class LocalManager(ClusterManager):
         reap(procs, grace)
 
 
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` to the process group that `proc` leads (started with
+    `start_new_session=True`), so that a wrapper's children get it too; to `proc` alone if
+    it leads none."""
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # the group is gone (the process may be a zombie)
+        pass
+    except OSError:
+        with contextlib.suppress(OSError):
+            proc.send_signal(sig)
+
+
 def reap(procs: list, grace: float) -> None:
     """Wait up to `grace` seconds in all for `procs` to exit, then kill the rest."""
     deadline = time.monotonic() + grace
@@ -427,7 +439,6 @@ def reap(procs: list, grace: float) -> None:
             proc.wait(max(0.0, deadline - time.monotonic()))
     for proc in procs:
         if proc.poll() is None:
-            with contextlib.suppress(OSError):
-                proc.kill()
+            signal_group(proc, signal.SIGKILL)  # the process and whatever it started
         with contextlib.suppress(Exception):
             proc.wait(5)

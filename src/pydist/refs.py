@@ -204,10 +204,14 @@ def _start_flusher() -> None:
 FLUSH_DELAY = 0.002
 
 
+_STOP = ("stop",)  # queued by stop_flusher: send what is queued, then end
+
+
 def _flush_loop() -> None:
     while True:
         item = _deltas.get()
-        time.sleep(FLUSH_DELAY)
+        if item is not _STOP:
+            time.sleep(FLUSH_DELAY)
         batch = [item]
         try:
             while True:
@@ -216,11 +220,29 @@ def _flush_loop() -> None:
             pass
         by_owner: dict[int, list] = {}
         for it in batch:
-            if it is not None:
+            if it is not None and it is not _STOP:
                 where, rrid, pid, delta = it
                 by_owner.setdefault(where, []).append((rrid.whence, rrid.id, pid, delta))
         for where, deltas in by_owner.items():
             _send_deltas(where, deltas)
+        if _STOP in batch:
+            return
+
+
+def stop_flusher(timeout: float) -> bool:
+    """Send the queued count changes and end the flusher thread (`pydist.shutdown`); False
+    if it did not end within `timeout` seconds. It starts again with the next reference."""
+    global _flusher
+    with _flusher_lock:
+        thread = _flusher
+        if thread is None:
+            return True
+        _deltas.put(_STOP)
+        thread.join(timeout)
+        if thread.is_alive():
+            return False
+        _flusher = None
+        return True
 
 
 def _send_deltas(where: int, deltas: list) -> None:
@@ -242,7 +264,10 @@ def _send_deltas(where: int, deltas: list) -> None:
             return
     try:
         conn = PGRP.connection(where)  # connects now if this is a lazy worker-to-worker link
-        conn.send(protocol.encode_frame(protocol.REFS, serialization.dumps_inline(deltas)))
+        # Never waits for the owner to read (the flusher serves every owner): counts are
+        # small, they queue until the socket drains.
+        conn.send(protocol.encode_frame(protocol.REFS, serialization.dumps_inline(deltas)),
+                  wait=False)
     except (ConnectionClosed, ProcessExitedException, ValueError):
         pass
     except Exception:

@@ -392,8 +392,9 @@ class SSHManager(ClusterManager):
     def kill(self, pid: int, config: WorkerConfig) -> None:
         with contextlib.suppress(Exception):
             super().kill(pid, config)  # ask politely
-        threading.Thread(target=self._escalate, args=(pid, config), daemon=True,
-                         name="pydist-ssh-escalate").start()
+        with contextlib.suppress(RuntimeError):  # at interpreter exit `cleanup` reaps
+            threading.Thread(target=self._escalate, args=(pid, config), daemon=True,
+                             name="pydist-ssh-escalate").start()
 
     def _escalate(self, pid: int, config: WorkerConfig) -> None:
         """If the worker is still there after `exit_timeout`: close its ssh session's stdin

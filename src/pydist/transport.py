@@ -831,6 +831,22 @@ class Connection:
             finally:
                 self._send_waiters -= 1
 
+    def wait_sent(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds until every queued frame is written; False if some
+        are still queued (the peer does not read) and the connection is open."""
+        deadline = time.monotonic() + timeout
+        with self._sent:
+            self._send_waiters += 1
+            try:
+                while self._outq and not self.closed:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return False
+                    self._sent.wait(remaining)
+            finally:
+                self._send_waiters -= 1
+        return True
+
     def _lose_stream(self) -> None:
         """A write failed: the stream is lost; close and raise ConnectionClosed."""
         e = self._broken

@@ -1,0 +1,106 @@
+"""pydist in this process as a whole: `shutdown()` stops it in bounded time; it is also the
+exit hook. It sits above every other module (it imports them; none imports it)."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import time
+
+from . import callbacks, calls, refs, transport
+from .cluster import PGRP, WorkerState
+from .managers import WorkerOutput
+
+log = logging.getLogger("pydist")
+
+
+def shutdown(timeout: float = 10.0) -> None:
+    """Stop pydist in this process within about `timeout` seconds, starting no thread.
+
+    On the master: run the worker-exiting callbacks, ask every worker to exit, and when
+    time runs out kill those still running (their whole process groups) through their
+    managers' cleanup. Then close every connection and stop and join pydist's threads (the
+    poller, the watchdog, the connection thread pool, the reference-count flusher). Runs at
+    interpreter exit; after an explicit call pydist can be used again (`addprocs`).
+    """
+    _shutdown(timeout, at_exit=False)
+
+
+def _shutdown(timeout: float, at_exit: bool) -> None:
+    deadline = time.monotonic() + timeout
+
+    def left(share: float = 1.0) -> float:
+        return max(0.0, (deadline - time.monotonic()) * share)
+
+    if PGRP.is_master():
+        _remove_all_workers(left, at_exit)
+    for w in list(PGRP.workers.values()):
+        if w.conn is not None:
+            w.conn.close()
+    if not refs.stop_flusher(min(1.0, left())):
+        log.warning("pydist: the reference-count flusher did not stop")
+    WorkerOutput.drain_all(min(1.0, left()))
+    stuck = transport.stop_runtime(left())
+    if stuck:
+        log.debug("pydist: threads still busy at shutdown: %s", ", ".join(stuck))
+    if not at_exit:
+        transport.restart_runtime()
+        PGRP.shutdown.clear()
+
+
+def _remove_all_workers(left, at_exit: bool) -> None:
+    """Ask every worker to exit; whatever is left when the time is up is killed."""
+    PGRP.shutdown.set()
+    pids = [p for p in PGRP.workers if p != 1]
+    if pids:
+        callbacks.run_exiting(pids, min(5.0, left(0.3)))
+    conns = []
+    for pid in pids:
+        with PGRP.lock:
+            w = PGRP.workers.get(pid)
+            if w is None:
+                continue
+            w.state = WorkerState.terminating
+            PGRP.changed.notify_all()
+        calls.request_exit(pid)  # queued, never waits for the worker to read
+        if w.conn is not None:
+            conns.append(w.conn)
+        if not _uses_default_kill(w.manager):
+            try:  # a custom manager's own way to stop its worker
+                w.manager.kill(pid, w.config)
+            except Exception:
+                log.exception("pydist: kill failed for worker %d", pid)
+    for conn in conns:
+        conn.wait_sent(min(1.0, left(0.2)))
+    with PGRP.lock:
+        while any(p not in PGRP.gone for p in pids) and left(0.5) > 0:
+            PGRP.changed.wait(min(0.1, left(0.5)))
+    for manager in list(PGRP.managers):
+        try:
+            if _is_builtin(manager):
+                manager.cleanup(grace=left(0.5))  # reaps; kills what is still running
+            else:
+                manager.cleanup()
+        except Exception:
+            log.exception("pydist: %r failed to clean up", manager)
+
+
+def _is_builtin(manager) -> bool:
+    """LocalManager or SSHManager: their `kill` is an EXIT request plus an escalation that
+    `cleanup(grace=...)` also does, without a thread."""
+    from .managers import LocalManager
+
+    return isinstance(manager, LocalManager) or type(manager).__name__ == "SSHManager"
+
+
+def _uses_default_kill(manager) -> bool:
+    """Whether `manager` stops workers the way shutdown already does (an EXIT request, then
+    `cleanup`): the built-in managers, and managers that keep the default `kill`."""
+    from .managers import ClusterManager
+
+    if manager is None or _is_builtin(manager):
+        return True
+    return type(manager).kill is ClusterManager.kill
+
+
+atexit.register(_shutdown, 10.0, True)
