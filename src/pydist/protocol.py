@@ -4,14 +4,19 @@ Nothing here touches a socket; `transport` moves the bytes. Everything a peer se
 has proved that it knows the cluster cookie is fixed-size binary, checked by `struct` and HMAC:
 no pickle is involved until the handshake has succeeded.
 
-Handshake (initiator = the side that connects):
+Handshake (initiator = the side that connects), version 2:
 
     initiator -> HELLO     magic, version, nonce_i
-    acceptor  -> CHALLENGE magic, version, nonce_a, HMAC(cookie, "acceptor" | nonce_i | nonce_a)
-    initiator -> PROOF     HMAC(cookie, "initiator" | nonce_a | nonce_i)
-    acceptor  -> VERDICT   one byte, 1 = accepted
+    acceptor  -> CHALLENGE magic, version, nonce_a, 32 zero bytes (nothing derived from the cookie)
+    initiator -> PROOF     HMAC(cookie, "pydist-2 initiator" | nonce_i | nonce_a)
+    acceptor  -> ACCEPT    1, HMAC(cookie, "pydist-2 acceptor" | nonce_i | nonce_a)
+              or DENIED    0 (after a delay), then it closes
 
-Both sides prove knowledge of the cookie; the cookie itself never crosses the wire.
+The unauthenticated side proves first: the acceptor says nothing that depends on the cookie
+until the initiator has proved it knows it, so nobody can collect MACs to attack a weak cookie
+offline. Distinct labels keep one side's MAC from being reflected as the other's. The cookie
+itself never crosses the wire. (The zero bytes make CHALLENGE as long as version 1's, so a
+version-1 peer reads it whole and reports the version mismatch.)
 
 Frame: a 40-byte header (magic, kind, flags, buffer count, body length, three int64 ids),
 then one uint64 length per out-of-band buffer, then the pickled body, then the buffers.
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 
 from .exceptions import AuthenticationError, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # --- handshake -------------------------------------------------------------------------------
 
@@ -37,21 +42,24 @@ HANDSHAKE_MAGIC = b"PYDIST\r\n"
 NONCE_LEN = 32
 MAC_LEN = 32
 _HELLO = struct.Struct("<8sH32s")
-_CHALLENGE = struct.Struct("<8sH32s32s")
+_CHALLENGE = struct.Struct("<8sH32s32x")
 HELLO_LEN = _HELLO.size
 CHALLENGE_LEN = _CHALLENGE.size
 PROOF_LEN = MAC_LEN
 VERDICT_LEN = 1
 VERDICT_OK = b"\x01"
 VERDICT_DENIED = b"\x00"
+ACCEPT_LEN = VERDICT_LEN + MAC_LEN
+_INITIATOR_LABEL = b"pydist-2 initiator"
+_ACCEPTOR_LABEL = b"pydist-2 acceptor"
 
 
 def new_nonce() -> bytes:
     return os.urandom(NONCE_LEN)
 
 
-def _mac(cookie: bytes, label: bytes, a: bytes, b: bytes) -> bytes:
-    return hmac.new(cookie, label + a + b, hashlib.sha256).digest()
+def _mac(cookie: bytes, label: bytes, nonce_i: bytes, nonce_a: bytes) -> bytes:
+    return hmac.new(cookie, label + nonce_i + nonce_a, hashlib.sha256).digest()
 
 
 def encode_hello(nonce_i: bytes) -> bytes:
@@ -68,38 +76,53 @@ def decode_hello(data: bytes) -> tuple[int, bytes]:
     return version, nonce
 
 
-def encode_challenge(cookie: bytes, nonce_i: bytes, nonce_a: bytes) -> bytes:
-    mac = _mac(cookie, b"acceptor", nonce_i, nonce_a)
-    return _CHALLENGE.pack(HANDSHAKE_MAGIC, PROTOCOL_VERSION, nonce_a, mac)
+def encode_challenge(nonce_a: bytes) -> bytes:
+    """The acceptor's answer to HELLO: its version and a fresh nonce, nothing secret."""
+    return _CHALLENGE.pack(HANDSHAKE_MAGIC, PROTOCOL_VERSION, nonce_a)
 
 
-def check_challenge(cookie: bytes, data: bytes, nonce_i: bytes) -> bytes:
-    """Verify the acceptor's CHALLENGE; return nonce_a. Raises AuthenticationError if the peer
-    does not know the cookie or speaks another protocol version."""
+def decode_challenge(data: bytes) -> bytes:
+    """Return nonce_a of the acceptor's CHALLENGE; ProtocolError if it is not one,
+    AuthenticationError if the peer speaks another protocol version."""
     if len(data) != CHALLENGE_LEN:
         raise ProtocolError(f"handshake: expected {CHALLENGE_LEN} bytes of CHALLENGE, got {len(data)}")
-    magic, version, nonce_a, mac = _CHALLENGE.unpack(data)
+    magic, version, nonce_a = _CHALLENGE.unpack(data)
     if magic != HANDSHAKE_MAGIC:
         raise ProtocolError("handshake: not a pydist peer (bad magic in CHALLENGE)")
     if version != PROTOCOL_VERSION:
         raise AuthenticationError(
             f"handshake: peer speaks pydist protocol version {version}, we speak {PROTOCOL_VERSION}"
         )
-    if not hmac.compare_digest(mac, _mac(cookie, b"acceptor", nonce_i, nonce_a)):
-        raise AuthenticationError("handshake: peer does not know the cluster cookie")
     return nonce_a
 
 
 def encode_proof(cookie: bytes, nonce_i: bytes, nonce_a: bytes) -> bytes:
-    return _mac(cookie, b"initiator", nonce_a, nonce_i)
+    """The initiator's proof that it knows the cookie (sent first, before the acceptor's)."""
+    return _mac(cookie, _INITIATOR_LABEL, nonce_i, nonce_a)
 
 
 def check_proof(cookie: bytes, data: bytes, nonce_i: bytes, nonce_a: bytes) -> None:
     """Verify the initiator's PROOF; AuthenticationError if it does not know the cookie."""
     if len(data) != PROOF_LEN or not hmac.compare_digest(
-        data, _mac(cookie, b"initiator", nonce_a, nonce_i)
+        data, _mac(cookie, _INITIATOR_LABEL, nonce_i, nonce_a)
     ):
         raise AuthenticationError("handshake: invalid connection credentials (wrong cluster cookie)")
+
+
+def encode_accept(cookie: bytes, nonce_i: bytes, nonce_a: bytes) -> bytes:
+    """The acceptor's verdict after a valid PROOF: OK and its own proof over both nonces."""
+    return VERDICT_OK + _mac(cookie, _ACCEPTOR_LABEL, nonce_i, nonce_a)
+
+
+def check_accept(cookie: bytes, data: bytes, nonce_i: bytes, nonce_a: bytes) -> None:
+    """Verify the acceptor's ACCEPT (after its one-byte verdict); AuthenticationError if it
+    denied us or does not know the cookie."""
+    if data[:VERDICT_LEN] != VERDICT_OK:
+        raise AuthenticationError("handshake: peer rejected our credentials (wrong cluster cookie)")
+    if len(data) != ACCEPT_LEN or not hmac.compare_digest(
+        data[VERDICT_LEN:], _mac(cookie, _ACCEPTOR_LABEL, nonce_i, nonce_a)
+    ):
+        raise AuthenticationError("handshake: peer does not know the cluster cookie")
 
 
 # --- frames ----------------------------------------------------------------------------------

@@ -206,11 +206,33 @@ def tune_socket(sock) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
-def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
+# A wrong handshake proof is answered (DENIED) only after this many seconds, and the next
+# proof from the same source address waits this long after the last failure: online guessing
+# of the cookie is slow, and costs the listener no thread while it waits.
+HANDSHAKE_FAIL_DELAY = 1.0
+HANDSHAKE_FAIL_INTERVAL = 0.25
+# A listener authenticates at most this many connections at once; a new one beyond that
+# drops the oldest (a flood of silent clients then holds a bounded number of descriptors).
+MAX_PENDING_HANDSHAKES = 256
+# After an accept error (EMFILE, ENFILE, ENOBUFS, ENOMEM...) a listener pauses accepting for
+# a delay that doubles from ACCEPT_BACKOFF_MIN up to ACCEPT_BACKOFF_MAX seconds.
+ACCEPT_BACKOFF_MIN = 0.05
+ACCEPT_BACKOFF_MAX = 1.0
+# Refused connections are logged at most once per this many seconds (with a count).
+REFUSAL_LOG_INTERVAL = 1.0
+
+
+def _recv_exact(sock: socket.socket, n: int, what: str, deadline: float) -> bytes:
+    """Read exactly `n` handshake bytes before `deadline` (time.monotonic()): the timeout is
+    for the whole handshake, so a peer dripping bytes one by one cannot stretch it."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("handshake deadline passed")
+        sock.settimeout(remaining)
         k = sock.recv_into(view[got:])
         if k == 0:
             raise ProtocolError(f"handshake: connection closed by peer while reading {what}")
@@ -219,17 +241,20 @@ def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
 
 
 def handshake_initiator(sock: socket.socket, cookie: bytes, timeout: float) -> None:
-    """Authenticate both ways as the connecting side; raise AuthenticationError on failure."""
+    """Authenticate both ways as the connecting side, which proves itself first; raise
+    AuthenticationError on failure, ProtocolError if it takes more than `timeout` in all."""
+    deadline = time.monotonic() + timeout
     sock.settimeout(timeout)
     try:
         nonce_i = protocol.new_nonce()
         sock.sendall(protocol.encode_hello(nonce_i))
-        challenge = _recv_exact(sock, protocol.CHALLENGE_LEN, "CHALLENGE")
-        nonce_a = protocol.check_challenge(cookie, challenge, nonce_i)
+        challenge = _recv_exact(sock, protocol.CHALLENGE_LEN, "CHALLENGE", deadline)
+        nonce_a = protocol.decode_challenge(challenge)
         sock.sendall(protocol.encode_proof(cookie, nonce_i, nonce_a))
-        verdict = _recv_exact(sock, protocol.VERDICT_LEN, "VERDICT")
-        if verdict != protocol.VERDICT_OK:
-            raise AuthenticationError("handshake: peer rejected our credentials (wrong cluster cookie)")
+        verdict = _recv_exact(sock, protocol.VERDICT_LEN, "VERDICT", deadline)
+        if verdict == protocol.VERDICT_OK:
+            verdict += _recv_exact(sock, protocol.MAC_LEN, "ACCEPT", deadline)
+        protocol.check_accept(cookie, verdict, nonce_i, nonce_a)
     except socket.timeout:
         raise ProtocolError(f"handshake: peer did not answer within {timeout} seconds") from None
     finally:
@@ -237,23 +262,28 @@ def handshake_initiator(sock: socket.socket, cookie: bytes, timeout: float) -> N
 
 
 def handshake_acceptor(sock: socket.socket, cookie: bytes, timeout: float) -> None:
-    """Authenticate both ways as the accepting side; raise ProtocolError/AuthenticationError."""
+    """Authenticate both ways as the accepting side, blocking (custom transports; a worker's
+    `Listener` runs the same steps without a thread per client). Raises ProtocolError or
+    AuthenticationError; a wrong proof is answered only after HANDSHAKE_FAIL_DELAY."""
+    deadline = time.monotonic() + timeout
     sock.settimeout(timeout)
     try:
-        version, nonce_i = protocol.decode_hello(_recv_exact(sock, protocol.HELLO_LEN, "HELLO"))
+        hello = _recv_exact(sock, protocol.HELLO_LEN, "HELLO", deadline)
+        version, nonce_i = protocol.decode_hello(hello)
         nonce_a = protocol.new_nonce()
-        sock.sendall(protocol.encode_challenge(cookie, nonce_i, nonce_a))
+        sock.sendall(protocol.encode_challenge(nonce_a))
         if version != protocol.PROTOCOL_VERSION:
             raise AuthenticationError(
                 f"handshake: peer speaks protocol version {version}, we speak {protocol.PROTOCOL_VERSION}"
             )
-        proof = _recv_exact(sock, protocol.PROOF_LEN, "PROOF")
+        proof = _recv_exact(sock, protocol.PROOF_LEN, "PROOF", deadline)
         try:
             protocol.check_proof(cookie, proof, nonce_i, nonce_a)
         except AuthenticationError:
+            time.sleep(HANDSHAKE_FAIL_DELAY)
             sock.sendall(protocol.VERDICT_DENIED)
             raise
-        sock.sendall(protocol.VERDICT_OK)
+        sock.sendall(protocol.encode_accept(cookie, nonce_i, nonce_a))
     except socket.timeout:
         raise ProtocolError(f"handshake: peer sent nothing valid within {timeout} seconds") from None
     finally:
