@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import pydist
@@ -454,28 +454,40 @@ COOKIE = b"the-real-cluster-cookie-0123456789"
 
 
 def _exchange(init_cookie: bytes, acc_cookie: bytes):
-    """Run the four handshake messages; return them (raises where a side would refuse)."""
+    """Run the handshake messages in order; return them (raises where a side would refuse)."""
     nonce_i = protocol.new_nonce()
     hello = protocol.encode_hello(nonce_i)
     version, got_nonce_i = protocol.decode_hello(hello)
     assert version == protocol.PROTOCOL_VERSION and got_nonce_i == nonce_i
     nonce_a = protocol.new_nonce()
-    challenge = protocol.encode_challenge(acc_cookie, got_nonce_i, nonce_a)
+    challenge = protocol.encode_challenge(nonce_a)
     assert len(challenge) == protocol.CHALLENGE_LEN
-    assert protocol.check_challenge(init_cookie, challenge, nonce_i) == nonce_a
+    assert protocol.decode_challenge(challenge) == nonce_a
     proof = protocol.encode_proof(init_cookie, nonce_i, nonce_a)
     assert len(proof) == protocol.PROOF_LEN
     protocol.check_proof(acc_cookie, proof, got_nonce_i, nonce_a)
-    return hello, challenge, proof, nonce_i, nonce_a
+    accept = protocol.encode_accept(acc_cookie, got_nonce_i, nonce_a)
+    assert len(accept) == protocol.ACCEPT_LEN
+    protocol.check_accept(init_cookie, accept, nonce_i, nonce_a)
+    return hello, challenge, proof, accept, nonce_i, nonce_a
 
 
 def test_handshake_success():
-    hello, challenge, proof, nonce_i, nonce_a = _exchange(COOKIE, COOKIE)
+    hello, challenge, proof, accept, nonce_i, nonce_a = _exchange(COOKIE, COOKIE)
     assert len(hello) == protocol.HELLO_LEN and hello.startswith(protocol.HANDSHAKE_MAGIC)
     assert nonce_i != nonce_a and len(nonce_i) == len(nonce_a) == protocol.NONCE_LEN
     # fresh nonces each time: nothing of one exchange is reusable in the next
-    hello2, challenge2, proof2, *_ = _exchange(COOKIE, COOKIE)
-    assert hello2 != hello and challenge2 != challenge and proof2 != proof
+    hello2, challenge2, proof2, accept2, *_ = _exchange(COOKIE, COOKIE)
+    assert hello2 != hello and challenge2 != challenge and proof2 != proof and accept2 != accept
+
+
+def test_challenge_carries_nothing_derived_from_the_cookie():
+    """The acceptor speaks before the initiator has proved anything: its CHALLENGE must be
+    the same whatever the cookie (magic, version, the nonce and zero padding)."""
+    nonce_a = protocol.new_nonce()
+    challenge = protocol.encode_challenge(nonce_a)
+    assert challenge == struct.pack("<8sH32s32x", protocol.HANDSHAKE_MAGIC,
+                                    protocol.PROTOCOL_VERSION, nonce_a)
 
 
 def test_handshake_acceptor_rejects_wrong_cookie_proof():
@@ -490,24 +502,27 @@ def test_handshake_acceptor_rejects_wrong_cookie_proof():
 
 def test_handshake_initiator_rejects_acceptor_with_wrong_cookie():
     nonce_i, nonce_a = protocol.new_nonce(), protocol.new_nonce()
-    challenge = protocol.encode_challenge(b"wrong", nonce_i, nonce_a)
+    accept = protocol.encode_accept(b"wrong", nonce_i, nonce_a)
     with pytest.raises(pydist.AuthenticationError, match="cookie"):
-        protocol.check_challenge(COOKIE, challenge, nonce_i)
-    # a challenge made for another HELLO (replayed) is refused too
-    other = protocol.encode_challenge(COOKIE, protocol.new_nonce(), nonce_a)
+        protocol.check_accept(COOKIE, accept, nonce_i, nonce_a)
+    # an ACCEPT made for another handshake (replayed) is refused too
+    other = protocol.encode_accept(COOKIE, protocol.new_nonce(), nonce_a)
     with pytest.raises(pydist.AuthenticationError):
-        protocol.check_challenge(COOKIE, other, nonce_i)
+        protocol.check_accept(COOKIE, other, nonce_i, nonce_a)
+    with pytest.raises(pydist.AuthenticationError, match="rejected"):
+        protocol.check_accept(COOKIE, protocol.VERDICT_DENIED, nonce_i, nonce_a)
 
 
 def test_handshake_proofs_are_bound_to_nonces_and_roles():
-    _, challenge, proof, nonce_i, nonce_a = _exchange(COOKIE, COOKIE)
+    _, challenge, proof, accept, nonce_i, nonce_a = _exchange(COOKIE, COOKIE)
     # replay of an old proof against a new challenge
     with pytest.raises(pydist.AuthenticationError):
         protocol.check_proof(COOKIE, proof, nonce_i, protocol.new_nonce())
-    # reflection: the acceptor's own MAC is not a valid initiator proof
-    acceptor_mac = challenge[-protocol.MAC_LEN :]
+    # reflection: the acceptor's MAC is not a valid initiator proof, nor the other way round
     with pytest.raises(pydist.AuthenticationError):
-        protocol.check_proof(COOKIE, acceptor_mac, nonce_i, nonce_a)
+        protocol.check_proof(COOKIE, accept[protocol.VERDICT_LEN:], nonce_i, nonce_a)
+    with pytest.raises(pydist.AuthenticationError):
+        protocol.check_accept(COOKIE, protocol.VERDICT_OK + proof, nonce_i, nonce_a)
     # swapped nonces do not verify either
     with pytest.raises(pydist.AuthenticationError):
         protocol.check_proof(COOKIE, proof, nonce_a, nonce_i)
@@ -518,14 +533,17 @@ def test_handshake_wrong_protocol_version_is_reported():
     other = protocol.PROTOCOL_VERSION + 1
     hello = struct.pack("<8sH32s", protocol.HANDSHAKE_MAGIC, other, nonce)
     assert protocol.decode_hello(hello) == (other, nonce)  # the acceptor learns the version
-    nonce_a = protocol.new_nonce()
-    mac = hmac_acceptor(COOKIE, nonce, nonce_a)
-    challenge = struct.pack("<8sH32s32s", protocol.HANDSHAKE_MAGIC, other, nonce_a, mac)
+    challenge = struct.pack("<8sH32s32x", protocol.HANDSHAKE_MAGIC, other, protocol.new_nonce())
     with pytest.raises(pydist.AuthenticationError, match="version"):
-        protocol.check_challenge(COOKIE, challenge, nonce)
+        protocol.decode_challenge(challenge)
+    # a version-1 acceptor's CHALLENGE (it carried a MAC) reads as a version mismatch too
+    v1 = struct.pack("<8sH32s32s", protocol.HANDSHAKE_MAGIC, 1, nonce, hmac_v1(COOKIE, nonce, nonce))
+    with pytest.raises(pydist.AuthenticationError, match="version 1"):
+        protocol.decode_challenge(v1)
 
 
-def hmac_acceptor(cookie: bytes, nonce_i: bytes, nonce_a: bytes) -> bytes:
+def hmac_v1(cookie: bytes, nonce_i: bytes, nonce_a: bytes) -> bytes:
+    """Protocol version 1's acceptor MAC, sent in its CHALLENGE before any proof."""
     return hmac.new(cookie, b"acceptor" + nonce_i + nonce_a, hashlib.sha256).digest()
 
 
@@ -551,17 +569,20 @@ def test_handshake_decoders_fuzz(data):
         assert len(nonce) == protocol.NONCE_LEN
     except pydist.ProtocolError:
         pass
-    with pytest.raises(pydist.ProtocolError):  # random bytes never carry a valid MAC
-        protocol.check_challenge(COOKIE, data, b"n" * 32)
-    with pytest.raises(pydist.ProtocolError):
+    with pytest.raises(pydist.ProtocolError):  # random bytes are never a valid CHALLENGE
+        protocol.decode_challenge(data)
+    with pytest.raises(pydist.ProtocolError):  # nor carry a valid MAC
         protocol.check_proof(COOKIE, data, b"n" * 32, b"m" * 32)
+    with pytest.raises(pydist.ProtocolError):
+        protocol.check_accept(COOKIE, data, b"n" * 32, b"m" * 32)
 
 
 @FUZZ
 @given(cookie=st.binary(min_size=16, max_size=64))
 def test_cookie_never_appears_in_handshake_messages(cookie):
-    hello, challenge, proof, _, _ = _exchange(cookie, cookie)
-    for message in (hello, challenge, proof, protocol.VERDICT_OK, protocol.VERDICT_DENIED):
+    assume(cookie.strip(b"\0"))  # an all-zero "cookie" is found in CHALLENGE's padding
+    hello, challenge, proof, accept, _, _ = _exchange(cookie, cookie)
+    for message in (hello, challenge, proof, accept, protocol.VERDICT_DENIED):
         assert cookie not in message
         assert cookie.hex().encode() not in message
 
@@ -596,12 +617,12 @@ def _run_pair(init_cookie: bytes, acc_cookie: bytes):
 
 def test_transport_handshake_over_socketpair():
     assert _run_pair(COOKIE, COOKIE) == ("ok", "ok")
-    init, acc = _run_pair(b"wrong", COOKIE)
-    assert isinstance(init, pydist.AuthenticationError)
-    assert isinstance(acc, pydist.ProtocolError)  # the initiator hung up without a proof
-    init, acc = _run_pair(COOKIE, b"wrong")
-    assert isinstance(init, pydist.AuthenticationError)
-    assert isinstance(acc, pydist.ProtocolError)
+    for init_cookie, acc_cookie in ((b"wrong", COOKIE), (COOKIE, b"wrong")):
+        t0 = time.monotonic()
+        init, acc = _run_pair(init_cookie, acc_cookie)
+        assert isinstance(init, pydist.AuthenticationError)  # DENIED
+        assert isinstance(acc, pydist.AuthenticationError)  # the initiator's proof was wrong
+        assert time.monotonic() - t0 >= 0.9 * transport.HANDSHAKE_FAIL_DELAY
 
 
 # ============================================================================ 4. a real worker
@@ -691,16 +712,14 @@ def test_worker_refuses_wrong_cookie(two_workers):
 
 
 def test_worker_denies_wrong_cookie_proof_and_runs_nothing(two_workers, via, tmp_path):
-    """A client that ignores the challenge check and sends a proof made with a wrong cookie,
-    then a call: the worker says no and never runs the call."""
+    """A client that sends a proof made with a wrong cookie, then a call: the worker says no
+    and never runs the call."""
     pid = two_workers[0]
     marker = tmp_path / "after-bad-proof"
     with raw_connect(pid, via) as s:
         nonce_i = protocol.new_nonce()
         s.sendall(protocol.encode_hello(nonce_i))
-        challenge = recv_exact(s, protocol.CHALLENGE_LEN)
-        # the worker proves it knows the real cookie
-        nonce_a = protocol.check_challenge(pydist.cluster_cookie().encode(), challenge, nonce_i)
+        nonce_a = protocol.decode_challenge(recv_exact(s, protocol.CHALLENGE_LEN))
         s.sendall(protocol.encode_proof(b"wrong", nonce_i, nonce_a))
         assert recv_exact(s, protocol.VERDICT_LEN) == protocol.VERDICT_DENIED
         try:
@@ -747,7 +766,8 @@ def test_worker_refuses_other_protocol_version(two_workers, via):
         nonce_i = protocol.new_nonce()
         s.sendall(struct.pack("<8sH32s", protocol.HANDSHAKE_MAGIC, protocol.PROTOCOL_VERSION + 1, nonce_i))
         challenge = recv_exact(s, protocol.CHALLENGE_LEN)
-        nonce_a = protocol.check_challenge(cookie, challenge, nonce_i)  # it states its version
+        magic, version, nonce_a = struct.unpack("<8sH32s32x", challenge)  # it states its version
+        assert version == protocol.PROTOCOL_VERSION
         try:  # even a correct proof does not get a peer of another version in
             s.sendall(protocol.encode_proof(cookie, nonce_i, nonce_a))
         except OSError:

@@ -4,14 +4,19 @@ Nothing here touches a socket; `transport` moves the bytes. Everything a peer se
 has proved that it knows the cluster cookie is fixed-size binary, checked by `struct` and HMAC:
 no pickle is involved until the handshake has succeeded.
 
-Handshake (initiator = the side that connects):
+Handshake (initiator = the side that connects), version 2:
 
     initiator -> HELLO     magic, version, nonce_i
-    acceptor  -> CHALLENGE magic, version, nonce_a, HMAC(cookie, "acceptor" | nonce_i | nonce_a)
-    initiator -> PROOF     HMAC(cookie, "initiator" | nonce_a | nonce_i)
-    acceptor  -> VERDICT   one byte, 1 = accepted
+    acceptor  -> CHALLENGE magic, version, nonce_a, 32 zero bytes (nothing derived from the cookie)
+    initiator -> PROOF     HMAC(cookie, "pydist-2 initiator" | nonce_i | nonce_a)
+    acceptor  -> ACCEPT    1, HMAC(cookie, "pydist-2 acceptor" | nonce_i | nonce_a)
+              or DENIED    0 (after a delay), then it closes
 
-Both sides prove knowledge of the cookie; the cookie itself never crosses the wire.
+The unauthenticated side proves first: the acceptor says nothing that depends on the cookie
+until the initiator has proved it knows it, so nobody can collect MACs to attack a weak cookie
+offline. Distinct labels keep one side's MAC from being reflected as the other's. The cookie
+itself never crosses the wire. (The zero bytes make CHALLENGE as long as version 1's, so a
+version-1 peer reads it whole and reports the version mismatch.)
 
 Frame: a 40-byte header (magic, kind, flags, buffer count, body length, three int64 ids),
 then one uint64 length per out-of-band buffer, then the pickled body, then the buffers.
@@ -19,6 +24,7 @@ then one uint64 length per out-of-band buffer, then the pickled body, then the b
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import mmap
@@ -29,7 +35,7 @@ from dataclasses import dataclass, field
 
 from .exceptions import AuthenticationError, ProtocolError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 # --- handshake -------------------------------------------------------------------------------
 
@@ -37,21 +43,24 @@ HANDSHAKE_MAGIC = b"PYDIST\r\n"
 NONCE_LEN = 32
 MAC_LEN = 32
 _HELLO = struct.Struct("<8sH32s")
-_CHALLENGE = struct.Struct("<8sH32s32s")
+_CHALLENGE = struct.Struct("<8sH32s32x")
 HELLO_LEN = _HELLO.size
 CHALLENGE_LEN = _CHALLENGE.size
 PROOF_LEN = MAC_LEN
 VERDICT_LEN = 1
 VERDICT_OK = b"\x01"
 VERDICT_DENIED = b"\x00"
+ACCEPT_LEN = VERDICT_LEN + MAC_LEN
+_INITIATOR_LABEL = b"pydist-2 initiator"
+_ACCEPTOR_LABEL = b"pydist-2 acceptor"
 
 
 def new_nonce() -> bytes:
     return os.urandom(NONCE_LEN)
 
 
-def _mac(cookie: bytes, label: bytes, a: bytes, b: bytes) -> bytes:
-    return hmac.new(cookie, label + a + b, hashlib.sha256).digest()
+def _mac(cookie: bytes, label: bytes, nonce_i: bytes, nonce_a: bytes) -> bytes:
+    return hmac.new(cookie, label + nonce_i + nonce_a, hashlib.sha256).digest()
 
 
 def encode_hello(nonce_i: bytes) -> bytes:
@@ -68,38 +77,53 @@ def decode_hello(data: bytes) -> tuple[int, bytes]:
     return version, nonce
 
 
-def encode_challenge(cookie: bytes, nonce_i: bytes, nonce_a: bytes) -> bytes:
-    mac = _mac(cookie, b"acceptor", nonce_i, nonce_a)
-    return _CHALLENGE.pack(HANDSHAKE_MAGIC, PROTOCOL_VERSION, nonce_a, mac)
+def encode_challenge(nonce_a: bytes) -> bytes:
+    """The acceptor's answer to HELLO: its version and a fresh nonce, nothing secret."""
+    return _CHALLENGE.pack(HANDSHAKE_MAGIC, PROTOCOL_VERSION, nonce_a)
 
 
-def check_challenge(cookie: bytes, data: bytes, nonce_i: bytes) -> bytes:
-    """Verify the acceptor's CHALLENGE; return nonce_a. Raises AuthenticationError if the peer
-    does not know the cookie or speaks another protocol version."""
+def decode_challenge(data: bytes) -> bytes:
+    """Return nonce_a of the acceptor's CHALLENGE; ProtocolError if it is not one,
+    AuthenticationError if the peer speaks another protocol version."""
     if len(data) != CHALLENGE_LEN:
         raise ProtocolError(f"handshake: expected {CHALLENGE_LEN} bytes of CHALLENGE, got {len(data)}")
-    magic, version, nonce_a, mac = _CHALLENGE.unpack(data)
+    magic, version, nonce_a = _CHALLENGE.unpack(data)
     if magic != HANDSHAKE_MAGIC:
         raise ProtocolError("handshake: not a pydist peer (bad magic in CHALLENGE)")
     if version != PROTOCOL_VERSION:
         raise AuthenticationError(
             f"handshake: peer speaks pydist protocol version {version}, we speak {PROTOCOL_VERSION}"
         )
-    if not hmac.compare_digest(mac, _mac(cookie, b"acceptor", nonce_i, nonce_a)):
-        raise AuthenticationError("handshake: peer does not know the cluster cookie")
     return nonce_a
 
 
 def encode_proof(cookie: bytes, nonce_i: bytes, nonce_a: bytes) -> bytes:
-    return _mac(cookie, b"initiator", nonce_a, nonce_i)
+    """The initiator's proof that it knows the cookie (sent first, before the acceptor's)."""
+    return _mac(cookie, _INITIATOR_LABEL, nonce_i, nonce_a)
 
 
 def check_proof(cookie: bytes, data: bytes, nonce_i: bytes, nonce_a: bytes) -> None:
     """Verify the initiator's PROOF; AuthenticationError if it does not know the cookie."""
     if len(data) != PROOF_LEN or not hmac.compare_digest(
-        data, _mac(cookie, b"initiator", nonce_a, nonce_i)
+        data, _mac(cookie, _INITIATOR_LABEL, nonce_i, nonce_a)
     ):
         raise AuthenticationError("handshake: invalid connection credentials (wrong cluster cookie)")
+
+
+def encode_accept(cookie: bytes, nonce_i: bytes, nonce_a: bytes) -> bytes:
+    """The acceptor's verdict after a valid PROOF: OK and its own proof over both nonces."""
+    return VERDICT_OK + _mac(cookie, _ACCEPTOR_LABEL, nonce_i, nonce_a)
+
+
+def check_accept(cookie: bytes, data: bytes, nonce_i: bytes, nonce_a: bytes) -> None:
+    """Verify the acceptor's ACCEPT (after its one-byte verdict); AuthenticationError if it
+    denied us or does not know the cookie."""
+    if data[:VERDICT_LEN] != VERDICT_OK:
+        raise AuthenticationError("handshake: peer rejected our credentials (wrong cluster cookie)")
+    if len(data) != ACCEPT_LEN or not hmac.compare_digest(
+        data[VERDICT_LEN:], _mac(cookie, _ACCEPTOR_LABEL, nonce_i, nonce_a)
+    ):
+        raise AuthenticationError("handshake: peer does not know the cluster cookie")
 
 
 # --- frames ----------------------------------------------------------------------------------
@@ -136,37 +160,59 @@ FLAG_ERROR = 1  # the body is a RemoteException
 FLAG_NOVALUE = 2  # PUSH only: the call is done, its value stays on the owner
 _KNOWN_FLAGS = FLAG_ERROR | FLAG_NOVALUE
 
-DEFAULT_MAX_MESSAGE = 1 << 40  # 1 TiB: a bound on garbage, not on real data
+# The largest frame (body plus buffers) a decoder accepts: a bound on garbage and on what a
+# corrupt header can make us allocate, not on real data. PYDIST_MAX_FRAME overrides it (bytes).
+DEFAULT_MAX_FRAME = 16 << 30
 DEFAULT_MAX_BUFFERS = 1 << 16
-# Receive buffers at least this large are pre-faulted anonymous mappings: a fresh bytearray is
-# zero-filled page by page first, which halves the bandwidth of a 100 MB transfer.
+# Receive buffers at least this large are anonymous mappings: a fresh bytearray is zero-filled
+# page by page first, which halves the bandwidth of a 100 MB transfer.
 PREFAULT_THRESHOLD = 1 << 20
-
-
 HUGE_THRESHOLD = 2 << 20
+# A large receive buffer is faulted in this much at a time, ahead of the data (see `populate`).
+POPULATE_STEP = 16 << 20
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+_can_populate = hasattr(mmap.mmap, "madvise")
+
+
+def max_frame() -> int:
+    """The frame size limit: `PYDIST_MAX_FRAME` (bytes) if set, else DEFAULT_MAX_FRAME."""
+    value = os.environ.get("PYDIST_MAX_FRAME")
+    return int(value) if value else DEFAULT_MAX_FRAME
 
 
 def allocate(n: int):
     """A writable buffer of `n` bytes for received data (the final home of an array).
 
-    Large buffers are anonymous mappings faulted in before the data arrives (a fresh
-    `bytearray` is zero-filled page by page, which costs more than the transfer), on
-    transparent huge pages where the kernel allows (100 MB: ~9 ms instead of ~40 ms)."""
-    if n >= HUGE_THRESHOLD and hasattr(mmap, "MADV_HUGEPAGE"):
+    Large buffers are anonymous mappings, on transparent huge pages where the kernel allows
+    (a fresh `bytearray` is zero-filled page by page, which costs more than the transfer).
+    Nothing is committed here: the decoder faults pages in as the data comes (`populate`),
+    so a header announcing a huge body costs no memory until its bytes arrive."""
+    if n >= PREFAULT_THRESHOLD:
         try:
             m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            m.madvise(mmap.MADV_HUGEPAGE)
-            m.madvise(_MADV_POPULATE_WRITE)
-            return m
-        except (OSError, ValueError):
-            pass
-    if n >= PREFAULT_THRESHOLD and hasattr(mmap, "MAP_POPULATE"):
-        try:
-            return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
-        except OSError:
-            pass
+        except (OSError, AttributeError):
+            return bytearray(n)
+        if n >= HUGE_THRESHOLD and hasattr(mmap, "MADV_HUGEPAGE"):
+            try:
+                m.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass
+        return m
     return bytearray(n)
+
+
+def populate(buf, start: int, end: int) -> None:
+    """Fault in `buf[start:end]` of a mapping from `allocate` before data is received into
+    it (100 MB on huge pages: ~9 ms this way against ~40 ms faulting page by page)."""
+    global _can_populate
+    if not _can_populate or not isinstance(buf, mmap.mmap) or start >= len(buf):
+        return
+    start -= start % mmap.PAGESIZE
+    try:
+        buf.madvise(_MADV_POPULATE_WRITE, start, min(end, len(buf)) - start)
+    except OSError as e:  # pages then fault in on first write
+        if e.errno == errno.EINVAL:  # kernel older than 5.14: do not try again
+            _can_populate = False
 
 
 @dataclass(slots=True)
@@ -210,11 +256,11 @@ class FrameDecoder:
 
     def __init__(
         self,
-        max_message: int = DEFAULT_MAX_MESSAGE,
+        max_message: int | None = None,
         max_buffers: int = DEFAULT_MAX_BUFFERS,
         staging_size: int = 256 * 1024,
     ):
-        self.max_message = max_message
+        self.max_message = max_frame() if max_message is None else max_message
         self.max_buffers = max_buffers
         self._staging = bytearray(max(staging_size, 4 * HEADER_LEN))
         self._view = memoryview(self._staging)
@@ -226,6 +272,7 @@ class FrameDecoder:
         self._target: bytearray | None = None
         self._target_view: memoryview | None = None
         self._filled = 0
+        self._populated = 0  # how much of the target has been faulted in
         self._direct = False
         self._ready: deque[Message] = deque()
         self._broken: ProtocolError | None = None
@@ -236,6 +283,9 @@ class FrameDecoder:
             raise self._broken
         if self._target_view is not None and self._start == self._end:
             self._direct = True
+            if self._filled + POPULATE_STEP // 2 > self._populated < len(self._target):
+                populate(self._target, self._populated, self._populated + POPULATE_STEP)
+                self._populated += POPULATE_STEP
             return self._target_view[self._filled :]
         self._direct = False
         if self._end == len(self._staging):
@@ -323,7 +373,8 @@ class FrameDecoder:
                 total = self._msg_body_len + sum(lengths)
                 if total > self.max_message:
                     raise ProtocolError(
-                        f"frame of {total} bytes exceeds the limit of {self.max_message}"
+                        f"frame of {total} bytes exceeds the limit of {self.max_message} bytes"
+                        " (PYDIST_MAX_FRAME)"
                     )
                 self._lengths = lengths
                 self._begin_body()
@@ -361,7 +412,8 @@ class FrameDecoder:
         if nbufs > self.max_buffers:
             raise ProtocolError(f"frame declares {nbufs} buffers, limit is {self.max_buffers}")
         if body_len > self.max_message:
-            raise ProtocolError(f"frame body of {body_len} bytes exceeds the limit of {self.max_message}")
+            raise ProtocolError(f"frame body of {body_len} bytes exceeds the limit of "
+                                f"{self.max_message} bytes (PYDIST_MAX_FRAME)")
         self._start += HEADER_LEN
         self._msg = Message(kind, flags, a, b, c)
         self._msg_body_len = body_len
@@ -385,6 +437,7 @@ class FrameDecoder:
         self._target = target
         self._target_view = memoryview(target)
         self._filled = 0
+        self._populated = 0
 
     def _finish_target(self) -> None:
         target = self._target

@@ -22,7 +22,9 @@ import io
 import logging
 import os
 import select
+import selectors
 import socket
+import struct
 import sys
 import threading
 import time
@@ -226,11 +228,33 @@ def socket_buffer_size() -> int:
         raise ValueError(f"PYDIST_SOCKET_BUFFER must be a number of bytes, got {value!r}") from None
 
 
-def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
+# A wrong handshake proof is answered (DENIED) only after this many seconds, and the next
+# proof from the same source address waits this long after the last failure: online guessing
+# of the cookie is slow, and costs the listener no thread while it waits.
+HANDSHAKE_FAIL_DELAY = 1.0
+HANDSHAKE_FAIL_INTERVAL = 0.25
+# A listener authenticates at most this many connections at once; a new one beyond that
+# drops the oldest (a flood of silent clients then holds a bounded number of descriptors).
+MAX_PENDING_HANDSHAKES = 256
+# After an accept error (EMFILE, ENFILE, ENOBUFS, ENOMEM...) a listener pauses accepting for
+# a delay that doubles from ACCEPT_BACKOFF_MIN up to ACCEPT_BACKOFF_MAX seconds.
+ACCEPT_BACKOFF_MIN = 0.05
+ACCEPT_BACKOFF_MAX = 1.0
+# Refused connections are logged at most once per this many seconds (with a count).
+REFUSAL_LOG_INTERVAL = 1.0
+
+
+def _recv_exact(sock: socket.socket, n: int, what: str, deadline: float) -> bytes:
+    """Read exactly `n` handshake bytes before `deadline` (time.monotonic()): the timeout is
+    for the whole handshake, so a peer dripping bytes one by one cannot stretch it."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise socket.timeout("handshake deadline passed")
+        sock.settimeout(remaining)
         k = sock.recv_into(view[got:])
         if k == 0:
             raise ProtocolError(f"handshake: connection closed by peer while reading {what}")
@@ -239,17 +263,20 @@ def _recv_exact(sock: socket.socket, n: int, what: str) -> bytes:
 
 
 def handshake_initiator(sock: socket.socket, cookie: bytes, timeout: float) -> None:
-    """Authenticate both ways as the connecting side; raise AuthenticationError on failure."""
+    """Authenticate both ways as the connecting side, which proves itself first; raise
+    AuthenticationError on failure, ProtocolError if it takes more than `timeout` in all."""
+    deadline = time.monotonic() + timeout
     sock.settimeout(timeout)
     try:
         nonce_i = protocol.new_nonce()
         sock.sendall(protocol.encode_hello(nonce_i))
-        challenge = _recv_exact(sock, protocol.CHALLENGE_LEN, "CHALLENGE")
-        nonce_a = protocol.check_challenge(cookie, challenge, nonce_i)
+        challenge = _recv_exact(sock, protocol.CHALLENGE_LEN, "CHALLENGE", deadline)
+        nonce_a = protocol.decode_challenge(challenge)
         sock.sendall(protocol.encode_proof(cookie, nonce_i, nonce_a))
-        verdict = _recv_exact(sock, protocol.VERDICT_LEN, "VERDICT")
-        if verdict != protocol.VERDICT_OK:
-            raise AuthenticationError("handshake: peer rejected our credentials (wrong cluster cookie)")
+        verdict = _recv_exact(sock, protocol.VERDICT_LEN, "VERDICT", deadline)
+        if verdict == protocol.VERDICT_OK:
+            verdict += _recv_exact(sock, protocol.MAC_LEN, "ACCEPT", deadline)
+        protocol.check_accept(cookie, verdict, nonce_i, nonce_a)
     except socket.timeout:
         raise ProtocolError(f"handshake: peer did not answer within {timeout} seconds") from None
     finally:
@@ -257,23 +284,28 @@ def handshake_initiator(sock: socket.socket, cookie: bytes, timeout: float) -> N
 
 
 def handshake_acceptor(sock: socket.socket, cookie: bytes, timeout: float) -> None:
-    """Authenticate both ways as the accepting side; raise ProtocolError/AuthenticationError."""
+    """Authenticate both ways as the accepting side, blocking (custom transports; a worker's
+    `Listener` runs the same steps without a thread per client). Raises ProtocolError or
+    AuthenticationError; a wrong proof is answered only after HANDSHAKE_FAIL_DELAY."""
+    deadline = time.monotonic() + timeout
     sock.settimeout(timeout)
     try:
-        version, nonce_i = protocol.decode_hello(_recv_exact(sock, protocol.HELLO_LEN, "HELLO"))
+        hello = _recv_exact(sock, protocol.HELLO_LEN, "HELLO", deadline)
+        version, nonce_i = protocol.decode_hello(hello)
         nonce_a = protocol.new_nonce()
-        sock.sendall(protocol.encode_challenge(cookie, nonce_i, nonce_a))
+        sock.sendall(protocol.encode_challenge(nonce_a))
         if version != protocol.PROTOCOL_VERSION:
             raise AuthenticationError(
                 f"handshake: peer speaks protocol version {version}, we speak {protocol.PROTOCOL_VERSION}"
             )
-        proof = _recv_exact(sock, protocol.PROOF_LEN, "PROOF")
+        proof = _recv_exact(sock, protocol.PROOF_LEN, "PROOF", deadline)
         try:
             protocol.check_proof(cookie, proof, nonce_i, nonce_a)
         except AuthenticationError:
+            time.sleep(HANDSHAKE_FAIL_DELAY)
             sock.sendall(protocol.VERDICT_DENIED)
             raise
-        sock.sendall(protocol.VERDICT_OK)
+        sock.sendall(protocol.encode_accept(cookie, nonce_i, nonce_a))
     except socket.timeout:
         raise ProtocolError(f"handshake: peer sent nothing valid within {timeout} seconds") from None
     finally:
@@ -1165,10 +1197,41 @@ class _ServeWith:
         self.conn._serve(self.box)
 
 
+class _Pending:
+    """A connection a `Listener` is authenticating: which message it reads, what it has read,
+    and when it must be done (or, parked, when it is next due)."""
+
+    __slots__ = ("sock", "addr", "source", "deadline", "state", "want", "buf", "nonce_i",
+                 "nonce_a", "wake_at", "error")
+
+    def __init__(self, sock: socket.socket, addr, source, deadline: float):
+        self.sock = sock
+        self.addr = addr
+        self.source = source
+        self.deadline = deadline
+        self.state = _HELLO
+        self.want = protocol.HELLO_LEN
+        self.buf = b""
+        self.nonce_i = self.nonce_a = b""
+        self.wake_at = 0.0
+        self.error: BaseException | None = None
+
+
+# _Pending states: reading HELLO, reading PROOF (both watched by the selector), a proof
+# waiting for its source's turn to be checked, a wrong proof waiting for its DENIED.
+_HELLO, _PROOF, _PARKED, _DENIED = range(4)
+
+
 class Listener:
     """A worker's listening sockets -- TCP, and its twin local Unix socket (see
-    `local_socket_name`) -- accepting connections and authenticating each one in its own
-    thread, so that a slow or hostile client never delays anyone else."""
+    `local_socket_name`) -- served by one thread that accepts and authenticates every client
+    through a selector, so that slow or hostile clients cost no thread and delay no one.
+
+    Every handshake has a total deadline (`handshake_timeout`); at most
+    MAX_PENDING_HANDSHAKES run at once (a new one drops the oldest); accept errors pause
+    accepting with a growing delay; nothing but `close()` stops the thread. `on_connection`
+    gets each authenticated socket (blocking mode) in that thread and must not block.
+    """
 
     def __init__(
         self,
@@ -1193,11 +1256,21 @@ class Listener:
         self._on_connection = on_connection
         self._timeout = handshake_timeout
         self._closed = False
-        self._threads = [
-            threading.Thread(target=self._accept_loop, args=(sock,), name="pydist-listener",
-                             daemon=True)
-            for sock in (self.sock, self.local_sock) if sock is not None
-        ]
+        self._sel = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._listening = [s for s in (self.sock, self.local_sock) if s is not None]
+        for sock in self._listening:
+            sock.setblocking(False)
+        self._accepting = False
+        self._pending: dict[int, _Pending] = {}  # by file descriptor, oldest first
+        self._penalty: dict = {}  # source -> when its next proof may be checked
+        self._backoff = 0.0  # the current accept back-off (0: accepting normally)
+        self._paused_until = 0.0
+        self._last_refusal_log = 0.0
+        self._unlogged_refusals = 0
+        self._thread = threading.Thread(target=self._run, name="pydist-listener", daemon=True)
+        self._threads = [self._thread]
 
     @staticmethod
     def _listen_local(name: bytes | None) -> socket.socket | None:
@@ -1214,12 +1287,19 @@ class Listener:
         return sock
 
     def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
+        self._thread.start()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting, drop the handshakes in progress and join the listener thread
+        (waiting at most `timeout` seconds), then close the listening sockets."""
         self._closed = True
-        for sock in (self.sock, self.local_sock):
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._thread.ident is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+        for sock in (self.sock, self.local_sock, self._wake_w):
             if sock is None:
                 continue
             try:
@@ -1227,29 +1307,234 @@ class Listener:
             except OSError:
                 pass
             sock.close()
+        if self._thread.ident is None:  # never started: nothing else will close these
+            self._sel.close()
+            self._wake_r.close()
 
-    def _accept_loop(self, sock: socket.socket) -> None:
-        while not self._closed:
-            try:
-                client, addr = sock.accept()
-            except OSError:
-                if self._closed:
-                    return
-                continue
-            threading.Thread(
-                target=self._authenticate, args=(client, addr or "a local process"),
-                name="pydist-handshake", daemon=True
-            ).start()
-
-    def _authenticate(self, client: socket.socket, addr) -> None:
+    # -- the listener thread --
+    def _run(self) -> None:
         try:
-            tune_socket(client)
-            handshake_acceptor(client, self._cookie(), self._timeout)
-        except (ProtocolError, OSError) as e:
-            log.warning("pydist: refused connection from %s: %s", addr, e)
-            client.close()
+            self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+            self._set_accepting(True)
+            while not self._closed:
+                try:
+                    self._step()
+                except BaseException:  # the listener must outlive any bug or surprise
+                    if self._closed:
+                        break
+                    log.exception("pydist: internal error in the listener (it goes on)")
+                    time.sleep(0.05)  # never spin on an error that repeats
+        finally:
+            for p in list(self._pending.values()):
+                self._forget(p)
+            self._sel.close()
+            self._wake_r.close()
+
+    def _step(self) -> None:
+        now = time.monotonic()
+        if self._paused_until and now >= self._paused_until:
+            self._paused_until = 0.0
+            self._set_accepting(True)
+        timeout = self._run_timers(now)
+        for key, _ in self._sel.select(timeout):
+            if self._closed:
+                return
+            if key.data is None:
+                try:
+                    self._wake_r.recv(4096)
+                except OSError:
+                    pass
+            elif isinstance(key.data, str):
+                if self._accepting:  # not paused earlier in this batch
+                    self._accept(key.fileobj)
+            elif key.data.state in (_HELLO, _PROOF) and key.data.sock.fileno() >= 0:
+                self._readable(key.data)  # (not dropped earlier in this batch)
+
+    def _run_timers(self, now: float) -> float | None:
+        """Refuse handshakes past their deadline, check parked proofs whose turn has come,
+        send due DENIED verdicts; return how long the selector may sleep."""
+        next_at = self._paused_until or None
+        for p in list(self._pending.values()):
+            if p.state == _DENIED and p.wake_at <= now:
+                try:
+                    p.sock.send(protocol.VERDICT_DENIED)
+                except OSError:
+                    pass
+                self._refuse(p, p.error)
+                continue
+            if p.state != _DENIED and p.deadline <= now:
+                self._refuse(p, ProtocolError(
+                    f"handshake: not completed within {self._timeout} seconds"))
+                continue
+            if p.state == _PARKED and p.wake_at <= now:
+                self._check(p, now)
+            if p.sock.fileno() < 0:  # done (accepted)
+                continue
+            due = p.wake_at if p.state in (_PARKED, _DENIED) else p.deadline
+            next_at = due if next_at is None else min(next_at, due)
+        if len(self._penalty) > 4096:
+            self._penalty = {k: t for k, t in self._penalty.items() if t > now}
+        return None if next_at is None else max(next_at - now, 0.0)
+
+    def _set_accepting(self, on: bool) -> None:
+        if on == self._accepting:
             return
-        self._on_connection(client)
+        for sock in self._listening:
+            if on:
+                self._sel.register(sock, selectors.EVENT_READ, "listen")
+            else:
+                self._sel.unregister(sock)
+        self._accepting = on
+
+    def _accept(self, lsock: socket.socket) -> None:
+        for _ in range(64):  # a batch at a time, so that handshakes in progress go on
+            try:
+                client, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS, ENOMEM...: pause, do not spin
+                self._backoff = min(max(2 * self._backoff, ACCEPT_BACKOFF_MIN), ACCEPT_BACKOFF_MAX)
+                if self._backoff == ACCEPT_BACKOFF_MIN:  # once per episode
+                    log.warning("pydist: cannot accept connections (%s); retrying every "
+                                "%g s at most until it works again", e, ACCEPT_BACKOFF_MAX)
+                self._set_accepting(False)
+                self._paused_until = time.monotonic() + self._backoff
+                return
+            if self._backoff:
+                log.warning("pydist: accepting connections again")
+                self._backoff = 0.0
+            try:
+                self._begin(client, addr)
+            except BaseException:
+                client.close()
+                raise
+
+    def _begin(self, client: socket.socket, addr) -> None:
+        if len(self._pending) >= MAX_PENDING_HANDSHAKES:
+            oldest = next(iter(self._pending.values()))
+            self._refuse(oldest, ProtocolError(
+                f"handshake: dropped, {MAX_PENDING_HANDSHAKES} handshakes in progress"))
+        client.setblocking(False)
+        tune_socket(client)
+        p = _Pending(client, addr or "a local process", _source_of(client, addr),
+                     time.monotonic() + self._timeout)
+        self._pending[client.fileno()] = p
+        self._sel.register(client, selectors.EVENT_READ, p)
+
+    def _readable(self, p: _Pending) -> None:
+        try:
+            data = p.sock.recv(p.want - len(p.buf))  # never more: what follows is not ours
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._refuse(p, e)
+            return
+        if not data:
+            what = "HELLO" if p.state == _HELLO else "PROOF"
+            self._refuse(p, ProtocolError(f"handshake: connection closed by peer while reading {what}"))
+            return
+        p.buf += data
+        if len(p.buf) < p.want:
+            return
+        try:
+            if p.state == _HELLO:
+                version, p.nonce_i = protocol.decode_hello(p.buf)
+                p.nonce_a = protocol.new_nonce()
+                self._send(p, protocol.encode_challenge(p.nonce_a))
+                if version != protocol.PROTOCOL_VERSION:
+                    raise AuthenticationError(f"handshake: peer speaks protocol version {version}, "
+                                              f"we speak {protocol.PROTOCOL_VERSION}")
+                p.state, p.want, p.buf = _PROOF, protocol.PROOF_LEN, b""
+                return
+            self._sel.unregister(p.sock)  # nothing more is read before the verdict
+            now = time.monotonic()
+            turn = self._penalty.get(p.source, 0.0)
+            if turn > now:  # this source failed lately: its proofs wait their turn
+                p.state, p.wake_at = _PARKED, turn
+                self._penalty[p.source] = turn + HANDSHAKE_FAIL_INTERVAL
+            else:
+                self._check(p, now)
+        except (ProtocolError, OSError) as e:
+            self._refuse(p, e)
+
+    def _check(self, p: _Pending, now: float) -> None:
+        """Verify a proof: accept at once, or answer DENIED after HANDSHAKE_FAIL_DELAY."""
+        try:
+            protocol.check_proof(self._cookie(), p.buf, p.nonce_i, p.nonce_a)
+        except AuthenticationError as e:
+            self._penalty[p.source] = max(self._penalty.get(p.source, 0.0),
+                                          now + HANDSHAKE_FAIL_INTERVAL)
+            p.state, p.wake_at, p.error = _DENIED, now + HANDSHAKE_FAIL_DELAY, e
+            return
+        try:
+            self._send(p, protocol.encode_accept(self._cookie(), p.nonce_i, p.nonce_a))
+        except (ProtocolError, OSError) as e:
+            self._refuse(p, e)
+            return
+        del self._pending[p.sock.fileno()]
+        sock, p.sock = p.sock, _DONE
+        try:
+            sock.setblocking(True)
+            self._on_connection(sock)
+        except Exception:
+            log.exception("pydist: error setting up the connection from %s", p.addr)
+            sock.close()
+
+    @staticmethod
+    def _send(p: _Pending, data: bytes) -> None:
+        # An acceptor sends at most 107 bytes in all: a fresh socket's buffer takes them.
+        if p.sock.send(data) != len(data):
+            raise ProtocolError("handshake: peer does not read")
+
+    def _forget(self, p: _Pending) -> None:
+        """Stop watching `p` and close its socket."""
+        self._pending.pop(p.sock.fileno(), None)
+        if p.state in (_HELLO, _PROOF):
+            try:
+                self._sel.unregister(p.sock)
+            except (KeyError, ValueError):
+                pass
+        p.sock.close()
+        p.state = _DENIED
+
+    def _refuse(self, p: _Pending, why) -> None:
+        self._forget(p)
+        now = time.monotonic()
+        if now - self._last_refusal_log < REFUSAL_LOG_INTERVAL:
+            self._unlogged_refusals += 1
+            return
+        more = self._unlogged_refusals
+        log.warning("pydist: refused connection from %s: %s%s", p.addr, why,
+                    f" (and {more} more since the last report)" if more else "")
+        self._last_refusal_log, self._unlogged_refusals = now, 0
+
+
+class _Done:
+    """Stands for the socket of a handshake that has succeeded (handed to its connection)."""
+
+    @staticmethod
+    def fileno() -> int:
+        return -1
+
+
+_DONE = _Done()
+
+
+def _source_of(client: socket.socket, addr):
+    """Who is connecting, for rate-limiting wrong proofs: an IPv4 address, an IPv6 /64
+    (one host has many addresses), or the user id of a local Unix-socket peer."""
+    try:
+        if client.family == socket.AF_INET:
+            return addr[0]
+        if client.family == socket.AF_INET6:
+            packed = socket.inet_pton(socket.AF_INET6, addr[0].partition("%")[0])
+            return packed if packed.startswith(b"\0" * 10 + b"\xff\xff") else packed[:8]
+        if client.family == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):
+            cred = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            return ("uid", struct.unpack("3i", cred)[2])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def connect(host: str, port: int, cookie: bytes, timeout: float) -> socket.socket:
