@@ -11,14 +11,21 @@ writes them to the socket without copying them into the pickle stream.
 Types that must know where they are going (Futures and RemoteChannels update the distributed
 reference count) register a reducer with `register_reducer`; it may queue work in
 `pickler.context["after"]`, run only once the whole message has pickled.
+
+Code sent by value keeps its file name and takes its source lines along (see
+`_reduce_code`), so that a remote traceback shows where the code came from and what it says.
 """
 
 from __future__ import annotations
 
 import functools
 import io
+import linecache
+import marshal
+import os
 import pickle
 import sys
+import threading
 import types
 import weakref
 from typing import Any, Callable
@@ -143,11 +150,109 @@ def _pickled_by_value(f: types.FunctionType) -> bytes | None:
     cached = _by_value_cache.get(f)
     if cached is not None and cached[0] == fp:
         return cached[1]
-    import cloudpickle
-
-    data = cloudpickle.dumps(f, protocol=PROTOCOL)
+    file = io.BytesIO()  # a pickler of its own: cloudpickle's state is per pickler
+    _cloud_pickler_class()(file, None).dump(f)
+    data = file.getvalue()
     _by_value_cache[f] = (fp, data)
     return data
+
+
+# ---------------------------------------------------------------- code objects sent by value
+# See _reduce_code. A source span is (filename, first line number, tuple of lines).
+_SourceSpan = tuple
+
+
+def _line_span(code: types.CodeType) -> tuple[int, int]:
+    """First and last line numbers that `code` or code nested in it can show in a traceback."""
+    first = last = code.co_firstlineno
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        if hasattr(c, "co_positions"):  # 3.11+: also the end lines of multi-line expressions
+            lines = [n for pos in c.co_positions() for n in pos[:2] if n]
+        else:
+            lines = [n for _, _, n in c.co_lines() if n]
+        if lines:
+            first, last = min(first, *lines), max(last, *lines)
+        stack.extend(k for k in c.co_consts if type(k) is types.CodeType)
+    return first, last
+
+
+def _source_span(code: types.CodeType) -> _SourceSpan | None:
+    filename = code.co_filename
+    lines = linecache.getlines(filename)
+    if not lines:
+        return None
+    first, last = _line_span(code)
+    first = max(first, 1)
+    span = tuple(lines[first - 1:last])
+    return (filename, first, span) if span else None
+
+
+def _reduce_code(code: types.CodeType):
+    """How the cloudpickle pickler pickles a code object: its `marshal` form (what a .pyc
+    holds: every field, co_filename included, nested code too) with the source lines it spans,
+    read from this side's `linecache`; `_load_code` rebuilds it on the other side.
+
+    Why not cloudpickle's own reducer: cloudpickle 3.1.3 names every code object
+    "<dynamic-code>" (for deterministic payloads), so the remote traceback of a lambda, a
+    closure or a `__main__` function would show neither its file nor its source line; and no
+    version ships the source, which the worker lacks where the file is not on its machine (a
+    script only on the master, a notebook cell, another host). Marshal needs the same Python
+    on both sides, as cloudpickle's code pickling does. NotImplemented (cloudpickle's reducer
+    after all) for code that cannot be marshalled (hand-made constants).
+
+    Cheap: by-value functions are pickled once (`_pickled_by_value`) and this is cached for
+    messages pickled anew; loading costs a dict look-up when the lines are known already."""
+    # Code objects compare equal whatever their file: the file name is part of the key.
+    return _reduce_code_cached(code, code.co_filename)
+
+
+@functools.lru_cache(maxsize=1024)  # a message with unstable globals is pickled anew each time
+def _reduce_code_cached(code: types.CodeType, filename: str):
+    try:
+        data = marshal.dumps(code)
+    except ValueError:
+        return NotImplemented
+    return _load_code, (data, _source_span(code))
+
+
+_shipped: dict[tuple[str, int], tuple] = {}  # (filename, first line) -> lines received
+_shipped_files: dict[str, dict[int, str]] = {}  # filename -> {line number: text}
+_our_entries: dict[str, list] = {}  # filename -> the lines we put in linecache for it
+_shipped_lock = threading.Lock()
+
+
+def _load_code(data: bytes, source: _SourceSpan | None = None) -> types.CodeType:
+    """Unpickle what `_reduce_code` made: register the source lines, rebuild the code."""
+    if source is not None:
+        filename, first, lines = source
+        if _shipped.get((filename, first)) != lines or filename not in linecache.cache:
+            _register_source(filename, first, lines)
+    return marshal.loads(data)
+
+
+def _register_source(filename: str, first: int, lines: tuple) -> None:
+    """Make `lines` (from line `first` on) what `linecache` shows for `filename`, with the
+    other lines received for that file, unless the file exists here (then linecache reads it)
+    or a source not backed by a file (a loader's, IPython's) is already registered for it."""
+    with _shipped_lock:
+        _shipped[(filename, first)] = lines
+        known = _shipped_files.setdefault(filename, {})
+        known.update(zip(range(first, first + len(lines)), lines))
+        if os.path.exists(filename):
+            linecache.getlines(filename)  # cached now: later loads take the fast path
+            return
+        entry = linecache.cache.get(filename)
+        if entry is not None and (len(entry) == 1 or (
+                entry[1] is None and entry[2] is not _our_entries.get(filename))):
+            return  # a lazy or file-less entry that is not ours: someone else's source
+        text = ["\n"] * max(known)
+        for n, line in known.items():
+            text[n - 1] = line
+        # mtime None: linecache.checkcache keeps the entry although no such file exists.
+        linecache.cache[filename] = (sum(map(len, text)), None, text, filename)
+        _our_entries[filename] = text
 
 
 class _FastPickler(pickle.Pickler):
@@ -185,7 +290,10 @@ def _cloud_pickler_class() -> Any:
                 self.context: dict[str, Any] = {}
 
             def reducer_override(self, obj: Any):
-                reducer = _reducers.get(type(obj))
+                t = type(obj)
+                if t is types.CodeType:
+                    return _reduce_code(obj)
+                reducer = _reducers.get(t)
                 if reducer is not None:
                     return reducer(obj, self)
                 return super().reducer_override(obj)
