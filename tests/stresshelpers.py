@@ -21,3 +21,36 @@ def relay(x, path: list[int]):
     if not path:
         return x
     return pydist.remotecall_fetch(relay, path[0], x, path[1:])
+
+
+class Payload:
+    """A large value whose lifetime the process holding it can observe (weak references)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.data = bytearray(nbytes)
+
+
+_WATCHED: list = []
+
+
+def watch(x) -> int:
+    """Remember `x` weakly on this process (it must not be kept alive by pydist afterwards)."""
+    import weakref
+
+    _WATCHED.append(weakref.ref(x))
+    return len(x.data)
+
+
+def make_watched(nbytes: int) -> Payload:
+    """A result that this process watches."""
+    p = Payload(nbytes)
+    watch(p)
+    return p
+
+
+def alive_watched() -> int:
+    """How many watched values are still alive here."""
+    import gc
+
+    gc.collect()
+    return sum(r() is not None for r in _WATCHED)

@@ -1,0 +1,143 @@
+"""The runtime as a whole: what a call leaves behind, removing and exiting in bounded time
+when a worker does not read, killing a wrapper's children, and shutdown()."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import pydist
+from pydist import ProcessExitedException
+
+from conftest import pid_alive, wait_until, worker_ospid
+from stresshelpers import Payload, alive_watched, identity, make_watched, watch
+
+MB = 1 << 20
+
+
+def test_arguments_and_results_are_not_kept_alive_after_calls(fresh_workers):
+    """After a call ends, nothing of its arguments or result stays referenced on the worker
+    (a 1 GB argument must not stay until the serving thread changes jobs)."""
+    w = fresh_workers(1)[0]
+    assert pydist.remotecall_fetch(watch, w, Payload(8 * MB)) == 8 * MB
+    pydist.remotecall(watch, w, Payload(8 * MB)).wait()
+    pydist.remote_do(watch, w, Payload(8 * MB))
+    got = pydist.remotecall_fetch(make_watched, w, 8 * MB)
+    assert len(got.data) == 8 * MB
+    fut = pydist.remotecall(make_watched, w, 8 * MB)
+    assert len(fut.fetch().data) == 8 * MB
+    del fut
+    wait_until(lambda: pydist.remotecall_fetch(alive_watched, w) == 0, timeout=30,
+               what="arguments and results freed on the worker")
+
+
+def _stop_and_fill(w: int) -> tuple[int, threading.Thread, list]:
+    """SIGSTOP worker `w`, then have a thread send it more than the socket buffers hold:
+    the connection is now full and its peer does not read."""
+    ospid = worker_ospid(w)
+    os.kill(ospid, signal.SIGSTOP)
+    outcome: list = []
+
+    def send_big():
+        try:
+            outcome.append(pydist.remotecall_fetch(identity, w, bytearray(32 * MB)))
+        except BaseException as e:
+            outcome.append(e)
+
+    t = threading.Thread(target=send_big, daemon=True)
+    t.start()
+    time.sleep(0.5)
+    assert t.is_alive() and not outcome
+    return ospid, t, outcome
+
+
+@pytest.mark.timeout(120)
+def test_rmprocs_of_a_worker_that_does_not_read_ends_in_bounded_time(fresh_workers):
+    w = fresh_workers(1)[0]
+    ospid, sender, outcome = _stop_and_fill(w)
+    t0 = time.monotonic()
+    pydist.rmprocs(w, waitfor=60)  # EXIT cannot be written: SIGTERM, then SIGKILL
+    assert time.monotonic() - t0 < 40
+    assert w not in pydist.procs()
+    wait_until(lambda: not pid_alive(ospid), timeout=30, what="the stopped worker killed")
+    sender.join(30)
+    assert not sender.is_alive()
+    assert isinstance(outcome[0], ProcessExitedException)
+
+
+@pytest.mark.timeout(120)
+def test_escalation_kills_the_children_of_a_wrapper_exename(fresh_workers, tmp_path):
+    wrapper = tmp_path / "wrapped-python"
+    wrapper.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\necho wrapper done\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    w = fresh_workers(1, exename=str(wrapper))[0]
+    ospid = worker_ospid(w)  # the Python child of the wrapper shell
+    os.kill(ospid, signal.SIGSTOP)  # it will not obey EXIT; SIGTERM stays pending
+    pydist.rmprocs(w, waitfor=60)
+    wait_until(lambda: not pid_alive(ospid), timeout=30,
+               what="the wrapper's child killed with its process group")
+
+
+EXIT_SCRIPT = textwrap.dedent("""
+    import json, os, signal, sys, threading, time
+    import pydist
+    from stresshelpers import identity
+    ws = pydist.addprocs(2)
+    ospids = [pydist.remotecall_fetch(os.getpid, w) for w in ws]
+    assert pydist.remotecall_fetch(identity, ws[0], b"x" * 1000) == b"x" * 1000
+    if sys.argv[1] == "stopped":
+        os.kill(ospids[1], signal.SIGSTOP)  # a worker that will never read again
+        threading.Thread(target=pydist.remotecall_fetch,
+                         args=(identity, ws[1], bytearray(32 << 20)), daemon=True).start()
+        time.sleep(0.5)
+    print(json.dumps(ospids), flush=True)
+""")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("case", ["healthy", "stopped"])
+def test_interpreter_exit_is_bounded_quiet_and_leaves_no_worker(case, tmp_path):
+    script = tmp_path / "exit_script.py"
+    script.write_text(EXIT_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    t0 = time.monotonic()
+    done = subprocess.run([sys.executable, str(script), case], capture_output=True, text=True,
+                          env=env, timeout=90)
+    took = time.monotonic() - t0
+    assert done.returncode == 0, done.stderr
+    assert "RuntimeError" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert "can't create new thread" not in done.stderr
+    ospids = [int(p) for p in done.stdout.strip().splitlines()[-1].strip("[]").split(",")]
+    for ospid in ospids:
+        wait_until(lambda: not pid_alive(ospid), timeout=20, what=f"worker {ospid} gone")
+    assert took < 60
+
+
+def test_shutdown_stops_every_runtime_thread_and_pydist_works_again(tmp_path):
+    script = tmp_path / "shutdown_script.py"
+    script.write_text(textwrap.dedent("""
+        import threading, pydist, numpy
+        ws = pydist.addprocs(2)
+        futs = [pydist.remotecall(numpy.ones, w, 10**6) for w in ws]
+        assert sum(f.fetch().sum() for f in futs) == 2 * 10**6
+        pydist.shutdown()
+        names = sorted(t.name for t in threading.enumerate() if t is not threading.main_thread())
+        print("left:", names)
+        assert pydist.workers() == [1], pydist.workers()
+        w = pydist.addprocs(1)[0]
+        print("again:", pydist.remotecall_fetch(pydist.myid, w) == w)
+    """))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert "left: []" in done.stdout, done.stdout + done.stderr
+    assert "again: True" in done.stdout
