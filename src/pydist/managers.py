@@ -400,9 +400,7 @@ class LocalManager(ClusterManager):
         except subprocess.TimeoutExpired:
             log.warning("Failed to gracefully kill worker %d, sending SIGTERM", pid)
             signal_group(proc, signal.SIGTERM)
-            try:
-                proc.wait(self.term_timeout)
-            except subprocess.TimeoutExpired:
+            if not _wait_group(proc, self.term_timeout):
                 log.warning("Worker %d ignored SIGTERM, sending SIGKILL", pid)
                 signal_group(proc, signal.SIGKILL)
                 proc.wait()
@@ -416,6 +414,31 @@ class LocalManager(ClusterManager):
             procs = list(self._procs)
             self._procs.clear()
         reap(procs, grace)
+
+
+def _wait_group(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait up to `timeout` seconds until `proc` and every process of its group are gone
+    (a wrapper shell may die at once and leave its child behind)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc.poll()  # reap the leader, so that it does not count as a member
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return proc.poll() is not None or _wait_leader(proc, deadline)
+        except OSError:
+            return _wait_leader(proc, deadline)
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _wait_leader(proc: subprocess.Popen, deadline: float) -> bool:
+    try:
+        proc.wait(max(0.0, deadline - time.monotonic()))
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:
