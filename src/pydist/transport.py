@@ -1,14 +1,27 @@
 """Sockets: the authenticated connection to one peer, and the listener of a worker.
 
-A `Connection` has a reading role that one thread at a time holds: a caller waiting for its
-reply, a worker thread that has just answered a call, or the process's poller thread when
-data arrives while nobody is reading (see `_Poller`). Cheap frames (results, reference
-counts) are handled by whoever reads them; calls run in pool threads, so a call never waits
-behind another one, and on the common paths no thread wakes another.
+Data flow and ownership (the full model, with every lock and its order: ARCHITECTURE.md,
+"Concurrency model"):
 
-Writes go straight from the calling thread to the socket with `sendmsg` (header, body and
-out-of-band buffers in one system call, no copy). Concurrent writers combine: whoever holds the
-write lock sends everything queued so far in one call.
+    caller thread --send()--> [Connection._outq] --sendmsg(MSG_DONTWAIT)--> socket
+                                    |  (what the socket does not take now)
+                                    +--> poller thread, on EPOLLOUT: writes more, never blocks
+    socket --recv--> whoever holds the reading role: a caller waiting for its reply
+                     (wait_reply), a worker thread that has just answered a call (_serve),
+                     or the poller thread (one-shot EPOLLIN while nobody holds the role)
+                --> cheap frames handled in place; calls --> POOL threads (_ThreadPool)
+
+Two rules make a deadlock impossible: (1) no thread ever blocks in a socket write, writes
+are non-blocking and the rest waits in the queue, so every connection is always being read
+by someone or watched by the poller; (2) a thread inside `Connection._read` (it reads a
+connection) never waits for its own frames to be written. Other senders wait until their
+frame is written (back-pressure), and the poller, which never blocks, finishes the write.
+Memory bounds the queue, not the socket buffer. Stream pairs (custom transports) have no
+descriptor to poll: one reading and one writing thread each.
+
+Owners: the poller, the watchdog and the pool are process-wide and stopped by
+`stop_runtime` (`pydist.shutdown`, also at exit); a Listener's thread by `Listener.close`;
+a stream pair's threads end when its connection closes.
 
 We measured the alternative (one asyncio/uvloop loop thread per process): it adds two thread
 hand-offs per round trip, about 50-80 µs here, against a ~125 µs raw floor. See ARCHITECTURE.md.
