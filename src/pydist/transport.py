@@ -707,6 +707,7 @@ class Connection:
         self._send_lock = threading.Lock()
         self._sent = threading.Condition(threading.Lock())  # senders waiting for their frame
         self._send_waiters = 0
+        self._writers = 0  # senders writing the queue themselves (`_wait_written`)
         self._broken: BaseException | None = None  # the write error that lost the stream
         # Receiving.
         self._role = threading.Lock()
@@ -816,15 +817,21 @@ class Connection:
         except OSError as e:
             self._broken = e
             return _Frame(chunks)
+        if sent == (len(chunks[0]) if len(chunks) == 1 else sum(map(len, chunks))):
+            return None
         rest = _Frame(list(chunks))
         _consume(deque([rest]), sent)
-        if rest.done:
-            return None
         self._outq.appendleft(rest)  # before anything queued since: it is partly written
-        with self._arm_lock:
-            self._want_write = True
-            self._apply_interest()
+        self._want_writable()
         return rest
+
+    def _want_writable(self) -> None:
+        """Frames wait in the queue: have the poller write them when the socket drains,
+        unless a sender is writing them itself (`_wait_written`)."""
+        if self._writers == 0 and self._poller is not None:
+            with self._arm_lock:
+                self._want_write = True
+                self._apply_interest()
 
     def _flush_locked(self) -> None:
         """Write queued frames without blocking (send lock held). What the socket does not
@@ -846,10 +853,7 @@ class Connection:
             except InterruptedError:
                 continue
             except BlockingIOError:
-                if self._poller is not None:
-                    with self._arm_lock:
-                        self._want_write = True
-                        self._apply_interest()
+                self._want_writable()
                 break
             except OSError as e:
                 self._broken = e
@@ -861,7 +865,40 @@ class Connection:
                 self._sent.notify_all()
 
     def _wait_written(self, frame: _Frame, timeout: float | None) -> None:
+        """Write the queue in this thread until `frame` is out: wait for the socket to drain
+        (poll, no lock held), then write without blocking. A large frame thus leaves from
+        its sender's thread, with no hand-off per partial write; stream pairs wait for
+        their writing thread."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._poller is None:
+            return self._wait_done(frame, deadline, timeout)
+        poller = select.poll()
+        poller.register(self.fd, select.POLLOUT)
+        with self._send_lock:
+            self._writers += 1
+        try:
+            while not frame.done:
+                if self.closed:
+                    raise ConnectionClosed(f"connection to {self.name} closed while sending")
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise SendTimeout(f"{self.name} has not read a frame for {timeout} seconds")
+                wait_ms = 100 if remaining is None else max(1, min(100, int(remaining * 1000)))
+                try:
+                    poller.poll(wait_ms)
+                except InterruptedError:
+                    pass
+                with self._send_lock:
+                    self._flush_locked()
+                if self._broken is not None:
+                    self._lose_stream()
+        finally:
+            with self._send_lock:
+                self._writers -= 1
+                if self._outq and self._writers == 0:  # what is left: the poller writes it
+                    self._want_writable()
+
+    def _wait_done(self, frame: _Frame, deadline: float | None, timeout: float | None) -> None:
         with self._sent:
             self._send_waiters += 1
             try:
