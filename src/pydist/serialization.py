@@ -342,6 +342,9 @@ def _dump(pickler_cls: Any, obj: Any, dest: int | None, oob: bool):
         buffers = slot.buffers
     finally:
         p.clear_memo()
+        globals_ref = getattr(p, "globals_ref", None)  # cloudpickle's, keyed by id(): per pickle
+        if globals_ref:
+            globals_ref.clear()
         slot.buffers = []
         p.context = None
         if slot.file.tell() <= _MAX_KEPT_OUTPUT and len(free) < _MAX_FREE_SLOTS:
