@@ -48,9 +48,12 @@ def make_watched(nbytes: int) -> Payload:
     return p
 
 
-def alive_watched() -> int:
-    """How many watched values are still alive here."""
-    import gc
+def alive_watched(collect: bool = True) -> int:
+    """How many watched values are still alive here (without a garbage collection: only
+    what is still referenced; a quick call, so that the thread serving it is the one that
+    served the calls before)."""
+    if collect:
+        import gc
 
-    gc.collect()
+        gc.collect()
     return sum(r() is not None for r in _WATCHED)
