@@ -746,6 +746,8 @@ class Connection:
     # -- interest in the poller --
     def _apply_interest(self) -> None:
         """Tell epoll what we wait for (arm lock held); no system call if unchanged."""
+        if self._closed_reported:  # the descriptor is closed and may already be reused
+            return
         want = (_READ_EVENTS if self._want_read else 0) | (_WRITE_EVENTS if self._want_write else 0)
         if want != self._armed:
             self._armed = want
