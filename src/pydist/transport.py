@@ -1196,7 +1196,8 @@ class Connection:
                 return
             self._closed_reported = True
         if self._poller is not None:
-            self._poller.unregister(self)
+            with self._arm_lock:  # an epoll change in flight ends before the descriptor closes
+                self._poller.unregister(self)
         with self._send_lock:  # no write may use the descriptor once it can be reused
             try:
                 self.sock.close()
