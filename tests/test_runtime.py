@@ -27,22 +27,28 @@ def test_arguments_and_results_are_not_kept_alive_after_calls(fresh_workers):
     """After a call ends, nothing of its arguments or result stays referenced on the worker
     (a 1 GB argument must not stay until the serving thread changes jobs)."""
     w = fresh_workers(1)[0]
-    # The values have no reference cycles: once nothing refers to them they are gone at once,
-    # before the next call (served by the same thread) can look.
+
+    def freed(what: str) -> None:
+        # No reference cycles: the values go as soon as nothing refers to them. The thread
+        # that ran the call may still be on its way out when the reply lands, hence a short
+        # wait; the bug this guards against kept them until that thread changed jobs.
+        wait_until(lambda: pydist.remotecall_fetch(alive_watched, w, False) == 0, timeout=5,
+                   what=what)
+
     assert pydist.remotecall_fetch(watch, w, Payload(8 * MB)) == 8 * MB
-    assert pydist.remotecall_fetch(alive_watched, w, False) == 0
+    freed("the argument of a call freed")
     # A call that arrives while a long one runs is read by the poller and handed, with the
     # reading role, to a pool thread, which then serves the next calls itself.
     sleeping = pydist.remotecall(time.sleep, w, 0.5)
     time.sleep(0.1)
     assert pydist.remotecall_fetch(watch, w, Payload(8 * MB)) == 8 * MB
-    assert pydist.remotecall_fetch(alive_watched, w, False) == 0
+    freed("the argument of a call handed over with the reading role freed")
     sleeping.wait()
     pydist.remotecall(watch, w, Payload(8 * MB)).wait()
-    assert pydist.remotecall_fetch(alive_watched, w, False) == 0
+    freed("the argument of a remotecall freed")
     got = pydist.remotecall_fetch(make_watched, w, 8 * MB)
     assert len(got.data) == 8 * MB
-    assert pydist.remotecall_fetch(alive_watched, w, False) == 0
+    freed("a fetched result freed")
     pydist.remote_do(watch, w, Payload(8 * MB))
     fut = pydist.remotecall(make_watched, w, 8 * MB)
     assert len(fut.fetch().data) == 8 * MB
