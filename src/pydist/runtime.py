@@ -7,7 +7,7 @@ import atexit
 import logging
 import time
 
-from . import callbacks, calls, refs, transport
+from . import callbacks, calls, refs, threads
 from .cluster import PGRP, WorkerState
 from .managers import WorkerOutput
 
@@ -40,11 +40,11 @@ def _shutdown(timeout: float, at_exit: bool) -> None:
     if not refs.stop_flusher(min(1.0, left())):
         log.warning("pydist: the reference-count flusher did not stop")
     WorkerOutput.drain_all(min(1.0, left()))
-    stuck = transport.stop_runtime(left())
+    stuck = threads.stop_runtime(left())
     if stuck:
         log.debug("pydist: threads still busy at shutdown: %s", ", ".join(stuck))
     if not at_exit:
-        transport.restart_runtime()
+        threads.restart_runtime()
         PGRP.shutdown.clear()
 
 
