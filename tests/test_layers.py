@@ -180,7 +180,7 @@ def test_entry_points_wire_every_message_kind(entry):
     handler for every message kind and the worker-lost hook in place."""
     if os.environ.get("PYDIST_LAYERS_SRC"):
         pytest.skip("checks the installed package")
-    out = _run(f"{entry}\nfrom pydist import dispatch, group, protocol\n"
-               "print(sorted(set(protocol.KIND_NAMES) - set(dispatch.HANDLERS)), "
-               "group.PGRP.on_lost is not group.ProcessGroup.on_lost)")
+    out = _run(f"{entry}\nimport pydist.cluster as c, pydist.dispatch as d, pydist.protocol as p\n"
+               "print(sorted(set(p.KIND_NAMES) - set(d.HANDLERS)), "
+               "c.PGRP.on_lost is c.worker_lost)")
     assert out.split() == ["[]", "True"]
