@@ -139,9 +139,11 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_no_import_cycles():
-    cycles = _cycles(_graph())
-    assert not cycles, "import cycles (each a set of modules that import each other): " + "; ".join(
-        " <-> ".join(c) for c in cycles)
+    graph = _graph()
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles (modules that import each other, and their imports):\n" + \
+        "\n".join(", ".join(f"{m} -> {t}" for m in c for t in sorted(graph[m]) if t in c)
+                  for c in cycles)
 
 
 def test_every_module_has_one_layer():
