@@ -52,7 +52,7 @@ def test_pipe_transport_calls_interrupt_and_removal(no_workers):
     manager = PipeManager(2)
     pids = pydist.addprocs(manager, topology="master_worker")
     assert len(pids) == 2
-    procs = {p: pydist.cluster.PGRP.workers[p].config.process for p in pids}
+    procs = {p: pydist.group.PGRP.workers[p].config.process for p in pids}
     assert [pydist.remotecall_fetch(os.getpid, p) for p in pids] == [procs[p].pid for p in pids]
     # A print() on the worker goes to its stderr, not into the pipe carrying the protocol.
     assert pydist.remotecall_fetch(chatty, pids[0], 41) == 42
@@ -113,7 +113,7 @@ def test_own_launch_command_over_the_default_tcp_transport(no_workers, capsys):
     manager = ShellManager(2)
     pids = pydist.addprocs(manager)
     wait_until(lambda: sorted(manager.registered) == pids, timeout=10, what="register calls")
-    config = pydist.cluster.PGRP.workers[pids[0]].config
+    config = pydist.group.PGRP.workers[pids[0]].config
     assert config.userdata == "mine" and config.ospid == pydist.remotecall_fetch(os.getpid, pids[0])
     assert config.connect_at[0] == "127.0.0.1"
     # Worker to worker works over the addresses the default connect recorded.

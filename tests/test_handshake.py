@@ -16,7 +16,7 @@ import pytest
 
 import pydist
 from pydist import protocol, transport
-from pydist.cluster import PGRP
+from pydist.group import PGRP
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -21,7 +21,8 @@ import pytest
 
 import pydist
 from pydist import transport
-from pydist.cluster import PGRP
+from pydist.calls import connection
+from pydist.group import PGRP
 
 from conftest import wait_until, worker_ospid
 
@@ -37,7 +38,7 @@ def peer_ospid(sock: socket.socket) -> int:
 
 def link_to(pid: int) -> tuple[str, int | None]:
     """Run anywhere: (address family, peer OS pid or None) of the connection to `pid`."""
-    sock = PGRP.connection(pid).sock
+    sock = connection(pid).sock
     return sock.family.name, peer_ospid(sock) if sock.family == socket.AF_UNIX else None
 
 
@@ -145,8 +146,8 @@ SWITCHED_OFF = textwrap.dedent("""
     import json, pydist
 
     def family_to(pid):
-        from pydist.cluster import PGRP
-        return PGRP.connection(pid).sock.family.name
+        from pydist.calls import connection
+        return connection(pid).sock.family.name
 
     def via_other(pid):
         assert pydist.remotecall_fetch(pydist.myid, pid) == pid

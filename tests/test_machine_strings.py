@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pydist.sshmanager import MachineSpec, _aggregate, parse_machine, remote_command
+from pydist.managers.ssh import MachineSpec, _aggregate, parse_machine, remote_command
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -238,7 +238,7 @@ def test_rmprocs_escalates_to_kill(fresh_workers, tmp_path):
     # code looks the same): the manager must end up with SIGKILL.
     exe = _script(tmp_path, "stubborn.sh", f"trap '' TERM\nexec {sys.executable} \"$@\"\n")
     (a,) = fresh_workers(1, exename=exe)
-    w = pydist.cluster.PGRP.workers[a]
+    w = pydist.group.PGRP.workers[a]
     w.manager.exit_timeout = 0.5
     w.manager.term_timeout = 0.5
     ospid = worker_ospid(a)
@@ -428,7 +428,7 @@ def test_custom_topology_connects_only_the_named_peers():
 
 def test_worker_id_from_socket(two_workers):
     w = two_workers[0]
-    sock = pydist.cluster.PGRP.workers[w].conn.sock
+    sock = pydist.group.PGRP.workers[w].conn.sock
     assert pydist.worker_id_from_socket(sock) == w
     assert pydist.worker_id_from_socket(object()) == -1
 
@@ -439,7 +439,7 @@ def test_custom_cluster_cookie_is_used_by_new_workers(fresh_workers):
         assert pydist.cluster_cookie("my-own-cookie") == "my-own-cookie"
         (w,) = fresh_workers(1)
         assert pydist.remotecall_fetch(pydist.cluster_cookie, w) == "my-own-cookie"
-        host, port = pydist.cluster.PGRP.workers[w].connect_at
+        host, port = pydist.group.PGRP.workers[w].connect_at
         with pytest.raises(pydist.AuthenticationError):
             pydist.transport.connect(host, port, old.encode(), 5)
         pydist.transport.connect(host, port, b"my-own-cookie", 5).close()

@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 import pydist
 from pydist import protocol, serialization, transport
-from pydist.cluster import PGRP
+from pydist.calls import SLOTS
+from pydist.group import PGRP
 
 # ============================================================================ helpers
 
@@ -847,13 +848,13 @@ def _touch_with(path, _obj):
 def test_unpicklable_argument_raises_serialization_error(two_workers):
     pid = two_workers[0]
     conn = PGRP.workers[pid].conn
-    slots_before = set(PGRP.slots)
+    slots_before = set(SLOTS)
     with pytest.raises(pydist.SerializationError) as ei:
         pydist.remotecall_fetch(pydist.myid, pid, threading.Lock())
     assert isinstance(ei.value, pickle.PicklingError)
     msg = str(ei.value)
     assert f"process {pid}" in msg or f"worker {pid}" in msg, msg
-    assert set(PGRP.slots) == slots_before  # no reply slot leaked
+    assert set(SLOTS) == slots_before  # no reply slot leaked
     with pytest.raises(pydist.SerializationError):
         pydist.remotecall(pydist.myid, pid, threading.Lock())
     with pytest.raises(pydist.SerializationError):

@@ -22,7 +22,7 @@ import pytest
 
 import pydist
 from conftest import wait_until, worker_ospid
-from pydist.cluster import PGRP
+from pydist.calls import connection
 
 
 # ==================================================================== helpers run on workers
@@ -107,7 +107,7 @@ def signal_then_take(started, ch):
 
 
 def has_live_connection(pid):
-    from pydist.cluster import PGRP
+    from pydist.group import PGRP
 
     w = PGRP.workers.get(pid)
     return w is not None and w.conn is not None and not w.conn.closed
@@ -156,7 +156,7 @@ class Counter:
 
 
 def _unused_pid():
-    from pydist.cluster import PGRP
+    from pydist.group import PGRP
 
     return 99 if PGRP.next_pid <= 99 else PGRP.next_pid + 1_000_000
 
@@ -626,7 +626,7 @@ def test_a_reply_queued_behind_a_long_call_is_not_held_by_it(fresh_workers):
     """A worker that has received several calls at once lets their replies leave together
     (Connection.send_reply); a reply must still not wait for a long call queued after it."""
     w = fresh_workers(1)[0]  # a connection that nothing else writes to (no reference counts)
-    conn = PGRP.connection(w)
+    conn = connection(w)
     kept: list[dict] = []  # dropping a Future would send a count on this connection
 
     def submit(futures, name, f, *args):
@@ -659,7 +659,7 @@ def test_a_call_that_runs_several_answers_each_as_it_ends(fresh_workers):
     lane's own thread sends its reply)."""
     lanes = sys.modules["pydist.pmap"]  # `pydist.pmap` is the function
     w = fresh_workers(1)[0]
-    conn = PGRP.connection(w)
+    conn = connection(w)
     futures: dict[int, pydist.Future] = {}
 
     def submit(seq, seconds):

@@ -18,7 +18,8 @@ import time
 import pytest
 
 import pydist
-from pydist.cluster import PGRP
+from pydist.calls import connection
+from pydist.group import PGRP
 from pydist.exceptions import LaunchWorkerError, RemoteException
 
 from conftest import pid_alive, wait_until
@@ -182,7 +183,7 @@ def parent_ospid() -> int:
 
 def family_to(pid: int) -> str:
     """The address family of this process's connection to `pid`."""
-    return PGRP.connection(pid).sock.family.name
+    return connection(pid).sock.family.name
 
 
 def test_count_and_auto_start_siblings_through_the_first_worker(hosts, ssh_workers, capsys):
@@ -256,7 +257,7 @@ MASTER = textwrap.dedent(
     """
     import json, sys, time
     import pydist
-    from pydist.cluster import PGRP
+    from pydist.group import PGRP
     pids = pydist.addprocs(sys.argv[1:], sshflags={sshflags!r})
     info = {{"ospids": [PGRP.workers[p].config.ospid for p in pids],
              "sshs": [PGRP.workers[p].config.process.pid for p in pids]}}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from .channel import Channel
 from .cluster import (
-    WorkerState,
     addprocs,
     cluster_cookie,
     interrupt,
@@ -37,16 +36,9 @@ from .exceptions import (
     RemoteException,
     SerializationError,
 )
-from .managers import (
-    ClusterManager,
-    LocalManager,
-    WorkerConfig,
-    connect,
-    default_addprocs_params,
-    kill,
-    launch,
-    manage,
-)
+from .group import WorkerState
+from .managers import ClusterManager, WorkerConfig, connect, kill, launch, manage
+from .managers.local import LocalManager, default_addprocs_params
 from .callbacks import (
     add_worker_exited_callback,
     add_worker_exiting_callback,
@@ -104,7 +96,7 @@ def __getattr__(name: str):
     # SSHManager pulls in shlex, shutil, tempfile and getpass: imported on first use only,
     # so that `import pydist` (and every worker's start) stays light.
     if name == "SSHManager":
-        from .sshmanager import SSHManager
+        from .managers.ssh import SSHManager
 
         return SSHManager
     raise AttributeError(f"module 'pydist' has no attribute {name!r}")

@@ -22,6 +22,10 @@ import threading
 import time
 from typing import Any, Callable, Hashable
 
+from .calls import call_fetch
+from .exceptions import ExceptionGroup
+from .group import PGRP
+
 log = logging.getLogger("pydist")
 
 __all__ = [
@@ -167,8 +171,6 @@ def _raise_errors(kind: str, runs: list[_Run]) -> None:
     if len(errors) == 1:
         raise errors[0]
     if errors:
-        from .exceptions import ExceptionGroup
-
         raise ExceptionGroup(f"{len(errors)} worker-{kind} callbacks failed", errors)
 
 
@@ -214,20 +216,14 @@ def run_exited(pid: int, state: Any, warn_every: float = 10.0) -> None:
 
 # ---------------------------------------------------------------- statuses
 def _check_pid(pid: int, what: str) -> None:
-    from .cluster import PGRP
-
     if pid != 1 and pid not in PGRP.workers and pid not in _exiting:
         raise ValueError(f"Worker {pid} does not exist, cannot {what} its status")
 
 
 def setstatus(x: Any, pid: int | None = None) -> None:
     """Record `x` as the status of worker `pid` (default: this process), kept on the master."""
-    from .cluster import PGRP
-
     pid = PGRP.id if pid is None else pid
     if not PGRP.is_master():
-        from .calls import call_fetch
-
         call_fetch(1, setstatus, (x, pid))
         return
     _check_pid(pid, "set")
@@ -237,12 +233,8 @@ def setstatus(x: Any, pid: int | None = None) -> None:
 
 def getstatus(pid: int | None = None) -> Any:
     """The status of worker `pid` (default: this process), or None if never set."""
-    from .cluster import PGRP
-
     pid = PGRP.id if pid is None else pid
     if not PGRP.is_master():
-        from .calls import call_fetch
-
         return call_fetch(1, getstatus, (pid,))
     with _lock:
         if pid in _statuses:

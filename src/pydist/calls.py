@@ -1,21 +1,24 @@
-"""Calls between processes: sending a request and waiting for its reply, and running an
-incoming call in its own thread, where an interrupt can reach it.
+"""Calls between processes: the connection a call goes over (made on first use), reply
+slots, sending a request and waiting for its reply, and running an incoming call in its own
+thread, where an interrupt can reach it.
 
 This is the plumbing under `remotecall_fetch`, `remote_do` and every operation on a remote
 reference (which runs as a small call on the reference's owner, as Julia's `call_on_owner`).
+The CALL_FETCH, REMOTE_DO and RESULT handlers are here; `runtime` registers them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
+import logging
 import sys
 import threading
 import time
 from typing import Any, Callable
 
 from . import protocol, serialization
-from .cluster import PGRP, register_handler
 from .exceptions import (
     CapturedException,
     ProcessExitedException,
@@ -23,9 +26,139 @@ from .exceptions import (
     SerializationError,
     make_remote_exception,
 )
+from .group import PGRP, Worker
+from .joining import dial_peer
+from .managers import worker_timeout
 from .transport import ConnectionClosed, Connection
 
+log = logging.getLogger("pydist")
+
 _EMPTY: dict = {}
+
+
+# ==================================================================== connections
+def connection(pid: int) -> Connection:
+    """The connection to `pid`, made now if it is a lazy worker-to-worker link."""
+    w = PGRP.workers.get(pid)
+    if w is not None and w.conn is not None and not w.conn.closed:
+        return w.conn
+    pg = PGRP
+    with pg.lock:
+        if pid in pg.deleted:
+            raise ProcessExitedException(pid)
+        w = pg.workers.get(pid)
+        if w is None:
+            if pg.is_master() or pid == 1:
+                raise ValueError(f"no process with id {pid} exists")
+            w = pg.workers[pid] = Worker(pid)
+    if w.conn is not None:
+        if w.conn.closed:
+            raise ProcessExitedException(pid)
+        return w.conn
+    if pg.is_master():
+        if not w.connected.wait(worker_timeout()):
+            raise ProcessExitedException(pid)
+        return connection(pid)
+    return _connect_peer_lazily(w)
+
+
+def _connect_peer_lazily(w: Worker) -> Connection:
+    pg = PGRP
+    if pg.topology != "all_to_all":
+        raise RuntimeError(
+            f"peer {w.pid} is not connected to {pg.id}. Topology : {pg.topology}"
+        )
+    if pg.id > w.pid:
+        dial_peer(w.pid)
+    else:
+        # The higher pid dials: ask the master to have `w` connect to us.
+        call_fetch(1, _ask_peer_to_connect, (w.pid, pg.id))
+    if not w.connected.wait(worker_timeout()):
+        raise RuntimeError(f"peer {w.pid} didn't connect to {pg.id} within {worker_timeout()} seconds")
+    if w.conn is None or w.conn.closed:
+        raise ProcessExitedException(w.pid)
+    return w.conn
+
+
+def _ask_peer_to_connect(target: int, requester: int) -> None:
+    """Run on the master: have worker `target` (> requester) dial worker `requester`."""
+    call_fetch(target, dial_peer, (requester,))
+
+
+# ==================================================================== reply slots
+class _Slot:
+    """Where one reply will land: a single-assignment value with a lock-based latch."""
+
+    __slots__ = ("pid", "ok", "value", "callback", "_latch", "done")
+
+    def __init__(self, pid: int, callback: Callable[["_Slot"], None] | None = None):
+        self.pid = pid
+        self.callback = callback
+        self.done = False
+        self._latch = threading.Lock()
+        self._latch.acquire()
+
+    def set(self, ok: bool, value: Any) -> None:
+        self.ok = ok
+        self.value = value
+        self.done = True
+        self._latch.release()
+        if self.callback is not None:
+            try:
+                self.callback(self)
+            except Exception:
+                log.exception("pydist: error in a reply callback")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.done:
+            return True
+        if self._latch.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+            self._latch.release()
+            return True
+        return False
+
+
+SLOTS: dict[int, _Slot] = {}  # reply id -> the slot its RESULT lands in
+_slot_ids = itertools.count(1)
+
+
+def new_slot(pid: int, callback=None) -> tuple[int, _Slot]:
+    """A reply slot for a request to `pid`, and its id (the `a` of the request's frame)."""
+    sid = next(_slot_ids)
+    slot = _Slot(pid, callback)
+    SLOTS[sid] = slot
+    if pid in PGRP.deleted:  # lost the race with the worker's death
+        fail_slot(sid, ProcessExitedException(pid))
+    return sid, slot
+
+
+def fail_slot(sid: int, exc: BaseException) -> None:
+    slot = SLOTS.pop(sid, None)
+    if slot is not None:
+        slot.set(False, exc)
+
+
+def fail_slots_of(pid: int) -> None:
+    """`pid` is gone: every reply still awaited from it is a ProcessExitedException."""
+    lost = ProcessExitedException(pid)
+    for sid, slot in list(SLOTS.items()):
+        if slot.pid == pid:
+            fail_slot(sid, lost)
+
+
+def on_result(conn: Connection, msg: protocol.Message):
+    """RESULT: the reply to request `msg.a` lands in its slot."""
+    slot = SLOTS.pop(msg.a, None)
+    if slot is None:
+        return None  # the waiter gave up (timeout); drop the late reply
+    try:
+        value = serialization.loads(msg.body, msg.buffers)
+    except BaseException as e:
+        exc = RemoteException(PGRP.id, CapturedException(e))
+        slot.set(False, exc)
+        return None
+    slot.set(not (msg.flags & protocol.FLAG_ERROR), value)
+    return None
 
 
 # ==================================================================== running a call here
@@ -197,9 +330,9 @@ def call_fetch(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
         slot.wait()
     finally:
         if not slot.done:  # interrupted while waiting: forget the slot
-            for sid, s in list(PGRP.slots.items()):
+            for sid, s in list(SLOTS.items()):
                 if s is slot:
-                    PGRP.slots.pop(sid, None)
+                    SLOTS.pop(sid, None)
     if slot.ok:
         return slot.value
     raise slot.value
@@ -214,16 +347,16 @@ def call_async(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
 
 def _send_call(pid: int, f: Callable, args: tuple, kwargs: dict | None, callback):
     """(connection or None if it is gone, reply slot) for a call of `f` sent to `pid`."""
-    conn = PGRP.connection(pid)
-    sid, slot = PGRP.new_slot(pid, callback)
+    conn = connection(pid)
+    sid, slot = new_slot(pid, callback)
     try:
         chunks = pack(pid, protocol.CALL_FETCH, (f, args, kwargs or _EMPTY), a=sid, what=f)
         conn.send(chunks)
     except ConnectionClosed:
-        PGRP.fail_slot(sid, ProcessExitedException(pid))
+        fail_slot(sid, ProcessExitedException(pid))
         return None, slot
     except BaseException:
-        PGRP.slots.pop(sid, None)
+        SLOTS.pop(sid, None)
         raise
     return conn, slot
 
@@ -233,7 +366,7 @@ def remote_do_internal(pid: int, f: Callable, args: tuple = (), kwargs: dict | N
     if pid == PGRP.id:
         threading.Thread(target=_do_locally, args=(f, args, kwargs or _EMPTY), daemon=True).start()
         return
-    conn = PGRP.connection(pid)
+    conn = connection(pid)
     chunks = pack(pid, protocol.REMOTE_DO, (f, args, kwargs or _EMPTY), what=f)
     try:
         conn.send(chunks)
@@ -245,17 +378,6 @@ def _do_locally(f: Callable, args: tuple, kwargs: dict) -> None:
     ok, value = run_user_call(f, args, kwargs)
     if not ok:
         print(f"Error in remote_do on process {PGRP.id}:\n{value}", file=sys.stderr, flush=True)
-
-
-def request_exit(pid: int) -> None:
-    """Ask worker `pid` to exit (the default `ClusterManager.kill`)."""
-    w = PGRP.workers.get(pid)
-    if w is None or w.conn is None:
-        return
-    try:  # never waits for the worker to read: the manager escalates if it does not exit
-        w.conn.send(protocol.encode_frame(protocol.EXIT), wait=False)
-    except ConnectionClosed:
-        pass
 
 
 # ==================================================================== replying
@@ -290,7 +412,8 @@ def unpack_call(msg: protocol.Message) -> tuple[bool, Any]:
         )
 
 
-def _on_call_fetch(conn: Connection, msg: protocol.Message):
+def on_call_fetch(conn: Connection, msg: protocol.Message):
+    """CALL_FETCH: run the call (as a task) and send its RESULT."""
     sid = msg.a
     ok, call = unpack_call(msg)
     if not ok:
@@ -305,13 +428,11 @@ def _on_call_fetch(conn: Connection, msg: protocol.Message):
     return task
 
 
-def _on_remote_do(conn: Connection, msg: protocol.Message):
+def on_remote_do(conn: Connection, msg: protocol.Message):
+    """REMOTE_DO: run the call (as a task); nobody waits for it."""
     ok, call = unpack_call(msg)
     if not ok:
         print(f"Error in remote_do on process {PGRP.id}:\n{call}", file=sys.stderr, flush=True)
         return None
     return lambda: _do_locally(*call)
 
-
-register_handler(protocol.CALL_FETCH, _on_call_fetch)
-register_handler(protocol.REMOTE_DO, _on_remote_do)

@@ -1,46 +1,44 @@
-"""The process group: who is in the cluster, the connections to them, and the request/reply
-plumbing every higher layer uses.
+"""The cluster as users see it: addprocs / rmprocs / interrupt (launching workers through
+their managers and joining them: Julia's cluster.jl), the membership API (myid, procs,
+workers, ...), and what losing a worker means to every layer (`worker_lost`).
 
-There is one `ProcessGroup` per process (`PGRP`). On the master (pid 1) it launches workers
-through a `ClusterManager`, connects to them and tells them who they are; on a worker it is
-filled by the master's JOIN message. Worker-to-worker connections are made on first use
-(`lazy=True`) or at join time, the higher pid dialling the lower one, as in Julia.
-
-Higher layers register message handlers (`register_handler`) and listen for workers leaving
-(`on_worker_removed`), so this module never imports them.
+On the master (pid 1) `addprocs` launches workers through a `ClusterManager`, connects to
+them and tells them who they are (JOIN); on a worker the process group is filled by that
+message (`joining`). Worker-to-worker connections are made on first use (`lazy=True`, see
+`calls.connection`) or at join time, the higher pid dialling the lower one, as in Julia.
 """
 
 from __future__ import annotations
 
 import contextlib
-import enum
-import itertools
 import logging
 import os
-import secrets
-import socket
+import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from . import callbacks, protocol, serialization, transport
+from .calls import call_fetch, fail_slots_of, new_slot, remote_do_internal, SLOTS
+from .dispatch import HANDLER
 from .exceptions import (
     AuthenticationError,
-    CapturedException,
     ExceptionGroup,
     LaunchWorkerError,
     ProcessExitedException,
     ProtocolError,
-    RemoteException,
 )
+from .group import PGRP, Worker, WorkerState
+from .joining import process_messages
 from .managers import (
     ClusterManager,
-    LocalManager,
     WorkerConfig,
+    WorkerOutput,
     launch_timeout,
     worker_timeout,
 )
+from .managers.local import LocalManager
 
 log = logging.getLogger("pydist")
 
@@ -59,422 +57,44 @@ __all__ = [
     "interrupt",
     "cluster_cookie",
     "worker_id_from_socket",
-    "init_worker",
     "process_messages",
+    "worker_lost",
+    "launch_additional",
+    "name_additional",
 ]
 
 TOPOLOGIES = ("all_to_all", "master_worker", "custom")
 
 
-class WorkerState(enum.Enum):
-    """The life of a worker, as DistributedNext names it."""
-
-    created = "created"
-    connected = "connected"
-    terminating = "terminating"
-    terminated = "terminated"  # removed by rmprocs
-    exterminated = "exterminated"  # died on its own
-
-
-class Worker:
-    """What this process knows about another process of the cluster."""
-
-    def __init__(self, pid: int, manager: ClusterManager | None = None,
-                 config: WorkerConfig | None = None, connect_at: tuple | None = None):
-        self.pid = pid
-        self.state = WorkerState.created
-        self.conn: transport.Connection | None = None
-        self.manager = manager
-        self.config = config
-        self.connect_at = connect_at
-        self.connected = threading.Event()
-        self.connect_lock = threading.Lock()
-        self.ospid: int | None = None
-        self.cpu_threads: int | None = None
-
-    def __repr__(self) -> str:
-        return f"<Worker {self.pid} {self.state.name}>"
-
-
-class _Slot:
-    """Where one reply will land: a single-assignment value with a lock-based latch."""
-
-    __slots__ = ("pid", "ok", "value", "callback", "_latch", "done")
-
-    def __init__(self, pid: int, callback: Callable[["_Slot"], None] | None = None):
-        self.pid = pid
-        self.callback = callback
-        self.done = False
-        self._latch = threading.Lock()
-        self._latch.acquire()
-
-    def set(self, ok: bool, value: Any) -> None:
-        self.ok = ok
-        self.value = value
-        self.done = True
-        self._latch.release()
-        if self.callback is not None:
+# ==================================================================== losing a worker
+def worker_lost(pid: int, w: Worker) -> None:
+    """`PGRP.on_lost` (set by `runtime`): `deregister` has just forgotten `pid`. Fail every
+    reply slot waiting on it, tell its manager and (on the master) the other workers, then
+    the removed listeners (refs fails its Futures, pools drop it) and the exited callbacks."""
+    fail_slots_of(pid)
+    if PGRP.is_master():
+        if w.manager is not None:
             try:
-                self.callback(self)
+                w.manager.manage(pid, w.config, "deregister")
             except Exception:
-                log.exception("pydist: error in a reply callback")
-
-    def wait(self, timeout: float | None = None) -> bool:
-        if self.done:
-            return True
-        if self._latch.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
-            self._latch.release()
-            return True
-        return False
-
-
-class ProcessGroup:
-    """All cluster state of this process; one instance, `PGRP`."""
-
-    def __init__(self) -> None:
-        self.id = 1
-        self.role = "master"
-        self.lock = threading.RLock()
-        self.changed = threading.Condition(self.lock)  # notified on every membership change
-        self.workers: dict[int, Worker] = {}
-        self.deleted: set[int] = set()  # removed pids (never reused)
-        self.gone: set[int] = set()  # removed pids whose removal has been fully handled
-        self.topology = "all_to_all"
-        self.lazy: bool | None = None
-        self.cookie = secrets.token_hex(16)
-        self.next_pid = 2
-        self.launch_lock = threading.Lock()  # one addprocs/rmprocs at a time
-        self.slots: dict[int, _Slot] = {}
-        self.slot_ids = itertools.count(1)
-        self.handlers: dict[int, Callable] = {}
-        self.removed_listeners: list[Callable[[int, WorkerState], None]] = []
-        self.added_listeners: list[Callable[[int], None]] = []
-        self.listener: transport.Listener | None = None
-        self.shutdown = threading.Event()
-        self.exit_code = 0
-        self.master_connected = threading.Event()
-        self.manager: ClusterManager | None = None  # a worker's own manager (init_worker)
-        self.managers: list[ClusterManager] = []  # every manager used, cleaned up at exit
-
-    # ---------------------------------------------------------------- identity / membership
-    def is_master(self) -> bool:
-        return self.id == 1
-
-    def cookie_bytes(self) -> bytes:
-        return self.cookie.encode()
-
-    def member_pids(self) -> list[int]:
-        with self.lock:
-            if self.is_master():
-                live = [p for p, w in self.workers.items() if w.state is WorkerState.connected]
-            else:
-                live = [p for p, w in self.workers.items()
-                        if w.state in (WorkerState.created, WorkerState.connected)]
-            pids = set(live)
-            pids.add(self.id)
-            pids.add(1)
-            return sorted(pids)
-
-    # ---------------------------------------------------------------- connections
-    def connection(self, pid: int) -> transport.Connection:
-        """The connection to `pid`, made now if it is a lazy worker-to-worker link."""
-        w = self.workers.get(pid)
-        if w is not None and w.conn is not None and not w.conn.closed:
-            return w.conn
-        with self.lock:
-            if pid in self.deleted:
-                raise ProcessExitedException(pid)
-            w = self.workers.get(pid)
-            if w is None:
-                if self.is_master() or pid == 1:
-                    raise ValueError(f"no process with id {pid} exists")
-                w = self.workers[pid] = Worker(pid)
-        if w.conn is not None:
-            if w.conn.closed:
-                raise ProcessExitedException(pid)
-            return w.conn
-        if self.is_master():
-            if not w.connected.wait(worker_timeout()):
-                raise ProcessExitedException(pid)
-            return self.connection(pid)
-        return self._connect_peer_lazily(w)
-
-    def _connect_peer_lazily(self, w: Worker) -> transport.Connection:
-        if self.topology != "all_to_all":
-            raise RuntimeError(
-                f"peer {w.pid} is not connected to {self.id}. Topology : {self.topology}"
-            )
-        if self.id > w.pid:
-            self.dial_peer(w.pid)
-        else:
-            # The higher pid dials: ask the master to have `w` connect to us.
-            from .calls import call_fetch
-
-            call_fetch(1, _ask_peer_to_connect, (w.pid, self.id))
-        if not w.connected.wait(worker_timeout()):
-            raise RuntimeError(f"peer {w.pid} didn't connect to {self.id} within {worker_timeout()} seconds")
-        if w.conn is None or w.conn.closed:
-            raise ProcessExitedException(w.pid)
-        return w.conn
-
-    def dial_peer(self, pid: int) -> None:
-        """Connect to worker `pid` (lower than ours) and identify ourselves."""
-        with self.lock:
-            w = self.workers.get(pid)
-            if w is None:
-                if pid in self.deleted:
-                    raise ProcessExitedException(pid)
-                w = self.workers[pid] = Worker(pid)
-        with w.connect_lock:
-            if w.conn is not None and not w.conn.closed:
-                return
-            if w.connect_at is None:
-                raise RuntimeError(f"process {self.id} does not know the address of peer {pid}")
+                log.exception("pydist: manage(deregister) failed for worker %d", pid)
+        for other in list(PGRP.workers):
             try:
-                sock = self._open_peer(pid, w.connect_at)
-            except (OSError, ProtocolError, LaunchWorkerError) as e:
-                raise RuntimeError(f"Error on {self.id} while connecting to peer {pid}: {e}") from e
-            conn = transport.Connection(sock, HANDLER, f"worker {pid}")
-            conn.peer_pid = pid
-            conn.serve_blocking = True  # a worker serves calls on every connection
-            conn.send(protocol.encode_frame(protocol.IDENTIFY, a=self.id))
-            self._attach(w, conn)
-            conn.start()
-
-    def _open_peer(self, pid: int, connect_at: Any):
-        """An authenticated connection to peer `pid`: through this worker's own manager if
-        `init_worker` was given one (custom transports), else TCP to `connect_at`."""
-        if self.manager is None:
-            host, port = connect_at
-            return transport.connect(host, port, self.cookie_bytes(), worker_timeout())
-        sock = transport.as_socket(self.manager.connect(pid, WorkerConfig(connect_at=connect_at)))
-        try:
-            transport.tune_socket(sock)
-            transport.handshake_initiator(sock, self.cookie_bytes(), worker_timeout())
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    def _attach(self, w: Worker, conn: transport.Connection) -> None:
-        with self.lock:
-            w.conn = conn
-            w.state = WorkerState.connected
-            self.changed.notify_all()
-        w.connected.set()
-
-    # ---------------------------------------------------------------- replies
-    def new_slot(self, pid: int, callback=None) -> tuple[int, _Slot]:
-        sid = next(self.slot_ids)
-        slot = _Slot(pid, callback)
-        self.slots[sid] = slot
-        if pid in self.deleted:  # lost the race with the worker's death
-            self.fail_slot(sid, ProcessExitedException(pid))
-        return sid, slot
-
-    def fail_slot(self, sid: int, exc: BaseException) -> None:
-        slot = self.slots.pop(sid, None)
-        if slot is not None:
-            slot.set(False, exc)
-
-    # ---------------------------------------------------------------- losing a worker
-    def deregister(self, pid: int) -> None:
-        """Forget `pid`: fail everything waiting on it and tell the listeners. Idempotent."""
-        with self.lock:
-            if pid in self.deleted or pid == self.id:
-                return
-            w = self.workers.pop(pid, None) or Worker(pid)  # we may never have heard of it
-            self.deleted.add(pid)
-            was_terminating = w.state is WorkerState.terminating
-            w.state = WorkerState.terminated if was_terminating else WorkerState.exterminated
-            self.changed.notify_all()
-        w.connected.set()
-        if w.conn is not None:
-            w.conn.close()
-        if self.is_master() and not was_terminating and not self.shutdown.is_set():
-            print(f"Worker {pid} terminated.", file=sys.stderr, flush=True)
-        lost = ProcessExitedException(pid)
-        for sid, slot in list(self.slots.items()):
-            if slot.pid == pid:
-                self.fail_slot(sid, lost)
-        if self.is_master():
-            if w.manager is not None:
-                try:
-                    w.manager.manage(pid, w.config, "deregister")
-                except Exception:
-                    log.exception("pydist: manage(deregister) failed for worker %d", pid)
-            from .calls import remote_do_internal
-
-            for other in list(self.workers):
-                try:
-                    remote_do_internal(other, _forget_worker, (pid,))
-                except Exception:
-                    pass
-        for listener in list(self.removed_listeners):
-            try:
-                listener(pid, w.state)
+                remote_do_internal(other, _forget_worker, (pid,))
             except Exception:
-                log.exception("pydist: error in a worker-removed listener")
-        if self.is_master():
-            callbacks.run_exited(pid, w.state)
-            if w.manager is not None:  # Julia calls this from the Worker's finalizer
-                try:
-                    w.manager.manage(pid, w.config, "finalize")
-                except Exception:
-                    log.exception("pydist: manage(finalize) failed for worker %d", pid)
-        with self.lock:
-            self.gone.add(pid)
-            self.changed.notify_all()
-
-
-PGRP = ProcessGroup()
-
-
-# ==================================================================== message dispatch
-class _Handler:
-    """Dispatches each incoming frame to the handler registered for its kind."""
-
-    def on_message(self, conn: transport.Connection, msg: protocol.Message):
-        handler = PGRP.handlers.get(msg.kind)
-        if handler is None:
-            log.warning("pydist: no handler for %s message", protocol.KIND_NAMES.get(msg.kind))
-            return None
-        return handler(conn, msg)
-
-    def on_close(self, conn: transport.Connection, exc: BaseException | None) -> None:
-        pid = conn.peer_pid
-        if pid is None:
-            return
-        if pid == 1 and not PGRP.is_master():
-            # Our master is gone: a worker never outlives it.
-            PGRP.exit_code = 0 if PGRP.shutdown.is_set() else 1
-            PGRP.shutdown.set()
-            return
-        w = PGRP.workers.get(pid)
-        if w is not None and w.conn is conn:
-            PGRP.deregister(pid)
-
-
-HANDLER = _Handler()
-
-
-def register_handler(kind: int, fn: Callable) -> None:
-    """Handle frames of `kind` with `fn(conn, msg)`, run in the reading thread; it returns a
-    callable to run concurrently (in the thread that gives up the reading role), or None."""
-    PGRP.handlers[kind] = fn
-
-
-def _on_result(conn: transport.Connection, msg: protocol.Message):
-    slot = PGRP.slots.pop(msg.a, None)
-    if slot is None:
-        return None  # the waiter gave up (timeout); drop the late reply
-    try:
-        value = serialization.loads(msg.body, msg.buffers)
-    except BaseException as e:
-        exc = RemoteException(PGRP.id, CapturedException(e))
-        slot.set(False, exc)
-        return None
-    slot.set(not (msg.flags & protocol.FLAG_ERROR), value)
-    return None
-
-
-def _on_identify(conn: transport.Connection, msg: protocol.Message):
-    pid = msg.a
-    conn.peer_pid = pid
-    conn.name = f"worker {pid}"
-    with PGRP.lock:
-        if pid in PGRP.deleted:
-            conn.close()
-            return None
-        w = PGRP.workers.get(pid)
-        if w is None:
-            w = PGRP.workers[pid] = Worker(pid)
-    if w.conn is None or w.conn.closed:
-        PGRP._attach(w, conn)
-    return None
-
-
-def _on_exit(conn: transport.Connection, msg: protocol.Message):
-    if conn.peer_pid == 1:
-        PGRP.exit_code = 0
-        PGRP.shutdown.set()
-    return None
-
-
-register_handler(protocol.RESULT, _on_result)
-register_handler(protocol.IDENTIFY, _on_identify)
-register_handler(protocol.EXIT, _on_exit)
-
-
-# ==================================================================== worker side: joining
-def _on_join(conn: transport.Connection, msg: protocol.Message):
-    params = serialization.loads(msg.body, msg.buffers)
-    sid = msg.a
-
-    def join() -> None:
+                pass
+    for listener in list(PGRP.removed_listeners):
         try:
-            reply = _join(conn, params)
-            ok = True
-        except BaseException as e:
-            reply, ok = RemoteException(PGRP.id, CapturedException(e)), False
-        body = serialization.dumps_inline(reply)
-        conn.send(protocol.encode_frame(protocol.RESULT, body, a=sid,
-                                        flags=0 if ok else protocol.FLAG_ERROR))
-
-    return join
-
-
-def _join(conn: transport.Connection, params: dict) -> dict:
-    pg = PGRP
-    if pg.master_connected.is_set():
-        raise RuntimeError("this worker has already joined a cluster")
-    pg.id = params["self_pid"]
-    pg.role = "worker"
-    pg.topology = params["topology"]
-    pg.lazy = params["lazy"]
-    conn.peer_pid = 1
-    conn.name = "master"
-    for path in reversed(params.get("sys_path", [])):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    if not params.get("enable_threaded_blas", False):
-        _limit_blas_threads()
-    master = Worker(1)
-    pg._attach(master, conn)
-    with pg.lock:
-        pg.workers[1] = master
-        for pid, addr in params["other_workers"]:
-            if pid not in pg.workers:
-                pg.workers[pid] = Worker(pid, connect_at=tuple(addr) if addr else None)
-                pg.workers[pid].state = WorkerState.created
-    pg.master_connected.set()
-    if not pg.lazy:
-        errors: list[BaseException] = []
-
-        def dial(pid: int) -> None:
+            listener(pid, w.state)
+        except Exception:
+            log.exception("pydist: error in a worker-removed listener")
+    if PGRP.is_master():
+        callbacks.run_exited(pid, w.state)
+        if w.manager is not None:  # Julia calls this from the Worker's finalizer
             try:
-                pg.dial_peer(pid)
-            except BaseException as e:
-                errors.append(e)
-
-        threads = [threading.Thread(target=dial, args=(pid,)) for pid, _ in params["other_workers"]]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
-    return {"ospid": os.getpid(), "cpu_threads": os.cpu_count(), "version": protocol.PROTOCOL_VERSION}
-
-
-def _limit_blas_threads() -> None:
-    """Pin BLAS pools to one thread for libraries loaded from now on (LocalManager already
-    sets these variables at launch; other managers may not)."""
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ.setdefault(var, "1")
-
-
-register_handler(protocol.JOIN, _on_join)
+                w.manager.manage(pid, w.config, "finalize")
+            except Exception:
+                log.exception("pydist: manage(finalize) failed for worker %d", pid)
 
 
 def _forget_worker(pid: int) -> None:
@@ -488,56 +108,6 @@ def _set_valid_processes(pids: list[int]) -> None:
         for pid in pids:
             if pid != PGRP.id and pid not in PGRP.workers and pid not in PGRP.deleted:
                 PGRP.workers[pid] = Worker(pid)
-
-
-def _ask_peer_to_connect(target: int, requester: int) -> None:
-    """Run on the master: have worker `target` (> requester) dial worker `requester`."""
-    from .calls import call_fetch
-
-    call_fetch(target, _dial_peer, (requester,))
-
-
-def _dial_peer(pid: int) -> None:
-    PGRP.dial_peer(pid)
-
-
-def _accept_connection(sock: socket.socket) -> None:
-    """A worker's listener authenticated a new connection: serve it (JOIN or IDENTIFY first)."""
-    conn = transport.Connection(sock, HANDLER, "incoming")
-    conn.serve_blocking = True  # a worker serves calls on every connection
-    conn.start()
-
-
-def init_worker(cookie: str, manager: ClusterManager | None = None) -> None:
-    """Make this process a worker that authenticates peers with `cookie`. With a `manager`,
-    connections to other workers are made through `manager.connect` (custom transports)."""
-    PGRP.id = 0
-    PGRP.role = "worker"
-    PGRP.cookie = cookie
-    PGRP.manager = manager
-
-
-def process_messages(reader: Any, writer: Any = None, incoming: bool = True) -> transport.Connection:
-    """Serve the pydist protocol over a custom transport and return the connection at once.
-
-    `reader`/`writer` are binary streams (pass unbuffered ones, e.g. `bufsize=0` pipes), or
-    `reader` is a socket and `writer` None. `incoming=True` means the peer opened the
-    connection (the master, to a worker): we authenticate as the accepting side. A worker
-    serves until `pydist.worker.wait_for_shutdown()` returns.
-    """
-    sock = transport.as_socket(reader if writer is None else (reader, writer))
-    timeout = worker_timeout()
-    try:
-        if incoming:
-            transport.handshake_acceptor(sock, PGRP.cookie_bytes(), timeout)
-        else:
-            transport.handshake_initiator(sock, PGRP.cookie_bytes(), timeout)
-    except BaseException:
-        sock.close()
-        raise
-    conn = transport.Connection(sock, HANDLER, "custom")
-    conn.start()
-    return conn
 
 
 # ==================================================================== public membership API
@@ -556,8 +126,6 @@ def procs(pid: int | None = None) -> list[int]:
     if pid is None:
         return PGRP.member_pids()
     if not PGRP.is_master():
-        from .calls import call_fetch
-
         return call_fetch(1, procs, (pid,))
     all_pids = PGRP.member_pids()
     if pid not in all_pids:
@@ -659,7 +227,7 @@ def addprocs(target: int | list | ClusterManager | None = None, **kw: Any) -> li
         manager = target
     elif isinstance(target, (list, tuple, str)):
         _check_keywords(kw, _SSH_KEYWORDS)
-        from .sshmanager import SSHManager
+        from .managers.ssh import SSHManager  # on first use: it keeps `import pydist` light
 
         manager = SSHManager(target)
     else:
@@ -780,9 +348,6 @@ def _addprocs_locked(manager: ClusterManager, params: dict) -> list[int]:
         pid = add(config)
         if pid is None:
             return
-        from .calls import remote_do_internal
-        from .worker import name_additional
-
         with contextlib.suppress(ProcessExitedException):
             remote_do_internal(first, name_additional, (config.ospid, pid))
 
@@ -806,8 +371,6 @@ def _addprocs_locked(manager: ClusterManager, params: dict) -> list[int]:
         raise launch_error[0]
     errors[:0] = launch_error
     all_workers = workers()
-    from .calls import remote_do_internal
-
     for pid in [p for p in all_workers if p != 1]:  # everyone learns the new membership
         try:
             remote_do_internal(pid, _set_valid_processes, (all_workers,))
@@ -826,9 +389,6 @@ def _launch_additional(manager: ClusterManager, first: int, config: WorkerConfig
                        n: int) -> list[WorkerConfig]:
     """Have worker `first` start `n` more workers on its host (Julia's launch_additional);
     one config each, with the first one's connection settings."""
-    from .calls import call_fetch
-    from .worker import launch_additional
-
     addresses = call_fetch(first, launch_additional,
                            (n, config.exename or "python3", list(config.exeflags or []),
                             config.bind_addr or "127.0.0.1"))
@@ -840,6 +400,53 @@ def _launch_additional(manager: ClusterManager, first: int, config: WorkerConfig
                      max_parallel=config.max_parallel)
         for addr, port, ospid in addresses
     ]
+
+
+# ---------------------------------------------------------------- on a worker: its siblings (count > 1)
+_siblings: dict[int, WorkerOutput] = {}  # ospid -> output relay, for naming it later
+
+
+def launch_additional(n: int, exename: str, exeflags: list[str], bind_addr: str) -> list[tuple]:
+    """Run on a worker: start `n` more workers on this host, listening on `bind_addr` (any
+    free port), like Julia's `launch_additional`; return each one's (addr, port, ospid). Their output is relayed
+    through ours; `name_additional` tells a relay which pid its worker got."""
+    cmd = [exename, *exeflags, "-m", "pydist.worker", "--bind-to", bind_addr]
+    procs = []
+    try:
+        for _ in range(n):
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+            procs.append(proc)
+            proc.stdin.write(PGRP.cookie.encode() + b"\n")
+            proc.stdin.close()
+        relays = [WorkerOutput(p.stdout) for p in procs]
+        result = []
+        for proc, relay in zip(procs, relays):
+            addr, port = relay.wait_address(worker_timeout(), proc)
+            result.append((addr, port, proc.pid))
+    except BaseException as e:
+        for proc in procs:
+            proc.kill()
+        if isinstance(e, (LaunchWorkerError, OSError)):
+            raise LaunchWorkerError(f"worker {PGRP.id} could not start {n} more workers "
+                                    f"with {cmd}: {e}") from e
+        raise
+    for proc, relay in zip(procs, relays):
+        _siblings[proc.pid] = relay
+        threading.Thread(target=_reap, args=(proc,), name="pydist-reaper", daemon=True).start()
+    return result
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    proc.wait()
+    _siblings.pop(proc.pid, None)
+
+
+def name_additional(ospid: int, pid: int) -> None:
+    """Run on a worker: the sibling with OS pid `ospid` joined as worker `pid`."""
+    relay = _siblings.get(ospid)
+    if relay is not None:
+        relay.pid = pid
 
 
 def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) -> int:
@@ -876,10 +483,10 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
             "enable_threaded_blas": bool(params.get("enable_threaded_blas", False)),
             "sys_path": [p for p in sys.path if p],
         }
-        sid, slot = pg.new_slot(pid)
+        sid, slot = new_slot(pid)
         conn.send(protocol.encode_frame(protocol.JOIN, serialization.dumps_inline(join_params), a=sid))
         if not slot.wait(timeout):
-            pg.slots.pop(sid, None)
+            SLOTS.pop(sid, None)
             raise LaunchWorkerError(f"worker {pid} did not join within {timeout} seconds")
         if not slot.ok:
             raise LaunchWorkerError(f"worker {pid} failed to join: {slot.value}")
@@ -887,7 +494,7 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
         w.ospid = config.ospid = facts["ospid"]
         w.cpu_threads = facts["cpu_threads"]
         config.environ = dict(config.environ or {}, cpu_threads=facts["cpu_threads"])
-        pg._attach(w, conn)
+        pg.attach(w, conn)
         manager.manage(pid, config, "register")
         return pid
     except BaseException as e:

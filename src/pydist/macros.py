@@ -12,7 +12,8 @@ import sys
 import threading
 from typing import Any, Callable, Iterable
 
-from .cluster import PGRP, nworkers, procs, workers
+from .cluster import nworkers, procs, workers
+from .group import PGRP
 from .exceptions import ExceptionGroup, RemoteException
 from .refs import Future
 from .remotecall import remotecall, remotecall_fetch

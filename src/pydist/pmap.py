@@ -28,7 +28,7 @@ from .calls import in_remote_call, run_user_call, take_reply
 from .cluster import myid, workers
 from .exceptions import RemoteException, SerializationError
 from .remotecall import remote_do, remotecall, remotecall_fetch
-from .transport import POOL, WATCHDOG
+from .threads import LEND_SECONDS, POOL
 from .workerpool import AbstractWorkerPool, CachingPool
 
 __all__ = ["pmap", "ExponentialBackOff"]
@@ -342,7 +342,7 @@ def _run_lane(lane: _Lane) -> None:
         outcome = run_user_call(fn, args, _NO_KWARGS)
         took = time.perf_counter() - wall
         waited = 2 * (time.thread_time() - cpu) < took
-        linger = took >= WATCHDOG.PROMOTE_AFTER
+        linger = took >= LEND_SECONDS
         ended = (reply, outcome, waited)
 
 

@@ -27,9 +27,9 @@ import weakref
 from typing import Any, Callable, Iterator, NamedTuple
 
 from . import protocol, serialization
-from .calls import call_async, call_fetch, remote_do_internal
+from .calls import call_async, call_fetch, connection, remote_do_internal
 from .channel import Channel, take_until_closed
-from .cluster import PGRP, register_handler
+from .group import PGRP
 from .exceptions import InvalidStateError, ProcessExitedException
 from .transport import ConnectionClosed
 
@@ -166,13 +166,11 @@ class RefStore:
 STORE = RefStore()
 
 
-def _on_refs(conn, msg: protocol.Message):
+def on_refs(conn, msg: protocol.Message):
     for whence, id_, pid, delta in serialization.loads(msg.body, msg.buffers):
         STORE.apply(RRID(whence, id_), pid, delta)
     return None
 
-
-register_handler(protocol.REFS, _on_refs)
 
 
 # ==================================================================== holder side: count deltas
@@ -263,7 +261,7 @@ def _send_deltas(where: int, deltas: list) -> None:
                 pass
             return
     try:
-        conn = PGRP.connection(where)  # connects now if this is a lazy worker-to-worker link
+        conn = connection(where)  # connects now if this is a lazy worker-to-worker link
         # Never waits for the owner to read (the flusher serves every owner): counts are
         # small, they queue until the socket drains.
         conn.send(protocol.encode_frame(protocol.REFS, serialization.dumps_inline(deltas)),
@@ -592,7 +590,7 @@ def _rebuild_future(where: int, whence: int, id_: int, state: int, value: Any) -
 serialization.register_reducer(Future, _reduce_future)
 
 
-def _on_push(conn, msg: protocol.Message):
+def on_push(conn, msg: protocol.Message):
     """A remotecall we made has finished on its worker."""
     fut = _client_refs.get(RRID(msg.a, msg.b))
     if not isinstance(fut, Future):
@@ -609,15 +607,13 @@ def _on_push(conn, msg: protocol.Message):
     return None
 
 
-register_handler(protocol.PUSH, _on_push)
-
 
 def new_call_future(where: int) -> Future:
     """The Future of a remotecall to `where`, whose result the worker will push to us."""
     return Future._make(where, _new_rrid(), _PENDING, None, 1, push=True)
 
 
-def _worker_lost(pid: int, state: Any) -> None:
+def worker_lost(pid: int, state: Any) -> None:
     """Fail every Future owned by `pid` still waiting here; drop `pid` from our counts."""
     STORE.remove_pid(pid)
     lost = ProcessExitedException(pid)
@@ -625,8 +621,6 @@ def _worker_lost(pid: int, state: Any) -> None:
         if isinstance(ref, Future) and ref.where == pid and ref._state in (_PENDING, _REMOTE_DONE):
             ref._complete(_ERROR, lost)
 
-
-PGRP.removed_listeners.append(_worker_lost)
 
 
 # ==================================================================== RemoteChannel

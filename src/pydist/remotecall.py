@@ -13,8 +13,8 @@ import threading
 from typing import Any, Callable
 
 from . import protocol, serialization
-from .calls import call_fetch, pack, remote_do_internal, run_user_call, unpack_call
-from .cluster import PGRP, register_handler
+from .calls import call_fetch, connection, pack, remote_do_internal, run_user_call, unpack_call
+from .group import PGRP
 from .exceptions import ProcessExitedException
 from .refs import RRID, STORE, Future, _Cell, new_call_future
 from .transport import Connection, ConnectionClosed
@@ -50,7 +50,7 @@ def remotecall(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
         threading.Thread(target=_run_here, args=(cell, f, args, kwargs),
                          name="pydist-local-call", daemon=True).start()
         return fut
-    conn = PGRP.connection(pid)
+    conn = connection(pid)
     fut = new_call_future(pid)
     chunks = pack(pid, protocol.CALL, (f, args, kwargs), a=fut.whence, b=fut.id, what=f)
     try:
@@ -94,7 +94,7 @@ def remote_do(f: Callable, id: Any, *args: Any, **kwargs: Any) -> None:
 
 
 # ==================================================================== worker side
-def _on_call(conn: Connection, msg: protocol.Message):
+def on_call(conn: Connection, msg: protocol.Message):
     rrid = RRID(msg.a, msg.b)
     cell = STORE.lookup(rrid, _Cell)  # in frame order: a later fetch or count finds it
     ok, call = unpack_call(msg)
@@ -130,5 +130,3 @@ def _finish(conn: Connection, rrid: RRID, cell: _Cell, ok: bool, value: Any) -> 
     except ConnectionClosed:
         pass
 
-
-register_handler(protocol.CALL, _on_call)

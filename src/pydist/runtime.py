@@ -1,17 +1,48 @@
-"""pydist in this process as a whole: `shutdown()` stops it in bounded time; it is also the
-exit hook. It sits above every other module (it imports them; none imports it)."""
+"""pydist in this process as a whole: `wire()` connects the layers (message handlers by
+kind, the worker-lost hook, membership listeners), so that no module is wired by being
+imported, and `shutdown()` stops everything in bounded time (it is also the exit hook).
+It sits above every other module but the entry points (it imports them; they import it).
+"""
 
 from __future__ import annotations
 
 import atexit
 import logging
+import threading
 import time
 
-from . import callbacks, calls, refs, transport
-from .cluster import PGRP, WorkerState
-from .managers import WorkerOutput
+from . import callbacks, calls, cluster, joining, protocol, refs, threads, workerpool
+from .dispatch import HANDLERS, register_handler
+from .remotecall import on_call  # (`pydist.remotecall` is the function, not the module)
+from .group import PGRP, WorkerState
+from .managers import ClusterManager, WorkerOutput, request_exit
+from .managers.local import LocalManager
 
 log = logging.getLogger("pydist")
+
+_wire_lock = threading.Lock()
+
+
+def wire() -> None:
+    """Register every message handler and hook; idempotent. Runs when this module is
+    imported (by `import pydist` and by `pydist.worker`)."""
+    with _wire_lock:
+        if PGRP.on_lost is not None:
+            return
+        register_handler(protocol.RESULT, calls.on_result)
+        register_handler(protocol.CALL_FETCH, calls.on_call_fetch)
+        register_handler(protocol.REMOTE_DO, calls.on_remote_do)
+        register_handler(protocol.CALL, on_call)
+        register_handler(protocol.PUSH, refs.on_push)
+        register_handler(protocol.REFS, refs.on_refs)
+        register_handler(protocol.JOIN, joining.on_join)
+        register_handler(protocol.IDENTIFY, joining.on_identify)
+        register_handler(protocol.EXIT, joining.on_exit)
+        assert set(HANDLERS) == set(protocol.KIND_NAMES), "a message kind has no handler"
+        PGRP.removed_listeners.append(refs.worker_lost)
+        PGRP.removed_listeners.append(workerpool.worker_removed)
+        PGRP.added_listeners.append(workerpool.worker_added)
+        PGRP.on_lost = cluster.worker_lost
 
 
 def shutdown(timeout: float = 10.0) -> None:
@@ -40,11 +71,11 @@ def _shutdown(timeout: float, at_exit: bool) -> None:
     if not refs.stop_flusher(min(1.0, left())):
         log.warning("pydist: the reference-count flusher did not stop")
     WorkerOutput.drain_all(min(1.0, left()))
-    stuck = transport.stop_runtime(left())
+    stuck = threads.stop_runtime(left())
     if stuck:
         log.debug("pydist: threads still busy at shutdown: %s", ", ".join(stuck))
     if not at_exit:
-        transport.restart_runtime()
+        threads.restart_runtime()
         PGRP.shutdown.clear()
 
 
@@ -62,7 +93,7 @@ def _remove_all_workers(left, at_exit: bool) -> None:
                 continue
             w.state = WorkerState.terminating
             PGRP.changed.notify_all()
-        calls.request_exit(pid)  # queued, never waits for the worker to read
+        request_exit(pid)  # queued, never waits for the worker to read
         if w.conn is not None:
             conns.append(w.conn)
         if not _uses_default_kill(w.manager):
@@ -87,20 +118,18 @@ def _remove_all_workers(left, at_exit: bool) -> None:
 
 def _is_builtin(manager) -> bool:
     """LocalManager or SSHManager: their `kill` is an EXIT request plus an escalation that
-    `cleanup(grace=...)` also does, without a thread."""
-    from .managers import LocalManager
-
+    `cleanup(grace=...)` also does, without a thread. (SSHManager by name: importing it
+    would make `import pydist` heavier.)"""
     return isinstance(manager, LocalManager) or type(manager).__name__ == "SSHManager"
 
 
 def _uses_default_kill(manager) -> bool:
     """Whether `manager` stops workers the way shutdown already does (an EXIT request, then
     `cleanup`): the built-in managers, and managers that keep the default `kill`."""
-    from .managers import ClusterManager
-
     if manager is None or _is_builtin(manager):
         return True
     return type(manager).kill is ClusterManager.kill
 
 
+wire()
 atexit.register(_shutdown, 10.0, True)

@@ -6,8 +6,11 @@ to exit. If no master connects within `PYDIST_WORKER_TIMEOUT` seconds it exits, 
 never outlives a master that died while starting it. With `--exit-on-eof` (SSH workers) it
 also exits when its stdin closes: the ssh session that started it is gone.
 
-A worker also starts sibling workers on its host when asked (`launch_additional`): that is
-how `count > 1` workers per SSH host start with one ssh connection, as in Julia.
+A worker also starts sibling workers on its host when asked (`cluster.launch_additional`):
+that is how `count > 1` workers per SSH host start with one ssh connection, as in Julia.
+
+An entry point, at the top with `runtime`: importing it wires pydist (handlers, hooks)
+even if nothing else imported `runtime`.
 """
 
 from __future__ import annotations
@@ -15,20 +18,18 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 import types
 
-from .calls import interrupt_running_calls, interruptible_sleep
-from . import cluster
-from .cluster import PGRP, _accept_connection
-from .exceptions import LaunchWorkerError
-from .managers import WorkerOutput, worker_timeout
+from . import joining, runtime
+from .calls import _original_sleep, interrupt_running_calls, interruptible_sleep
+from .group import PGRP
+from .managers import worker_timeout
 from .transport import Listener, default_bind_addr
 
-__all__ = ["init_worker", "start_worker", "wait_for_shutdown", "launch_additional", "main"]
+__all__ = ["init_worker", "start_worker", "wait_for_shutdown", "main"]
 
 # After the master is gone, how long a clean exit may take before we force it.
 EXIT_GRACE_SECONDS = 2.0
@@ -64,7 +65,7 @@ def _listen(addr: str, port: int, hint: bool, timeout: float) -> Listener:
     last = port + 1000 if hint else port
     while True:
         try:
-            return Listener(addr, port, PGRP.cookie_bytes, _accept_connection, timeout)
+            return Listener(addr, port, PGRP.cookie_bytes, joining.accept_connection, timeout)
         except OSError:
             if port >= min(last, 65535):
                 raise
@@ -88,7 +89,8 @@ def init_worker(cookie: str, manager=None) -> None:
     `manager`, connections to other workers go through `manager.connect` (custom
     transports). A custom-transport worker then calls `process_messages` and
     `wait_for_shutdown`."""
-    cluster.init_worker(cookie, manager)
+    runtime.wire()  # already done if `pydist` was imported; a worker must not depend on it
+    joining.init_worker(cookie, manager)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_sigint)
     time.sleep = interruptible_sleep  # a sleeping remote call can be interrupted
@@ -165,57 +167,8 @@ def _exit_on_stdin_eof() -> None:
     threading.Thread(target=watch, name="pydist-stdin-watch", daemon=True).start()
 
 
-# ---------------------------------------------------------------- sibling workers (count > 1)
-_siblings: dict[int, WorkerOutput] = {}  # ospid -> output relay, for naming it later
-
-
-def launch_additional(n: int, exename: str, exeflags: list[str], bind_addr: str) -> list[tuple]:
-    """Run on a worker: start `n` more workers on this host, listening on `bind_addr` (any
-    free port), like Julia's `launch_additional`; return each one's (addr, port, ospid). Their output is relayed
-    through ours; `name_additional` tells a relay which pid its worker got."""
-    cmd = [exename, *exeflags, "-m", "pydist.worker", "--bind-to", bind_addr]
-    procs = []
-    try:
-        for _ in range(n):
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            procs.append(proc)
-            proc.stdin.write(PGRP.cookie.encode() + b"\n")
-            proc.stdin.close()
-        relays = [WorkerOutput(p.stdout) for p in procs]
-        result = []
-        for proc, relay in zip(procs, relays):
-            addr, port = relay.wait_address(worker_timeout(), proc)
-            result.append((addr, port, proc.pid))
-    except BaseException as e:
-        for proc in procs:
-            proc.kill()
-        if isinstance(e, (LaunchWorkerError, OSError)):
-            raise LaunchWorkerError(f"worker {PGRP.id} could not start {n} more workers "
-                                    f"with {cmd}: {e}") from e
-        raise
-    for proc, relay in zip(procs, relays):
-        _siblings[proc.pid] = relay
-        threading.Thread(target=_reap, args=(proc,), name="pydist-reaper", daemon=True).start()
-    return result
-
-
-def _reap(proc: subprocess.Popen) -> None:
-    proc.wait()
-    _siblings.pop(proc.pid, None)
-
-
-def name_additional(ospid: int, pid: int) -> None:
-    """Run on a worker: the sibling with OS pid `ospid` joined as worker `pid`."""
-    relay = _siblings.get(ospid)
-    if relay is not None:
-        relay.pid = pid
-
-
 def _force_exit_later(code: int) -> None:
     """Exit for sure a little later, even if user threads would keep the process alive."""
-    from .calls import _original_sleep
-
     def force() -> None:
         _original_sleep(EXIT_GRACE_SECONDS)
         os._exit(code)

@@ -18,7 +18,8 @@ from collections import deque
 from typing import Any, Callable, Iterable
 
 from .calls import call_fetch
-from .cluster import PGRP, procs
+from .cluster import procs
+from .group import PGRP
 from .exceptions import SerializationError
 from .refs import RemoteChannel
 from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
@@ -379,18 +380,17 @@ def set_default_worker_pool(pool: AbstractWorkerPool) -> None:
         _default_pool = pool
 
 
-def _worker_added(pid: int) -> None:
+def worker_added(pid: int) -> None:
+    """A new worker joins the default pool (a listener, registered by `runtime`)."""
     if _default_pool is not None and isinstance(_default_pool, WorkerPool) and _default_pool._default:
         _default_pool.push(pid)
 
 
-def _worker_removed(pid: int, state: Any) -> None:
+def worker_removed(pid: int, state: Any) -> None:
+    """A lost worker leaves every pool of this process (registered by `runtime`)."""
     for pool in list(_local_pools.values()):
         pool._drop(pid)
 
-
-PGRP.added_listeners.append(_worker_added)
-PGRP.removed_listeners.append(_worker_removed)
 
 
 def remote(f: Callable, pool: AbstractWorkerPool | None = None) -> Callable:

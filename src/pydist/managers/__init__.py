@@ -1,10 +1,11 @@
 """Cluster managers: how worker processes are started, reached, interrupted and stopped.
 
-`ClusterManager` is Julia's interface; `LocalManager` starts workers on this machine. A manager
-launches processes and describes each with a `WorkerConfig`; the process group (`cluster`)
-then connects, authenticates and registers them. Each launched worker's output is relayed by a
-`WorkerOutput` thread: it finds the worker's address line, then prefixes every later line with
-"From worker N".
+This package holds `ClusterManager` (Julia's interface, with its defaults), `WorkerConfig`
+and the helpers every manager uses; one module per manager: `local` (LocalManager), `ssh`
+(SSHManager). A manager launches processes and describes each with a `WorkerConfig`;
+`cluster` then connects, authenticates and registers them. Each launched worker's output is
+relayed by a `WorkerOutput` thread: it finds the worker's address line, then prefixes every
+later line with "From worker N".
 """
 
 from __future__ import annotations
@@ -25,20 +26,21 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from . import transport
-from .exceptions import LaunchWorkerError
+from .. import protocol, transport
+from ..exceptions import LaunchWorkerError
+from ..group import PGRP
 
 log = logging.getLogger("pydist")
 
 __all__ = [
     "ClusterManager",
     "WorkerConfig",
-    "LocalManager",
+    "WorkerOutput",
     "launch",
     "manage",
     "kill",
     "connect",
-    "default_addprocs_params",
+    "request_exit",
     "read_worker_address",
     "connect_tcp",
     "worker_env",
@@ -223,8 +225,6 @@ class ClusterManager(ABC):
             os.kill(ospid, signal.SIGINT)
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
-        from .calls import request_exit
-
         request_exit(pid)
 
     def connect(self, pid: int, config: WorkerConfig) -> "socket.socket | tuple":
@@ -282,11 +282,20 @@ def connect_tcp(pid: int, host: str, port: int) -> socket.socket:
     local Unix socket when it runs in this network namespace (`transport.open_connection`)
     -- or LaunchWorkerError saying where it failed."""
     try:
-        from .cluster import PGRP
-
         return transport.open_connection(host, port, PGRP.cookie_bytes(), worker_timeout())
     except OSError as e:
         raise LaunchWorkerError(f"could not connect to worker {pid} at {host}:{port}: {e}") from e
+
+
+def request_exit(pid: int) -> None:
+    """Ask worker `pid` to exit (the default `ClusterManager.kill`)."""
+    w = PGRP.workers.get(pid)
+    if w is None or w.conn is None:
+        return
+    try:  # never waits for the worker to read: the manager escalates if it does not exit
+        w.conn.send(protocol.encode_frame(protocol.EXIT), wait=False)
+    except transport.ConnectionClosed:
+        pass
 
 
 def launch(manager: ClusterManager, params: dict, launched: list, launch_ntfy) -> None:
@@ -305,15 +314,6 @@ def connect(manager: ClusterManager, pid: int, config: WorkerConfig):
     return manager.connect(pid, config)
 
 
-def default_addprocs_params(manager: ClusterManager | None = None) -> dict:
-    return (manager or LocalManager(0)).default_addprocs_params()
-
-
-def _pydist_import_root() -> str:
-    """The directory that holds the pydist package, so that workers can import it."""
-    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 def worker_env(params: dict, base: dict | None = None) -> dict:
     """The environment for a worker process: `base` (default: ours) plus what pydist needs
     (unbuffered output, the worker timeout, single-threaded BLAS unless asked) and the
@@ -326,119 +326,6 @@ def worker_env(params: dict, base: dict | None = None) -> dict:
             env[var] = "1"
     env.update(params.get("env") or {})
     return env
-
-
-class LocalManager(ClusterManager):
-    """Workers on this machine: `python -m pydist.worker`, listening on 127.0.0.1 unless
-    `restrict=False`. Removal asks politely, then sends SIGTERM after `exit_timeout` seconds
-    and SIGKILL after `term_timeout` more. Written on the public interface only."""
-
-    def __init__(self, np: int, restrict: bool = True, exit_timeout: float = 5.0,
-                 term_timeout: float = 5.0):
-        self.np = np
-        self.restrict = restrict
-        self.exit_timeout = exit_timeout
-        self.term_timeout = term_timeout
-        self._procs: set[subprocess.Popen] = set()  # started and not yet reaped
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"LocalManager(np={self.np}, restrict={self.restrict})"
-
-    def default_addprocs_params(self) -> dict:
-        return dict(super().default_addprocs_params(), restrict=self.restrict)
-
-    def launch(self, params: dict, launched: list, launch_ntfy: threading.Condition) -> None:
-        from .cluster import cluster_cookie
-        from .transport import default_bind_addr
-
-        bind = "127.0.0.1" if self.restrict else default_bind_addr()
-        cmd = [params["exename"], *params["exeflags"], "-m", "pydist.worker", "--bind-to", bind]
-        env = worker_env(params)
-        root = _pydist_import_root()  # so that workers import this very pydist
-        paths = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
-        env["PYTHONPATH"] = os.pathsep.join(paths)
-        cookie = cluster_cookie()
-        for _ in range(self.np):
-            try:
-                proc = subprocess.Popen(
-                    cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    cwd=params["dir"], env=env, start_new_session=True,
-                )
-            except OSError as e:
-                raise LaunchWorkerError(f"could not start worker process {cmd}: {e}") from e
-            with self._lock:
-                self._procs.add(proc)
-            try:
-                proc.stdin.write(cookie.encode() + b"\n")
-                proc.stdin.close()
-            except OSError:
-                pass  # it died at once; the address reader will say so
-            config = WorkerConfig(
-                process=proc, io=proc.stdout, ospid=proc.pid, exename=params["exename"],
-                exeflags=params["exeflags"],
-                enable_threaded_blas=bool(params.get("enable_threaded_blas", False)),
-            )
-            with launch_ntfy:
-                launched.append(config)
-                launch_ntfy.notify_all()
-
-    def kill(self, pid: int, config: WorkerConfig) -> None:
-        try:
-            super().kill(pid, config)
-        except Exception:
-            pass
-        proc = config.process
-        if proc is not None:
-            with contextlib.suppress(RuntimeError):  # at interpreter exit `cleanup` reaps
-                threading.Thread(target=self._escalate, args=(pid, proc), name="pydist-reaper",
-                                 daemon=True).start()
-
-    def _escalate(self, pid: int, proc: subprocess.Popen) -> None:
-        try:
-            proc.wait(self.exit_timeout)
-        except subprocess.TimeoutExpired:
-            log.warning("Failed to gracefully kill worker %d, sending SIGTERM", pid)
-            signal_group(proc, signal.SIGTERM)
-            if not _wait_group(proc, self.term_timeout):
-                log.warning("Worker %d ignored SIGTERM, sending SIGKILL", pid)
-                signal_group(proc, signal.SIGKILL)
-                proc.wait()
-        with self._lock:
-            self._procs.discard(proc)
-
-    def cleanup(self, grace: float = 3.0) -> None:
-        """Reap every worker process this manager started; kill those still running after
-        `grace` seconds (workers asked to exit get that long to finish cleanly)."""
-        with self._lock:
-            procs = list(self._procs)
-            self._procs.clear()
-        reap(procs, grace)
-
-
-def _wait_group(proc: subprocess.Popen, timeout: float) -> bool:
-    """Wait up to `timeout` seconds until `proc` and every process of its group are gone
-    (a wrapper shell may die at once and leave its child behind)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        proc.poll()  # reap the leader, so that it does not count as a member
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return proc.poll() is not None or _wait_leader(proc, deadline)
-        except OSError:
-            return _wait_leader(proc, deadline)
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
-
-
-def _wait_leader(proc: subprocess.Popen, deadline: float) -> bool:
-    try:
-        proc.wait(max(0.0, deadline - time.monotonic()))
-        return True
-    except subprocess.TimeoutExpired:
-        return False
 
 
 def signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -1,4 +1,5 @@
-"""SSHManager: workers on other machines, started through the system `ssh` binary.
+"""SSHManager: workers on other machines, started through the system `ssh` binary (imported
+on first use: `pydist.SSHManager` and `addprocs(machines)` load it, `import pydist` does not).
 
 One ssh connection per machine starts the first worker there (`python -m pydist.worker
 --exit-on-eof`, the cookie on its stdin); more workers on the same machine (`count > 1` or
@@ -26,8 +27,9 @@ import threading
 import time
 from typing import Any, Iterable
 
-from .exceptions import LaunchWorkerError
-from .managers import (
+from ..exceptions import ExceptionGroup, LaunchWorkerError
+from ..group import PGRP
+from . import (
     ClusterManager,
     WorkerConfig,
     connect_tcp,
@@ -244,8 +246,6 @@ class SSHManager(ClusterManager):
             raise errors[0] if len(errors) == 1 else _group(errors)
 
     def _launch_on(self, machine: MachineSpec, params: dict) -> WorkerConfig:
-        from .cluster import cluster_cookie
-
         ssh = params.get("ssh") or "ssh"
         sshflags = _as_list(params.get("sshflags"))
         if machine.port is not None:
@@ -266,7 +266,7 @@ class SSHManager(ClusterManager):
             args += ["--bind-to", machine.bind_to]
         cmdline_cookie = bool(params.get("cmdline_cookie"))
         if cmdline_cookie:
-            args += ["--cookie", cluster_cookie()]
+            args += ["--cookie", PGRP.cookie]
         env = worker_env(params, base={k: v for k, v in os.environ.items()
                                        if k.startswith("PYDIST_")})
         exename = params.get("exename") or "python3"
@@ -283,7 +283,7 @@ class SSHManager(ClusterManager):
             self._procs.add(proc)
         try:
             # The stdin pipe stays open: the worker exits when it closes (--exit-on-eof).
-            proc.stdin.write(b"\n" if cmdline_cookie else cluster_cookie().encode() + b"\n")
+            proc.stdin.write(b"\n" if cmdline_cookie else PGRP.cookie.encode() + b"\n")
             proc.stdin.flush()
         except OSError:
             pass  # ssh failed at once; reading the address line will say why
@@ -471,8 +471,6 @@ def _as_list(value: Any) -> list[str]:
 
 
 def _group(errors: list[BaseException]) -> BaseException:
-    from .exceptions import ExceptionGroup
-
     return ExceptionGroup(f"SSHManager: {len(errors)} machines failed to launch", errors)
 
 

@@ -1,0 +1,55 @@
+"""Message dispatch: every connection's frames go to the handler registered for their kind
+(one dict lookup per frame), and a connection's loss to the process group.
+
+The handlers live in the layers that own the messages (joining, calls, refs, remotecall);
+`runtime` registers them, so that no module is wired by being imported.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from . import protocol
+from .group import PGRP
+
+log = logging.getLogger("pydist")
+
+__all__ = ["HANDLER", "HANDLERS", "register_handler"]
+
+# kind -> fn(conn, msg), run in the reading thread; it returns a callable to run
+# concurrently (in the thread that gives up the reading role), or None.
+HANDLERS: dict[int, Callable] = {}
+
+
+class _Handler:
+    """Dispatches each incoming frame to the handler registered for its kind."""
+
+    def on_message(self, conn, msg: protocol.Message):
+        handler = HANDLERS.get(msg.kind)
+        if handler is None:
+            log.warning("pydist: no handler for %s message", protocol.KIND_NAMES.get(msg.kind))
+            return None
+        return handler(conn, msg)
+
+    def on_close(self, conn, exc: BaseException | None) -> None:
+        pid = conn.peer_pid
+        if pid is None:
+            return
+        if pid == 1 and not PGRP.is_master():
+            # Our master is gone: a worker never outlives it.
+            PGRP.exit_code = 0 if PGRP.shutdown.is_set() else 1
+            PGRP.shutdown.set()
+            return
+        w = PGRP.workers.get(pid)
+        if w is not None and w.conn is conn:
+            PGRP.deregister(pid)
+
+
+HANDLER = _Handler()
+
+
+def register_handler(kind: int, fn: Callable) -> None:
+    """Handle frames of `kind` with `fn(conn, msg)`, run in the reading thread; it returns a
+    callable to run concurrently (in the thread that gives up the reading role), or None."""
+    HANDLERS[kind] = fn

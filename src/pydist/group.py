@@ -1,0 +1,141 @@
+"""The process group: who is in the cluster, as this process knows it (`PGRP`, one per
+process): Worker records and their states, ids, the cookie, and forgetting a worker.
+
+Membership only: it imports no other pydist module. What losing a worker means to the
+layers above (failed replies, Futures, callbacks) is their business: `runtime` sets
+`PGRP.on_lost`, and `deregister` calls it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+import sys
+import threading
+from typing import Any, Callable
+
+log = logging.getLogger("pydist")
+
+__all__ = ["WorkerState", "Worker", "ProcessGroup", "PGRP"]
+
+
+class WorkerState(enum.Enum):
+    """The life of a worker, as DistributedNext names it."""
+
+    created = "created"
+    connected = "connected"
+    terminating = "terminating"
+    terminated = "terminated"  # removed by rmprocs
+    exterminated = "exterminated"  # died on its own
+
+
+class Worker:
+    """What this process knows about another process of the cluster. `manager` is its
+    ClusterManager (on the master), `config` its WorkerConfig, `conn` its
+    transport.Connection once connected."""
+
+    def __init__(self, pid: int, manager: Any = None, config: Any = None,
+                 connect_at: tuple | None = None):
+        self.pid = pid
+        self.state = WorkerState.created
+        self.conn: Any = None
+        self.manager = manager
+        self.config = config
+        self.connect_at = connect_at
+        self.connected = threading.Event()
+        self.connect_lock = threading.Lock()
+        self.ospid: int | None = None
+        self.cpu_threads: int | None = None
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.pid} {self.state.name}>"
+
+
+class ProcessGroup:
+    """All cluster state of this process; one instance, `PGRP`."""
+
+    def __init__(self) -> None:
+        self.id = 1
+        self.role = "master"
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)  # notified on every membership change
+        self.workers: dict[int, Worker] = {}
+        self.deleted: set[int] = set()  # removed pids (never reused)
+        self.gone: set[int] = set()  # removed pids whose removal has been fully handled
+        self.topology = "all_to_all"
+        self.lazy: bool | None = None
+        self.cookie = secrets.token_hex(16)
+        self.next_pid = 2
+        self.launch_lock = threading.Lock()  # one addprocs/rmprocs at a time
+        self.removed_listeners: list[Callable[[int, WorkerState], None]] = []
+        self.added_listeners: list[Callable[[int], None]] = []
+        # What losing worker `pid` means above this layer, `on_lost(pid, worker)`: set by
+        # `runtime` (to `cluster.worker_lost`); it runs the removed listeners.
+        self.on_lost: Callable[[int, Worker], None] | None = None
+        self.listener: Any = None  # a worker's transport.Listener
+        self.shutdown = threading.Event()
+        self.exit_code = 0
+        self.master_connected = threading.Event()
+        self.manager: Any = None  # a worker's own ClusterManager (init_worker)
+        self.managers: list = []  # every ClusterManager used, cleaned up at exit
+
+    # ---------------------------------------------------------------- identity / membership
+    def is_master(self) -> bool:
+        return self.id == 1
+
+    def cookie_bytes(self) -> bytes:
+        return self.cookie.encode()
+
+    def member_pids(self) -> list[int]:
+        with self.lock:
+            if self.is_master():
+                live = [p for p, w in self.workers.items() if w.state is WorkerState.connected]
+            else:
+                live = [p for p, w in self.workers.items()
+                        if w.state in (WorkerState.created, WorkerState.connected)]
+            pids = set(live)
+            pids.add(self.id)
+            pids.add(1)
+            return sorted(pids)
+
+    def attach(self, w: Worker, conn: Any) -> None:
+        """`w` is connected through `conn`."""
+        with self.lock:
+            w.conn = conn
+            w.state = WorkerState.connected
+            self.changed.notify_all()
+        w.connected.set()
+
+    # ---------------------------------------------------------------- losing a worker
+    def deregister(self, pid: int) -> None:
+        """Forget `pid`: close its connection, then let the layers above fail everything
+        waiting on it and tell the listeners (`on_lost`). Idempotent."""
+        with self.lock:
+            if pid in self.deleted or pid == self.id:
+                return
+            w = self.workers.pop(pid, None) or Worker(pid)  # we may never have heard of it
+            self.deleted.add(pid)
+            was_terminating = w.state is WorkerState.terminating
+            w.state = WorkerState.terminated if was_terminating else WorkerState.exterminated
+            self.changed.notify_all()
+        w.connected.set()
+        if w.conn is not None:
+            w.conn.close()
+        if self.is_master() and not was_terminating and not self.shutdown.is_set():
+            print(f"Worker {pid} terminated.", file=sys.stderr, flush=True)
+        on_lost = self.on_lost
+        if on_lost is not None:
+            on_lost(pid, w)
+        else:
+            for listener in list(self.removed_listeners):
+                try:
+                    listener(pid, w.state)
+                except Exception:
+                    log.exception("pydist: error in a worker-removed listener")
+        with self.lock:
+            self.gone.add(pid)
+            self.changed.notify_all()
+
+
+PGRP = ProcessGroup()

@@ -1,0 +1,207 @@
+"""Connection setup: dialling a peer worker, serving an accepted or custom-transport
+connection, and the messages that make a connection a member's (JOIN from the master,
+IDENTIFY between workers, EXIT).
+
+Below calls: nothing here waits for a reply. Asking the master to have a peer dial us
+(lazy worker-to-worker links) is a call, so that part lives in `calls.connection`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Any
+
+from . import protocol, serialization, transport
+from .dispatch import HANDLER
+from .exceptions import (
+    CapturedException,
+    LaunchWorkerError,
+    ProcessExitedException,
+    ProtocolError,
+    RemoteException,
+)
+from .group import PGRP, Worker, WorkerState
+from .managers import WorkerConfig, worker_timeout
+
+__all__ = ["dial_peer", "accept_connection", "process_messages", "init_worker",
+           "on_identify", "on_exit", "on_join"]
+
+
+# ==================================================================== dialling a peer
+def dial_peer(pid: int) -> None:
+    """Connect to worker `pid` (lower than ours) and identify ourselves."""
+    pg = PGRP
+    with pg.lock:
+        w = pg.workers.get(pid)
+        if w is None:
+            if pid in pg.deleted:
+                raise ProcessExitedException(pid)
+            w = pg.workers[pid] = Worker(pid)
+    with w.connect_lock:
+        if w.conn is not None and not w.conn.closed:
+            return
+        if w.connect_at is None:
+            raise RuntimeError(f"process {pg.id} does not know the address of peer {pid}")
+        try:
+            sock = _open_peer(pid, w.connect_at)
+        except (OSError, ProtocolError, LaunchWorkerError) as e:
+            raise RuntimeError(f"Error on {pg.id} while connecting to peer {pid}: {e}") from e
+        conn = transport.Connection(sock, HANDLER, f"worker {pid}")
+        conn.peer_pid = pid
+        conn.serve_blocking = True  # a worker serves calls on every connection
+        conn.send(protocol.encode_frame(protocol.IDENTIFY, a=pg.id))
+        pg.attach(w, conn)
+        conn.start()
+
+
+def _open_peer(pid: int, connect_at: Any):
+    """An authenticated connection to peer `pid`: through this worker's own manager if
+    `init_worker` was given one (custom transports), else TCP to `connect_at`."""
+    if PGRP.manager is None:
+        host, port = connect_at
+        return transport.connect(host, port, PGRP.cookie_bytes(), worker_timeout())
+    sock = transport.as_socket(PGRP.manager.connect(pid, WorkerConfig(connect_at=connect_at)))
+    try:
+        transport.tune_socket(sock)
+        transport.handshake_initiator(sock, PGRP.cookie_bytes(), worker_timeout())
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+# ==================================================================== serving connections
+def accept_connection(sock) -> None:
+    """A worker's listener authenticated a new connection: serve it (JOIN or IDENTIFY first)."""
+    conn = transport.Connection(sock, HANDLER, "incoming")
+    conn.serve_blocking = True  # a worker serves calls on every connection
+    conn.start()
+
+
+def init_worker(cookie: str, manager: Any = None) -> None:
+    """Make this process a worker that authenticates peers with `cookie`. With a `manager`,
+    connections to other workers are made through `manager.connect` (custom transports)."""
+    PGRP.id = 0
+    PGRP.role = "worker"
+    PGRP.cookie = cookie
+    PGRP.manager = manager
+
+
+def process_messages(reader: Any, writer: Any = None, incoming: bool = True) -> transport.Connection:
+    """Serve the pydist protocol over a custom transport and return the connection at once.
+
+    `reader`/`writer` are binary streams (pass unbuffered ones, e.g. `bufsize=0` pipes), or
+    `reader` is a socket and `writer` None. `incoming=True` means the peer opened the
+    connection (the master, to a worker): we authenticate as the accepting side. A worker
+    serves until `pydist.worker.wait_for_shutdown()` returns.
+    """
+    sock = transport.as_socket(reader if writer is None else (reader, writer))
+    timeout = worker_timeout()
+    try:
+        if incoming:
+            transport.handshake_acceptor(sock, PGRP.cookie_bytes(), timeout)
+        else:
+            transport.handshake_initiator(sock, PGRP.cookie_bytes(), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    conn = transport.Connection(sock, HANDLER, "custom")
+    conn.start()
+    return conn
+
+
+# ==================================================================== handlers
+def on_identify(conn: transport.Connection, msg: protocol.Message):
+    """IDENTIFY: a peer worker dialled us; `msg.a` is its pid."""
+    pid = msg.a
+    conn.peer_pid = pid
+    conn.name = f"worker {pid}"
+    with PGRP.lock:
+        if pid in PGRP.deleted:
+            conn.close()
+            return None
+        w = PGRP.workers.get(pid)
+        if w is None:
+            w = PGRP.workers[pid] = Worker(pid)
+    if w.conn is None or w.conn.closed:
+        PGRP.attach(w, conn)
+    return None
+
+
+def on_exit(conn: transport.Connection, msg: protocol.Message):
+    """EXIT: our master tells this worker to exit."""
+    if conn.peer_pid == 1:
+        PGRP.exit_code = 0
+        PGRP.shutdown.set()
+    return None
+
+
+def on_join(conn: transport.Connection, msg: protocol.Message):
+    """JOIN (on a new worker): the master tells us who we are and who the others are; the
+    answer is a RESULT for reply slot `msg.a`."""
+    params = serialization.loads(msg.body, msg.buffers)
+    sid = msg.a
+
+    def join() -> None:
+        try:
+            reply = _join(conn, params)
+            ok = True
+        except BaseException as e:
+            reply, ok = RemoteException(PGRP.id, CapturedException(e)), False
+        body = serialization.dumps_inline(reply)
+        conn.send(protocol.encode_frame(protocol.RESULT, body, a=sid,
+                                        flags=0 if ok else protocol.FLAG_ERROR))
+
+    return join
+
+
+def _join(conn: transport.Connection, params: dict) -> dict:
+    pg = PGRP
+    if pg.master_connected.is_set():
+        raise RuntimeError("this worker has already joined a cluster")
+    pg.id = params["self_pid"]
+    pg.role = "worker"
+    pg.topology = params["topology"]
+    pg.lazy = params["lazy"]
+    conn.peer_pid = 1
+    conn.name = "master"
+    for path in reversed(params.get("sys_path", [])):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    if not params.get("enable_threaded_blas", False):
+        _limit_blas_threads()
+    master = Worker(1)
+    pg.attach(master, conn)
+    with pg.lock:
+        pg.workers[1] = master
+        for pid, addr in params["other_workers"]:
+            if pid not in pg.workers:
+                pg.workers[pid] = Worker(pid, connect_at=tuple(addr) if addr else None)
+                pg.workers[pid].state = WorkerState.created
+    pg.master_connected.set()
+    if not pg.lazy:
+        errors: list[BaseException] = []
+
+        def dial(pid: int) -> None:
+            try:
+                dial_peer(pid)
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=dial, args=(pid,)) for pid, _ in params["other_workers"]]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+    return {"ospid": os.getpid(), "cpu_threads": os.cpu_count(), "version": protocol.PROTOCOL_VERSION}
+
+
+def _limit_blas_threads() -> None:
+    """Pin BLAS pools to one thread for libraries loaded from now on (LocalManager already
+    sets these variables at launch; other managers may not)."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")

@@ -1,0 +1,142 @@
+"""LocalManager: workers on this machine (`python -m pydist.worker` as child processes),
+written on the public ClusterManager interface only, like any third-party manager."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+
+from ..exceptions import LaunchWorkerError
+from ..group import PGRP
+from ..transport import default_bind_addr
+from . import ClusterManager, WorkerConfig, reap, signal_group, worker_env
+
+log = logging.getLogger("pydist")
+
+__all__ = ["LocalManager", "default_addprocs_params"]
+
+
+def default_addprocs_params(manager: ClusterManager | None = None) -> dict:
+    return (manager or LocalManager(0)).default_addprocs_params()
+
+
+def _pydist_import_root() -> str:
+    """The directory that holds the pydist package, so that workers can import it."""
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class LocalManager(ClusterManager):
+    """Workers on this machine: `python -m pydist.worker`, listening on 127.0.0.1 unless
+    `restrict=False`. Removal asks politely, then sends SIGTERM after `exit_timeout` seconds
+    and SIGKILL after `term_timeout` more. Written on the public interface only."""
+
+    def __init__(self, np: int, restrict: bool = True, exit_timeout: float = 5.0,
+                 term_timeout: float = 5.0):
+        self.np = np
+        self.restrict = restrict
+        self.exit_timeout = exit_timeout
+        self.term_timeout = term_timeout
+        self._procs: set[subprocess.Popen] = set()  # started and not yet reaped
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"LocalManager(np={self.np}, restrict={self.restrict})"
+
+    def default_addprocs_params(self) -> dict:
+        return dict(super().default_addprocs_params(), restrict=self.restrict)
+
+    def launch(self, params: dict, launched: list, launch_ntfy: threading.Condition) -> None:
+        bind = "127.0.0.1" if self.restrict else default_bind_addr()
+        cmd = [params["exename"], *params["exeflags"], "-m", "pydist.worker", "--bind-to", bind]
+        env = worker_env(params)
+        root = _pydist_import_root()  # so that workers import this very pydist
+        paths = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        cookie = PGRP.cookie
+        for _ in range(self.np):
+            try:
+                proc = subprocess.Popen(
+                    cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                    cwd=params["dir"], env=env, start_new_session=True,
+                )
+            except OSError as e:
+                raise LaunchWorkerError(f"could not start worker process {cmd}: {e}") from e
+            with self._lock:
+                self._procs.add(proc)
+            try:
+                proc.stdin.write(cookie.encode() + b"\n")
+                proc.stdin.close()
+            except OSError:
+                pass  # it died at once; the address reader will say so
+            config = WorkerConfig(
+                process=proc, io=proc.stdout, ospid=proc.pid, exename=params["exename"],
+                exeflags=params["exeflags"],
+                enable_threaded_blas=bool(params.get("enable_threaded_blas", False)),
+            )
+            with launch_ntfy:
+                launched.append(config)
+                launch_ntfy.notify_all()
+
+    def kill(self, pid: int, config: WorkerConfig) -> None:
+        try:
+            super().kill(pid, config)
+        except Exception:
+            pass
+        proc = config.process
+        if proc is not None:
+            with contextlib.suppress(RuntimeError):  # at interpreter exit `cleanup` reaps
+                threading.Thread(target=self._escalate, args=(pid, proc), name="pydist-reaper",
+                                 daemon=True).start()
+
+    def _escalate(self, pid: int, proc: subprocess.Popen) -> None:
+        try:
+            proc.wait(self.exit_timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("Failed to gracefully kill worker %d, sending SIGTERM", pid)
+            signal_group(proc, signal.SIGTERM)
+            if not _wait_group(proc, self.term_timeout):
+                log.warning("Worker %d ignored SIGTERM, sending SIGKILL", pid)
+                signal_group(proc, signal.SIGKILL)
+                proc.wait()
+        with self._lock:
+            self._procs.discard(proc)
+
+    def cleanup(self, grace: float = 3.0) -> None:
+        """Reap every worker process this manager started; kill those still running after
+        `grace` seconds (workers asked to exit get that long to finish cleanly)."""
+        with self._lock:
+            procs = list(self._procs)
+            self._procs.clear()
+        reap(procs, grace)
+
+
+def _wait_group(proc: subprocess.Popen, timeout: float) -> bool:
+    """Wait up to `timeout` seconds until `proc` and every process of its group are gone
+    (a wrapper shell may die at once and leave its child behind)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc.poll()  # reap the leader, so that it does not count as a member
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return proc.poll() is not None or _wait_leader(proc, deadline)
+        except OSError:
+            return _wait_leader(proc, deadline)
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+
+
+def _wait_leader(proc: subprocess.Popen, deadline: float) -> bool:
+    try:
+        proc.wait(max(0.0, deadline - time.monotonic()))
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+

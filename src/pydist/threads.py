@@ -1,0 +1,329 @@
+"""The runtime threads of a process: the thread pool that runs connection work, the epoll
+poller, and the watchdog that takes a connection's reading role back from a long call.
+
+They are process-wide and know connections only through a few methods (`_on_events`,
+`_take_back_lent_role`), so that this module needs no other pydist module; `stop_runtime`
+(called by `pydist.shutdown`, also at exit) stops and joins them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import threading
+import time
+from typing import Any, Callable
+
+log = logging.getLogger("pydist")
+
+# An idle pool thread exits after this many seconds.
+IDLE_THREAD_SECONDS = 30.0
+# A call runs this long with its connection's reading role lent to it before the watchdog
+# takes the role back for others (see `transport.Connection._serve`).
+LEND_SECONDS = 0.001
+
+class _ThreadPool:
+    """Daemon threads that run connection work (calls, reads). Work goes straight to an idle
+    thread (the most recently idle first) or to a new one; a thread idle for
+    IDLE_THREAD_SECONDS exits. A thread may stay busy for long (a worker's reader), so
+    idle threads are handed work one by one, never through a shared queue.
+
+    `stop` refuses new work, wakes the idle threads so that they exit, and joins them; no
+    thread is started while stopped (none may start at interpreter exit)."""
+
+    class _Idle:
+        __slots__ = ("wake", "fn")
+
+        def __init__(self) -> None:
+            self.wake = threading.Lock()
+            self.wake.acquire()
+            self.fn: Callable[[], None] | None = None
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[_ThreadPool._Idle] = []
+        self._threads: set[threading.Thread] = set()
+        self._stopped = False
+
+    def submit(self, fn: Callable[[], None]) -> bool:
+        """Run `fn` in a pool thread; False (and `fn` dropped) if the pool is stopped."""
+        with self._lock:
+            if self._stopped:
+                log.debug("pydist: runtime stopped, dropped %r", fn)
+                return False
+            idle = self._idle.pop() if self._idle else None
+            if idle is None:
+                thread = threading.Thread(target=self._run, args=(fn,), name="pydist-task",
+                                          daemon=True)
+                self._threads.add(thread)
+        if idle is not None:
+            idle.fn = fn
+            idle.wake.release()
+            return True
+        try:
+            thread.start()
+        except RuntimeError:  # "can't create new thread at interpreter shutdown"
+            with self._lock:
+                self._threads.discard(thread)
+            return False
+        return True
+
+    def _run(self, fn: Callable[[], None] | None) -> None:
+        me = self._Idle()
+        try:
+            while fn is not None:
+                try:
+                    fn()
+                except BaseException:  # work must never kill its thread silently
+                    log.exception("pydist: internal error in a connection task")
+                fn = None  # do not keep the work (and its result) alive while idle
+                with self._lock:
+                    if self._stopped:
+                        return
+                    self._idle.append(me)
+                if not me.wake.acquire(timeout=IDLE_THREAD_SECONDS):
+                    with self._lock:
+                        if me in self._idle:
+                            self._idle.remove(me)
+                            return
+                    me.wake.acquire()  # picked just as we timed out: the work is coming
+                fn, me.fn = me.fn, None
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def stop(self, timeout: float) -> list[threading.Thread]:
+        """Stop taking work, end the idle threads, wait up to `timeout` seconds for the busy
+        ones; return those still running (blocked in user code)."""
+        with self._lock:
+            self._stopped = True
+            idle, self._idle = self._idle, []
+            threads = list(self._threads)
+        for slot in idle:
+            slot.fn = None
+            slot.wake.release()
+        return _join_all(threads, timeout)
+
+    def restart(self) -> None:
+        with self._lock:
+            self._stopped = False
+
+
+def _join_all(threads: list[threading.Thread], timeout: float) -> list[threading.Thread]:
+    """Join `threads` within `timeout` seconds in all; return those still alive."""
+    deadline = time.monotonic() + timeout
+    me = threading.current_thread()
+    for thread in threads:
+        if thread is not me and thread.ident is not None:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    return [t for t in threads if t is not me and t.is_alive()]
+
+
+POOL = _ThreadPool()
+
+_READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP if hasattr(select, "epoll") else 0
+_WRITE_EVENTS = select.EPOLLOUT if hasattr(select, "epoll") else 0
+_ONESHOT = select.EPOLLONESHOT if hasattr(select, "epoll") else 0
+_FAULT_EVENTS = select.EPOLLHUP | select.EPOLLERR if hasattr(select, "epoll") else 0
+
+
+class _Poller:
+    """One thread per process watching sockets through epoll (one-shot): for reading while
+    nobody holds a connection's reading role, for writing while frames wait in its send
+    queue. The thread never blocks on anything but `epoll.poll`: it reads and writes without
+    blocking, and hands calls to the pool. `stop` wakes it through a pipe and joins it."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._conns: dict[int, Any] = {}
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+
+    def register(self, conn: Any) -> None:
+        with self._lock:
+            self._conns[conn.fd] = conn
+            self._epoll.register(conn.fd, 0)
+            if self._thread is None and not self._stopping:
+                thread = threading.Thread(target=self._run, name="pydist-poller", daemon=True)
+                thread.start()
+                self._thread = thread
+
+    def unregister(self, conn: Any) -> None:
+        with self._lock:
+            if self._conns.get(conn.fd) is conn:
+                del self._conns[conn.fd]
+                try:
+                    self._epoll.unregister(conn.fd)
+                except (OSError, ValueError):
+                    pass
+
+    def modify(self, fd: int, mask: int) -> None:
+        try:
+            self._epoll.modify(fd, mask)
+        except (OSError, ValueError):
+            pass  # closed meanwhile
+
+    def stop(self, timeout: float) -> bool:
+        """Stop and join the poller thread; False if it did not end within `timeout`."""
+        with self._lock:
+            thread, self._stopping = self._thread, True
+        if thread is None:
+            return True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        alive = _join_all([thread], timeout)
+        with self._lock:
+            if not alive:
+                self._thread = None
+        return not alive
+
+    def restart(self) -> None:
+        with self._lock:
+            self._stopping = False
+            with contextlib.suppress(OSError):
+                while os.read(self._wake_r, 64):
+                    pass
+            if self._thread is None and self._conns:
+                self._thread = threading.Thread(target=self._run, name="pydist-poller",
+                                                daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        poll = self._epoll.poll
+        wake = self._wake_r
+        while True:
+            try:
+                events = poll()
+            except InterruptedError:
+                continue
+            for fd, ev in events:
+                if fd == wake:
+                    if self._stopping:
+                        return
+                    continue
+                conn = self._conns.get(fd)
+                if conn is None:
+                    continue
+                try:
+                    conn._on_events(ev)
+                except BaseException:
+                    log.exception("pydist: internal error on %s", conn.name)
+
+
+class _Watchdog:
+    """Takes the reading role back from calls that run long (see `Connection._serve`).
+
+    It polls every millisecond while some call holds a lent role, and for a moment after
+    (so that a steady stream of short calls never has to wake it), then sleeps until the
+    next lend. Taking a role back never blocks (it writes without blocking).
+    """
+
+    PROMOTE_AFTER = LEND_SECONDS
+    LINGER = 0.05
+
+    def __init__(self) -> None:
+        self._watched: set[Any] = set()
+        self._wake = threading.Event()
+        self._sleeping = True
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: Any) -> None:
+        """Called with the connection's lend lock held."""
+        self._watched.add(conn)
+        if self._sleeping:
+            with self._lock:
+                if self._thread is None and not self._stopping:
+                    thread = threading.Thread(target=self._run, name="pydist-watchdog",
+                                              daemon=True)
+                    try:
+                        thread.start()
+                    except RuntimeError:  # interpreter shutdown
+                        return
+                    self._thread = thread
+            self._wake.set()
+
+    def unwatch(self, conn: Any) -> None:
+        """Called with the connection's lend lock held."""
+        self._watched.discard(conn)
+
+    def stop(self, timeout: float) -> bool:
+        with self._lock:
+            thread, self._stopping = self._thread, True
+        self._wake.set()
+        if thread is None:
+            return True
+        alive = _join_all([thread], timeout)
+        with self._lock:
+            if not alive:
+                self._thread = None
+        return not alive
+
+    def restart(self) -> None:
+        with self._lock:
+            self._stopping = False
+
+    def _run(self) -> None:
+        idle_since = time.monotonic()
+        while not self._stopping:
+            if self._watched:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > self.LINGER:
+                self._sleeping = True
+                self._wake.clear()
+                if not self._watched and not self._stopping:
+                    self._wake.wait()
+                self._sleeping = False
+                idle_since = None
+                continue
+            _sleep(self.PROMOTE_AFTER)
+            now = time.monotonic()
+            for conn in list(self._watched):
+                conn._take_back_lent_role(now)
+
+
+_sleep = time.sleep  # the real one (workers replace time.sleep with an interruptible one)
+WATCHDOG = _Watchdog()
+
+
+_poller: _Poller | None = None
+_poller_lock = threading.Lock()
+
+
+def _get_poller() -> _Poller | None:
+    global _poller
+    if _poller is None and hasattr(select, "epoll"):
+        with _poller_lock:
+            if _poller is None:
+                _poller = _Poller()
+    return _poller
+
+
+def stop_runtime(timeout: float = 2.0) -> list[str]:
+    """Stop and join the runtime threads (poller, watchdog, pool); connections should be
+    closed first. Returns the names of threads still running after `timeout` (busy in user
+    code). Nothing here starts a thread."""
+    deadline = time.monotonic() + timeout
+    left: list[str] = []
+    if _poller is not None and not _poller.stop(timeout):
+        left.append("pydist-poller")
+    if not WATCHDOG.stop(max(0.0, deadline - time.monotonic())):
+        left.append("pydist-watchdog")
+    left += [t.name for t in POOL.stop(max(0.0, deadline - time.monotonic()))]
+    return left
+
+
+def restart_runtime() -> None:
+    """Allow the runtime threads to start again after `stop_runtime`."""
+    POOL.restart()
+    WATCHDOG.restart()
+    if _poller is not None:
+        _poller.restart()
