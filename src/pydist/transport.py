@@ -15,14 +15,15 @@ Data flow and ownership (the full model, with every lock and its order: ARCHITEC
 Two rules make a deadlock impossible: (1) no thread ever blocks in a socket write, writes
 are non-blocking and the rest waits in the queue, so every connection is always being read
 by someone or watched by the poller; (2) a thread inside `Connection._read` (it reads a
-connection) never waits for its own frames to be written. Other senders wait until their
-frame is written (back-pressure), and the poller, which never blocks, finishes the write.
+connection) never waits for its frames to be written: the poller, which never blocks,
+finishes the write. Other senders wait until their frame is written (back-pressure), writing
+the queue themselves whenever the socket drains.
 Memory bounds the queue, not the socket buffer. Stream pairs (custom transports) have no
 descriptor to poll: one reading and one writing thread each.
 
 Owners: the poller, the watchdog and the pool (module `threads`) are process-wide and
-stopped by `threads.stop_runtime` (`pydist.shutdown`, also at exit); a Listener's thread by `Listener.close`;
-a stream pair's threads end when its connection closes.
+stopped by `threads.stop_runtime` (`pydist.shutdown`, also at exit); a Listener's thread by
+`Listener.close`; a stream pair's threads end when its connection closes.
 
 We measured the alternative (one asyncio/uvloop loop thread per process): it adds two thread
 hand-offs per round trip, about 50-80 µs here, against a ~125 µs raw floor. See ARCHITECTURE.md.
