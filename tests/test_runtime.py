@@ -57,6 +57,16 @@ def test_arguments_and_results_are_not_kept_alive_after_calls(fresh_workers):
                what="arguments and results freed on the worker")
 
 
+def _kill_at_teardown(request, ospid: int) -> None:
+    """A stopped worker must not outlive a failed test."""
+    def kill():
+        try:
+            os.kill(ospid, signal.SIGKILL)
+        except OSError:
+            pass
+    request.addfinalizer(kill)
+
+
 def _stop_and_fill(w: int) -> tuple[int, threading.Thread, list]:
     """SIGSTOP worker `w`, then have a thread send it more than the socket buffers hold:
     the connection is now full and its peer does not read."""
@@ -78,8 +88,9 @@ def _stop_and_fill(w: int) -> tuple[int, threading.Thread, list]:
 
 
 @pytest.mark.timeout(120)
-def test_rmprocs_of_a_worker_that_does_not_read_ends_in_bounded_time(fresh_workers):
+def test_rmprocs_of_a_worker_that_does_not_read_ends_in_bounded_time(fresh_workers, request):
     w = fresh_workers(1)[0]
+    _kill_at_teardown(request, worker_ospid(w))
     ospid, sender, outcome = _stop_and_fill(w)
     t0 = time.monotonic()
     pydist.rmprocs(w, waitfor=60)  # EXIT cannot be written: SIGTERM, then SIGKILL
@@ -92,12 +103,13 @@ def test_rmprocs_of_a_worker_that_does_not_read_ends_in_bounded_time(fresh_worke
 
 
 @pytest.mark.timeout(120)
-def test_escalation_kills_the_children_of_a_wrapper_exename(fresh_workers, tmp_path):
+def test_escalation_kills_the_children_of_a_wrapper_exename(fresh_workers, tmp_path, request):
     wrapper = tmp_path / "wrapped-python"
     wrapper.write_text(f'#!/bin/sh\n"{sys.executable}" "$@"\necho wrapper done\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
     w = fresh_workers(1, exename=str(wrapper))[0]
     ospid = worker_ospid(w)  # the Python child of the wrapper shell
+    _kill_at_teardown(request, ospid)
     os.kill(ospid, signal.SIGSTOP)  # it will not obey EXIT; SIGTERM stays pending
     pydist.rmprocs(w, waitfor=60)
     wait_until(lambda: not pid_alive(ospid), timeout=30,
