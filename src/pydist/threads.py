@@ -24,6 +24,7 @@ IDLE_THREAD_SECONDS = 30.0
 # takes the role back for others (see `transport.Connection._serve`).
 LEND_SECONDS = 0.001
 
+
 class _ThreadPool:
     """Daemon threads that run connection work (calls, reads). Work goes straight to an idle
     thread (the most recently idle first) or to a new one; a thread idle for
