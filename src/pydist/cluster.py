@@ -581,12 +581,9 @@ def rmprocs(*pids: Any, waitfor: float | None = None, callback_timeout: float = 
             if pid == 1:
                 log.warning("rmprocs: process 1 not removed")
                 continue
-            with PGRP.lock:
-                w = PGRP.workers.get(pid)
-                if w is None:
-                    continue
-                w.state = WorkerState.terminating
-                PGRP.changed.notify_all()
+            w = PGRP.mark_terminating(pid)
+            if w is None:
+                continue
             to_wait.append(pid)
             try:
                 w.manager.kill(pid, w.config)

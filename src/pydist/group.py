@@ -108,6 +108,16 @@ class ProcessGroup:
         w.connected.set()
 
     # ---------------------------------------------------------------- losing a worker
+    def mark_terminating(self, pid: int) -> "Worker | None":
+        """Record that `pid` is being removed on purpose (its loss is then `terminated`, not
+        `exterminated`); its Worker, or None if it is not a member."""
+        with self.lock:
+            w = self.workers.get(pid)
+            if w is not None:
+                w.state = WorkerState.terminating
+                self.changed.notify_all()
+            return w
+
     def deregister(self, pid: int) -> None:
         """Forget `pid`: close its connection, then let the layers above fail everything
         waiting on it and tell the listeners (`on_lost`). Idempotent."""

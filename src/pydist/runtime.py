@@ -14,7 +14,7 @@ import time
 from . import callbacks, calls, cluster, joining, protocol, refs, threads, workerpool
 from .dispatch import HANDLERS, register_handler
 from .remotecall import on_call  # (`pydist.remotecall` is the function, not the module)
-from .group import PGRP, WorkerState
+from .group import PGRP
 from .managers import ClusterManager, WorkerOutput, request_exit
 from .managers.local import LocalManager
 
@@ -87,12 +87,9 @@ def _remove_all_workers(left, at_exit: bool) -> None:
         callbacks.run_exiting(pids, min(5.0, left(0.3)))
     conns = []
     for pid in pids:
-        with PGRP.lock:
-            w = PGRP.workers.get(pid)
-            if w is None:
-                continue
-            w.state = WorkerState.terminating
-            PGRP.changed.notify_all()
+        w = PGRP.mark_terminating(pid)
+        if w is None:
+            continue
         request_exit(pid)  # queued, never waits for the worker to read
         if w.conn is not None:
             conns.append(w.conn)

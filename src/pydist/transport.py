@@ -584,11 +584,7 @@ class Connection:
             self._writers += 1
         try:
             while not frame.done:
-                if self.closed:
-                    raise ConnectionClosed(f"connection to {self.name} closed while sending")
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise SendTimeout(f"{self.name} has not read a frame for {timeout} seconds")
+                remaining = self._time_left(deadline, timeout)
                 wait_ms = 100 if remaining is None else max(1, min(100, int(remaining * 1000)))
                 try:
                     poller.poll(wait_ms)
@@ -604,18 +600,24 @@ class Connection:
                 if self._outq and self._writers == 0:  # what is left: the poller writes it
                     self._want_writable()
 
+    def _time_left(self, deadline: float | None, timeout: float | None) -> float | None:
+        """Seconds a sender may still wait for its frame (None: no deadline); raises
+        ConnectionClosed or SendTimeout when it may not."""
+        if self.closed:
+            raise ConnectionClosed(f"connection to {self.name} closed while sending")
+        if deadline is None:
+            return None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise SendTimeout(f"{self.name} has not read a frame for {timeout} seconds")
+        return remaining
+
     def _wait_done(self, frame: _Frame, deadline: float | None, timeout: float | None) -> None:
         with self._sent:
             self._send_waiters += 1
             try:
                 while not frame.done:
-                    if self.closed:
-                        raise ConnectionClosed(f"connection to {self.name} closed while sending")
-                    remaining = None if deadline is None else deadline - time.monotonic()
-                    if remaining is not None and remaining <= 0:
-                        raise SendTimeout(
-                            f"{self.name} has not read a frame for {timeout} seconds")
-                    self._sent.wait(remaining)
+                    self._sent.wait(self._time_left(deadline, timeout))
             finally:
                 self._send_waiters -= 1
 
