@@ -67,6 +67,16 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02, what: s
         time.sleep(interval)
 
 
+def recv_exact(s, n: int) -> bytes:
+    """Read exactly `n` bytes from socket `s` (a raw client in the security tests)."""
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        assert chunk, f"peer closed after {len(buf)} of {n} bytes"
+        buf += chunk
+    return buf
+
+
 def pid_alive(ospid: int) -> bool:
     try:
         os.kill(ospid, 0)

@@ -75,6 +75,24 @@ def wait_for(pred, timeout=30, what="condition"):
         time.sleep(0.01)
 
 
+def start_waiting_sender(conn) -> tuple[threading.Thread, list]:
+    """A thread sending 1 MiB to a peer that does not read, once it waits for the socket;
+    the ConnectionClosed it gets lands in the returned list."""
+    errors: list = []
+
+    def waiting_sender():
+        try:
+            conn.send(protocol.encode_frame(protocol.RESULT, b"w" * FRAME_BODY))
+        except transport.ConnectionClosed as e:
+            errors.append(e)
+
+    t = threading.Thread(target=waiting_sender, daemon=True)
+    t.start()
+    wait_for(lambda: conn._writers == 1, what="the sender waiting for the socket")
+    assert t.is_alive() and not errors
+    return t, errors
+
+
 def test_reads_go_on_while_writes_are_stuck_then_everything_arrives_in_order():
     conn, handler, peer = pair()
     try:
@@ -87,8 +105,8 @@ def test_reads_go_on_while_writes_are_stuck_then_everything_arrives_in_order():
             senders.append(threading.Thread(target=send_all, daemon=True))
         for s in senders:
             s.start()
-        time.sleep(0.3)
-        # The peer does not read: senders are stuck waiting for their frames to be written...
+        # The peer does not read: senders are stuck writing their frames themselves...
+        wait_for(lambda: conn._writers == 4, what="four senders waiting for the socket")
         assert all(s.is_alive() for s in senders)
         # ...but the connection still reads what the peer sends.
         for k in range(20):
@@ -137,18 +155,7 @@ def test_send_deadline_and_close_release_waiting_senders():
             conn.send(big, timeout=0.5)
         assert time.monotonic() - t0 < 10
         # A sender waiting without a deadline is released by close().
-        errors = []
-
-        def waiting_sender():
-            try:
-                conn.send(protocol.encode_frame(protocol.RESULT, b"w" * FRAME_BODY))
-            except transport.ConnectionClosed as e:
-                errors.append(e)
-
-        t = threading.Thread(target=waiting_sender, daemon=True)
-        t.start()
-        time.sleep(0.3)
-        assert t.is_alive()
+        t, errors = start_waiting_sender(conn)
         conn.close()
         t.join(10)
         assert not t.is_alive() and len(errors) == 1
@@ -161,17 +168,7 @@ def test_send_deadline_and_close_release_waiting_senders():
 
 def test_a_peer_that_goes_away_fails_waiting_senders_and_reports_the_loss():
     conn, handler, peer = pair()
-    errors = []
-
-    def waiting_sender():
-        try:
-            conn.send(protocol.encode_frame(protocol.RESULT, b"w" * FRAME_BODY))
-        except transport.ConnectionClosed as e:
-            errors.append(e)
-
-    t = threading.Thread(target=waiting_sender, daemon=True)
-    t.start()
-    time.sleep(0.3)
+    t, errors = start_waiting_sender(conn)
     peer.close()
     t.join(10)
     assert not t.is_alive() and len(errors) == 1

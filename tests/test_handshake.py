@@ -18,6 +18,8 @@ import pydist
 from pydist import protocol, transport
 from pydist.group import PGRP
 
+from conftest import recv_exact
+
 pytestmark = pytest.mark.timeout(180)
 
 
@@ -34,15 +36,6 @@ def connect(pid: int, via: str = "tcp") -> socket.socket:
         s.connect(transport.local_socket_name(host, port, pydist.cluster_cookie().encode()))
         return s
     return socket.create_connection((host, port), timeout=10)
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        assert chunk, f"peer closed after {len(buf)} of {n} bytes"
-        buf += chunk
-    return buf
 
 
 def macs_of(cookie: bytes, nonce_i: bytes, nonce_a: bytes) -> list[bytes]:

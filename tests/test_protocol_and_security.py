@@ -29,6 +29,8 @@ from pydist import protocol, serialization, transport
 from pydist.calls import SLOTS
 from pydist.group import PGRP
 
+from conftest import recv_exact
+
 # ============================================================================ helpers
 
 STAGING = 256 * 1024  # FrameDecoder's default staging buffer
@@ -651,15 +653,6 @@ def raw_connect(pid: int, via: str = "tcp") -> socket.socket:
     s = socket.create_connection(worker_address(pid), timeout=5)
     s.settimeout(5)
     return s
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        assert chunk, f"peer closed after {len(buf)} of {n} bytes"
-        buf += chunk
-    return buf
 
 
 def read_until_closed(s: socket.socket, timeout: float = 5.0) -> bytes:

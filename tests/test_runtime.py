@@ -16,6 +16,7 @@ import pytest
 
 import pydist
 from pydist import ProcessExitedException
+from pydist.calls import connection
 
 from conftest import pid_alive, wait_until, worker_ospid
 from stresshelpers import Payload, alive_watched, identity, make_watched, watch
@@ -82,7 +83,8 @@ def _stop_and_fill(w: int) -> tuple[int, threading.Thread, list]:
 
     t = threading.Thread(target=send_big, daemon=True)
     t.start()
-    time.sleep(0.5)
+    conn = connection(w)
+    wait_until(lambda: conn._writers == 1, timeout=30, what="the sender waiting for the socket")
     assert t.is_alive() and not outcome
     return ospid, t, outcome
 

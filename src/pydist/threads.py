@@ -122,6 +122,21 @@ def _join_all(threads: list[threading.Thread], timeout: float) -> list[threading
     return [t for t in threads if t is not me and t.is_alive()]
 
 
+def _stop_thread(owner: Any, wake: Callable[[], None], timeout: float) -> bool:
+    """Stop the one thread of `owner` (the poller or the watchdog: `_lock`, `_thread`,
+    `_stopping`): flag it, `wake` it, join it within `timeout`; False if it is still running."""
+    with owner._lock:
+        thread, owner._stopping = owner._thread, True
+    wake()
+    if thread is None:
+        return True
+    alive = _join_all([thread], timeout)
+    with owner._lock:
+        if not alive:
+            owner._thread = None
+    return not alive
+
+
 POOL = _ThreadPool()
 
 _READ_EVENTS = select.EPOLLIN | select.EPOLLRDHUP if hasattr(select, "epoll") else 0
@@ -171,17 +186,11 @@ class _Poller:
 
     def stop(self, timeout: float) -> bool:
         """Stop and join the poller thread; False if it did not end within `timeout`."""
-        with self._lock:
-            thread, self._stopping = self._thread, True
-        if thread is None:
-            return True
+        return _stop_thread(self, self._wake_thread, timeout)
+
+    def _wake_thread(self) -> None:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
-        alive = _join_all([thread], timeout)
-        with self._lock:
-            if not alive:
-                self._thread = None
-        return not alive
 
     def restart(self) -> None:
         with self._lock:
@@ -255,16 +264,8 @@ class _Watchdog:
         self._watched.discard(conn)
 
     def stop(self, timeout: float) -> bool:
-        with self._lock:
-            thread, self._stopping = self._thread, True
-        self._wake.set()
-        if thread is None:
-            return True
-        alive = _join_all([thread], timeout)
-        with self._lock:
-            if not alive:
-                self._thread = None
-        return not alive
+        """Stop and join the watchdog thread; False if it did not end within `timeout`."""
+        return _stop_thread(self, self._wake.set, timeout)
 
     def restart(self) -> None:
         with self._lock:
