@@ -289,7 +289,7 @@ def test_worker_exits_when_its_ssh_client_is_killed(hosts, ssh_workers, capfd):
     wait_until(lambda: not pid_alive(config.ospid), timeout=30,
                what="the worker to exit after its ssh client was killed")
     wait_until(lambda: pid not in pydist.procs(), timeout=30, what="the master to notice")
-    assert f"Worker {pid} terminated." in capfd.readouterr().err
+    assert f"Worker {pid} terminated: it lost its ssh session" in capfd.readouterr().err
 
 
 # ==================================================================== machine strings, keywords
@@ -362,3 +362,40 @@ def test_machine_file_on_the_command_line(hosts, tmp_path):
     assert done.returncode == 0, done.stderr
     expected = ",".join(sorted([socket.gethostname(), "h1", "h2", "h2"]))
     assert f"HOSTS {expected}" in done.stdout
+
+
+# ==================================================================== faults
+def _host_link(host: str, state: str) -> None:
+    """Take the namespace host's link on our bridge down or up: a silent partition (packets
+    are dropped, nobody is told)."""
+    subprocess.run(["ip", "link", "set", f"v{host}", state], check=True, timeout=30)
+
+
+def _slow_hostname(x: int) -> str:
+    time.sleep(0.1)
+    return socket.gethostname()
+
+
+@pytest.mark.timeout(240)
+def test_a_partitioned_host_is_declared_dead_and_pmap_retries_elsewhere(hosts, ssh_workers):
+    hb = 3.0
+    pids = ssh_workers(["h1", "h2"], heartbeat_timeout=hb)
+    names = {p: hostname_of(p) for p in pids}
+    [cut] = [p for p in pids if names[p] == "h1"]
+    ospid = config_of(cut).ospid
+    _host_link("h1", "down")
+    try:
+        start = time.monotonic()
+        results = pydist.pmap(_slow_hostname, range(30), pool=pydist.WorkerPool(pids),
+                              retry_delays=pydist.ExponentialBackOff(n=3))
+        assert len(results) == 30 and set(results) <= {"h1", "h2"}
+        with pytest.raises(pydist.ProcessExitedException, match="silent for"):
+            pydist.remotecall_fetch(socket.gethostname, cut)
+        assert time.monotonic() - start < hb + 60
+        assert cut not in pydist.workers()
+        # The cut-off worker finds its master silent and exits by itself.
+        wait_until(lambda: not pid_alive(ospid), timeout=hb + 30,
+                   what="the partitioned worker to exit by itself")
+    finally:
+        _host_link("h1", "up")
+    assert hostname_of([p for p in pids if p != cut][0]) == "h2"

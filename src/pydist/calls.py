@@ -37,6 +37,11 @@ _EMPTY: dict = {}
 
 
 # ==================================================================== connections
+def exited(pid: int) -> ProcessExitedException:
+    """The ProcessExitedException for `pid`, saying why it was lost when that is known."""
+    return ProcessExitedException(pid, PGRP.lost_reasons.get(pid))
+
+
 def connection(pid: int) -> Connection:
     """The connection to `pid`, made now if it is a lazy worker-to-worker link."""
     w = PGRP.workers.get(pid)
@@ -45,7 +50,7 @@ def connection(pid: int) -> Connection:
     pg = PGRP
     with pg.lock:
         if pid in pg.deleted:
-            raise ProcessExitedException(pid)
+            raise exited(pid)
         w = pg.workers.get(pid)
         if w is None:
             if pg.is_master() or pid == 1:
@@ -53,11 +58,11 @@ def connection(pid: int) -> Connection:
             w = pg.workers[pid] = Worker(pid)
     if w.conn is not None:
         if w.conn.closed:
-            raise ProcessExitedException(pid)
+            raise exited(pid)
         return w.conn
     if pg.is_master():
         if not w.connected.wait(worker_timeout()):
-            raise ProcessExitedException(pid)
+            raise exited(pid)
         return connection(pid)
     return _connect_peer_lazily(w)
 
@@ -76,7 +81,7 @@ def _connect_peer_lazily(w: Worker) -> Connection:
     if not w.connected.wait(worker_timeout()):
         raise RuntimeError(f"peer {w.pid} didn't connect to {pg.id} within {worker_timeout()} seconds")
     if w.conn is None or w.conn.closed:
-        raise ProcessExitedException(w.pid)
+        raise exited(w.pid)
     return w.conn
 
 
@@ -128,7 +133,7 @@ def new_slot(pid: int, callback=None) -> tuple[int, _Slot]:
     slot = _Slot(pid, callback)
     SLOTS[sid] = slot
     if pid in PGRP.deleted:  # lost the race with the worker's death
-        fail_slot(sid, ProcessExitedException(pid))
+        fail_slot(sid, exited(pid))
     return sid, slot
 
 
@@ -140,7 +145,7 @@ def fail_slot(sid: int, exc: BaseException) -> None:
 
 def fail_slots_of(pid: int) -> None:
     """`pid` is gone: every reply still awaited from it is a ProcessExitedException."""
-    lost = ProcessExitedException(pid)
+    lost = exited(pid)
     for sid, slot in list(SLOTS.items()):
         if slot.pid == pid:
             fail_slot(sid, lost)
@@ -353,7 +358,7 @@ def _send_call(pid: int, f: Callable, args: tuple, kwargs: dict | None, callback
         chunks = pack(pid, protocol.CALL_FETCH, (f, args, kwargs or _EMPTY), a=sid, what=f)
         conn.send(chunks)
     except ConnectionClosed:
-        fail_slot(sid, ProcessExitedException(pid))
+        fail_slot(sid, exited(pid))
         return None, slot
     except BaseException:
         SLOTS.pop(sid, None)
@@ -371,7 +376,7 @@ def remote_do_internal(pid: int, f: Callable, args: tuple = (), kwargs: dict | N
     try:
         conn.send(chunks)
     except ConnectionClosed:
-        raise ProcessExitedException(pid) from None
+        raise exited(pid) from None
 
 
 def _do_locally(f: Callable, args: tuple, kwargs: dict) -> None:

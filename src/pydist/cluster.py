@@ -35,6 +35,8 @@ from .managers import (
     ClusterManager,
     WorkerConfig,
     WorkerOutput,
+    exit_reason,
+    heartbeat_timeout,
     launch_timeout,
     worker_timeout,
 )
@@ -68,19 +70,34 @@ TOPOLOGIES = ("all_to_all", "master_worker", "custom")
 
 # ==================================================================== losing a worker
 def worker_lost(pid: int, w: Worker) -> None:
-    """`PGRP.on_lost` (set by `runtime`): `deregister` has just forgotten `pid`. Fail every
-    reply slot waiting on it, tell its manager and (on the master) the other workers, then
-    the removed listeners (refs fails its Futures, pools drop it) and the exited callbacks."""
+    """`PGRP.on_lost` (set by `runtime`): `deregister` has just forgotten `pid`. Learn why
+    it was lost (on the master), fail every reply slot waiting on it, tell its manager and
+    (on the master) the other workers, then the removed listeners (refs fails its Futures,
+    pools drop it) and the exited callbacks."""
+    master = PGRP.is_master()
+    silent = w.lost_reason is not None  # we closed it: the heartbeat found it silent
+    if master and not silent and w.state is not WorkerState.terminated and w.config is not None:
+        reason = exit_reason(w.manager, pid, w.config)
+        if reason:
+            w.lost_reason = PGRP.lost_reasons[pid] = reason
     fail_slots_of(pid)
-    if PGRP.is_master():
+    if master:
+        if w.state is not WorkerState.terminated and not PGRP.shutdown.is_set():
+            print(f"Worker {pid} terminated" + (f": it {w.lost_reason}." if w.lost_reason else "."),
+                  file=sys.stderr, flush=True)
         if w.manager is not None:
+            if silent:  # maybe still running (stopped, partitioned): have it killed
+                try:
+                    w.manager.kill(pid, w.config)
+                except Exception:
+                    log.exception("pydist: kill failed for silent worker %d", pid)
             try:
                 w.manager.manage(pid, w.config, "deregister")
             except Exception:
                 log.exception("pydist: manage(deregister) failed for worker %d", pid)
         for other in list(PGRP.workers):
             try:
-                remote_do_internal(other, _forget_worker, (pid,))
+                remote_do_internal(other, _forget_worker, (pid, w.lost_reason))
             except Exception:
                 pass
     for listener in list(PGRP.removed_listeners):
@@ -88,7 +105,7 @@ def worker_lost(pid: int, w: Worker) -> None:
             listener(pid, w.state)
         except Exception:
             log.exception("pydist: error in a worker-removed listener")
-    if PGRP.is_master():
+    if master:
         callbacks.run_exited(pid, w.state)
         if w.manager is not None:  # Julia calls this from the Worker's finalizer
             try:
@@ -97,9 +114,9 @@ def worker_lost(pid: int, w: Worker) -> None:
                 log.exception("pydist: manage(finalize) failed for worker %d", pid)
 
 
-def _forget_worker(pid: int) -> None:
-    """Run on workers when the master has lost `pid`."""
-    PGRP.deregister(pid)
+def _forget_worker(pid: int, reason: str | None = None) -> None:
+    """Run on workers when the master has lost `pid` (`reason`: why, if known)."""
+    PGRP.deregister(pid, reason)
 
 
 def _set_valid_processes(pids: list[int]) -> None:
@@ -190,7 +207,7 @@ def worker_id_from_socket(sock: Any) -> int:
 # ==================================================================== addprocs
 _COMMON_KEYWORDS = {
     "exename", "exeflags", "dir", "env", "topology", "lazy", "enable_threaded_blas", "timeout",
-    "callback_warning_interval",
+    "callback_warning_interval", "heartbeat_timeout",
 }
 _LOCAL_KEYWORDS = _COMMON_KEYWORDS | {"restrict"}
 _SSH_KEYWORDS = _COMMON_KEYWORDS | {
@@ -276,6 +293,9 @@ def _normalize_params(params: dict) -> None:
     params["env"] = env
     timeout = params.get("timeout")
     params["timeout"] = worker_timeout() if timeout is None else float(timeout)
+    if "heartbeat_timeout" in params and params["heartbeat_timeout"] is None:
+        params["heartbeat_timeout"] = 0  # an explicit None: off
+    params["heartbeat_timeout"] = heartbeat_timeout(params.get("heartbeat_timeout"))
     if params.get("dir") is None:
         params["dir"] = os.getcwd()
     if params.get("exename") is None:
@@ -473,6 +493,7 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
         conn.peer_pid = pid
         w.connect_at = config.connect_at
         w.conn = conn
+        conn.set_heartbeat(params["heartbeat_timeout"])
         conn.start()
         other = _join_list(w, config, timeout)
         join_params = {
@@ -482,6 +503,7 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
             "lazy": pg.lazy,
             "enable_threaded_blas": bool(params.get("enable_threaded_blas", False)),
             "sys_path": [p for p in sys.path if p],
+            "heartbeat_timeout": params["heartbeat_timeout"],
         }
         sid, slot = new_slot(pid)
         conn.send(protocol.encode_frame(protocol.JOIN, serialization.dumps_inline(join_params), a=sid))

@@ -8,6 +8,7 @@ The handlers live in the layers that own the messages (joining, calls, refs, rem
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Callable
 
 from . import protocol
@@ -38,12 +39,15 @@ class _Handler:
             return
         if pid == 1 and not PGRP.is_master():
             # Our master is gone: a worker never outlives it.
+            if conn.lost_reason and not PGRP.shutdown.is_set():
+                print(f"pydist worker {PGRP.id}: the master {conn.lost_reason}; exiting",
+                      file=sys.stderr, flush=True)
             PGRP.exit_code = 0 if PGRP.shutdown.is_set() else 1
             PGRP.shutdown.set()
             return
         w = PGRP.workers.get(pid)
         if w is not None and w.conn is conn:
-            PGRP.deregister(pid)
+            PGRP.deregister(pid, conn.lost_reason)
 
 
 HANDLER = _Handler()

@@ -62,17 +62,23 @@ class InvalidStateError(PydistError):
 
 
 class ProcessExitedException(PydistError):
-    """The target process has exited or was removed; raised (never wrapped) to every waiter."""
+    """The target process has exited or was removed; raised (never wrapped) to every waiter.
 
-    def __init__(self, worker_id: int = -1):
+    `reason`, when known, says why, as the end of a sentence about the worker: "exited with
+    code 3", "was killed by signal 9 (SIGKILL) ...", "was silent for 31.0 s ...".
+    """
+
+    def __init__(self, worker_id: int = -1, reason: str | None = None):
         super().__init__(worker_id)
         self.worker_id = worker_id
+        self.reason = reason
 
     def __str__(self) -> str:
-        return f"ProcessExitedException({self.worker_id}): worker {self.worker_id} has exited"
+        what = self.reason or "has exited"
+        return f"ProcessExitedException({self.worker_id}): worker {self.worker_id} {what}"
 
     def __reduce__(self):
-        return (ProcessExitedException, (self.worker_id,))
+        return (ProcessExitedException, (self.worker_id, self.reason))
 
 
 class RemoteError(Exception):
@@ -155,7 +161,9 @@ class RemoteException(PydistError):
     """
 
     def __init__(self, pid: int, captured: CapturedException):
-        super().__init__(pid, captured)
+        # Not super(): in a dual class the next __init__ is the original type's, which may
+        # take other arguments (ProcessExitedException does).
+        Exception.__init__(self, pid, captured)
         self.pid = pid
         self.captured = captured
 
@@ -208,6 +216,9 @@ def make_remote_exception(pid: int, captured: CapturedException) -> RemoteExcept
         try:
             exc = cls.__new__(cls, pid, captured)
             RemoteException.__init__(exc, pid, captured)
+            # The original's own attributes too (`e.worker_id` of a ProcessExitedException).
+            for name, value in getattr(captured.ex, "__dict__", {}).items():
+                exc.__dict__.setdefault(name, value)
             return exc
         except Exception:
             pass

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import logging
 import secrets
-import sys
 import threading
 from typing import Any, Callable
 
@@ -47,6 +46,8 @@ class Worker:
         self.connect_lock = threading.Lock()
         self.ospid: int | None = None
         self.cpu_threads: int | None = None
+        # Why it was lost, when that is known (heartbeat silence, exit code or signal).
+        self.lost_reason: str | None = None
 
     def __repr__(self) -> str:
         return f"<Worker {self.pid} {self.state.name}>"
@@ -63,6 +64,10 @@ class ProcessGroup:
         self.workers: dict[int, Worker] = {}
         self.deleted: set[int] = set()  # removed pids (never reused)
         self.gone: set[int] = set()  # removed pids whose removal has been fully handled
+        self.lost_reasons: dict[int, str] = {}  # removed pid -> why it was lost, if known
+        # A worker's heartbeat timeout for all its connections (the master sets it in JOIN;
+        # on the master each connection has its own, from its `addprocs`).
+        self.heartbeat_timeout: float | None = None
         self.topology = "all_to_all"
         self.lazy: bool | None = None
         self.cookie = secrets.token_hex(16)
@@ -101,6 +106,8 @@ class ProcessGroup:
 
     def attach(self, w: Worker, conn: Any) -> None:
         """`w` is connected through `conn`."""
+        if self.heartbeat_timeout and not conn.heartbeat_timeout:
+            conn.set_heartbeat(self.heartbeat_timeout)
         with self.lock:
             w.conn = conn
             w.state = WorkerState.connected
@@ -118,22 +125,23 @@ class ProcessGroup:
                 self.changed.notify_all()
             return w
 
-    def deregister(self, pid: int) -> None:
+    def deregister(self, pid: int, reason: str | None = None) -> None:
         """Forget `pid`: close its connection, then let the layers above fail everything
-        waiting on it and tell the listeners (`on_lost`). Idempotent."""
+        waiting on it and tell the listeners (`on_lost`). `reason` says why it was lost
+        (for example "was silent for 61 s ..."), when known. Idempotent."""
         with self.lock:
             if pid in self.deleted or pid == self.id:
                 return
             w = self.workers.pop(pid, None) or Worker(pid)  # we may never have heard of it
             self.deleted.add(pid)
+            if reason:
+                w.lost_reason = self.lost_reasons[pid] = reason
             was_terminating = w.state is WorkerState.terminating
             w.state = WorkerState.terminated if was_terminating else WorkerState.exterminated
             self.changed.notify_all()
         w.connected.set()
         if w.conn is not None:
             w.conn.close()
-        if self.is_master() and not was_terminating and not self.shutdown.is_set():
-            print(f"Worker {pid} terminated.", file=sys.stderr, flush=True)
         on_lost = self.on_lost
         if on_lost is not None:
             on_lost(pid, w)

@@ -37,7 +37,7 @@ def dial_peer(pid: int) -> None:
         w = pg.workers.get(pid)
         if w is None:
             if pid in pg.deleted:
-                raise ProcessExitedException(pid)
+                raise ProcessExitedException(pid, PGRP.lost_reasons.get(pid))
             w = pg.workers[pid] = Worker(pid)
     with w.connect_lock:
         if w.conn is not None and not w.conn.closed:
@@ -167,6 +167,8 @@ def _join(conn: transport.Connection, params: dict) -> dict:
     pg.lazy = params["lazy"]
     conn.peer_pid = 1
     conn.name = "master"
+    # The master's heartbeat timeout holds for every connection of this worker (`attach`).
+    pg.heartbeat_timeout = params.get("heartbeat_timeout")
     for path in reversed(params.get("sys_path", [])):
         if path not in sys.path:
             sys.path.insert(0, path)

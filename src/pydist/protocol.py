@@ -143,6 +143,8 @@ JOIN = 6  # master -> new worker: a = reply id; body: join parameters; answered 
 IDENTIFY = 7  # worker -> worker, first message on a peer connection: a = sender pid
 EXIT = 8  # master -> worker: exit now
 REFS = 9  # batched reference-count deltas: body = [(whence, id, pid, delta), ...]
+PING = 10  # heartbeat: are you there? (answered at once with PONG, by whoever reads)
+PONG = 11  # heartbeat: the answer to PING (any bytes received count as a sign of life)
 
 KIND_NAMES = {
     CALL: "CALL",
@@ -154,6 +156,8 @@ KIND_NAMES = {
     IDENTIFY: "IDENTIFY",
     EXIT: "EXIT",
     REFS: "REFS",
+    PING: "PING",
+    PONG: "PONG",
 }
 
 FLAG_ERROR = 1  # the body is a RemoteException

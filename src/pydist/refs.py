@@ -27,7 +27,7 @@ import weakref
 from typing import Any, Callable, Iterator, NamedTuple
 
 from . import protocol, serialization
-from .calls import call_async, call_fetch, connection, remote_do_internal
+from .calls import call_async, call_fetch, connection, exited, remote_do_internal
 from .channel import Channel, take_until_closed
 from .group import PGRP
 from .exceptions import InvalidStateError, ProcessExitedException
@@ -616,7 +616,7 @@ def new_call_future(where: int) -> Future:
 def worker_lost(pid: int, state: Any) -> None:
     """Fail every Future owned by `pid` still waiting here; drop `pid` from our counts."""
     STORE.remove_pid(pid)
-    lost = ProcessExitedException(pid)
+    lost = exited(pid)
     for ref in list(_client_refs.values()):
         if isinstance(ref, Future) and ref.where == pid and ref._state in (_PENDING, _REMOTE_DONE):
             ref._complete(_ERROR, lost)

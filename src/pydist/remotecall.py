@@ -13,9 +13,8 @@ import threading
 from typing import Any, Callable
 
 from . import protocol, serialization
-from .calls import call_fetch, connection, pack, remote_do_internal, run_user_call, unpack_call
+from .calls import call_fetch, connection, exited, pack, remote_do_internal, run_user_call, unpack_call
 from .group import PGRP
-from .exceptions import ProcessExitedException
 from .refs import RRID, STORE, Future, _Cell, new_call_future
 from .transport import Connection, ConnectionClosed
 
@@ -56,7 +55,7 @@ def remotecall(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
     try:
         conn.send(chunks)
     except ConnectionClosed:
-        raise ProcessExitedException(pid) from None
+        raise exited(pid) from None
     return fut
 
 

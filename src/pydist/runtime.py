@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 
-from . import callbacks, calls, cluster, joining, protocol, refs, threads, workerpool
+from . import callbacks, calls, cluster, joining, protocol, refs, threads, transport, workerpool
 from .dispatch import HANDLERS, register_handler
 from .remotecall import on_call  # (`pydist.remotecall` is the function, not the module)
 from .group import PGRP
@@ -38,6 +38,8 @@ def wire() -> None:
         register_handler(protocol.JOIN, joining.on_join)
         register_handler(protocol.IDENTIFY, joining.on_identify)
         register_handler(protocol.EXIT, joining.on_exit)
+        register_handler(protocol.PING, transport.on_ping)
+        register_handler(protocol.PONG, transport.on_pong)
         assert set(HANDLERS) == set(protocol.KIND_NAMES), "a message kind has no handler"
         PGRP.removed_listeners.append(refs.worker_lost)
         PGRP.removed_listeners.append(workerpool.worker_removed)

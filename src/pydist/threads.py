@@ -1,8 +1,9 @@
 """The runtime threads of a process: the thread pool that runs connection work, the epoll
-poller, and the watchdog that takes a connection's reading role back from a long call.
+poller, the watchdog that takes a connection's reading role back from a long call, and the
+heartbeat that finds silent peers.
 
 They are process-wide and know connections only through a few methods (`_on_events`,
-`_take_back_lent_role`), so that this module needs no other pydist module; `stop_runtime`
+`_take_back_lent_role`, `_heartbeat`), so that this module needs no other pydist module; `stop_runtime`
 (called by `pydist.shutdown`, also at exit) stops and joins them all.
 """
 
@@ -296,6 +297,79 @@ _sleep = time.sleep  # the real one (workers replace time.sleep with an interrup
 WATCHDOG = _Watchdog()
 
 
+class _Heartbeat:
+    """Finds silent peers: every connection with a heartbeat timeout T is checked every T/6
+    seconds (`Connection._heartbeat`: ping a peer quiet for T/3, declare one silent for T
+    dead). The thread sleeps while no connection has a timeout.
+
+    A tick that comes much later than planned means this process itself was stopped or
+    starved (SIGSTOP, a C call holding the GIL): what looks like silence is then ours, so
+    the clocks of every peer restart instead of declaring them dead.
+    """
+
+    MIN_INTERVAL = 0.05
+
+    def __init__(self) -> None:
+        self._conns: set[Any] = set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def watch(self, conn: Any) -> None:
+        with self._lock:
+            self._conns.add(conn)
+            if self._thread is None and not self._stopping:
+                thread = threading.Thread(target=self._run, name="pydist-heartbeat", daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # interpreter shutdown
+                    return
+                self._thread = thread
+        self._wake.set()  # the interval may be shorter now
+
+    def unwatch(self, conn: Any) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+
+    def stop(self, timeout: float) -> bool:
+        """Stop and join the heartbeat thread; False if it did not end within `timeout`."""
+        return _stop_thread(self, self._wake.set, timeout)
+
+    def restart(self) -> None:
+        with self._lock:
+            self._stopping = False
+            if self._thread is None and self._conns:
+                self._thread = threading.Thread(target=self._run, name="pydist-heartbeat",
+                                                daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stopping:
+            with self._lock:
+                conns = list(self._conns)
+            if not conns:
+                self._wake.wait()
+                self._wake.clear()
+                last = time.monotonic()
+                continue
+            interval = max(self.MIN_INTERVAL, min(c.heartbeat_timeout or 60.0 for c in conns) / 6)
+            self._wake.wait(interval)
+            self._wake.clear()
+            now = time.monotonic()
+            stalled = now - last > 2 * interval + 1.0
+            last = now
+            for conn in conns:
+                try:
+                    if not conn._heartbeat(now, stalled):
+                        self.unwatch(conn)
+                except BaseException:
+                    log.exception("pydist: internal error in the heartbeat of %s", conn)
+
+
+HEARTBEAT = _Heartbeat()
+
 _poller: _Poller | None = None
 _poller_lock = threading.Lock()
 
@@ -319,6 +393,8 @@ def stop_runtime(timeout: float = 2.0) -> list[str]:
         left.append("pydist-poller")
     if not WATCHDOG.stop(max(0.0, deadline - time.monotonic())):
         left.append("pydist-watchdog")
+    if not HEARTBEAT.stop(max(0.0, deadline - time.monotonic())):
+        left.append("pydist-heartbeat")
     left += [t.name for t in POOL.stop(max(0.0, deadline - time.monotonic()))]
     return left
 
@@ -327,5 +403,6 @@ def restart_runtime() -> None:
     """Allow the runtime threads to start again after `stop_runtime`."""
     POOL.restart()
     WATCHDOG.restart()
+    HEARTBEAT.restart()
     if _poller is not None:
         _poller.restart()

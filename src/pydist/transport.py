@@ -53,6 +53,7 @@ from .threads import (
     _ONESHOT,
     _READ_EVENTS,
     _WRITE_EVENTS,
+    HEARTBEAT,
     POOL,
     WATCHDOG,
     _get_poller,
@@ -430,6 +431,14 @@ class Connection:
         self._armed = 0  # what the kernel watches (0 once a one-shot event has fired)
         self._poller = _get_poller() if isinstance(sock, socket.socket) else None
         self.fd = sock.fileno() if self._poller is not None else -1
+        # Heartbeats (`set_heartbeat`, `_heartbeat`): reads that returned bytes so far,
+        # counted by the reading thread, and what the heartbeat thread made of them.
+        self.heartbeat_timeout: float | None = None
+        self.lost_reason: str | None = None  # why we closed it, if we did (silence)
+        self._heard = 0
+        self._heard_seen = -1
+        self._heard_at = 0.0
+        self._pinged_at = 0.0
 
     def __repr__(self) -> str:
         return f"<Connection {self.name} peer={self.peer_pid}{' closed' if self.closed else ''}>"
@@ -690,6 +699,62 @@ class Connection:
             with self._sent:
                 self._sent.notify_all()
 
+    # -- heartbeats --
+    def set_heartbeat(self, timeout: float | None) -> None:
+        """Declare the peer dead once it has been silent for `timeout` seconds (None or 0:
+        never). Silence is checked by the heartbeat thread (`threads._Heartbeat`), which
+        pings a peer quiet for a third of that; any bytes received count as a sign of life,
+        so a large transfer in progress is never silence."""
+        self.heartbeat_timeout = float(timeout) if timeout else None
+        if self.heartbeat_timeout and not self.closed:
+            HEARTBEAT.watch(self)
+        else:
+            HEARTBEAT.unwatch(self)
+
+    def _heartbeat(self, now: float, stalled: bool) -> bool:
+        """Heartbeat thread: ping a quiet peer, close a silent one (`lost_reason` says why).
+        After a stall of our own (`stalled`) the peer's silence is not its fault: its clock
+        restarts. Returns False once there is nothing more to watch."""
+        timeout = self.heartbeat_timeout
+        if self.closed or not timeout:
+            return False
+        if self._heard != self._heard_seen or stalled:
+            self._heard_seen = self._heard
+            self._heard_at = now
+            return True
+        silent = now - self._heard_at
+        if silent >= timeout and not self._data_waiting():
+            self.lost_reason = (f"was silent for {silent:.1f} s (heartbeat timeout {timeout:g} s) "
+                                "and is declared dead")
+            log.debug("pydist: %s %s", self.name, self.lost_reason)
+            self.close()
+            return False
+        if silent >= timeout / 3 and now - self._pinged_at >= timeout / 3:
+            self._pinged_at = now
+            try:
+                self.send(protocol.encode_frame(protocol.PING), wait=False)
+            except ConnectionClosed:
+                return False
+        return True
+
+    def _data_waiting(self) -> bool:
+        """Bytes from the peer wait unread in the socket (so it is not silent: we are slow)."""
+        if self._poller is None:
+            return False
+        try:
+            p = select.poll()
+            p.register(self.fd, select.POLLIN)
+            return bool(p.poll(0))
+        except (OSError, ValueError):
+            return False
+
+    def answer_ping(self) -> None:
+        """Reading thread: the peer pinged us; answer at once, never waiting."""
+        try:
+            self.send(protocol.encode_frame(protocol.PONG), wait=False)
+        except ConnectionClosed:
+            pass
+
     # -- receiving --
     def _read(self, blocking: bool, until: Callable[[], bool] | None = None):
         """Read and handle frames (reading role held). Returns a task as soon as a frame
@@ -721,6 +786,7 @@ class Connection:
                     if n == 0:
                         self._report_closed(None)
                         return None
+                    self._heard += 1
                     dec.buffer_updated(n)
                 except BlockingIOError:
                     return None
@@ -932,6 +998,8 @@ class Connection:
             if self.closed:
                 return
             self.closed = True
+        if self.heartbeat_timeout:
+            HEARTBEAT.unwatch(self)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except (OSError, ValueError):
@@ -940,6 +1008,16 @@ class Connection:
             self._sent.notify_all()
         if not self._role.locked():
             POOL.submit(self._drain)  # read the end and report the loss
+
+
+def on_ping(conn: Connection, msg: protocol.Message) -> None:
+    """PING: answer with PONG at once (in the reading thread, which never waits)."""
+    conn.answer_ping()
+
+
+def on_pong(conn: Connection, msg: protocol.Message) -> None:
+    """PONG: nothing to do; receiving it already counted as a sign of life."""
+    return None
 
 
 class _ServeWith:

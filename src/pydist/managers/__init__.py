@@ -23,6 +23,7 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -59,6 +60,31 @@ def worker_timeout() -> float:
     if override is not None:
         return override
     return float(os.environ.get("PYDIST_WORKER_TIMEOUT", "60"))
+
+
+DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+
+
+def heartbeat_timeout(value: Any = None) -> float | None:
+    """Seconds of silence after which a peer is declared dead: `value` (an `addprocs`
+    keyword), else `PYDIST_HEARTBEAT_TIMEOUT`, else 60; None when 0, "0", "off" or "none"
+    turn heartbeats off. ValueError (naming the setting) for anything else."""
+    what = "addprocs(heartbeat_timeout=...)"
+    if value is None:
+        value = os.environ.get("PYDIST_HEARTBEAT_TIMEOUT")
+        what = "PYDIST_HEARTBEAT_TIMEOUT"
+        if value is None or value.strip() == "":
+            return DEFAULT_HEARTBEAT_TIMEOUT
+    if isinstance(value, str) and value.strip().lower() in ("off", "none", "0", "false"):
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number of seconds, or 0/None to turn heartbeats "
+                         f"off; got {value!r}") from None
+    if seconds != seconds or seconds < 0:
+        raise ValueError(f"{what} must be >= 0 seconds, got {value!r}")
+    return seconds or None
 
 
 @contextlib.contextmanager
@@ -118,6 +144,7 @@ class WorkerOutput:
         self.pid = pid
         self.address: tuple[str, int] | None = None
         self.startup: list[str] = []
+        self.tail: deque[str] = deque(maxlen=10)  # its last lines, for why it ended
         self.eof = False
         self.too_chatty = False
         self.found = threading.Event()
@@ -153,7 +180,9 @@ class WorkerOutput:
                         self.too_chatty = True
                         self.found.set()
                     continue
-                self._emit(raw.decode(errors="replace").rstrip("\r\n"))
+                text = raw.decode(errors="replace").rstrip("\r\n")
+                self.tail.append(text)
+                self._emit(text)
         except (OSError, ValueError):
             pass
         finally:
@@ -207,6 +236,8 @@ class ClusterManager(ABC):
       reads the worker's address line from `config.io` (or uses `config.host`/`config.port`,
       or `config.connect_at` between workers) and opens a TCP connection.
     - `kill(pid, config)` asks the worker to exit.
+    - `exit_reason(pid, config)` says why a lost worker ended, for its
+      `ProcessExitedException` (beyond Julia); the default reads `config.process`.
     - `manage(pid, config, op)` is told "register", "deregister", "interrupt" and "finalize";
       the default interrupts a worker on this machine with SIGINT.
     - `cleanup()` runs at interpreter exit: release processes and tunnels still held.
@@ -227,6 +258,12 @@ class ClusterManager(ABC):
     def kill(self, pid: int, config: WorkerConfig) -> None:
         request_exit(pid)
 
+    def exit_reason(self, pid: int, config: WorkerConfig) -> str | None:
+        """Why worker `pid` ended, as the end of a sentence ("exited with code 3"), or None
+        when unknown; asked when its connection is lost. The default describes
+        `config.process` (a `subprocess.Popen`) once it has ended, waiting up to a second."""
+        return describe_exit(config.process, wait=1.0)
+
     def connect(self, pid: int, config: WorkerConfig) -> "socket.socket | tuple":
         host, port = read_worker_address(pid, config)
         return connect_tcp(pid, host, port)
@@ -244,6 +281,46 @@ class ClusterManager(ABC):
 
     def cleanup(self) -> None:
         """Release whatever the manager still holds at exit (processes, tunnels)."""
+
+
+def exit_reason(manager: Any, pid: int, config: WorkerConfig) -> str | None:
+    """`manager.exit_reason(pid, config)`, for any manager (errors logged, never raised)."""
+    describe = getattr(manager, "exit_reason", None)
+    if describe is None:
+        return None
+    try:
+        return describe(pid, config)
+    except Exception:
+        log.exception("pydist: exit_reason failed for worker %d", pid)
+        return None
+
+
+def describe_exit(proc: Any, wait: float) -> str | None:
+    """How process `proc` (a Popen) ended, waiting up to `wait` seconds; None if unknown."""
+    if not isinstance(proc, subprocess.Popen):
+        return None
+    try:
+        code = proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        return None
+    return describe_status(code)
+
+
+def describe_status(code: int) -> str:
+    """A Popen return code as the end of a sentence: "exited with code 3", "was killed by
+    signal 9 (SIGKILL) ..." (SIGKILL is also what the kernel's out-of-memory killer sends)."""
+    if code >= 0:
+        return f"exited with code {code}"
+    sig = -code
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = "unknown signal"
+    text = f"was killed by signal {sig} ({name})"
+    if sig == signal.SIGKILL:
+        text += ("; SIGKILL is also what the kernel's out-of-memory killer sends, so it may "
+                 "have run out of memory")
+    return text
 
 
 def read_worker_address(pid: int, config: WorkerConfig) -> tuple[str, int]:

@@ -377,6 +377,28 @@ class SSHManager(ClusterManager):
                 threading.Thread(target=self._finish_launch_ssh, args=(proc,), daemon=True,
                                  name="pydist-ssh-reaper").start()
 
+    def exit_reason(self, pid: int, config: WorkerConfig) -> str | None:
+        """ssh's exit status (the remote worker's, or 255 for ssh's own errors and remote
+        deaths by a signal) and the worker's last lines of output."""
+        proc = config.process
+        if proc is None:
+            return None
+        try:
+            code = proc.wait(1.0)
+        except subprocess.TimeoutExpired:
+            return None
+        host = (config.host or "?").rpartition("@")[2]
+        if code < 0:
+            return (f"lost its ssh session: the ssh client to {host} was killed by signal "
+                    f"{-code}")
+        text = f"exited: ssh to {host} ended with status {code}"
+        if code == 255:
+            text += " (an ssh error, or the remote process was killed by a signal)"
+        tail = list(config.output.tail) if config.output is not None else []
+        if tail:
+            text += "; its last output:\n    " + "\n    ".join(tail[-5:])
+        return text
+
     def _remote_kill(self, config: WorkerConfig, signal_flag: str) -> None:
         ssh = (config.userdata or {}).get("ssh", "ssh")
         cmd = [ssh, "-n", *(config.sshflags or []), config.host, f"kill {signal_flag} {config.ospid}"]

@@ -1,0 +1,266 @@
+"""Heartbeats, and why a worker died: a stopped (silent) peer is declared dead within the
+heartbeat bound, busy peers are not, a stopped master makes its workers exit, and every
+ProcessExitedException says why (exit code, signal, silence), also one hop away.
+
+Real processes, real signals (SIGSTOP/SIGCONT/SIGKILL). Bounds are generous: the heartbeat
+timeout plus many seconds, so that a loaded 2-core machine never flakes.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import pydist
+from pydist import ProcessExitedException, RemoteException
+from pydist.group import PGRP
+from pydist.managers import heartbeat_timeout
+
+from conftest import pid_alive, wait_until, worker_ospid
+
+HB = 2.0  # the heartbeat timeout of these tests' workers
+SLACK = 20.0  # what a loaded machine may add to a bound
+
+
+@pytest.fixture
+def stopped():
+    """SIGSTOP processes; every one gets SIGCONT at the end (so that it can be killed)."""
+    ospids: list[int] = []
+
+    def stop(ospid: int) -> None:
+        ospids.append(ospid)
+        os.kill(ospid, signal.SIGSTOP)
+
+    yield stop
+    for ospid in ospids:
+        try:
+            os.kill(ospid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
+def _me() -> int:
+    return pydist.myid()
+
+
+def _busy_python(seconds: float) -> int:
+    """Pure Python for `seconds` (the GIL is released every switch interval)."""
+    end = time.monotonic() + seconds
+    n = 0
+    while time.monotonic() < end:
+        n += 1
+    return n
+
+
+def _my_heartbeat_timeout():
+    return PGRP.heartbeat_timeout
+
+
+def _link_timeout(peer: int):
+    """On a worker: the heartbeat timeout of its own link to worker `peer`."""
+    pydist.remotecall_fetch(_me, peer)
+    return PGRP.workers[peer].conn.heartbeat_timeout
+
+
+def _call_me(peer: int) -> int:
+    return pydist.remotecall_fetch(_me, peer)
+
+
+def _blocked_in_c(seconds: float) -> bool:
+    """A C call that releases the GIL for `seconds`."""
+    select.select([], [], [], seconds)
+    return True
+
+
+# ------------------------------------------------------------------ settings
+def test_heartbeat_timeout_setting(monkeypatch):
+    monkeypatch.delenv("PYDIST_HEARTBEAT_TIMEOUT", raising=False)
+    assert heartbeat_timeout() == 60.0
+    assert heartbeat_timeout(5) == 5.0
+    assert heartbeat_timeout(0) is None
+    assert heartbeat_timeout("off") is None
+    monkeypatch.setenv("PYDIST_HEARTBEAT_TIMEOUT", "7.5")
+    assert heartbeat_timeout() == 7.5
+    monkeypatch.setenv("PYDIST_HEARTBEAT_TIMEOUT", "0")
+    assert heartbeat_timeout() is None
+    monkeypatch.setenv("PYDIST_HEARTBEAT_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="PYDIST_HEARTBEAT_TIMEOUT"):
+        heartbeat_timeout()
+    with pytest.raises(ValueError, match="heartbeat_timeout"):
+        heartbeat_timeout(-1)
+    with pytest.raises(ValueError, match="heartbeat_timeout"):
+        pydist.addprocs(1, heartbeat_timeout="often")
+
+
+@pytest.mark.timeout(120)
+def test_heartbeats_reach_workers_and_can_be_turned_off(fresh_workers):
+    on = fresh_workers(1, heartbeat_timeout=HB)[0]
+    off = fresh_workers(1, heartbeat_timeout=None)[0]
+    assert PGRP.workers[on].conn.heartbeat_timeout == HB
+    assert PGRP.workers[off].conn.heartbeat_timeout is None
+    assert pydist.remotecall_fetch(_my_heartbeat_timeout, on) == HB
+    assert pydist.remotecall_fetch(_my_heartbeat_timeout, off) is None
+    # A worker's own links to other workers use its timeout too.
+    assert pydist.remotecall_fetch(_link_timeout, on, off) == HB
+    assert pydist.remotecall_fetch(_link_timeout, off, on) is None
+
+
+# ------------------------------------------------------------------ silent peers
+@pytest.mark.timeout(180)
+def test_a_stopped_worker_is_declared_dead_and_everything_waiting_on_it_fails(
+        fresh_workers, stopped):
+    w, other = fresh_workers(2, heartbeat_timeout=HB)
+    ospid = worker_ospid(w)
+    pool = pydist.WorkerPool([w, other])
+    running = pydist.remotecall(_blocked_in_c, w, 300)
+    channel = pydist.RemoteChannel(lambda: pydist.Channel(1), w)
+    stopped(ospid)
+    start = time.monotonic()
+    with pytest.raises(ProcessExitedException, match=r"silent for [\d.]+ s \(heartbeat timeout 2 s\)") as err:
+        pydist.remotecall_fetch(_me, w)
+    assert time.monotonic() - start < HB + SLACK
+    assert err.value.worker_id == w
+    with pytest.raises(ProcessExitedException, match="silent for"):
+        running.fetch()
+    with pytest.raises(ProcessExitedException):
+        channel.take()
+    assert w not in pydist.workers()
+    assert w not in pool.workers()
+    assert pydist.remotecall_fetch(_me, other) == other
+    # Its manager kills it (SIGTERM, then SIGKILL: it is stopped).
+    wait_until(lambda: not pid_alive(ospid), timeout=60, what=f"silent worker {w} killed")
+
+
+@pytest.mark.timeout(180)
+def test_a_stopped_peer_worker_is_declared_dead_by_the_worker_calling_it(fresh_workers, stopped):
+    a, b = fresh_workers(2, heartbeat_timeout=HB)
+    assert pydist.remotecall_fetch(_call_me, a, b) == b
+    stopped(worker_ospid(b))
+    start = time.monotonic()
+    with pytest.raises(ProcessExitedException) as err:
+        pydist.remotecall_fetch(_call_me, a, b)
+    assert time.monotonic() - start < HB + SLACK
+    assert err.value.worker_id == b
+    assert pydist.remotecall_fetch(_me, a) == a
+
+
+@pytest.mark.timeout(180)
+def test_busy_workers_and_large_transfers_are_not_declared_dead(fresh_workers):
+    """Heartbeats do not wait behind calls: many times the timeout of pure Python, or of a C
+    call that releases the GIL, and a transfer that takes longer than the timeout."""
+    hb = 1.0
+    a, b = fresh_workers(2, heartbeat_timeout=hb)
+    busy = pydist.remotecall(_busy_python, a, 6 * hb)
+    blocked = pydist.remotecall(_blocked_in_c, b, 6 * hb)
+    assert busy.fetch() > 0
+    assert blocked.fetch() is True
+    big = os.urandom(64 << 20)
+    for _ in range(3):
+        assert pydist.remotecall_fetch(lambda x: len(x), a, big) == len(big)
+        assert len(pydist.remotecall_fetch(lambda n: b"x" * n, b, 64 << 20)) == 64 << 20
+    assert sorted(set(pydist.workers()) & {a, b}) == sorted([a, b])
+
+
+def _result_line(proc) -> str:
+    """The next "result ..." line of the master script (worker output lines are skipped)."""
+    while True:
+        line = proc.stdout.readline()
+        assert line, "the master script ended early"
+        if line.startswith("result "):
+            return line.split(None, 1)[1].strip()
+
+
+MASTER = textwrap.dedent("""
+    import sys, time, pydist
+    from pydist.group import PGRP
+    ws = pydist.addprocs(2, heartbeat_timeout=float(sys.argv[1]))
+    print("ospids", *[PGRP.workers[w].ospid for w in ws], flush=True)
+    for line in sys.stdin:
+        if line.strip() == "gone":  # wait (bounded) until it has noticed the workers left
+            deadline = time.monotonic() + 30
+            while set(pydist.workers()) & set(ws) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        alive = sorted(set(pydist.workers()) & set(ws))
+        try:
+            out = [pydist.remotecall_fetch(lambda: pydist.myid() * 10, w) for w in alive]
+        except Exception as e:
+            out = type(e).__name__
+        print("result", alive, out, flush=True)
+""")
+
+
+@pytest.mark.timeout(240)
+def test_a_stopped_master_keeps_its_workers_for_less_than_the_timeout_not_longer(tmp_path):
+    hb = 3.0
+    script = tmp_path / "master.py"
+    script.write_text(MASTER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, str(script), str(hb)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["ospids"], line
+        ospids = [int(p) for p in line[1:]]
+        # Stopped for a third of the timeout: the cluster carries on.
+        os.kill(proc.pid, signal.SIGSTOP)
+        time.sleep(hb / 3)
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert _result_line(proc) == "[2, 3] [20, 30]"
+        # Stopped for longer: the workers exit by themselves while it is stopped.
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: not any(pid_alive(p) for p in ospids), timeout=hb + 30,
+                       what="workers of a stopped master exit")
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.stdin.write("gone\n")
+        proc.stdin.flush()
+        assert _result_line(proc) == "[] []"
+        proc.stdin.close()
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+# ------------------------------------------------------------------ why a worker died
+@pytest.mark.timeout(120)
+def test_exit_code_and_signal_are_named(fresh_workers):
+    a, b = fresh_workers(2)
+    with pytest.raises(ProcessExitedException, match=r"worker \d+ exited with code 3$"):
+        pydist.remotecall_fetch(os._exit, a, 3)
+    ospid = worker_ospid(b)
+    with pytest.raises(ProcessExitedException,
+                       match=r"killed by signal 9 \(SIGKILL\).*out-of-memory"):
+        pydist.remotecall_fetch(os.kill, b, ospid, signal.SIGKILL)
+    # Later calls to them say the same.
+    with pytest.raises(ProcessExitedException, match="exited with code 3"):
+        pydist.remotecall_fetch(_me, a)
+    with pytest.raises(ProcessExitedException, match="signal 9"):
+        pydist.remotecall(_me, b).fetch()
+
+
+def _call_and_die(target: int) -> None:
+    pydist.remotecall_fetch(os._exit, target, 3)
+
+
+@pytest.mark.timeout(120)
+def test_process_exited_one_hop_away_is_still_a_process_exited_exception(fresh_workers):
+    a, b = fresh_workers(2)
+    with pytest.raises(ProcessExitedException) as err:
+        pydist.remotecall_fetch(_call_and_die, a, b)
+    assert isinstance(err.value, RemoteException)
+    assert err.value.pid == a
+    assert err.value.captured.ex.worker_id == b
+    assert err.value.worker_id == b
+    assert f"worker {b}" in str(err.value)
