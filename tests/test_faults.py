@@ -264,3 +264,28 @@ def test_process_exited_one_hop_away_is_still_a_process_exited_exception(fresh_w
     assert err.value.captured.ex.worker_id == b
     assert err.value.worker_id == b
     assert f"worker {b}" in str(err.value)
+
+
+# ------------------------------------------------------------------ killed owners
+def _take_from(channel):
+    return channel.take()
+
+
+@pytest.mark.timeout(120)
+def test_killing_the_owner_of_a_channel_fails_every_taker_at_once(fresh_workers):
+    owner, taker = fresh_workers(2)
+    channel = pydist.RemoteChannel(lambda: pydist.Channel(1), owner)
+    remote_take = pydist.remotecall(_take_from, taker, channel)
+    local_take = pydist.remotecall(_take_from, 1, channel)  # a take blocked on the master
+    time.sleep(0.5)  # let both takes reach the owner (a slow start only makes it easier)
+    assert not remote_take.isready() and not local_take.isready()
+    ospid = worker_ospid(owner)
+    start = time.monotonic()
+    os.kill(ospid, signal.SIGKILL)
+    with pytest.raises(ProcessExitedException, match="signal 9"):
+        local_take.fetch()
+    with pytest.raises(ProcessExitedException) as err:  # one hop away, still that type
+        remote_take.fetch()
+    assert err.value.worker_id == owner
+    assert time.monotonic() - start < SLACK
+    assert pydist.remotecall_fetch(_me, taker) == taker
