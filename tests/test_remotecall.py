@@ -844,3 +844,26 @@ def test_topology_tests_left_no_workers_behind():
     # runs after TestTopologies: it removed the shared workers, and each test its own
     assert pydist.workers() == [1]
     assert pydist.nprocs() == 1
+
+
+def _raise_memory_error():
+    raise MemoryError("pretend the worker ran out of memory")
+
+
+def _raise_unicode_decode_error():
+    return b"\xff".decode("utf-8")
+
+
+@pytest.mark.timeout(60)
+def test_remote_errors_whose_type_guards_its_constructor_are_caught_by_that_type(two_workers):
+    """MemoryError's __new__ refuses foreign subclasses, UnicodeDecodeError's __init__ takes
+    five arguments: both still arrive as their own type (and as RemoteException)."""
+    w = two_workers[0]
+    with pytest.raises(MemoryError) as err:
+        pydist.remotecall_fetch(_raise_memory_error, w)
+    assert isinstance(err.value, pydist.RemoteException) and err.value.pid == w
+    assert "pretend the worker ran out of memory" in str(err.value)
+    with pytest.raises(UnicodeDecodeError) as err:
+        pydist.remotecall_fetch(_raise_unicode_decode_error, w)
+    assert isinstance(err.value, pydist.RemoteException)
+    assert "can't decode byte 0xff" in str(err.value)

@@ -214,7 +214,12 @@ def make_remote_exception(pid: int, captured: CapturedException) -> RemoteExcept
     cls = _dual_class(type(captured.ex))
     if cls is not None:
         try:
-            exc = cls.__new__(cls, pid, captured)
+            try:
+                exc = cls.__new__(cls, pid, captured)
+            except TypeError:
+                # MemoryError's own __new__ refuses classes whose static base is not its own
+                # ("is not safe"); BaseException's, which it uses for subclasses, does not.
+                exc = Exception.__new__(cls, pid, captured)
             RemoteException.__init__(exc, pid, captured)
             # The original's own attributes too (`e.worker_id` of a ProcessExitedException).
             for name, value in getattr(captured.ex, "__dict__", {}).items():
