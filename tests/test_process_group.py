@@ -394,6 +394,49 @@ def test_command_line_errors(tmp_path):
     assert out.returncode != 0 and "no such script" in out.stderr
 
 
+def _pydist(*args, cwd=None, stdin=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "pydist", *args], capture_output=True,
+                          text=True, env=_env(), timeout=timeout, cwd=cwd, input=stdin)
+
+
+def test_command_line_script_in_another_folder_imports_its_neighbours_on_workers(tmp_path):
+    """`pydist -p N dir/script.py` behaves like `python dir/script.py`: dir is on sys.path,
+    on the workers too (they start after it is set)."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "neighbour.py").write_text("def triple(x):\n    return 3 * x\n")
+    (folder / "job.py").write_text(textwrap.dedent("""
+        import pydist
+        from neighbour import triple  # pickled by reference: workers must import it
+        print("result", pydist.pmap(triple, range(4)))
+        """))
+    out = _pydist("-p", "2", "project/job.py", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "result [0, 3, 6, 9]" in out.stdout
+
+
+def test_command_line_c_m_prompt_version_and_usage(tmp_path):
+    out = _pydist("-p", "1", "-c", "import sys, pydist; f = lambda: 6 * 7; "
+                  "print(sys.argv, pydist.remotecall_fetch(f, pydist.workers()[0]))", "a", "-b")
+    assert out.returncode == 0, out.stderr
+    assert "['-c', 'a', '-b'] 42" in out.stdout
+    (tmp_path / "modjob.py").write_text(
+        "import sys, pydist\nprint('argv', sys.argv[1:], pydist.nworkers())\n")
+    out = _pydist("-p", "1", "-m", "modjob", "x", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "argv ['x'] 1" in out.stdout
+    # No script: an interactive prompt with the workers started (here fed by a pipe).
+    session = "def g(x):\n    return x + 1\n\nprint('got', pydist.remotecall_fetch(g, 2, 41))\n"
+    out = _pydist("-p", "1", stdin=session)
+    assert out.returncode == 0, out.stderr
+    assert "got 42" in out.stdout and "with 1 worker" in out.stderr
+    out = _pydist("--version")
+    assert out.returncode == 0 and out.stdout.startswith("pydist ")
+    out = _pydist()
+    assert out.returncode == 2
+    assert out.stderr.startswith("usage: pydist [-p N]") and "-c CODE | -m MODULE" in out.stderr
+
+
 # ---------------------------------------------------------------- custom topology
 class ChainManager(pydist.LocalManager):
     """Local workers in a chain: the worker with ident k connects to the one with ident k-1."""

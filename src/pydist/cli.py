@@ -1,13 +1,24 @@
-"""The command line: `pydist -p N script.py [args]`, like `julia -p N script.jl`."""
+"""The command line, like `julia -p N`: `pydist -p N script.py [args]`, `pydist -p N -c CODE`,
+`pydist -p N -m MODULE`, or `pydist -p N` alone for an interactive prompt.
+
+The script's `sys.path` and `sys.argv` are set up as `python` would set them *before* the
+workers start, because workers take the master's `sys.path` when they join: so a script can
+import the modules beside it on the workers too, wherever it is run from.
+"""
 
 from __future__ import annotations
 
 import argparse
+import builtins
+import contextlib
 import os
 import runpy
 import sys
+import types
 
 __all__ = ["main"]
+
+USAGE = "pydist [-p N] [--machine-file FILE] [-c CODE | -m MODULE | script.py] [args ...]"
 
 
 def _count(text: str) -> int:
@@ -22,22 +33,63 @@ def _count(text: str) -> int:
     return n
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(
-        prog="pydist",
-        description="Start local (and SSH) workers, then run a script as __main__ on the master.",
+        prog="pydist", usage=USAGE,
+        description="Start local (and SSH) workers, then run a script, a module, a command or "
+                    "an interactive prompt as __main__ on the master (like `julia -p N`).",
     )
+    parser.add_argument("--version", action="version",
+                        version=f"pydist {__version__} (Python {sys.version.split()[0]})")
     parser.add_argument("-p", "--procs", type=_count, default=0, metavar="N",
                         help="number of local workers to start ('auto': one per core)")
     parser.add_argument("--machine-file", metavar="FILE",
                         help="start SSH workers, one '[count*][user@]host[:port] [bind_addr[:port]]' per line")
-    parser.add_argument("script", help="the Python script to run")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("-c", dest="command", metavar="CODE", help="run CODE (as python -c)")
+    what.add_argument("-m", dest="module", metavar="MODULE", help="run MODULE as a script (as python -m)")
+    parser.add_argument("script", nargs="?", help="the Python script to run (none: an interactive prompt)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser.print_usage(sys.stderr)
+        print("pydist: say what to run, or -p N for an interactive prompt with N workers "
+              "(pydist --help)", file=sys.stderr)
+        sys.exit(2)
     opts = parser.parse_args(argv)
-    if not os.path.isfile(opts.script):
+    args = list(opts.args)
+    if opts.command is not None or opts.module is not None:
+        if opts.script is not None:  # `-c CODE a b`: a and b are arguments, as for python
+            args.insert(0, opts.script)
+    elif opts.script is not None and not os.path.isfile(opts.script):
         parser.error(f"no such script: {opts.script}")
 
-    from . import addprocs
+    # As python does: sys.argv, and sys.path[0] is the script's folder (else the current
+    # one). Before the workers start, so that they see the same.
+    if opts.command is not None:
+        sys.argv = ["-c", *args]
+        first = os.getcwd()
+    elif opts.module is not None:
+        sys.argv = ["-m", *args]  # runpy puts the module's file name first
+        first = os.getcwd()
+    elif opts.script is not None:
+        sys.argv = [opts.script, *args]
+        first = os.path.dirname(os.path.abspath(opts.script))
+    else:
+        sys.argv = [""]
+        first = os.getcwd()
+    if first in sys.path:
+        sys.path.remove(first)
+    sys.path.insert(0, first)
+
+    from . import addprocs, nworkers
 
     if opts.procs:
         addprocs(opts.procs)
@@ -46,11 +98,48 @@ def main(argv: list[str] | None = None) -> None:
             machines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
         if machines:
             addprocs(machines)
-    sys.argv = [opts.script, *opts.args]
-    script_dir = os.path.dirname(os.path.abspath(opts.script))
-    if script_dir not in sys.path:
-        sys.path.insert(0, script_dir)
-    runpy.run_path(opts.script, run_name="__main__")
+
+    if opts.command is not None:
+        with _as_main() as namespace:
+            exec(compile(opts.command, "<string>", "exec"), namespace)
+    elif opts.module is not None:
+        runpy.run_module(opts.module, run_name="__main__", alter_sys=True)
+    elif opts.script is not None:
+        runpy.run_path(opts.script, run_name="__main__")
+    else:
+        _interact(nworkers())
+
+
+@contextlib.contextmanager
+def _as_main():
+    """A fresh `__main__` module while the code runs (functions defined in it are then
+    `__main__` functions, sent to workers by value, as `runpy` does for scripts)."""
+    module = types.ModuleType("__main__")
+    module.__dict__["__builtins__"] = builtins
+    saved = sys.modules["__main__"]
+    sys.modules["__main__"] = module
+    try:
+        yield module.__dict__
+    finally:
+        sys.modules["__main__"] = saved
+
+
+def _interact(workers: int) -> None:
+    """An interactive prompt, like `python` with no script, with pydist imported."""
+    import code
+    import importlib
+
+    try:
+        importlib.import_module("readline")  # line editing and history, where available
+    except ImportError:
+        pass
+    from . import __version__
+
+    banner = (f"Python {sys.version.split()[0]}, pydist {__version__} with {workers} "
+              f"worker{'s' if workers != 1 else ''} (pydist is imported; Ctrl-D to leave)")
+    with _as_main() as namespace:
+        namespace["pydist"] = sys.modules["pydist"]
+        code.interact(banner=banner, local=namespace, exitmsg="")
 
 
 if __name__ == "__main__":
