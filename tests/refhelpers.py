@@ -113,3 +113,30 @@ def take_into(box, key) -> None:
     """Take a reference out of RemoteChannel `box` and keep it under `key` (the reference then
     lives only in HELD, not in the arguments of a call)."""
     HELD[key] = box.take(timeout=30)
+
+
+def fetch_twice(fut) -> int:
+    """Fetch a Future passed in twice (the second from the local cache); total length."""
+    return len(fut.fetch()) + len(fut.fetch())
+
+
+def fetch_within(fut, timeout: float):
+    return fut.fetch(timeout=timeout)
+
+
+def make_channel_here():
+    """A RemoteChannel owned by this process (returned to the caller: the owner keeps a count
+    for it)."""
+    return pydist.RemoteChannel()
+
+
+def make_future_here():
+    return pydist.Future()
+
+
+def put_into(chan, value) -> None:
+    chan.put(value, 10)
+
+
+def take_from(chan):
+    return chan.take(10)

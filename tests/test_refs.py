@@ -12,6 +12,7 @@ import gc
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -902,6 +903,192 @@ def test_dead_holder_releases_value_on_owner(fresh_workers, kind, launch):
     kill9(b)
     wait_freed(a, rrid, timeout=10)
     assert a in pydist.procs()
+
+
+# ==================================================================== 3b. no leaks for values kept on their owner
+def table_empty_on(pids, rrids=None, timeout=FREED_WITHIN):
+    """Wait until no process in `pids` keeps any of `rrids` (or anything at all, if None)."""
+    gc.collect()
+
+    def left():
+        if rrids is None:
+            return {p: on(p, rh.store_len) for p in pids if on(p, rh.store_len)}
+        return {p: [r for r in rrids if has_ref(p, r)] for p in pids
+                if any(has_ref(p, r) for r in rrids)}
+
+    wait_until(lambda: not left(), timeout=timeout, what=f"owners to free everything (left: {left()})")
+
+
+@pytest.mark.timeout(120)
+def test_future_kept_on_owner_sent_to_owner_fetched_twice_then_dropped(w):
+    """Issue 12 item 6a, run many times: a large remotecall result (kept on w) is sent to w
+    itself, fetched there twice (in one call and in two calls), then dropped by the master."""
+    w2, _ = w
+    rrids = []
+    for i in range(30):
+        f = pydist.remotecall(big_result, w2)
+        if i % 3 == 0:
+            f.wait()
+        assert on(w2, rh.fetch_twice, f) == 2 * BIG
+        if i % 2:
+            assert on(w2, rh.fetch_and_drop, f) == BIG
+        rrids.append(f.rrid)
+        del f
+    table_empty_on([w2], rrids)
+    assert on(w2, rh.bad_counts) == []
+
+
+@pytest.mark.timeout(120)
+def test_many_unfetched_large_futures_dropped_at_once(w):
+    """Issue 12 item 6b, run many times: 32 unfetched large results dropped together, before
+    or after their "done" notices arrive."""
+    rrids = []
+    for i in range(20):
+        fs = [pydist.remotecall(big_result, w[j % 2]) for j in range(32)]
+        if i % 2:
+            for f in fs:
+                f.wait()
+            del f
+        rrids += [(g.where, g.rrid) for g in fs]
+        del fs
+    gc.collect()
+    for p in w:
+        table_empty_on([p], [r for where, r in rrids if where == p])
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("made_by", ["master", "owner"])
+def test_remote_channel_on_w_sent_to_x_and_dropped(w, made_by):
+    """A RemoteChannel on w (made by the master, or by w and returned) is sent to x, used
+    there, and dropped by everybody: w frees it, every time."""
+    w2, w3 = w
+    on(w3, rh.ping, w2)
+    rrids = []
+    for i in range(30):
+        rc = RemoteChannel(w2) if made_by == "master" else on(w2, rh.make_channel_here)
+        assert rc.where == w2
+        on(w3, rh.put_into, rc, i)
+        if i % 2:
+            pydist.remotecall_wait(rh.hold, w3, f"c{i}", rc)
+            pydist.remotecall_wait(rh.drop, w3, f"c{i}")
+        assert rc.take(10) == i
+        rrids.append(rc.rrid)
+        del rc
+    table_empty_on([w2], rrids)
+    assert on(w2, rh.bad_counts) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("make", [rh.make_channel_here, rh.make_future_here])
+def test_pushed_result_holding_a_reference_dropped_before_it_arrives(w, make):
+    """A remotecall's small result holds a reference owned by the worker (which counts the
+    caller as a holder when it pushes the result). The caller drops the Future before the
+    push arrives: the reference inside must still be given back."""
+    w2, _ = w
+    before = on(w2, rh.store_len)
+    for _ in range(20):
+        f = pydist.remotecall(make, w2)
+        del f
+    gc.collect()
+    wait_until(lambda: on(w2, rh.store_len) == before, timeout=FREED_WITHIN,
+               what=f"worker {w2} to free the references inside dropped results "
+                    f"({on(w2, rh.store_len)} left, {before} before)")
+
+
+def _pause_in(names, entered, go):
+    """A trace function that, in the thread it is set in, stops at the first call of one of
+    refs.py's functions `names` (event 'call') until `go` is set."""
+    refs_file = pydist.refs.__file__
+
+    def tracer(frame, event, arg):
+        code = frame.f_code
+        if event == "call" and code.co_filename == refs_file and code.co_name in names:
+            entered.set()
+            go.wait(20)
+        return None
+    return tracer
+
+
+@pytest.mark.timeout(60)
+def test_reference_arriving_while_its_holder_releases_it(w):
+    """The master drops its last RemoteChannel object in one thread (stopped inside the
+    release) while the same reference arrives again in another thread. The arrival must not
+    revive the dying object (whose count is being given back): the owner keeps the channel
+    for the new object, and frees it once that is dropped too."""
+    w2, _ = w
+    rc = RemoteChannel(lambda: Channel(10), w2)
+    rrid = rc.rrid
+    key = uuid.uuid4().hex
+    pydist.remotecall_wait(rh.hold, w2, key, rc)
+    box = [rc]
+    del rc
+    entered, go = threading.Event(), threading.Event()
+
+    def drop():
+        sys.settrace(_pause_in({"__del__", "_released"}, entered, go))
+        try:
+            box.clear()  # the last reference here: the release runs in this thread
+        finally:
+            sys.settrace(None)
+
+    t = threading.Thread(target=drop, daemon=True)
+    t.start()
+    try:
+        assert entered.wait(10), "the release of the dropped RemoteChannel did not run"
+        again = on(w2, rh.held, key)  # the same reference arrives while the old one dies
+    finally:
+        go.set()
+        t.join(10)
+    pydist.remotecall_wait(rh.drop, w2, key)  # now only `again` holds it
+    gc.collect()
+    assert_kept(w2, rrid)
+    again.put("v")
+    assert again.take(10) == "v"
+    del again
+    table_empty_on([w2], [rrid])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("to", ["owner", "third"])
+def test_pending_future_sent_while_it_completes(w, to):
+    """The master pickles a pending Future (stopped right after deciding to send it as a
+    reference) while its small result arrives and completes it here. The master's release
+    must not reach the owner before the new holder is counted: the holder can still fetch,
+    and the owner frees the value afterwards."""
+    w2, w3 = w
+    dest = w2 if to == "owner" else w3
+    if dest != w2:
+        on(w3, rh.ping, w2)
+    gate = RemoteChannel(lambda: Channel(1))
+    f = pydist.remotecall(rh.take_from, w2, gate)
+    rrid = f.rrid
+    entered, go = threading.Event(), threading.Event()
+    out = {}
+
+    def send():
+        sys.settrace(_pause_in({"_note_new_client"}, entered, go))
+        try:
+            out["v"] = pydist.remotecall_fetch(rh.fetch_within, dest, f, 10)
+        except BaseException as e:  # noqa: BLE001
+            out["e"] = e
+        finally:
+            sys.settrace(None)
+
+    t = threading.Thread(target=send, daemon=True)
+    t.start()
+    try:
+        assert entered.wait(10), "the Future was not sent as a pending reference"
+        gate.put("x")
+        wait_until(f.done, timeout=10, what="the result to be pushed")
+        time.sleep(0.2)  # the master's release (if any) reaches the owner meanwhile
+    finally:
+        go.set()
+        t.join(30)
+    assert "e" not in out, repr(out.get("e"))
+    assert out["v"] == "x"
+    del f
+    table_empty_on([w2], [rrid])
+    assert on(w2, rh.bad_counts) == []
 
 
 # ==================================================================== 4. owners that die

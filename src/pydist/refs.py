@@ -3,13 +3,30 @@
 A reference names a value that lives on its owner (`where`) under an `RRID(whence, id)`. The
 owner keeps, per value, a count per client process; the value is freed when every count is
 zero. A holder's count goes up when a reference reaches it and down when it fetches, puts, or
-drops the reference (a `__del__` that only queues a message, so it is safe in any thread).
+drops the reference. A process has one object per reference; its count sits on the weak
+reference the process keeps to it (`_ClientRef`), whose callback gives the count back once the
+object is gone: it only queues a message, so it is safe in any thread.
 
 Why counts and not Julia's client *set*: when process p passes an unfetched reference to q, p
-tells the owner "+1 for q" before the message to q leaves, on its own (FIFO) connection to the
+tells the owner "+1 for q" before the message to q leaves, on its own (FIFO) route to the
 owner, so it always arrives before p's own later "-1". q's "-1" may overtake p's "+1" (they
 travel on different connections); with counts, q then sits at -1 and the value survives until
 the "+1" arrives. Julia's set loses that race and frees too early or leaks (julia#11731).
+So a value, once freed, is never wanted again: every count message for it is a bug.
+
+Three races this rests on (each has a test in test_refs.py):
+- p's "-1" must not overtake its "+1 for q": p may be giving its count back (its Future just
+  got its value) while another thread pickles the Future as a reference. The pickler *pins*
+  the Future; a pinned Future keeps its count until the "+1 for q" has been sent. Also when q
+  is the owner itself: it is counted by the same "+1" message, not on arrival (on arrival,
+  p's release could already have freed the value).
+- A reference that arrives again while the process's object for it is being released must
+  get a new object: `__del__` would run with the object still reachable through a weak
+  dictionary, so the arrival could revive it, and add to a count `__del__` gives back
+  (freed too early) or that nobody gives back (leaked). Weak-reference callbacks run only
+  once the object can no longer be reached.
+- A pushed result may hold references, counted for us by the worker when it pushed. It is
+  unpickled even when its Future is gone here, so that those counts are given back.
 
 A `remotecall` Future also gets its result pushed by the worker as soon as the call ends (the
 value when it is small, else just "done"), so `fetch`, `isready` and `wait` of a finished call
@@ -24,6 +41,7 @@ import queue
 import threading
 import time
 import weakref
+from _weakref import _remove_dead_weakref
 from typing import Any, Callable, Iterator, NamedTuple
 
 from . import protocol, serialization
@@ -174,21 +192,55 @@ def on_refs(conn, msg: protocol.Message):
 
 
 # ==================================================================== holder side: count deltas
-_client_refs: "weakref.WeakValueDictionary[RRID, Future | RemoteChannel]" = weakref.WeakValueDictionary()
 _deltas: "queue.SimpleQueue[tuple | None]" = queue.SimpleQueue()
+
+
+class _ClientRef(weakref.ref):
+    """This process's weak reference to its object for a reference, carrying this process's
+    count on the owner (changed under the object's lock); given back by `_released` once the
+    object is gone. Unlike `__del__`, the callback runs when nothing can reach the object any
+    more, so no other thread can revive it meanwhile (see the module docstring)."""
+
+    __slots__ = ("where", "rrid", "count")
+
+
+def _released(ref: _ClientRef, _put=_deltas.put, _remove=_remove_dead_weakref) -> None:
+    """The object of `ref` is gone: give its count back; forget it (unless a new object
+    for the same reference has taken its place meanwhile)."""
+    try:
+        if ref.count > 0:
+            _put((ref.where, ref.rrid, _pid(), -ref.count))
+        _remove(_client_refs, ref.rrid)
+    except Exception:  # at interpreter exit, module globals may be gone
+        pass
+
+
+def _pid() -> int:
+    return PGRP.id
+
+
+# RRID -> the weak reference to this process's object for it (one object per reference).
+_client_refs: "dict[RRID, _ClientRef]" = {}
+
+
+def _local(rrid: RRID) -> "Future | RemoteChannel | None":
+    """This process's live object for `rrid`, if any (never one that is being released)."""
+    ref = _client_refs.get(rrid)
+    return None if ref is None else ref()
+
 _flusher: threading.Thread | None = None
 _flusher_lock = threading.Lock()
 
 
 def _queue_delta(where: int, rrid: RRID, pid: int, delta: int) -> None:
-    """Queue a count change for the owner. Safe from `__del__`, also at interpreter exit:
-    SimpleQueue.put is reentrant, and nothing here starts a thread."""
+    """Queue a count change for the owner. Safe from finalizers and weak-reference callbacks,
+    also at interpreter exit: SimpleQueue.put is reentrant, and nothing here starts a thread."""
     _deltas.put((where, rrid, pid, delta))
 
 
 def _start_flusher() -> None:
     """Start the thread that sends queued count changes (once, when the first reference is
-    made: never from `__del__`, which may run while the interpreter is shutting down)."""
+    made: never from a release, which may run while the interpreter is shutting down)."""
     global _flusher
     with _flusher_lock:
         if _flusher is None:
@@ -287,7 +339,7 @@ class AbstractRemoteRef:
     """What a Future and a RemoteChannel share: an owner (`where`), an RRID, and this
     process's count on the owner, given back when the reference is dropped."""
 
-    __slots__ = ("where", "whence", "id", "_lock", "_count", "__weakref__")
+    __slots__ = ("where", "whence", "id", "_lock", "_held", "__weakref__")
 
     def _init_ref(self, where: int, rrid: RRID, count: int) -> None:
         if _flusher is None:
@@ -295,8 +347,9 @@ class AbstractRemoteRef:
         self.where = where
         self.whence, self.id = rrid
         self._lock = threading.Lock()
-        self._count = count
-        _client_refs[rrid] = self
+        held = self._held = _ClientRef(self, _released)
+        held.where, held.rrid, held.count = where, rrid, count
+        _client_refs[rrid] = held
 
     @property
     def rrid(self) -> RRID:
@@ -308,13 +361,6 @@ class AbstractRemoteRef:
     def __hash__(self) -> int:
         return hash((type(self).__name__, self.whence, self.id))
 
-    def __del__(self) -> None:
-        try:
-            if self._count > 0:
-                _queue_delta(self.where, self.rrid, PGRP.id, -self._count)
-        except Exception:
-            pass
-
 
 class Future(AbstractRemoteRef):
     """A write-once value that lives on process `where` (default: this one).
@@ -324,7 +370,7 @@ class Future(AbstractRemoteRef):
     awaited (`await fut`) and accept completion callbacks.
     """
 
-    __slots__ = ("_state", "_value", "_latch", "_callbacks", "_watching")
+    __slots__ = ("_state", "_value", "_latch", "_callbacks", "_watching", "_pins")
 
     def __init__(self, pid: int | None = None):
         rrid = _new_rrid()
@@ -347,6 +393,7 @@ class Future(AbstractRemoteRef):
             self._latch.acquire()
         self._callbacks: list | None = None
         self._watching = False
+        self._pins = 0  # messages being pickled that send this Future as a reference
         self._init_ref(where, rrid, count)
 
     def __repr__(self) -> str:
@@ -372,8 +419,9 @@ class Future(AbstractRemoteRef):
             self._state = state
             self._value = value
             release = 0
-            if state in (_VALUE, _ERROR) and self._count > 0:
-                release, self._count = self._count, 0
+            held = self._held
+            if state in (_VALUE, _ERROR) and held.count > 0 and not self._pins:
+                release, held.count = held.count, 0  # (pinned: `_unpin` gives it back)
             callbacks = self._callbacks if was_pending else None
             if was_pending:
                 self._callbacks = None
@@ -387,6 +435,18 @@ class Future(AbstractRemoteRef):
                 cb(self)
             except Exception:
                 logging.getLogger("pydist").exception("pydist: error in a Future done-callback")
+
+    def _unpin(self) -> None:
+        """A message that sends this Future as a reference has been counted for (or will not
+        be sent): give back the count `_complete` kept for it meanwhile."""
+        with self._lock:
+            self._pins -= 1
+            release = 0
+            held = self._held
+            if not self._pins and self._state in (_VALUE, _ERROR) and held.count > 0:
+                release, held.count = held.count, 0
+        if release and not isinstance(self._value, ProcessExitedException):
+            _queue_delta(self.where, self.rrid, PGRP.id, -release)
 
     def _result(self) -> Any:
         if self._state == _ERROR:
@@ -538,35 +598,53 @@ def _put_ref(rrid: RRID, value: Any) -> None:
 
 
 def _reduce_future(fut: Future, pickler: Any):
-    if fut._state in (_VALUE, _ERROR):
-        return (_rebuild_future, (fut.where, fut.whence, fut.id, fut._state, fut._value))
-    _note_new_client(fut, pickler)
+    with fut._lock:  # decide and pin at once: `_complete` then keeps our count (see _pin)
+        if fut._state in (_VALUE, _ERROR):
+            return (_rebuild_future, (fut.where, fut.whence, fut.id, fut._state, fut._value))
+        if pickler.dest is not None:
+            fut._pins += 1
+    if pickler.dest is not None:
+        _note_new_client(fut, pickler, fut._unpin)
     return (_rebuild_future, (fut.where, fut.whence, fut.id, _PENDING, None))
 
 
-def _note_new_client(ref: "Future | RemoteChannel", pickler: Any) -> None:
-    """A pending reference is being sent to `pickler.dest`: the owner gets +1 for it."""
+def _note_new_client(ref: "Future | RemoteChannel", pickler: Any,
+                     unpin: Callable[[], None] | None = None) -> None:
+    """A pending reference is being sent to `pickler.dest`: once the message has pickled,
+    the owner gets "+1 for dest" before the message leaves, by the route our own later
+    count changes take (also when dest is the owner: counting on arrival would be too late,
+    see the module docstring). Then `unpin` lets the Future give its own count back."""
     dest = pickler.dest
-    if dest is None or dest == ref.where:
-        return  # an owner counts itself when the reference arrives
+    if dest is None:
+        return
     where, rrid = ref.where, ref.rrid
     if where == PGRP.id:
-        action = lambda: STORE.apply(rrid, dest, +1)  # noqa: E731
+        count = lambda: STORE.apply(rrid, dest, +1)  # noqa: E731
     else:
-        action = lambda: _send_deltas(where, [(rrid.whence, rrid.id, dest, +1)])  # noqa: E731
-    pickler.context.setdefault("after", []).append(action)
+        count = lambda: _send_deltas(where, [(rrid.whence, rrid.id, dest, +1)])  # noqa: E731
+    context = pickler.context
+    if unpin is None:
+        context.setdefault("after", []).append(count)
+        return
+
+    def after() -> None:
+        try:
+            count()
+        finally:
+            unpin()
+
+    context.setdefault("after", []).append(after)
+    context.setdefault("discard", []).append(unpin)  # not sent after all: nothing to count
 
 
 def _arrived(ref_cls: type, where: int, rrid: RRID) -> Any:
     """Count this process as a client of a pending reference that just arrived; return the
     local object (the existing one, if we already hold this reference)."""
-    if where == PGRP.id:
-        STORE.apply(rrid, PGRP.id, +1)
-    existing = _client_refs.get(rrid)
+    existing = _local(rrid)  # (the sender has counted us already, also if we are the owner)
     if existing is not None and type(existing) is ref_cls:
         with existing._lock:
             if getattr(existing, "_state", _PENDING) not in (_VALUE, _ERROR):
-                existing._count += 1
+                existing._held.count += 1
                 return existing
         _queue_delta(where, rrid, PGRP.id, -1)  # already fetched here: give it back
         return existing
@@ -576,7 +654,7 @@ def _arrived(ref_cls: type, where: int, rrid: RRID) -> Any:
 def _rebuild_future(where: int, whence: int, id_: int, state: int, value: Any) -> Future:
     rrid = RRID(whence, id_)
     if state in (_VALUE, _ERROR):
-        existing = _client_refs.get(rrid)
+        existing = _local(rrid)
         if isinstance(existing, Future):
             existing._complete(state, value)
             return existing
@@ -592,9 +670,16 @@ serialization.register_reducer(Future, _reduce_future)
 
 def on_push(conn, msg: protocol.Message):
     """A remotecall we made has finished on its worker."""
-    fut = _client_refs.get(RRID(msg.a, msg.b))
-    if not isinstance(fut, Future):
-        return None  # dropped already; its __del__ released our count
+    fut = _local(RRID(msg.a, msg.b))
+    if not isinstance(fut, Future):  # dropped already (its release gave our count back)
+        if not msg.flags & protocol.FLAG_NOVALUE:
+            # The worker counted us for the references the value holds: unpickled and let
+            # go, they give those counts back.
+            try:
+                serialization.loads(msg.body, msg.buffers)
+            except BaseException:
+                pass
+        return None
     if msg.flags & protocol.FLAG_NOVALUE:
         fut._complete(_REMOTE_DONE, None)
         return None
@@ -617,7 +702,8 @@ def worker_lost(pid: int, state: Any) -> None:
     """Fail every Future owned by `pid` still waiting here; drop `pid` from our counts."""
     STORE.remove_pid(pid)
     lost = exited(pid)
-    for ref in list(_client_refs.values()):
+    for held in list(_client_refs.values()):
+        ref = held()
         if isinstance(ref, Future) and ref.where == pid and ref._state in (_PENDING, _REMOTE_DONE):
             ref._complete(_ERROR, lost)
 

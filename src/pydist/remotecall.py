@@ -118,6 +118,7 @@ def _finish(conn: Connection, rrid: RRID, cell: _Cell, ok: bool, value: Any) -> 
     try:
         body, buffers, context = serialization.dumps(value, dest=dest)
         if buffers or len(body) > PUSH_LIMIT:
+            serialization.discard(context)  # kept here: references in it are not sent
             flags, body = protocol.FLAG_NOVALUE, b""
         else:
             serialization.run_after(context)

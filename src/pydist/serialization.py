@@ -10,7 +10,8 @@ writes them to the socket without copying them into the pickle stream.
 
 Types that must know where they are going (Futures and RemoteChannels update the distributed
 reference count) register a reducer with `register_reducer`; it may queue work in
-`pickler.context["after"]`, run only once the whole message has pickled.
+`pickler.context["after"]`, run only once the whole message has pickled and is certain to be
+sent, and undo it in `pickler.context["discard"]`, run instead when it will not be (`discard`).
 
 Code sent by value keeps its file name and takes its source lines along (see
 `_reduce_code`), so that a remote traceback shows where the code came from and what it says.
@@ -340,6 +341,9 @@ def _dump(pickler_cls: Any, obj: Any, dest: int | None, oob: bool):
         p.dump(obj)
         body = slot.file.getvalue()
         buffers = slot.buffers
+    except BaseException:
+        discard(context)  # (also before the retry with cloudpickle: its reducers run again)
+        raise
     finally:
         p.clear_memo()
         globals_ref = getattr(p, "globals_ref", None)  # cloudpickle's, keyed by id(): per pickle
@@ -364,8 +368,17 @@ def dumps(obj: Any, dest: int | None = None, oob: bool = True) -> tuple[bytes, l
 
 
 def run_after(context: dict) -> None:
-    """Run what the reducers queued for after a successful pickling."""
+    """Run what the reducers queued for after a successful pickling (for a message that is
+    certain to be sent; else call `discard`)."""
+    context.pop("discard", None)
     for fn in context.get("after", ()):
+        fn()
+
+
+def discard(context: dict) -> None:
+    """Undo what the reducers did for a pickling whose message will not be sent (run by
+    `dumps` itself when pickling fails)."""
+    for fn in context.pop("discard", ()):
         fn()
 
 
