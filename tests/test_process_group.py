@@ -185,6 +185,31 @@ def test_startup_output_is_shown(tmp_path, fresh_workers, capsys):
     assert "From worker startup:\tstarting up" in capsys.readouterr().out
 
 
+def test_a_failed_launch_uses_up_no_worker_id_and_says_its_output_once(tmp_path, fresh_workers,
+                                                                        capfd):
+    """Ids are given to workers that join: those of launches that failed before joining are
+    used by the next workers, and calls to them say no such process exists. The failed
+    worker's output is in the error, not printed as well."""
+    from pydist.group import PGRP
+
+    exe = _script(tmp_path, "dies.sh", "echo 'boom: cannot start'\nexit 3\n")
+    next_before = PGRP.next_pid
+    with pytest.raises(pydist.ExceptionGroup) as info:
+        pydist.addprocs(2, exename=exe)
+    assert all("boom: cannot start" in str(e) for e in info.value.exceptions)
+    assert "boom" not in capfd.readouterr().out
+    assert set(range(next_before, PGRP.next_pid)) <= PGRP.unused_pids  # all given back
+    free = sorted(PGRP.unused_pids) + [PGRP.next_pid, PGRP.next_pid + 1]
+    with pytest.raises(ValueError, match=f"no process with id {free[0]} exists"):
+        pydist.remotecall_fetch(pydist.myid, free[0])
+    assert sorted(fresh_workers(2)) == free[:2]
+
+
+def test_a_bare_string_is_not_taken_for_a_machine_list():
+    with pytest.raises(TypeError, match=r"addprocs\(\['node1'\]\)"):
+        pydist.addprocs("node1")
+
+
 def test_several_failures_are_grouped(tmp_path):
     exe = _script(tmp_path, "dies.sh", "exit 1\n")
     with pytest.raises(pydist.ExceptionGroup) as info:

@@ -242,7 +242,10 @@ def addprocs(target: int | list | ClusterManager | None = None, **kw: Any) -> li
         manager: ClusterManager = LocalManager(n, restrict=kw.pop("restrict", True))
     elif isinstance(target, ClusterManager):
         manager = target
-    elif isinstance(target, (list, tuple, str)):
+    elif isinstance(target, str):
+        raise TypeError(f"addprocs: machines are given as a list, got the string {target!r} "
+                        f"(for SSH workers on that host: addprocs([{target!r}]))")
+    elif isinstance(target, (list, tuple)):
         _check_keywords(kw, _SSH_KEYWORDS)
         from .managers.ssh import SSHManager  # on first use: it keeps `import pydist` light
 
@@ -472,10 +475,10 @@ def name_additional(ospid: int, pid: int) -> None:
 def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) -> int:
     pg = PGRP
     with pg.lock:
-        pid = pg.next_pid
-        pg.next_pid += 1
+        pid = pg.new_pid()
         w = Worker(pid, manager, config)
         pg.workers[pid] = w
+    joining = False  # once JOIN is sent the worker knows its id: it is never given back
     timeout = params["timeout"]
     try:
         with launch_timeout(timeout):
@@ -506,6 +509,7 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
             "heartbeat_timeout": params["heartbeat_timeout"],
         }
         sid, slot = new_slot(pid)
+        joining = True
         conn.send(protocol.encode_frame(protocol.JOIN, serialization.dumps_inline(join_params), a=sid))
         if not slot.wait(timeout):
             SLOTS.pop(sid, None)
@@ -520,10 +524,13 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
         manager.manage(pid, config, "register")
         return pid
     except BaseException as e:
-        with pg.lock:
-            pg.workers.pop(pid, None)
-            pg.deleted.add(pid)
-            pg.changed.notify_all()
+        if joining:
+            with pg.lock:
+                pg.workers.pop(pid, None)
+                pg.deleted.add(pid)
+                pg.changed.notify_all()
+        else:
+            pg.give_back_pid(pid)
         w.connected.set()
         if w.conn is not None:
             w.conn.close()

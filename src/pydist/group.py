@@ -72,6 +72,7 @@ class ProcessGroup:
         self.lazy: bool | None = None
         self.cookie = secrets.token_hex(16)
         self.next_pid = 2
+        self.unused_pids: set[int] = set()  # given to launches that failed before joining
         self.launch_lock = threading.Lock()  # one addprocs/rmprocs at a time
         self.removed_listeners: list[Callable[[int, WorkerState], None]] = []
         self.added_listeners: list[Callable[[int], None]] = []
@@ -113,6 +114,25 @@ class ProcessGroup:
             w.state = WorkerState.connected
             self.changed.notify_all()
         w.connected.set()
+
+    def new_pid(self) -> int:
+        """The id for a worker being set up: the lowest one a failed launch gave back, else
+        the next new one. (Ids of workers that joined are never reused.)"""
+        with self.lock:
+            if self.unused_pids:
+                pid = min(self.unused_pids)
+                self.unused_pids.discard(pid)
+                return pid
+            pid = self.next_pid
+            self.next_pid += 1
+            return pid
+
+    def give_back_pid(self, pid: int) -> None:
+        """A launch failed before its worker learned `pid` (before JOIN): nobody knows it."""
+        with self.lock:
+            self.workers.pop(pid, None)
+            self.unused_pids.add(pid)
+            self.changed.notify_all()
 
     # ---------------------------------------------------------------- losing a worker
     def mark_terminating(self, pid: int) -> "Worker | None":

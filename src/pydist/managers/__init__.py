@@ -131,8 +131,9 @@ _MAX_STARTUP_LINES = 1000
 class WorkerOutput:
     """Relays a worker's stdout to ours, after finding its `pydist_worker:<port>#<addr>` line.
 
-    Lines before the address line are kept (for the error message if the worker fails) and
-    echoed as startup output; later lines are printed as ``"      From worker N:\\t<line>"``.
+    Lines before the address line are kept, and echoed as startup output once the address
+    line has come (if it never does, they are in the launch error instead: said once);
+    later lines are printed as ``"      From worker N:\\t<line>"``.
     The thread ends when the worker closes its stdout (it exits).
     """
 
@@ -170,12 +171,13 @@ class WorkerOutput:
                 if self.address is None:
                     m = ADDRESS_LINE.match(raw.rstrip(b"\n"))
                     if m:
+                        for text in self.startup:
+                            self._emit(text)
                         self.address = (m.group(2).decode(), int(m.group(1)))
                         self.found.set()
                         continue
                     text = raw.decode(errors="replace").rstrip("\r\n")
                     self.startup.append(text)
-                    self._emit(text)
                     if len(self.startup) >= _MAX_STARTUP_LINES:
                         self.too_chatty = True
                         self.found.set()
