@@ -5,7 +5,9 @@ at a time (with the next already queued there, see "pipelined maps" below); resu
 back in input order. `on_error`, `retry_delays` and
 `retry_check` behave as in Julia: with `batch_size=1` the `on_error` handler runs on the
 worker and retries run on the caller; with batches, failed elements are retried one by one
-and `on_error` runs on the caller.
+and `on_error` runs on the caller. An element whose worker dies fails with
+`ProcessExitedException`: it is retried elsewhere, or (beyond Julia, for `batch_size=1`)
+given to `on_error` on the caller, or stops the map; the dead worker gets nothing more.
 
 A pmap never deadlocks when nested: a process that is itself running a remote call and finds
 no free worker runs the element itself instead of waiting (it is a worker of the outer map,
