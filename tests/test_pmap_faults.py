@@ -244,3 +244,17 @@ def test_a_worker_killed_mid_map_without_retries_raises_promptly(fresh_workers, 
     out, victim, _ = map_and_kill(fresh_workers, tmp_path, WorkerPool, batch_size=batch_size)
     assert isinstance(out, ProcessExitedException), repr(out)
     assert out.worker_id == victim
+
+
+@pytest.mark.timeout(60)
+def test_a_lane_runs_what_waits_behind_an_element_that_never_arrives(two_workers):
+    """Element 0 of a lane never arrives (its call failed on the way): once the caller
+    cancels it, element 1, queued behind it, runs."""
+    lanes = sys.modules["pydist.pmap"]  # `pydist.pmap` is the function
+    w = two_workers[0]
+    queued = pydist.remotecall(lanes._lane_run, w, "gap-lane", 1, tenfold, (4,))
+    time.sleep(0.5)
+    assert not queued.isready()  # waiting for element 0
+    pydist.remote_do(lanes._lane_cancel, w, "gap-lane", 0)
+    assert queued.fetch(timeout=30) == 40
+    pydist.remote_do(lanes._lane_close, w, "gap-lane")
