@@ -5,7 +5,9 @@ at a time (with the next already queued there, see "pipelined maps" below); resu
 back in input order. `on_error`, `retry_delays` and
 `retry_check` behave as in Julia: with `batch_size=1` the `on_error` handler runs on the
 worker and retries run on the caller; with batches, failed elements are retried one by one
-and `on_error` runs on the caller.
+and `on_error` runs on the caller. An element whose worker dies fails with
+`ProcessExitedException`: it is retried elsewhere, or (beyond Julia, for `batch_size=1`)
+given to `on_error` on the caller, or stops the map; the dead worker gets nothing more.
 
 A pmap never deadlocks when nested: a process that is itself running a remote call and finds
 no free worker runs the element itself instead of waiting (it is a worker of the outer map,
@@ -26,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .calls import in_remote_call, run_user_call, take_reply
 from .cluster import myid, workers
-from .exceptions import RemoteException, SerializationError
+from .exceptions import ProcessExitedException, RemoteException, SerializationError
 from .remotecall import remote_do, remotecall, remotecall_fetch
 from .threads import LEND_SECONDS, POOL
 from .workerpool import AbstractWorkerPool, CachingPool
@@ -347,7 +349,11 @@ def _run_lane(lane: _Lane) -> None:
 
 
 def _lane_cancel(key: str, seq: int) -> bool:
-    """On the worker: take element `seq` of lane `key` back; False if it has started."""
+    """On the worker: take element `seq` of lane `key` back; False if it has started.
+
+    Also how the caller tells a lane that element `seq` will never arrive (its call failed
+    before reaching the lane: it could not be unpickled here): the elements queued behind it
+    then run, in a pool thread, instead of waiting for it forever."""
     lane = _lane(key)
     with lane.lock:
         if seq < lane.turn:
@@ -355,8 +361,14 @@ def _lane_cancel(key: str, seq: int) -> bool:
         lane.cancelled.add(seq)
         item = lane.queued.pop(seq, None)
         lane.wake()
+        start = not lane.running and bool(lane.queued)
+        if start:
+            lane.running = True
     if item is not None:
         item[2](True, _CANCELLED)
+    if start and not POOL.submit(functools.partial(_run_lane, lane)):
+        with lane.lock:
+            lane.running = False  # the runtime is stopping: nothing runs any more
     return True
 
 
@@ -381,13 +393,20 @@ _lane_ids = itertools.count()
 
 
 class _Slot:
-    """An element in flight: its index, the worker and lane sequence number, its Future."""
+    """An element in flight: its index, the worker and lane sequence number, its Future, and
+    what the pool prepared for it (`_prepare`'s lead)."""
 
-    __slots__ = ("index", "worker", "seq", "future", "stolen")
+    __slots__ = ("index", "worker", "seq", "future", "lead", "stolen")
 
-    def __init__(self, index: int, worker: int, seq: int, future: Any) -> None:
+    def __init__(self, index: int, worker: int, seq: int, future: Any, lead: tuple) -> None:
         self.index, self.worker, self.seq, self.future = index, worker, seq, future
+        self.lead = lead
         self.stolen = False
+
+
+def _worker_died(exc: BaseException) -> bool:
+    """`exc` says the worker of the call is gone (not a remote call that failed with it)."""
+    return isinstance(exc, ProcessExitedException) and not isinstance(exc, RemoteException)
 
 
 def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress: _Progress,
@@ -395,9 +414,11 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                    on_failure: Callable[[Any, BaseException], Any] | None = None) -> list:
     """Results of `fn(*item)` for each item, in order, run on the pool's workers with
     PIPELINE_DEPTH calls in flight per worker (see `_Lane`). A failure becomes
-    `on_failure(item, exc)`, or (without it) stops the map: calls not yet started are taken
-    back, and the error is raised once the others have finished. A worker goes back to the
-    pool as soon as it has nothing left to do."""
+    `on_failure(item, exc)`, or (without it, or if that raises) stops the map: calls not yet
+    started are taken back, and the error is raised once the others have finished. A worker
+    goes back to the pool as soon as it has nothing left to do; one that dies is never sent
+    anything again (its calls fail with ProcessExitedException; an element not yet sent to
+    it goes to another worker)."""
     results: list = [None] * len(items)
     if not items:
         return results
@@ -406,10 +427,28 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
     inflight: dict[int, list[_Slot]] = {}  # the workers held -> their calls, oldest first
     next_seq: dict[int, int] = {}
     used: set[int] = set()
+    lost: set[int] = set()  # workers held that died: their calls fail, nothing more is sent
     wanted = max(1, pool.nworkers())
     todo = 0  # the next index to send
+    unsent: collections.deque[int] = collections.deque()  # to send again: their worker died
     pending = 0  # calls whose Future has not been handled yet
     errors: list[BaseException] = []
+
+    def has_work() -> bool:
+        return todo < len(items) or bool(unsent)
+
+    def next_index() -> int:
+        nonlocal todo
+        if unsent:
+            return unsent.popleft()
+        todo += 1
+        return todo - 1
+
+    def lose(w: int) -> None:
+        """`w` died: hold it only until its calls have failed, and never send to it again."""
+        lost.add(w)
+        if not inflight.get(w, True):
+            del inflight[w]
 
     def send(w: int, index: int) -> None:
         nonlocal pending
@@ -420,27 +459,33 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
         except SerializationError:
             pool._unprepare(w, fn)  # nothing was sent
             raise
+        except ProcessExitedException:  # `w` has just died: the element goes elsewhere
+            pool._call_failed(w, fn, lead)
+            unsent.appendleft(index)
+            lose(w)
+            return
         next_seq[w] = seq + 1  # only once sent: a lane waits for every number handed out
-        slot = _Slot(index, w, seq, fut)
+        slot = _Slot(index, w, seq, fut, lead)
         inflight[w].append(slot)
         pending += 1
         fut.add_done_callback(lambda _: done.put(slot))
 
     def fill() -> None:
-        nonlocal todo
-        while todo < len(items):
-            if len(inflight) < wanted:
-                w = pool.try_take() if inflight or pending else pool.take()
-                if w is not None:
+        while has_work():
+            live = [w for w in inflight if w not in lost]
+            if len(live) < wanted:
+                # Wait for a worker only when there is nothing else to wait for.
+                w = pool.try_take() if live or pending else pool.take()
+                if w is not None and w not in lost and w not in inflight:
                     inflight[w] = []
                     used.add(w)
-            free = [w for w, calls in inflight.items() if len(calls) < PIPELINE_DEPTH]
+            free = [w for w, calls in inflight.items()
+                    if w not in lost and len(calls) < PIPELINE_DEPTH]
             if not free:
                 return
             for w in free:
-                while todo < len(items) and len(inflight[w]) < PIPELINE_DEPTH:
-                    todo += 1
-                    send(w, todo - 1)
+                while w not in lost and has_work() and len(inflight[w]) < PIPELINE_DEPTH:
+                    send(w, next_index())
 
     def take_back(slot: _Slot) -> bool:
         """Cancel `slot`, queued behind a running call; True if it will not run."""
@@ -451,11 +496,13 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
         if taken:
             slot.stolen = True
             inflight[slot.worker].remove(slot)
+            pool._call_failed(slot.worker, fn, slot.lead, started=False)
         return taken
 
     def move_queued_call_to(idle: int) -> bool:
         """The input is used up: give `idle` a call still queued behind a running one."""
-        victim = max(inflight.values(), key=len)
+        queues = [calls for w, calls in inflight.items() if w not in lost]
+        victim = max(queues, key=len)
         if len(victim) < 2:
             return False
         slot = victim[-1]
@@ -464,30 +511,59 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
         send(idle, slot.index)
         return True
 
+    def failed(slot: _Slot, e: BaseException) -> None:
+        """`slot`'s call failed with `e`."""
+        nonlocal todo
+        w = slot.worker
+        pool._call_failed(w, fn, slot.lead)
+        died = _worker_died(e)
+        if died:
+            lose(w)
+        handled = False
+        if on_failure is not None:
+            try:
+                results[slot.index] = on_failure(items[slot.index], e)
+                progress.update(weight(items[slot.index]))
+                handled = True
+            except BaseException as raised:
+                e = raised
+        if not handled:
+            if not errors:  # stop: take back what has not started
+                todo = len(items)
+                unsent.clear()
+                for held, calls in list(inflight.items()):
+                    if held not in lost:
+                        for queued in list(calls):
+                            take_back(queued)
+            errors.append(e)
+        if not died:
+            # If the call failed before reaching its lane (it could not be unpickled there),
+            # the lane must not wait for it: the calls queued behind it would wait forever.
+            try:
+                remote_do(_lane_cancel, w, key, slot.seq)
+            except Exception:
+                pass  # gone: its calls fail anyway
+
     try:
-        fill()
-        while pending:
-            slot = done.get()
+        while True:
+            if has_work():
+                fill()
+            if not pending:
+                break
+            slot = done.get()  # each call is answered, or fails when its worker is lost
             pending -= 1
             if slot.stolen:
                 continue  # it did not run: it was sent elsewhere, or the map failed
-            inflight[slot.worker].remove(slot)
+            calls = inflight[slot.worker]
+            calls.remove(slot)
             try:
                 results[slot.index] = slot.future.fetch()
                 progress.update(weight(items[slot.index]))
             except BaseException as e:
-                if on_failure is not None:
-                    results[slot.index] = on_failure(items[slot.index], e)
-                    progress.update(weight(items[slot.index]))
-                else:
-                    if not errors:  # stop: take back what has not started
-                        todo = len(items)
-                        for calls in list(inflight.values()):
-                            for queued in calls[1:]:
-                                take_back(queued)
-                    errors.append(e)
-            if todo < len(items):
-                fill()
+                failed(slot, e)
+            if slot.worker in lost and not calls:
+                inflight.pop(slot.worker, None)
+            if has_work():
                 continue
             for w in [w for w, calls in inflight.items() if not calls]:
                 if errors or not move_queued_call_to(w):
@@ -495,8 +571,9 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                     pool.put(w)
     finally:
         for w in list(inflight):
-            pool.put(w)
-        for w in used:
+            if w not in lost:
+                pool.put(w)
+        for w in used - lost:
             try:
                 remote_do(_lane_close, w, key)
             except Exception:
@@ -552,8 +629,17 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
 def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers, progress,
                   lend):
     apply = _Apply(f, on_error)
+    died = None
+    if on_error is not None and distributed:
+        def died(args: tuple, e: BaseException) -> Any:
+            """on_error runs where f ran, except for an element whose worker died (after
+            any retries): then it runs here."""
+            if _worker_died(e):
+                return on_error(e)
+            raise e
+
     if distributed and not lend and not delays:
-        return _pipelined_map(pool, apply, items, progress)
+        return _pipelined_map(pool, apply, items, progress, on_failure=died)
     if distributed:
         def run(args: tuple) -> Any:
             return _run_on_pool(pool, apply, args, lend)
@@ -562,6 +648,15 @@ def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers
             return apply(*args)
     if delays:
         run = _with_retries(run, delays, check)
+    if died is not None:
+        attempt = run
+
+        def run(args: tuple) -> Any:
+            try:
+                return attempt(args)
+            except Exception as e:
+                return died(args, e)
+
     return _parallel_map(run, items, nworkers if distributed else 1, progress)
 
 

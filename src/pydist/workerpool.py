@@ -21,7 +21,7 @@ from .calls import call_fetch
 from .cluster import procs
 from .group import PGRP
 from .exceptions import SerializationError
-from .refs import RemoteChannel
+from .refs import _ERROR, RemoteChannel
 from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
 
 __all__ = [
@@ -82,6 +82,11 @@ class AbstractWorkerPool(ABC):
     def _unprepare(self, w: int, f: Callable) -> None:
         """What `_prepare(w, f)` gave was never sent (pickling failed): forget it."""
 
+    def _call_failed(self, w: int, f: Callable, lead: tuple, started: bool = True) -> None:
+        """A call sent to `w` with `_prepare(w, f)`'s `lead` failed (or, `started=False`,
+        was taken back before it ran): what later calls rely on may be missing there (a
+        cache that call was to fill)."""
+
     def _call_on(self, w: int, f: Callable, args: tuple, kwargs: dict) -> Any:
         """Run `f` on `w`, a worker already taken from this pool."""
         g, lead = self._prepare(w, f)
@@ -89,6 +94,9 @@ class AbstractWorkerPool(ABC):
             return remotecall_fetch(g, w, *lead, *args, **kwargs)
         except SerializationError:
             self._unprepare(w, f)  # not sent: the next call must send `f` again
+            raise
+        except BaseException:
+            self._call_failed(w, f, lead)
             raise
 
     def _remotecall_fetch(self, f: Callable, args: tuple, kwargs: dict) -> Any:
@@ -100,13 +108,25 @@ class AbstractWorkerPool(ABC):
 
     def _remotecall(self, f: Callable, args: tuple, kwargs: dict):
         w = self.take()
+        g, lead = f, ()
         try:
             g, lead = self._prepare(w, f)
             fut = remotecall(g, w, *lead, *args, **kwargs)
-        except BaseException:
+        except SerializationError:
+            self._unprepare(w, f)
             self.put(w)
             raise
-        fut.add_done_callback(lambda _: self._give_back_later(w))
+        except BaseException:
+            self._call_failed(w, f, lead)
+            self.put(w)
+            raise
+
+        def done(fut: Any) -> None:
+            if fut._state == _ERROR:  # (a failure pushed as "done" only is not seen here)
+                self._call_failed(w, f, lead)
+            self._give_back_later(w)
+
+        fut.add_done_callback(done)
         return fut
 
     def _give_back_later(self, w: int) -> None:
@@ -117,7 +137,17 @@ class AbstractWorkerPool(ABC):
         w = self.take()
         try:
             g, lead = self._prepare(w, f)
+        except BaseException:
+            self.put(w)
+            raise
+        try:
             return remotecall_wait(g, w, *lead, *args, **kwargs)
+        except SerializationError:
+            self._unprepare(w, f)
+            raise
+        except BaseException:
+            self._call_failed(w, f, lead)
+            raise
         finally:
             self.put(w)
 
@@ -125,7 +155,17 @@ class AbstractWorkerPool(ABC):
         w = self.take()
         try:
             g, lead = self._prepare(w, f)
+        except BaseException:
+            self.put(w)
+            raise
+        try:
             remote_do(g, w, *lead, *args, **kwargs)
+        except SerializationError:
+            self._unprepare(w, f)
+            raise
+        except BaseException:
+            self._call_failed(w, f, lead)
+            raise
         finally:
             self.put(w)
 
@@ -338,6 +378,20 @@ class CachingPool(WorkerPool):
             if entry is not None and entry[0] is f:
                 del self._cache[(w, id(f))]
 
+    def _call_failed(self, w: int, f: Callable, lead: tuple, started: bool = True) -> None:
+        """Forget `f`'s cache channel on `w` if the call that was to fill it failed or did
+        not run (it could not be unpickled there, its worker died, it was taken back), so
+        that the next call sends `f` again. A failed call that only used the channel forgets
+        it too (it may have found it empty); one taken back before it ran does not."""
+        if not lead or not isinstance(lead[-1], RemoteChannel):
+            return  # `f` was not cached (a call to this process)
+        if not started and len(lead) == 1:
+            return  # (rc,): it would only have used the channel
+        with self._cache_lock:
+            entry = self._cache.get((w, id(f)))
+            if entry is not None and entry[0] is f and entry[1] is lead[-1]:
+                del self._cache[(w, id(f))]
+
 
 def _exec_and_cache(f: Callable, rc: RemoteChannel, *args: Any, **kwargs: Any) -> Any:
     """On the worker: keep `f` in the cache channel (owned here), then run it."""
@@ -346,7 +400,13 @@ def _exec_and_cache(f: Callable, rc: RemoteChannel, *args: Any, **kwargs: Any) -
 
 
 def _exec_from_cache(rc: RemoteChannel, *args: Any, **kwargs: Any) -> Any:
-    """On the worker: run the cached function (a local peek, no message)."""
+    """On the worker: run the cached function (a local peek, no message). The call that was
+    to cache it runs before this one on this worker; if it failed before caching (it could
+    not be unpickled here), this fails too rather than wait for a function that never comes
+    (and the pool sends the function again with its next call)."""
+    if not rc.isready():
+        raise RuntimeError(f"CachingPool: the function is not in the cache of worker "
+                           f"{PGRP.id}: the call that was to bring it failed")
     return rc.fetch()(*args, **kwargs)
 
 
