@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 from .calls import call_fetch
 from .cluster import procs
 from .group import PGRP
-from .exceptions import SerializationError
+from .exceptions import InvalidStateError, SerializationError
 from .refs import _ERROR, RemoteChannel
 from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
 
@@ -391,6 +391,14 @@ class CachingPool(WorkerPool):
             entry = self._cache.get((w, id(f)))
             if entry is not None and entry[0] is f and entry[1] is lead[-1]:
                 del self._cache[(w, id(f))]
+        if len(lead) > 1:
+            # The call that was to fill the channel failed: close it, so that calls already
+            # sent that wait on it there fail now (if `f` did arrive, they still read it).
+            # Without waiting: this may run in a connection's reading thread.
+            try:
+                remote_do(RemoteChannel.close, w, lead[-1])
+            except Exception:
+                pass  # the worker is gone: so are the calls waiting there
 
 
 def _exec_and_cache(f: Callable, rc: RemoteChannel, *args: Any, **kwargs: Any) -> Any:
@@ -400,14 +408,16 @@ def _exec_and_cache(f: Callable, rc: RemoteChannel, *args: Any, **kwargs: Any) -
 
 
 def _exec_from_cache(rc: RemoteChannel, *args: Any, **kwargs: Any) -> Any:
-    """On the worker: run the cached function (a local peek, no message). The call that was
-    to cache it runs before this one on this worker; if it failed before caching (it could
-    not be unpickled here), this fails too rather than wait for a function that never comes
-    (and the pool sends the function again with its next call)."""
-    if not rc.isready():
-        raise RuntimeError(f"CachingPool: the function is not in the cache of worker "
-                           f"{PGRP.id}: the call that was to bring it failed")
-    return rc.fetch()(*args, **kwargs)
+    """On the worker: run the cached function (a local peek, no message). It may wait for
+    the call that brings it (calls run concurrently here); if that call failed before
+    caching it (it could not be unpickled here), the pool closes the channel and this fails
+    rather than wait for a function that never comes (the pool's next call sends it again)."""
+    try:
+        f = rc.fetch()
+    except InvalidStateError:
+        raise RuntimeError(f"CachingPool: the function never reached the cache of worker "
+                           f"{PGRP.id}: the call that was to bring it failed") from None
+    return f(*args, **kwargs)
 
 
 # ==================================================================== the default pool
