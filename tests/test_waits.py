@@ -223,3 +223,32 @@ def test_interrupt_reaches_a_call_blocked_in_a_wait(interruptees, kind):
         arg.put(1)
         arg.put(2)
         assert _drain(arg, 2) == [1, 2]
+
+
+# ==================================================================== channel types without put_front
+@pytest.mark.timeout(120)
+def test_user_channel_type_gets_a_given_up_item_back_at_its_end(fresh_workers):
+    (a,) = fresh_workers(1)
+    rc = RemoteChannel(wh.PlainChannel, a)
+    assert len(rc) == 0
+    with _Stopped(a) as stopped:
+        putter, box = _background(rc.put, 1)  # arrives before the take
+        time.sleep(0.3)
+        _assert_timeout_within(lambda: rc.take(timeout=2), a, "take")
+        stopped.resume()
+        putter.join(GRACE)
+        assert "error" not in box, box
+    wait_until(rc.isready, timeout=GRACE, what="item 1 back in the channel")
+    rc.put(2)
+    assert sorted(_drain(rc, 2)) == [1, 2]  # each once; 1 may now come after 2
+    assert len(rc) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_takers_blocked_take_consumes_nothing_user_channel_type(fresh_workers):
+    (b,) = fresh_workers(1)
+    rc = RemoteChannel(wh.PlainChannel)  # owned by the master
+    _kill_blocked_taker(rc, b)
+    for i in (1, 2, 3):
+        rc.put(i)
+    assert _drain(rc, 3) == [1, 2, 3]

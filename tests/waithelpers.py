@@ -33,3 +33,30 @@ def blocked_in(kind: str, started, arg=None):
         with cond:
             return cond.wait()
     raise ValueError(kind)
+
+
+class PlainChannel:
+    """A user channel type with no `put_front` (and no way to wake its waiters)."""
+
+    def __init__(self):
+        import queue
+
+        self.q = queue.Queue()
+
+    def put(self, v, timeout=None):
+        self.q.put(v)
+        return v
+
+    def take(self, timeout=None):
+        import queue
+
+        try:
+            return self.q.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"take: nothing within {timeout} seconds") from None
+
+    def isready(self):
+        return not self.q.empty()
+
+    def __len__(self):
+        return self.q.qsize()

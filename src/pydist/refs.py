@@ -757,8 +757,10 @@ def worker_lost(pid: int, state: Any) -> None:
     """Fail every Future owned by `pid` still waiting here; drop `pid` from our counts; stop
     the channel operations `pid` was waiting for here (they take nothing more)."""
     STORE.remove_pid(pid)
-    for req in [r for r in list(_requests.values()) if r.key[0] == pid]:
-        req.cancel()
+    for key in [k for k in list(_requests) if k[0] == pid]:
+        req = _requests.pop(key, None)
+        if req is not None:
+            req.cancel()
     lost = ProcessExitedException(pid)
     for ref in list(_client_refs.values()):
         if isinstance(ref, Future) and ref.where == pid and ref._state in (_PENDING, _REMOTE_DONE):
