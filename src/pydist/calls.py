@@ -171,6 +171,8 @@ def _give_up(sid: int, slot: _Slot, late: Callable[[bool, Any], None] | None,
     without one). False if the reply is there after all: the caller uses it."""
     if late is None:
         SLOTS.pop(sid, None)
+        if slot.done:
+            return False
     else:
         # The slot stays: the reply may carry something that must not vanish (a taken item).
         # `_Slot.set` marks it done before it reads its callback, and we set the callback
@@ -178,10 +180,9 @@ def _give_up(sid: int, slot: _Slot, late: Callable[[bool, Any], None] | None,
         hook = _Late(late)
         slot.callback = hook
         with hook.lock:
-            if not slot.done:
-                hook.armed = True
-    if slot.done and (late is None or not hook.armed):
-        return False
+            if slot.done:
+                return False
+            hook.armed = True
     if cancel is not None:
         try:
             cancel()
