@@ -435,3 +435,53 @@ def test_many_producers_and_consumers_deliver_each_item_exactly_once(sz):
             seq = [i for (kk, i) in r if kk == k]
             assert seq == sorted(seq)
     assert ch.isempty()
+
+
+# ==================================================================== giving back, abandoning
+@pytest.mark.parametrize("sz", [0, 1, 3, math.inf])
+def test_put_front_gives_a_value_back_before_the_others_whatever_the_bound(sz):
+    ch = Channel(sz)
+    if sz == 0:
+        putter = Runner(ch.put, "b")
+        wait_until(ch.isready, timeout=RELEASED, what="a waiting putter")
+    else:
+        ch.put("b")
+    ch.put_front("a")  # a full channel takes it too
+    assert len(ch) == 2
+    assert [ch.take(timeout=RELEASED), ch.take(timeout=RELEASED)] == ["a", "b"]
+    if sz == 0:
+        assert putter.value() == "b"
+    ch.put_front("c")
+    ch.close()
+    assert list(ch) == ["c"]
+
+
+@pytest.mark.parametrize("op", ["take", "fetch", "wait"])
+def test_an_abandoned_wait_stops_when_woken_and_takes_nothing(op):
+    from pydist.channel import Abandoned
+
+    ch = Channel(3)
+    gave_up = threading.Event()
+    r = Runner(getattr(ch, "_" + op), None, gave_up.is_set)
+    r.assert_blocked()
+    gave_up.set()
+    ch._wake()
+    assert isinstance(r.error(), Abandoned)
+    ch.put(1)
+    assert ch.take(timeout=RELEASED) == 1
+
+
+@pytest.mark.parametrize("sz", [0, 1])
+def test_an_abandoned_put_is_withdrawn(sz):
+    from pydist.channel import Abandoned
+
+    ch = Channel(sz)
+    if sz:
+        ch.put("x")
+    gave_up = threading.Event()
+    r = Runner(ch._put, "y", None, gave_up.is_set)
+    r.assert_blocked()
+    gave_up.set()
+    ch._wake()
+    assert isinstance(r.error(), Abandoned)
+    assert len(ch) == sz  # "y" is not in it

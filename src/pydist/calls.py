@@ -29,7 +29,7 @@ from .exceptions import (
 from .group import PGRP, Worker
 from .joining import dial_peer
 from .managers import worker_timeout
-from .transport import ConnectionClosed, Connection
+from .transport import ConnectionClosed, Connection, SendTimeout
 
 log = logging.getLogger("pydist")
 
@@ -117,7 +117,7 @@ class _Slot:
     def wait(self, timeout: float | None = None) -> bool:
         if self.done:
             return True
-        if self._latch.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
+        if acquire(self._latch, timeout):
             self._latch.release()
             return True
         return False
@@ -151,11 +151,56 @@ def fail_slots_of(pid: int) -> None:
             fail_slot(sid, lost)
 
 
+class _Late:
+    """The callback of a slot whose caller gave up: hands a reply that lands afterwards to
+    `late(ok, value)`, if the caller really gave up first (`armed`, decided under `lock`)."""
+
+    __slots__ = ("lock", "armed", "late")
+
+    def __init__(self, late: Callable[[bool, Any], None]) -> None:
+        self.lock = threading.Lock()
+        self.armed = False
+        self.late = late
+
+    def __call__(self, slot: _Slot) -> None:
+        with self.lock:
+            armed, self.armed = self.armed, False
+        if armed:
+            self.late(slot.ok, slot.value)
+
+
+def _give_up(sid: int, slot: _Slot, late: Callable[[bool, Any], None] | None,
+             cancel: Callable[[], None] | None) -> bool:
+    """The caller stops waiting for reply `sid` (timeout, interrupt). True if it gave up before
+    the reply landed: then `cancel()` has run, and a later reply goes to `late` (or is dropped
+    without one). False if the reply is there after all: the caller uses it."""
+    if late is None:
+        SLOTS.pop(sid, None)
+        if slot.done:
+            return False
+    else:
+        # The slot stays: the reply may carry something that must not vanish (a taken item).
+        # `_Slot.set` marks it done before it reads its callback, and we set the callback
+        # before we look at `done`: so either we see the reply, or the hook gets it.
+        hook = _Late(late)
+        slot.callback = hook
+        with hook.lock:
+            if slot.done:
+                return False
+            hook.armed = True
+    if cancel is not None:
+        try:
+            cancel()
+        except Exception:
+            log.exception("pydist: could not cancel a request to process %d", slot.pid)
+    return True
+
+
 def on_result(conn: Connection, msg: protocol.Message):
     """RESULT: the reply to request `msg.a` lands in its slot."""
     slot = SLOTS.pop(msg.a, None)
     if slot is None:
-        return None  # the waiter gave up (timeout); drop the late reply
+        return None  # the waiter gave up (timeout) and wants no late reply: drop it
     try:
         value = serialization.loads(msg.body, msg.buffers)
     except BaseException as e:
@@ -279,6 +324,50 @@ def interrupt_running_calls() -> int:
     return n
 
 
+# How often a wait inside a remote call wakes up to let an interrupt through: a thread blocked
+# in a lock or a socket runs no bytecode, so the KeyboardInterrupt that `interrupt` raises in
+# it (PyThreadState_SetAsyncExc) fires only when the wait returns.
+WAIT_SLICE = 0.1
+
+
+def acquire(lock: Any, timeout: float | None = None) -> bool:
+    """`lock.acquire(timeout=timeout)` (None: no bound) that an interrupt reaches: inside a
+    remote call it waits in slices of WAIT_SLICE; elsewhere it is a plain acquire."""
+    if threading.get_ident() not in _running:
+        return lock.acquire(True, -1 if timeout is None else max(timeout, 0))
+    return _sliced(lambda t: lock.acquire(True, t), timeout)
+
+
+def _sliced(wait: Callable[[float], bool], timeout: float | None) -> bool:
+    """`wait(t)` for slices of at most WAIT_SLICE seconds until it returns True, or False once
+    `timeout` seconds have passed; the end of each slice runs bytecode, where a pending
+    interrupt fires."""
+    deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
+    while True:
+        if deadline is None:
+            t = WAIT_SLICE
+        else:
+            t = deadline - time.monotonic()
+            if t <= 0:
+                return wait(0)
+            if t > WAIT_SLICE:
+                t = WAIT_SLICE
+        if wait(t):
+            return True
+
+
+_original_condition_wait = threading.Condition.wait
+
+
+def interruptible_condition_wait(self: threading.Condition, timeout: float | None = None) -> bool:
+    """`threading.Condition.wait` for worker processes (so also `Event.wait`, `Channel`,
+    `queue.Queue`): inside a remote call it waits in slices, so that an interrupt reaches it.
+    Between slices this thread holds the condition's lock, so no notify is missed."""
+    if threading.get_ident() not in _running:
+        return _original_condition_wait(self, timeout)
+    return _sliced(lambda t: _original_condition_wait(self, t), timeout)
+
+
 _original_sleep = time.sleep
 
 
@@ -319,25 +408,41 @@ def _describe(f: Any) -> str:
     return f"a call of {getattr(f, '__qualname__', None) or repr(f)}"
 
 
-def call_fetch(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = None) -> Any:
+def call_fetch(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = None, *,
+               timeout: float | None = None, what: str | None = None,
+               late: Callable[[bool, Any], None] | None = None,
+               cancel: Callable[[], None] | None = None) -> Any:
     """Run `f(*args, **kwargs)` on `pid` and return its value (RemoteException if it raised,
-    ProcessExitedException if `pid` is gone). On this process it runs in this thread."""
+    ProcessExitedException if `pid` is gone). On this process it runs in this thread.
+
+    `timeout` bounds this caller's wait, whatever `pid` does: TimeoutError (naming `what` and
+    `pid`) after that many seconds. If the caller gives up (that timeout, or an interrupt)
+    before the reply, `cancel()` runs (it must not block), and a reply that lands later goes
+    to `late(ok, value)` in the thread that reads it (it must not block) instead of being
+    dropped: so that a reply carrying something that must not vanish can give it back."""
     kwargs = kwargs or _EMPTY
     if pid == PGRP.id:
         ok, value = run_user_call(f, args, kwargs)
         if ok:
             return value
         raise value
-    conn, slot = _send_call(pid, f, args, kwargs, None)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    conn, sid, slot = _send_call(pid, f, args, kwargs, None, timeout)
+    gave_up = False
     try:
-        if conn is not None:
-            conn.wait_reply(lambda: slot.done)  # read the reply here if nobody else reads
-        slot.wait()
-    finally:
-        if not slot.done:  # interrupted while waiting: forget the slot
-            for sid, s in list(SLOTS.items()):
-                if s is slot:
-                    SLOTS.pop(sid, None)
+        # Read the reply here if nobody else reads; not with a bound (a blocking read has
+        # none), nor inside a remote call (an interrupt could not reach a blocking read).
+        if conn is not None and timeout is None and threading.get_ident() not in _running:
+            conn.wait_reply(lambda: slot.done)
+        if not slot.wait(None if deadline is None else deadline - time.monotonic()):
+            gave_up = _give_up(sid, slot, late, cancel)
+            if gave_up:
+                raise TimeoutError(f"{what or _describe(f)}: process {pid} did not answer "
+                                   f"within {timeout:g} seconds")
+    except BaseException:
+        if not gave_up and not _give_up(sid, slot, late, cancel) and late is not None:
+            late(slot.ok, slot.value)  # interrupted as the reply landed: it is not lost
+        raise
     if slot.ok:
         return slot.value
     raise slot.value
@@ -347,23 +452,27 @@ def call_async(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
                callback: Callable | None = None):
     """Send `f(*args, **kwargs)` to `pid`; return the reply slot (`callback(slot)` runs in the
     reading thread when the reply lands: it must not block)."""
-    return _send_call(pid, f, args, kwargs, callback)[1]
+    return _send_call(pid, f, args, kwargs, callback)[2]
 
 
-def _send_call(pid: int, f: Callable, args: tuple, kwargs: dict | None, callback):
-    """(connection or None if it is gone, reply slot) for a call of `f` sent to `pid`."""
+def _send_call(pid: int, f: Callable, args: tuple, kwargs: dict | None, callback,
+               timeout: float | None = None):
+    """(connection or None if it is gone, reply id, reply slot) for a call of `f` sent to
+    `pid`. A frame the socket has not taken after `timeout` seconds stays queued."""
     conn = connection(pid)
     sid, slot = new_slot(pid, callback)
     try:
         chunks = pack(pid, protocol.CALL_FETCH, (f, args, kwargs or _EMPTY), a=sid, what=f)
-        conn.send(chunks)
+        conn.send(chunks, timeout=timeout)
     except ConnectionClosed:
         fail_slot(sid, exited(pid))
-        return None, slot
+        return None, sid, slot
+    except SendTimeout:
+        pass  # still queued: the caller's wait runs out
     except BaseException:
         SLOTS.pop(sid, None)
         raise
-    return conn, slot
+    return conn, sid, slot
 
 
 def remote_do_internal(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = None) -> None:
@@ -386,8 +495,9 @@ def _do_locally(f: Callable, args: tuple, kwargs: dict) -> None:
 
 
 # ==================================================================== replying
-def send_reply(conn: Connection, sid: int, ok: bool, value: Any) -> None:
-    """Send the RESULT of request `sid` back on `conn`; an unpicklable value becomes an error."""
+def send_reply(conn: Connection, sid: int, ok: bool, value: Any) -> bool:
+    """Send the RESULT of request `sid` back on `conn`; an unpicklable value becomes an error.
+    False if the connection is closed (the caller is gone: nobody will get it)."""
     pid = conn.peer_pid if conn.peer_pid is not None else 0
     try:
         body, buffers, context = serialization.dumps(value, dest=pid)
@@ -401,7 +511,8 @@ def send_reply(conn: Connection, sid: int, ok: bool, value: Any) -> None:
         conn.send_reply(protocol.encode_frame(protocol.RESULT, body, buffers, a=sid,
                                         flags=0 if ok else protocol.FLAG_ERROR))
     except ConnectionClosed:
-        pass  # the caller is gone; nobody is waiting
+        return False  # the caller is gone; nobody is waiting
+    return True
 
 
 def unpack_call(msg: protocol.Message) -> tuple[bool, Any]:

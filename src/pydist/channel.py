@@ -13,6 +13,11 @@ from .exceptions import InvalidStateError
 __all__ = ["Channel"]
 
 
+class Abandoned(Exception):
+    """A channel operation stopped because its caller gave up on it (`abandon()` became
+    true) before it took or put anything: a RemoteChannel's owner side (refs)."""
+
+
 def _deadline(timeout: float | None) -> float | None:
     return None if timeout is None else time.monotonic() + timeout
 
@@ -29,7 +34,12 @@ class Channel:
 
     `put`, `take`, `fetch` and `wait` block; each accepts `timeout=` (seconds) and raises
     `TimeoutError` when it runs out. A closed channel refuses `put`; `take` drains it and then
-    raises `InvalidStateError`.
+    raises `InvalidStateError`. `put_front` gives a value back (a RemoteChannel's owner uses it
+    for an item taken for a caller who can no longer receive it).
+
+    (The `_put`, `_take`, `_fetch`, `_wait` forms also take `abandon`, checked before every
+    wait: once it returns true they raise `Abandoned`, having taken or put nothing; `_wake`
+    makes waiters check it again.)
     """
 
     def __init__(self, sz: int | float = 0):
@@ -52,6 +62,9 @@ class Channel:
 
     def put(self, v: Any, timeout: float | None = None) -> Any:
         """Append `v`, waiting while the channel is full (or, unbuffered, until it is taken)."""
+        return self._put(v, timeout, None)
+
+    def _put(self, v: Any, timeout: float | None, abandon: Callable[[], bool] | None) -> Any:
         deadline = _deadline(timeout)
         with self._cond:
             if not self._open:
@@ -61,10 +74,13 @@ class Channel:
                 self._items.append(entry)
                 self._cond.notify_all()
                 while not entry[1]:
-                    if not self._open or not self._cond.wait(_remaining(deadline)):
+                    given_up = abandon is not None and abandon()
+                    if given_up or not self._open or not self._cond.wait(_remaining(deadline)):
                         if entry[1]:
                             break
                         self._items.remove(entry)
+                        if given_up:
+                            raise Abandoned("put")
                         if not self._open:
                             raise self._closed_error("put")
                         raise TimeoutError(f"put: no taker within {timeout} seconds")
@@ -72,6 +88,8 @@ class Channel:
             while len(self._items) >= self.sz:
                 if not self._open:
                     raise self._closed_error("put")
+                if abandon is not None and abandon():
+                    raise Abandoned("put")
                 if not self._cond.wait(_remaining(deadline)):
                     raise TimeoutError(f"put: channel still full after {timeout} seconds")
             if not self._open:
@@ -80,19 +98,25 @@ class Channel:
             self._cond.notify_all()
             return v
 
-    def _wait_item(self, deadline: float | None, what: str, timeout: float | None) -> None:
+    def _wait_item(self, deadline: float | None, what: str, timeout: float | None,
+                   abandon: Callable[[], bool] | None) -> None:
         while not self._items:
             if not self._open:
                 raise self._closed_error(what)
+            if abandon is not None and abandon():
+                raise Abandoned(what)
             if not self._cond.wait(_remaining(deadline)):
                 if not self._items:
                     raise TimeoutError(f"{what}: nothing arrived within {timeout} seconds")
 
     def take(self, timeout: float | None = None) -> Any:
         """Remove and return the first value, waiting for one."""
+        return self._take(timeout, None)
+
+    def _take(self, timeout: float | None, abandon: Callable[[], bool] | None) -> Any:
         deadline = _deadline(timeout)
         with self._cond:
-            self._wait_item(deadline, "take", timeout)
+            self._wait_item(deadline, "take", timeout, abandon)
             item = self._items.popleft()
             self._cond.notify_all()
             if self.sz == 0:
@@ -102,17 +126,35 @@ class Channel:
 
     def fetch(self, timeout: float | None = None) -> Any:
         """Return the first value without removing it, waiting for one."""
+        return self._fetch(timeout, None)
+
+    def _fetch(self, timeout: float | None, abandon: Callable[[], bool] | None) -> Any:
         deadline = _deadline(timeout)
         with self._cond:
-            self._wait_item(deadline, "fetch", timeout)
+            self._wait_item(deadline, "fetch", timeout, abandon)
             item = self._items[0]
             return item[0] if self.sz == 0 else item
 
     def wait(self, timeout: float | None = None) -> None:
         """Wait until a value is available (returns at once if one is)."""
+        self._wait(timeout, None)
+
+    def _wait(self, timeout: float | None, abandon: Callable[[], bool] | None) -> None:
         deadline = _deadline(timeout)
         with self._cond:
-            self._wait_item(deadline, "wait", timeout)
+            self._wait_item(deadline, "wait", timeout, abandon)
+
+    def put_front(self, v: Any) -> None:
+        """Put `v` back at the front, whatever the size bound and even if closed: a value that
+        was taken but could not be delivered goes back where it was."""
+        with self._cond:
+            self._items.appendleft([v, True] if self.sz == 0 else v)
+            self._cond.notify_all()
+
+    def _wake(self) -> None:
+        """Have every waiter look again (at its `abandon`)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def isready(self) -> bool:
         """True if a `take` would not block."""

@@ -629,14 +629,15 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
 def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers, progress,
                   lend):
     apply = _Apply(f, on_error)
-    died = None
-    if on_error is not None and distributed:
-        def died(args: tuple, e: BaseException) -> Any:
-            """on_error runs where f ran, except for an element whose worker died (after
-            any retries): then it runs here."""
-            if _worker_died(e):
-                return on_error(e)
-            raise e
+
+    def on_death(args: tuple, e: BaseException) -> Any:
+        """on_error runs where f ran, except for an element whose worker died (after any
+        retries): then it runs here."""
+        if _worker_died(e):
+            return on_error(e)
+        raise e
+
+    died = on_death if on_error is not None and distributed else None
 
     if distributed and not lend and not delays:
         return _pipelined_map(pool, apply, items, progress, on_failure=died)

@@ -35,6 +35,7 @@ cost no round trip, and completion callbacks need no polling.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
@@ -45,8 +46,18 @@ from _weakref import _remove_dead_weakref
 from typing import Any, Callable, Iterator, NamedTuple
 
 from . import protocol, serialization
-from .calls import call_async, call_fetch, connection, exited, remote_do_internal
-from .channel import Channel, take_until_closed
+from .calls import (
+    acquire,
+    call_async,
+    call_fetch,
+    connection,
+    exited,
+    in_remote_call,
+    pack,
+    remote_do_internal,
+    take_reply,
+)
+from .channel import Abandoned, Channel, take_until_closed
 from .group import PGRP
 from .exceptions import InvalidStateError, ProcessExitedException
 from .transport import ConnectionClosed
@@ -324,6 +335,115 @@ def _send_deltas(where: int, deltas: list) -> None:
         logging.getLogger("pydist").exception("pydist: could not send reference counts to %d", where)
 
 
+# ==================================================================== waits on the owner
+# An operation that may block on the owner (a Future's fetch or wait; a channel's put, take,
+# fetch or wait) runs there as a call that carries a `_Ticket`. Unpickled on the owner (in
+# the reading thread, in frame order), it registers a `_Request` there. If the caller gives up (its timeout, an interrupt) it sends a `_Cancel`, also acted on when it is
+# unpickled: so the request is cancelled before any frame read after it is handled, and an
+# operation still waiting stops, having taken or put nothing. A take that has already taken
+# its item hands it over with its reply; if the caller cannot get that reply (it gave up
+# first, or it is lost: `worker_lost` cancels its requests, a reply to a closed connection
+# fails), the item goes back to the front of the channel, from the owner (cancelled in time)
+# or from the caller (the reply came late): exactly one of them gives it back.
+
+# How often an owner-side wait that cannot be woken (a Future's; a take or put on a channel
+# type other than Channel) looks whether its caller gave up.
+_OP_SLICE = 0.2
+
+_ticket_ids = itertools.count(1)
+
+
+class _Request:
+    """Owner side: an operation that may block (on a channel or a Future's cell), run here
+    for process `key[0]`; `cancel` (its caller gave up, or is lost) makes it stop."""
+
+    __slots__ = ("key", "cancelled", "chan")
+
+    def __init__(self, key: tuple[int, int]) -> None:
+        self.key = key
+        self.cancelled = False
+        self.chan: Any = None
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        chan = self.chan
+        if isinstance(chan, Channel):
+            chan._wake()
+
+
+_requests: dict[tuple[int, int], _Request] = {}
+
+
+def _request_arrived(pid: int, n: int) -> _Request:
+    req = _requests[(pid, n)] = _Request((pid, n))
+    return req
+
+
+def _cancel_request(pid: int, n: int) -> None:
+    req = _requests.get((pid, n))
+    if req is not None:  # else it has finished: its reply is on its way
+        req.cancel()
+
+
+class _Ticket:
+    """Caller side: names one blocking operation; on the owner it becomes its `_Request`."""
+
+    __slots__ = ("pid", "n")
+
+    def __init__(self) -> None:
+        self.pid, self.n = PGRP.id, next(_ticket_ids)
+
+    def __reduce__(self):
+        return (_request_arrived, (self.pid, self.n))
+
+
+class _Cancel:
+    """Caller side: unpickled on the owner, cancels the request of `ticket`."""
+
+    __slots__ = ("ticket",)
+
+    def __init__(self, ticket: _Ticket) -> None:
+        self.ticket = ticket
+
+    def __reduce__(self):
+        return (_cancel_request, (self.ticket.pid, self.ticket.n))
+
+
+def _cancelled(_: None) -> None:
+    """The REMOTE_DO that carries a `_Cancel` (whose work is done when it is unpickled)."""
+
+
+# How much longer than its `timeout` a caller waits for the owner's own answer (which says
+# TimeoutError too) before it gives up by itself and cancels.
+CALLER_GRACE = 0.5
+
+
+def _ask_owner(ref: "Future | RemoteChannel", what: str, f: Callable, args: tuple,
+               timeout: float | None, late: Callable[[bool, Any], None] | None = None) -> Any:
+    """`f(rrid, *args, timeout, request)` on the reference's owner, an operation that may block
+    there: the owner waits up to `timeout`, and so does this caller (plus CALLER_GRACE),
+    whatever the owner does. If this caller gives up (timeout, interrupt), the owner is told
+    to stop (see `_Request`) and a reply that comes anyway goes to `late`."""
+    owner = ref.where
+    if owner == PGRP.id:
+        return f(ref.rrid, *args, timeout, None)
+    ticket = _Ticket()
+
+    def cancel() -> None:  # never waits for the owner to read
+        try:
+            connection(owner).send(pack(owner, protocol.REMOTE_DO,
+                                        (_cancelled, (_Cancel(ticket),), {})), wait=False)
+        except (ConnectionClosed, ProcessExitedException, ValueError):
+            pass  # the owner is gone, with the value
+
+    return call_fetch(owner, f, (ref.rrid, *args, timeout, ticket),
+                      timeout=None if timeout is None else timeout + CALLER_GRACE,
+                      what=f"{what} on {ref!r}", cancel=cancel, late=late)
+
+
 # ==================================================================== Future
 _PENDING, _VALUE, _ERROR, _REMOTE_DONE = 0, 1, 2, 3
 
@@ -482,16 +602,18 @@ class Future(AbstractRemoteRef):
             self._complete(_VALUE if cell.ok else _ERROR, cell.value)
             return
         if self._latch is not None:
-            if timeout is None:  # read the push here if nobody else reads that connection
+            # Read the push here if nobody else reads that connection (not inside a remote
+            # call: an interrupt could not reach a blocking read).
+            if timeout is None and not in_remote_call():
                 w = PGRP.workers.get(self.where)
                 if w is not None and w.conn is not None:
                     w.conn.wait_reply(lambda: self._state != _PENDING)
             latch = self._latch
-            if not latch.acquire(timeout=-1 if timeout is None else timeout):
-                raise TimeoutError(f"Future not ready after {timeout} seconds")
+            if not acquire(latch, timeout):
+                raise TimeoutError(f"Future not ready after {timeout} seconds (process {self.where})")
             latch.release()
             return
-        ok, err = _on_owner(self, _wait_ref, timeout)
+        ok, err = _ask_owner(self, "Future.wait", _wait_ref, (), timeout)
         self._complete(_REMOTE_DONE, None if ok else err)
 
     def fetch(self, timeout: float | None = None) -> Any:
@@ -501,7 +623,7 @@ class Future(AbstractRemoteRef):
         self._wait_done(timeout)
         if self._state in (_VALUE, _ERROR):
             return self._result()
-        ok, value = _on_owner(self, _fetch_ref, timeout)
+        ok, value = _ask_owner(self, "Future.fetch", _fetch_ref, (), timeout)
         self._complete(_VALUE if ok else _ERROR, value)
         return self._result()
 
@@ -579,18 +701,37 @@ def _isready_ref(rrid: RRID) -> bool:
     return cell is not None and cell.done
 
 
-def _wait_ref(rrid: RRID, timeout: float | None) -> tuple[bool, Any]:
-    cell = STORE.lookup(rrid, _Cell)
-    if not cell.wait(timeout):
-        raise TimeoutError(f"Future not ready after {timeout} seconds")
+def _wait_ref(rrid: RRID, timeout: float | None, req: "_Request | None" = None) -> tuple[bool, Any]:
+    cell = _wait_cell(rrid, timeout, req)
     return (True, None) if cell.ok else (False, cell.value)
 
 
-def _fetch_ref(rrid: RRID, timeout: float | None) -> tuple[bool, Any]:
-    cell = STORE.lookup(rrid, _Cell)
-    if not cell.wait(timeout):
-        raise TimeoutError(f"Future not ready after {timeout} seconds")
+def _fetch_ref(rrid: RRID, timeout: float | None, req: "_Request | None" = None) -> tuple[bool, Any]:
+    cell = _wait_cell(rrid, timeout, req)
     return cell.ok, cell.value
+
+
+def _wait_cell(rrid: RRID, timeout: float | None, req: "_Request | None") -> _Cell:
+    """The cell of `rrid` once set; TimeoutError after `timeout`, Abandoned once the caller
+    of `req` gives up (looked at every _OP_SLICE seconds)."""
+    cell = STORE.lookup(rrid, _Cell)
+    if req is None:
+        done = cell.wait(timeout)
+    else:
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while not req.cancelled:
+                t = _OP_SLICE if deadline is None else min(_OP_SLICE, deadline - time.monotonic())
+                done = cell.wait(max(t, 0.0))
+                if done or (deadline is not None and time.monotonic() >= deadline):
+                    break
+            else:
+                raise Abandoned("wait")
+        finally:
+            _requests.pop(req.key, None)
+    if not done:
+        raise TimeoutError(f"Future not ready after {timeout} seconds")
+    return cell
 
 
 def _put_ref(rrid: RRID, value: Any) -> None:
@@ -699,8 +840,13 @@ def new_call_future(where: int) -> Future:
 
 
 def worker_lost(pid: int, state: Any) -> None:
-    """Fail every Future owned by `pid` still waiting here; drop `pid` from our counts."""
+    """Fail every Future owned by `pid` still waiting here; drop `pid` from our counts; stop
+    the channel operations `pid` was waiting for here (they take nothing more)."""
     STORE.remove_pid(pid)
+    for key in [k for k in list(_requests) if k[0] == pid]:
+        req = _requests.pop(key, None)
+        if req is not None:
+            req.cancel()
     lost = exited(pid)
     for held in list(_client_refs.values()):
         ref = held()
@@ -741,19 +887,25 @@ class RemoteChannel(AbstractRemoteRef):
         raise TypeError("a RemoteChannel can only be sent to pydist processes, inside a remote call")
 
     def put(self, v: Any, timeout: float | None = None) -> "RemoteChannel":
-        """Put `v` (waits while the channel is full); returns the channel."""
-        _on_owner(self, _channel_op, "put", (v, timeout))
+        """Put `v` (waits while the channel is full); returns the channel. After a
+        TimeoutError (or an interrupt) the put may still have happened, if the owner had
+        already made it, but never happens later: once the owner hears that the caller gave
+        up, a put still waiting for room is withdrawn."""
+        _blocking_op(self, "put", (v,), timeout)
         return self
 
     def take(self, timeout: float | None = None) -> Any:
-        return _on_owner(self, _channel_op, "take", (timeout,))
+        """Remove and return the first value, waiting for one. After a TimeoutError (or an
+        interrupt) nothing is lost: a value the owner took for this caller goes back to the
+        front of the channel (with a channel type that has no `put_front`, to its end)."""
+        return _blocking_op(self, "take", (), timeout)
 
     def fetch(self, timeout: float | None = None) -> Any:
         """The first value, without removing it."""
-        return _on_owner(self, _channel_op, "fetch", (timeout,))
+        return _blocking_op(self, "fetch", (), timeout)
 
     def wait(self, timeout: float | None = None) -> None:
-        _on_owner(self, _channel_op, "wait", (timeout,))
+        _blocking_op(self, "wait", (), timeout)
 
     def isready(self) -> bool:
         return _on_owner(self, _channel_op, "isready", ())
@@ -791,6 +943,92 @@ def _channel_op(rrid: RRID, op: str, args: tuple) -> Any:
         raise ValueError(f"unknown channel operation {op!r}")
     chan = STORE.lookup(rrid, _default_channel)
     return getattr(chan, op)(*args)
+
+
+def _blocking_op(rc: "RemoteChannel", op: str, args: tuple, timeout: float | None) -> Any:
+    """`op(*args, timeout)` on the channel's owner; giving up on it loses nothing."""
+    late = functools.partial(_late_take, rc.where, rc.rrid) if op == "take" else None
+    return _ask_owner(rc, op, _owner_op, (op, args), timeout, late)
+
+
+def _late_take(owner: int, rrid: RRID, ok: bool, value: Any) -> None:
+    """Caller side: the reply to a take we gave up on came anyway; give its item back."""
+    if not ok:
+        return  # cancelled in time (Abandoned), timed out, or the owner is lost
+    try:
+        connection(owner).send(pack(owner, protocol.REMOTE_DO, (_give_back_ref, (rrid, value), {})),
+                               wait=False)
+    except (ConnectionClosed, ProcessExitedException, ValueError):
+        pass  # the owner is gone, with its channel
+    except Exception:
+        logging.getLogger("pydist").exception(
+            "pydist: could not give an item back to process %d", owner)
+
+
+def _give_back_ref(rrid: RRID, value: Any) -> None:
+    _give_back(STORE.lookup(rrid, _default_channel), value)
+
+
+def _give_back(chan: Any, value: Any) -> None:
+    """Put a taken value back at the front (at the end, for a type without `put_front`)."""
+    put_front = getattr(chan, "put_front", None)
+    if put_front is not None:
+        put_front(value)
+    else:
+        chan.put(value)
+
+
+def _owner_op(rrid: RRID, op: str, args: tuple, timeout: float | None,
+              req: _Request | None) -> Any:
+    """Owner side of `_blocking_op`: in a remote call on behalf of process `req.key[0]`, or
+    here for this process (`req` None)."""
+    args = (*args, timeout)
+    if req is None:
+        return _channel_op(rrid, op, args)
+    try:
+        if op not in ("put", "take", "fetch", "wait"):
+            raise ValueError(f"unknown channel operation {op!r}")
+        chan = STORE.lookup(rrid, _default_channel)
+        req.chan = chan
+        if req.cancelled:
+            raise Abandoned(op)
+        if isinstance(chan, Channel):
+            value = getattr(chan, "_" + op)(*args, req.is_cancelled)
+        elif op in ("put", "take"):
+            value = _sliced_op(chan, op, args, req)
+        else:
+            value = getattr(chan, op)(*args)
+        if op != "take":
+            return value
+    finally:
+        _requests.pop(req.key, None)
+    # Hand the item over with our reply; if that cannot happen, it goes back.
+    if req.cancelled:
+        _give_back(chan, value)
+        raise Abandoned(op)
+    try:
+        reply = take_reply()
+    except BaseException:  # interrupted here
+        _give_back(chan, value)
+        raise
+    if not reply(True, value):  # the caller's connection is closed
+        _give_back(chan, value)
+
+
+def _sliced_op(chan: Any, op: str, args: tuple, req: _Request) -> Any:
+    """`chan.op(*args)` on a channel type that cannot be woken: in slices of _OP_SLICE,
+    looking between them whether the caller gave up."""
+    *lead, timeout = args
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        if req.cancelled:
+            raise Abandoned(op)
+        t = _OP_SLICE if deadline is None else min(_OP_SLICE, deadline - time.monotonic())
+        try:
+            return getattr(chan, op)(*lead, max(t, 0.0))
+        except TimeoutError:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{op}: nothing within {timeout} seconds") from None
 
 
 def _reduce_channel(rc: RemoteChannel, pickler: Any):

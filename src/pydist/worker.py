@@ -24,7 +24,12 @@ import time
 import types
 
 from . import joining, runtime
-from .calls import _original_sleep, interrupt_running_calls, interruptible_sleep
+from .calls import (
+    _original_sleep,
+    interrupt_running_calls,
+    interruptible_condition_wait,
+    interruptible_sleep,
+)
 from .group import PGRP
 from .managers import worker_timeout
 from .transport import Listener, default_bind_addr
@@ -94,6 +99,9 @@ def init_worker(cookie: str, manager=None) -> None:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_sigint)
     time.sleep = interruptible_sleep  # a sleeping remote call can be interrupted
+    # ... and one waiting on a condition (Event.wait, Channel, queue.Queue), which a blocked
+    # lock acquire would otherwise hide from the interrupt
+    threading.Condition.wait = interruptible_condition_wait
 
 
 def start_worker(out=None, cookie: str | None = None, close_stdin: bool = True,
