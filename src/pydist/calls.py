@@ -430,10 +430,11 @@ def call_fetch(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
     conn, sid, slot = _send_call(pid, f, args, kwargs, None, timeout)
     gave_up = False
     try:
-        # Read the reply here if nobody else reads; not with a bound (a blocking read has
-        # none), nor inside a remote call (an interrupt could not reach a blocking read).
-        if conn is not None and timeout is None and threading.get_ident() not in _running:
-            conn.wait_reply(lambda: slot.done)
+        # Read the reply here if nobody else reads; inside a remote call waking up every
+        # WAIT_SLICE, so that an interrupt reaches this thread.
+        if conn is not None:
+            conn.wait_reply(lambda: slot.done, timeout,
+                            WAIT_SLICE if threading.get_ident() in _running else None)
         if not slot.wait(None if deadline is None else deadline - time.monotonic()):
             gave_up = _give_up(sid, slot, late, cancel)
             if gave_up:

@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 from . import protocol, serialization
 from .calls import (
+    WAIT_SLICE,
     acquire,
     call_async,
     call_fetch,
@@ -602,12 +603,12 @@ class Future(AbstractRemoteRef):
             self._complete(_VALUE if cell.ok else _ERROR, cell.value)
             return
         if self._latch is not None:
-            # Read the push here if nobody else reads that connection (not inside a remote
-            # call: an interrupt could not reach a blocking read).
-            if timeout is None and not in_remote_call():
-                w = PGRP.workers.get(self.where)
-                if w is not None and w.conn is not None:
-                    w.conn.wait_reply(lambda: self._state != _PENDING)
+            # Read the push here if nobody else reads that connection (inside a remote call
+            # waking up every WAIT_SLICE, so that an interrupt reaches this thread).
+            w = PGRP.workers.get(self.where)
+            if w is not None and w.conn is not None:
+                w.conn.wait_reply(lambda: self._state != _PENDING, timeout,
+                                  WAIT_SLICE if in_remote_call() else None)
             latch = self._latch
             if not acquire(latch, timeout):
                 raise TimeoutError(f"Future not ready after {timeout} seconds (process {self.where})")

@@ -937,19 +937,40 @@ class Connection:
             WATCHDOG.unwatch(self)
         self._release_role()
 
-    def wait_reply(self, is_done: Callable[[], bool]) -> None:
+    def wait_reply(self, is_done: Callable[[], bool], timeout: float | None = None,
+                   wake_every: float | None = None) -> None:
         """Read this connection in the calling thread until `is_done()`, if nobody else is
         reading it (then there is no thread hand-off for the reply). Returns early, leaving
-        the caller to wait as usual, when another thread reads or the connection is dead."""
+        the caller to wait as usual, when another thread reads or the connection is dead,
+        and after `timeout` seconds. With `wake_every`, the thread returns to Python at least
+        that often while it waits (so that an interrupt raised in it fires): it then waits
+        in `poll` and reads without blocking, one system call more per reply."""
         if self._poller is None or is_done() or not self._take_role():
             return
         try:
-            while not is_done():
-                task = self._read(blocking=True, until=is_done)
+            if timeout is None and wake_every is None:
+                while not is_done():
+                    task = self._read(blocking=True, until=is_done)
+                    if task is not None:
+                        POOL.submit(self._task_runner(task))  # never run calls while waiting
+                    elif self.closed:
+                        break
+                return
+            deadline = None if timeout is None else time.monotonic() + timeout
+            readable = select.poll()
+            readable.register(self.fd, select.POLLIN | select.POLLRDHUP)
+            while not is_done() and not self.closed:
+                wait = wake_every
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    wait = left if wait is None else min(wait, left)
+                if not self._decoder.has_message() and not readable.poll(wait * 1000):
+                    continue
+                task = self._read(blocking=False, until=is_done)
                 if task is not None:
-                    POOL.submit(self._task_runner(task))  # never run calls while waiting
-                elif self.closed:
-                    break
+                    POOL.submit(self._task_runner(task))
         finally:
             self._release_role()
 
