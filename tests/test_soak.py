@@ -123,6 +123,7 @@ def _rss(pids) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_soak_round_trips_and_references(fresh_workers):
     pids = fresh_workers(2)
