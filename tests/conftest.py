@@ -7,6 +7,7 @@ the workers other tests share.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 
@@ -89,6 +90,29 @@ def pid_alive(ospid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return True
+
+
+def stop_process(ospid: int, timeout: float = 30.0) -> None:
+    """SIGSTOP `ospid` and wait until every one of its threads is stopped (a signal stops a
+    process asynchronously: a busy thread may still run for a moment)."""
+    os.kill(ospid, signal.SIGSTOP)
+
+    def all_stopped() -> bool:
+        try:
+            tasks = os.listdir(f"/proc/{ospid}/task")
+        except OSError:
+            return True  # gone
+        for tid in tasks:
+            try:
+                with open(f"/proc/{ospid}/task/{tid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[-1].split()[0]
+            except OSError:
+                continue
+            if state not in ("T", "t", "Z", "X"):
+                return False
+        return True
+
+    wait_until(all_stopped, timeout=timeout, interval=0.005, what=f"process {ospid} to stop")
 
 
 def worker_ospid(pid: int) -> int:

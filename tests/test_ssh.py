@@ -399,3 +399,16 @@ def test_a_partitioned_host_is_declared_dead_and_pmap_retries_elsewhere(hosts, s
     finally:
         _host_link("h1", "up")
     assert hostname_of([p for p in pids if p != cut][0]) == "h2"
+
+
+def _say_and_exit(code: int) -> None:
+    print("last words before exiting", file=sys.stderr, flush=True)
+    time.sleep(0.5)  # so that the line is relayed before the connection drops
+    os._exit(code)
+
+
+def test_an_ssh_worker_that_exits_says_ssh_status_and_its_last_output(hosts, ssh_workers):
+    [pid] = ssh_workers(["h3"])
+    with pytest.raises(pydist.ProcessExitedException,
+                       match=r"ssh to h3 ended with status 3; its last output:\n.*last words"):
+        pydist.remotecall_fetch(_say_and_exit, pid, 3)

@@ -19,7 +19,7 @@ import pydist
 import waithelpers as wh
 from pydist import Channel, Future, RemoteChannel, RemoteException
 
-from conftest import wait_until, worker_ospid
+from conftest import stop_process, wait_until, worker_ospid
 
 BOUND = 10.0  # a 2 s timeout must end well within this, even on a loaded machine
 GRACE = 30.0  # for waits that should succeed
@@ -32,7 +32,7 @@ class _Stopped:
         self.ospid = worker_ospid(pid)
 
     def __enter__(self):
-        os.kill(self.ospid, signal.SIGSTOP)
+        stop_process(self.ospid)
         return self
 
     def resume(self) -> None:

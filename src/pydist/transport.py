@@ -431,11 +431,12 @@ class Connection:
         self._armed = 0  # what the kernel watches (0 once a one-shot event has fired)
         self._poller = _get_poller() if isinstance(sock, socket.socket) else None
         self.fd = sock.fileno() if self._poller is not None else -1
-        # Heartbeats (`set_heartbeat`, `_heartbeat`): reads that returned bytes so far,
-        # counted by the reading thread, and what the heartbeat thread made of them.
+        # Heartbeats (`set_heartbeat`, `_heartbeat`): reads that returned bytes and writes
+        # of queued bytes so far (signs of life), and what the heartbeat thread made of them.
         self.heartbeat_timeout: float | None = None
         self.lost_reason: str | None = None  # why we closed it, if we did (silence)
         self._heard = 0
+        self._wrote = 0
         self._heard_seen = -1
         self._heard_at = 0.0
         self._pinged_at = 0.0
@@ -574,6 +575,7 @@ class Connection:
                 self._broken = e
                 queue.clear()
                 break
+            self._wrote += 1  # queued bytes left: the peer is reading (see `_heartbeat`)
             finished |= _consume(queue, sent)
         if finished and self._send_waiters:
             with self._sent:
@@ -695,6 +697,7 @@ class Connection:
                 self.close()
                 return
             queue.popleft()
+            self._wrote += 1
             frame.done = True
             with self._sent:
                 self._sent.notify_all()
@@ -703,8 +706,9 @@ class Connection:
     def set_heartbeat(self, timeout: float | None) -> None:
         """Declare the peer dead once it has been silent for `timeout` seconds (None or 0:
         never). Silence is checked by the heartbeat thread (`threads._Heartbeat`), which
-        pings a peer quiet for a third of that; any bytes received count as a sign of life,
-        so a large transfer in progress is never silence."""
+        pings a peer quiet for a third of that; any bytes received, and queued bytes the
+        socket took (the peer is reading them), count as signs of life, so a large
+        transfer in progress, either way, is never silence."""
         self.heartbeat_timeout = float(timeout) if timeout else None
         if self.heartbeat_timeout and not self.closed:
             HEARTBEAT.watch(self)
@@ -718,8 +722,11 @@ class Connection:
         timeout = self.heartbeat_timeout
         if self.closed or not timeout:
             return False
-        if self._heard != self._heard_seen or stalled:
-            self._heard_seen = self._heard
+        # Signs of life: bytes read, and queued bytes written (the peer drains its socket:
+        # our PING may wait behind a large frame it is reading, its PONG behind one it sends).
+        life = self._heard + self._wrote
+        if life != self._heard_seen or stalled:
+            self._heard_seen = life
             self._heard_at = now
             return True
         silent = now - self._heard_at
