@@ -215,7 +215,7 @@ def on_result(conn: Connection, msg: protocol.Message):
 class _Running:
     """A call running in some thread: what `interrupt` needs to stop it."""
 
-    __slots__ = ("lock", "active", "interrupted", "cancel", "reply")
+    __slots__ = ("lock", "active", "interrupted", "cancel", "reply", "reading")
 
     def __init__(self, reply: Callable[[bool, Any], None] | None) -> None:
         self.lock = threading.Lock()
@@ -227,6 +227,8 @@ class _Running:
         # Sends the call's outcome to its caller, for a call that may take that over
         # (`take_reply`); None once taken.
         self.reply = reply
+        # The connection this call is blocked reading (`wait_reply`): interrupt pokes it.
+        self.reading: Connection | None = None
 
 
 _running: dict[int, _Running] = {}
@@ -320,6 +322,8 @@ def interrupt_running_calls() -> int:
             if rec.cancel is not None:
                 rec.cancel.release()
             _set_async_exc(tid, KeyboardInterrupt)
+            if rec.reading is not None:  # blocked in recv: have the peer send something
+                rec.reading.poke()
             n += 1
     return n
 
@@ -389,6 +393,20 @@ def interruptible_sleep(seconds: float) -> None:
         raise KeyboardInterrupt
 
 
+def wait_reply(conn: Connection, is_done: Callable[[], bool], timeout: float | None = None) -> None:
+    """`conn.wait_reply(...)` that an interrupt reaches: inside a remote call, the call's
+    record names the connection this thread reads, and `interrupt` pokes it (the peer's
+    answer wakes the blocked `recv`, and the KeyboardInterrupt fires)."""
+    rec = _running.get(threading.get_ident())
+    if rec is None:
+        return conn.wait_reply(is_done, timeout)
+    rec.reading = conn
+    try:
+        conn.wait_reply(is_done, timeout)
+    finally:
+        rec.reading = None
+
+
 # ==================================================================== sending
 def pack(pid: int, kind: int, payload: Any, a: int = 0, b: int = 0, c: int = 0,
          flags: int = 0, what: Any = "the call") -> list:
@@ -409,7 +427,7 @@ def _describe(f: Any) -> str:
 
 
 def call_fetch(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = None, *,
-               timeout: float | None = None, what: str | None = None,
+               timeout: float | None = None, what: str | Callable[[], str] | None = None,
                late: Callable[[bool, Any], None] | None = None,
                cancel: Callable[[], None] | None = None) -> Any:
     """Run `f(*args, **kwargs)` on `pid` and return its value (RemoteException if it raised,
@@ -430,14 +448,13 @@ def call_fetch(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
     conn, sid, slot = _send_call(pid, f, args, kwargs, None, timeout)
     gave_up = False
     try:
-        # Read the reply here if nobody else reads; inside a remote call waking up every
-        # WAIT_SLICE, so that an interrupt reaches this thread.
-        if conn is not None:
-            conn.wait_reply(lambda: slot.done, timeout,
-                            WAIT_SLICE if threading.get_ident() in _running else None)
+        if conn is not None:  # read the reply here if nobody else reads
+            wait_reply(conn, lambda: slot.done, timeout)
         if not slot.wait(None if deadline is None else deadline - time.monotonic()):
             gave_up = _give_up(sid, slot, late, cancel)
             if gave_up:
+                if callable(what):
+                    what = what()
                 raise TimeoutError(f"{what or _describe(f)}: process {pid} did not answer "
                                    f"within {timeout:g} seconds")
     except BaseException:

@@ -47,16 +47,15 @@ from typing import Any, Callable, Iterator, NamedTuple
 
 from . import protocol, serialization
 from .calls import (
-    WAIT_SLICE,
     acquire,
     call_async,
     call_fetch,
     connection,
     exited,
-    in_remote_call,
     pack,
     remote_do_internal,
     take_reply,
+    wait_reply,
 )
 from .channel import Abandoned, Channel, take_until_closed
 from .group import PGRP
@@ -442,7 +441,7 @@ def _ask_owner(ref: "Future | RemoteChannel", what: str, f: Callable, args: tupl
 
     return call_fetch(owner, f, (ref.rrid, *args, timeout, ticket),
                       timeout=None if timeout is None else timeout + CALLER_GRACE,
-                      what=f"{what} on {ref!r}", cancel=cancel, late=late)
+                      what=lambda: f"{what} on {ref!r}", cancel=cancel, late=late)
 
 
 # ==================================================================== Future
@@ -603,12 +602,10 @@ class Future(AbstractRemoteRef):
             self._complete(_VALUE if cell.ok else _ERROR, cell.value)
             return
         if self._latch is not None:
-            # Read the push here if nobody else reads that connection (inside a remote call
-            # waking up every WAIT_SLICE, so that an interrupt reaches this thread).
+            # Read the push here if nobody else reads that connection.
             w = PGRP.workers.get(self.where)
             if w is not None and w.conn is not None:
-                w.conn.wait_reply(lambda: self._state != _PENDING, timeout,
-                                  WAIT_SLICE if in_remote_call() else None)
+                wait_reply(w.conn, lambda: self._state != _PENDING, timeout)
             latch = self._latch
             if not acquire(latch, timeout):
                 raise TimeoutError(f"Future not ready after {timeout} seconds (process {self.where})")

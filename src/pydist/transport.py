@@ -944,18 +944,16 @@ class Connection:
             WATCHDOG.unwatch(self)
         self._release_role()
 
-    def wait_reply(self, is_done: Callable[[], bool], timeout: float | None = None,
-                   wake_every: float | None = None) -> None:
+    def wait_reply(self, is_done: Callable[[], bool], timeout: float | None = None) -> None:
         """Read this connection in the calling thread until `is_done()`, if nobody else is
         reading it (then there is no thread hand-off for the reply). Returns early, leaving
         the caller to wait as usual, when another thread reads or the connection is dead,
-        and after `timeout` seconds. With `wake_every`, the thread returns to Python at least
-        that often while it waits (so that an interrupt raised in it fires): it then waits
-        in `poll` and reads without blocking, one system call more per reply."""
+        and after `timeout` seconds (then it waits in `poll` and reads without blocking). A
+        thread blocked here wakes up when anything arrives: `poke` makes the peer send."""
         if self._poller is None or is_done() or not self._take_role():
             return
         try:
-            if timeout is None and wake_every is None:
+            if timeout is None:
                 while not is_done():
                     task = self._read(blocking=True, until=is_done)
                     if task is not None:
@@ -963,23 +961,29 @@ class Connection:
                     elif self.closed:
                         break
                 return
-            deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = time.monotonic() + timeout
             readable = select.poll()
             readable.register(self.fd, select.POLLIN | select.POLLRDHUP)
             while not is_done() and not self.closed:
-                wait = wake_every
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    wait = left if wait is None else min(wait, left)
-                if not self._decoder.has_message() and not readable.poll(wait * 1000):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                if not self._decoder.has_message() and not readable.poll(left * 1000):
                     continue
                 task = self._read(blocking=False, until=is_done)
                 if task is not None:
                     POOL.submit(self._task_runner(task))
         finally:
             self._release_role()
+
+    def poke(self) -> None:
+        """Have the peer send us something soon (a PING, answered at once), so that a thread
+        blocked reading this connection returns to Python (where an interrupt raised in it
+        fires). Never waits."""
+        try:
+            self.send(protocol.encode_frame(protocol.PING), wait=False)
+        except ConnectionClosed:
+            pass
 
     def _dedicated_reader(self) -> None:
         """Stream pairs: one thread holds the reading role for the connection's lifetime."""
