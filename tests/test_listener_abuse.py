@@ -253,6 +253,13 @@ def _header(body_len: int, nbufs: int = 0) -> bytes:
     return struct.pack("<2sBBIQqqq", protocol.FRAME_MAGIC, protocol.CALL, 0, nbufs, body_len, 1, 2, 3)
 
 
+@pytest.mark.parametrize("value", ["1MB", "-5", "0"])
+def test_max_frame_bad_setting_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv("PYDIST_MAX_FRAME", value)
+    with pytest.raises(ValueError, match=r"PYDIST_MAX_FRAME must be a positive number of bytes"):
+        protocol.max_frame()
+
+
 def test_max_frame_default_and_environment(monkeypatch):
     monkeypatch.delenv("PYDIST_MAX_FRAME", raising=False)
     assert protocol.max_frame() == protocol.DEFAULT_MAX_FRAME >= 16 << 30

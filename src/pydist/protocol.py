@@ -180,8 +180,16 @@ _can_populate = hasattr(mmap.mmap, "madvise")
 
 def max_frame() -> int:
     """The frame size limit: `PYDIST_MAX_FRAME` (bytes) if set, else DEFAULT_MAX_FRAME."""
-    value = os.environ.get("PYDIST_MAX_FRAME")
-    return int(value) if value else DEFAULT_MAX_FRAME
+    value = os.environ.get("PYDIST_MAX_FRAME", "").strip()
+    if not value:
+        return DEFAULT_MAX_FRAME
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = 0
+    if limit <= 0:
+        raise ValueError(f"PYDIST_MAX_FRAME must be a positive number of bytes, got {value!r}")
+    return limit
 
 
 def allocate(n: int):
