@@ -98,18 +98,26 @@ def add_worker_exited_callback(f: Callable, key: Hashable | None = None) -> Hash
 
 
 def remove_worker_starting_callback(key: Hashable) -> None:
+    """Unregister the starting callback that `add_worker_starting_callback` returned `key` for
+    (KeyError if there is none)."""
     _remove("starting", key)
 
 
 def remove_worker_started_callback(key: Hashable) -> None:
+    """Unregister the started callback that `add_worker_started_callback` returned `key` for
+    (KeyError if there is none)."""
     _remove("started", key)
 
 
 def remove_worker_exiting_callback(key: Hashable) -> None:
+    """Unregister the exiting callback that `add_worker_exiting_callback` returned `key` for
+    (KeyError if there is none)."""
     _remove("exiting", key)
 
 
 def remove_worker_exited_callback(key: Hashable) -> None:
+    """Unregister the exited callback that `add_worker_exited_callback` returned `key` for
+    (KeyError if there is none)."""
     _remove("exited", key)
 
 

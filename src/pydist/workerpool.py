@@ -65,9 +65,10 @@ class AbstractWorkerPool(ABC):
 
     @abstractmethod
     def workers(self) -> list[int]:
-        ...
+        """The ids of the workers in the pool, free or busy (sorted)."""
 
     def nworkers(self) -> int:
+        """How many workers the pool holds."""
         return len(self.workers())
 
     def try_take(self) -> int | None:
