@@ -253,7 +253,7 @@ def addprocs(machines: Sequence[Machine], /, *, tunnel: bool = False, multiplex:
              callback_warning_interval: float = 10.0) -> list[int]: ...
 @overload
 def addprocs(manager: ClusterManager, /, **kw: Any) -> list[int]: ...
-def addprocs(target: int | list | tuple | ClusterManager | None = None, **kw: Any) -> list[int]:
+def addprocs(target: int | Sequence[Machine] | ClusterManager | None = None, /, **kw: Any) -> list[int]:
     """Start workers and return their ids (sorted); they join every process's cluster.
 
     - ``addprocs(n)`` starts `n` workers on this machine (default: `os.cpu_count()`), with a
@@ -311,9 +311,9 @@ def addprocs(target: int | list | tuple | ClusterManager | None = None, **kw: An
         new_pids, errors = _addprocs_locked(manager, params)
     callbacks.run_started(new_pids, warn_every)
     if errors:
-        error = errors[0] if len(errors) == 1 else ExceptionGroup(
+        error = errors[0] if len(errors) == 1 else ExceptionGroup(  # type: ignore[type-var]
             f"addprocs: {len(errors)} workers failed to start", errors)
-        error.added_pids = new_pids  # the workers that did start stay in the cluster
+        error.added_pids = new_pids  # type: ignore[attr-defined]  # the workers that did start stay in the cluster
         raise error
     return new_pids
 
@@ -353,7 +353,7 @@ def _normalize_params(params: dict) -> None:
         params["exename"] = sys.executable
 
 
-def _addprocs_locked(manager: ClusterManager, params: dict) -> list[int]:
+def _addprocs_locked(manager: ClusterManager, params: dict) -> tuple[list[int], list[BaseException]]:
     pg = PGRP
     with pg.lock:
         existing = [w for w in pg.workers.values() if w.state is WorkerState.connected]
@@ -488,9 +488,9 @@ def launch_additional(n: int, exename: str, exeflags: list[str], bind_addr: str)
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, start_new_session=True)
             procs.append(proc)
-            proc.stdin.write(PGRP.cookie.encode() + b"\n")
-            proc.stdin.close()
-        relays = [WorkerOutput(p.stdout) for p in procs]
+            proc.stdin.write(PGRP.cookie.encode() + b"\n")  # type: ignore[union-attr]
+            proc.stdin.close()  # type: ignore[union-attr]
+        relays = [WorkerOutput(p.stdout) for p in procs]  # type: ignore[arg-type]
         result = []
         for proc, relay in zip(procs, relays):
             addr, port = relay.wait_address(worker_timeout(), proc)
@@ -612,7 +612,7 @@ def _join_list(w: Worker, config: WorkerConfig, timeout: float) -> list:
     if pg.topology == "custom":
         idents = set(config.connect_idents or [])
         others = [o for o in others if o.config is not None and o.config.ident in idents]
-    return [(o.pid, list(o.connect_at)) for o in others]
+    return [(o.pid, list(o.connect_at)) for o in others]  # type: ignore[arg-type]
 
 
 # ==================================================================== rmprocs / interrupt

@@ -92,7 +92,7 @@ def _run_on_all(fn: Callable, arg: Any, pids: list[int]) -> None:
         except RemoteException as e:
             errors.append(e)
     if errors:
-        raise ExceptionGroup(f"everywhere: {len(errors)} of {len(pids)} processes failed", errors)
+        raise ExceptionGroup(f"everywhere: {len(errors)} of {len(pids)} processes failed", errors)  # type: ignore[type-var]
 
 
 def everywhere(code: Any = None, procs: int | Iterable[int] | None = None) -> Any:
@@ -168,7 +168,7 @@ class DistributedHandle:
         if len(errors) == 1:
             raise errors[0]
         if errors:
-            raise ExceptionGroup(f"distributed: {len(errors)} chunks failed", errors)
+            raise ExceptionGroup(f"distributed: {len(errors)} chunks failed", errors)  # type: ignore[type-var]
 
     def done(self) -> bool:
         return all(f.done() for f in self.futures)

@@ -42,7 +42,7 @@ import queue
 import threading
 import time
 import weakref
-from _weakref import _remove_dead_weakref
+from _weakref import _remove_dead_weakref  # type: ignore[attr-defined]
 from typing import Any, Callable, Generator, Generic, Iterator, NamedTuple, TypeVar, overload
 
 from . import protocol, serialization
@@ -705,7 +705,7 @@ class Future(AbstractRemoteRef, Generic[T]):
             waiter = loop.create_future()
 
             def wake(_: Future) -> None:
-                loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+                loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))  # type: ignore[func-returns-value]
 
             self.add_done_callback(wake)
             yield from waiter.__await__()
@@ -715,7 +715,7 @@ class Future(AbstractRemoteRef, Generic[T]):
         return (yield from loop.run_in_executor(None, self.fetch).__await__())
 
     def __getitem__(self, key: Any) -> Any:
-        return self.fetch()[key]
+        return self.fetch()[key]  # type: ignore[index]
 
 
 # Owner-side operations, run as calls on the owner.
@@ -1101,7 +1101,7 @@ def channel_from_id(rrid: RRID | tuple) -> Any:
 
 
 @overload
-def fetch(x: Future[T] | RemoteChannel[T] | Channel[T],  # type: ignore[overload-overlap]
+def fetch(x: Future[T] | RemoteChannel[T] | Channel[T],
           timeout: float | None = None) -> T: ...
 @overload
 def fetch(x: T, timeout: float | None = None) -> T: ...

@@ -65,7 +65,7 @@ def remotecall(f: Callable[P, T], id: Target, *args: P.args, **kwargs: P.kwargs)
         return pool._remotecall(f, args, kwargs)
     pid = _target(id)
     if pid == PGRP.id:
-        fut = Future(pid)
+        fut: Future[T] = Future(pid)
         cell = STORE.lookup(fut.rrid, _Cell)
         threading.Thread(target=_run_here, args=(cell, f, args, kwargs),
                          name="pydist-local-call", daemon=True).start()
@@ -132,7 +132,7 @@ def on_call(conn: Connection, msg: protocol.Message):
         return lambda: _finish(conn, rrid, cell, False, call)
 
     def task() -> None:
-        outcome = run_user_call(*call, functools.partial(_finish, conn, rrid, cell))
+        outcome = run_user_call(*call, functools.partial(_finish, conn, rrid, cell))  # type: ignore[call-arg]
         if outcome is not None:
             _finish(conn, rrid, cell, *outcome)
 

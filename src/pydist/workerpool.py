@@ -368,7 +368,7 @@ class CachingPool(WorkerPool):
             entry = self._cache.get(key)
             if entry is not None and entry[0] is f:
                 return _exec_from_cache, (entry[1],)
-            rc = RemoteChannel(w)
+            rc: RemoteChannel[Any] = RemoteChannel(w)
             self._cache[key] = (f, rc)
         return _exec_and_cache, (f, rc)
 

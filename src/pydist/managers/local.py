@@ -72,8 +72,8 @@ class LocalManager(ClusterManager):
             with self._lock:
                 self._procs.add(proc)
             try:
-                proc.stdin.write(cookie.encode() + b"\n")
-                proc.stdin.close()
+                proc.stdin.write(cookie.encode() + b"\n")  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
             except OSError:
                 pass  # it died at once; the address reader will say so
             config = WorkerConfig(
