@@ -6,18 +6,20 @@ The first worker produces numbers into a channel that lives on the master, the s
 them into a results channel; the master collects. `None` marks the end of the stream.
 """
 
+from __future__ import annotations
+
 import pydist
 from pydist import Channel, RemoteChannel
 
 
-def produce(jobs: RemoteChannel, n: int) -> int:
+def produce(jobs: RemoteChannel[int | None], n: int) -> int:
     for i in range(n):
         jobs.put(i)
     jobs.put(None)
     return n
 
 
-def square_all(jobs: RemoteChannel, results: RemoteChannel) -> int:
+def square_all(jobs: RemoteChannel[int | None], results: RemoteChannel[int]) -> int:
     done = 0
     while (x := jobs.take()) is not None:
         results.put(x * x)
@@ -28,8 +30,8 @@ def square_all(jobs: RemoteChannel, results: RemoteChannel) -> int:
 
 if __name__ == "__main__":
     n = 100
-    jobs = RemoteChannel(lambda: Channel(10))       # bounded: the producer waits for the consumer
-    results = RemoteChannel(lambda: Channel(10))
+    jobs: RemoteChannel[int | None] = RemoteChannel(lambda: Channel(10))  # bounded: the producer waits
+    results: RemoteChannel[int] = RemoteChannel(lambda: Channel(10))
     ws = pydist.workers()
     producer = pydist.remotecall(produce, ws[0], jobs, n)
     consumer = pydist.remotecall(square_all, ws[-1], jobs, results)

@@ -1,6 +1,6 @@
 """Remote calls: remotecall, remotecall_fetch, remotecall_wait, remote_do.
 
-API.md "Processes", "Remote calls", "Errors"; Julia reference sections 1.5, 1.8, 2.6.
+The README's "What works today" and "When things fail"; Julia reference sections 1.5, 1.8, 2.6.
 
 The first part of this module uses the two workers shared by the module (`two_workers`) and,
 for anything that kills workers, workers owned by one test (`fresh_workers`). The last part

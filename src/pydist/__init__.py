@@ -1,10 +1,13 @@
 """pydist: Julia's Distributed for Python.
 
 Start workers (`addprocs`), run functions on them (`remotecall`, `remotecall_fetch`,
-`remote_do`), and move data with `Future`s and `RemoteChannel`s. See API.md for the contract.
+`remote_do`), and move data with `Future`s and `RemoteChannel`s. The documentation (docs/,
+built with Sphinx) has the guides and the reference of every name in `__all__`.
 """
 
 from __future__ import annotations
+
+from typing import IO, Any
 
 from .channel import Channel
 from .cluster import (
@@ -78,21 +81,32 @@ from .pmap import ExponentialBackOff, pmap
 from .runtime import shutdown
 
 
-def start_worker(*args, **kwargs):
-    """Serve as a worker on this process (see `pydist.worker.start_worker`)."""
+def start_worker(out: IO[str] | None = None, cookie: str | None = None, close_stdin: bool = True,
+                 stderr_to_stdout: bool = True, bind_to: str | None = None) -> int:
+    """Serve as a worker on this process until the master goes away; returns the exit code.
+
+    What `python -m pydist.worker` runs, for a custom manager's own worker command: reads the
+    cookie from stdin unless `cookie` is given, listens on `bind_to` (``"addr[:port]"``;
+    default: an address of this host), prints the ``pydist_worker:<port>#<addr>`` line that
+    the manager's `connect` reads to `out` (default: stdout), then serves calls.
+    """
     from .worker import start_worker as _start_worker
 
-    return _start_worker(*args, **kwargs)
+    return _start_worker(out, cookie, close_stdin, stderr_to_stdout, bind_to)
 
 
 def init_worker(cookie: str, manager: ClusterManager | None = None) -> None:
-    """Make this process a worker (see `pydist.worker.init_worker`)."""
+    """Make this process a worker that authenticates its peers with `cookie`, for a custom
+    transport: then call `process_messages(reader, writer)` with the streams to the master
+    and `pydist.worker.wait_for_shutdown()`. With a `manager`, links to other workers go
+    through `manager.connect`. SIGINT (the master's `interrupt`) then interrupts the
+    running calls instead of the process."""
     from .worker import init_worker as _init_worker
 
     _init_worker(cookie, manager)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     # SSHManager pulls in shlex, shutil, tempfile and getpass: imported on first use only,
     # so that `import pydist` (and every worker's start) stays light.
     if name == "SSHManager":

@@ -98,18 +98,26 @@ def add_worker_exited_callback(f: Callable, key: Hashable | None = None) -> Hash
 
 
 def remove_worker_starting_callback(key: Hashable) -> None:
+    """Unregister the starting callback that `add_worker_starting_callback` returned `key` for
+    (KeyError if there is none)."""
     _remove("starting", key)
 
 
 def remove_worker_started_callback(key: Hashable) -> None:
+    """Unregister the started callback that `add_worker_started_callback` returned `key` for
+    (KeyError if there is none)."""
     _remove("started", key)
 
 
 def remove_worker_exiting_callback(key: Hashable) -> None:
+    """Unregister the exiting callback that `add_worker_exiting_callback` returned `key` for
+    (KeyError if there is none)."""
     _remove("exiting", key)
 
 
 def remove_worker_exited_callback(key: Hashable) -> None:
+    """Unregister the exited callback that `add_worker_exited_callback` returned `key` for
+    (KeyError if there is none)."""
     _remove("exited", key)
 
 
@@ -157,7 +165,7 @@ def _run_all(kind: str, calls: list[tuple], warn_every: float | None,
         if next_warning is not None and now >= next_warning:
             names = ", ".join(f"'{k}'" for k in dict.fromkeys(r.key for r in pending))
             log.warning("Waiting for these worker-%s callbacks to finish: %s", kind, names)
-            next_warning = now + warn_every
+            next_warning = now + warn_every  # type: ignore[operator]
         limits = []
         if timeout is not None:
             limits.append(start + timeout - now)
@@ -171,7 +179,7 @@ def _raise_errors(kind: str, runs: list[_Run]) -> None:
     if len(errors) == 1:
         raise errors[0]
     if errors:
-        raise ExceptionGroup(f"{len(errors)} worker-{kind} callbacks failed", errors)
+        raise ExceptionGroup(f"{len(errors)} worker-{kind} callbacks failed", errors)  # type: ignore[type-var]
 
 
 def run_starting(manager: Any, params: dict, warn_every: float) -> None:

@@ -217,7 +217,7 @@ class _Running:
 
     __slots__ = ("lock", "active", "interrupted", "cancel", "reply", "reading")
 
-    def __init__(self, reply: Callable[[bool, Any], None] | None) -> None:
+    def __init__(self, reply: Callable[[bool, Any], object] | None) -> None:
         self.lock = threading.Lock()
         self.active = True
         self.interrupted = False
@@ -246,7 +246,7 @@ def _clear_pending_interrupt(tid: int) -> None:
 
 
 def run_user_call(f: Callable, args: tuple, kwargs: dict,
-                  reply: Callable[[bool, Any], None] | None = None) -> tuple[bool, Any] | None:
+                  reply: Callable[[bool, Any], object] | None = None) -> tuple[bool, Any] | None:
     """Call `f(*args, **kwargs)`; return (True, value) or (False, RemoteException). With
     `reply` (what sends the outcome to the caller), `f` may take it over (`take_reply`):
     then this returns None, and what `f` itself returns goes nowhere."""
@@ -282,7 +282,7 @@ def run_user_call(f: Callable, args: tuple, kwargs: dict,
     return ok, value
 
 
-def take_reply() -> Callable[[bool, Any], None]:
+def take_reply() -> Callable[[bool, Any], object]:
     """In a remote call: take over its reply. The caller gets the outcome given to the
     returned function, `reply(ok, value)` (a RemoteException if not ok), from any thread and
     at any time; what the call returns goes nowhere, and the rest of it cannot be
@@ -440,7 +440,7 @@ def call_fetch(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
     dropped: so that a reply carrying something that must not vanish can give it back."""
     kwargs = kwargs or _EMPTY
     if pid == PGRP.id:
-        ok, value = run_user_call(f, args, kwargs)
+        ok, value = run_user_call(f, args, kwargs)  # type: ignore[misc]
         if ok:
             return value
         raise value
@@ -507,7 +507,7 @@ def remote_do_internal(pid: int, f: Callable, args: tuple = (), kwargs: dict | N
 
 
 def _do_locally(f: Callable, args: tuple, kwargs: dict) -> None:
-    ok, value = run_user_call(f, args, kwargs)
+    ok, value = run_user_call(f, args, kwargs)  # type: ignore[misc]
     if not ok:
         print(f"Error in remote_do on process {PGRP.id}:\n{value}", file=sys.stderr, flush=True)
 

@@ -6,7 +6,7 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 from .exceptions import InvalidStateError
 
@@ -28,7 +28,10 @@ def _remaining(deadline: float | None) -> float | None:
     return max(0.0, deadline - time.monotonic())
 
 
-class Channel:
+T = TypeVar("T")
+
+
+class Channel(Generic[T]):
     """A FIFO channel. `sz=0` is unbuffered (a `put` waits until a `take` has the value),
     an int bounds the buffer, `math.inf` leaves it unbounded.
 
@@ -60,7 +63,7 @@ class Channel:
             return self._close_exc
         return InvalidStateError(f"Channel is closed: cannot {what}")
 
-    def put(self, v: Any, timeout: float | None = None) -> Any:
+    def put(self, v: T, timeout: float | None = None) -> Any:
         """Append `v`, waiting while the channel is full (or, unbuffered, until it is taken)."""
         return self._put(v, timeout, None)
 
@@ -109,7 +112,7 @@ class Channel:
                 if not self._items:
                     raise TimeoutError(f"{what}: nothing arrived within {timeout} seconds")
 
-    def take(self, timeout: float | None = None) -> Any:
+    def take(self, timeout: float | None = None) -> T:
         """Remove and return the first value, waiting for one."""
         return self._take(timeout, None)
 
@@ -124,7 +127,7 @@ class Channel:
                 return item[0]
             return item
 
-    def fetch(self, timeout: float | None = None) -> Any:
+    def fetch(self, timeout: float | None = None) -> T:
         """Return the first value without removing it, waiting for one."""
         return self._fetch(timeout, None)
 
@@ -173,12 +176,13 @@ class Channel:
             self._cond.notify_all()
 
     def isopen(self) -> bool:
+        """False once the channel is closed."""
         return self._open
 
     def __len__(self) -> int:
         return len(self._items)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[T]:
         """Take values until the channel is closed and empty."""
         return take_until_closed(self.take)
 

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Iterable
+from typing import Any, Iterable, Literal, Mapping, Sequence, Union, overload
 
 from . import callbacks, protocol, serialization, transport
 from .calls import call_fetch, fail_slots_of, new_slot, remote_do_internal, SLOTS
@@ -226,12 +226,60 @@ def _check_keywords(kw: dict, valid: set[str]) -> None:
             raise TypeError(f"addprocs() got an unexpected keyword argument {key!r}")
 
 
-def addprocs(target: int | list | ClusterManager | None = None, **kw: Any) -> list[int]:
-    """Start workers and return their ids (sorted).
+#: An SSH machine: ``"[count*][user@]host[:port] [bind_addr[:port]]"``, or ``(spec, count)``
+#: with a number or ``"auto"`` (one worker per core).
+Machine = Union[str, tuple[str, Union[int, Literal["auto"]]]]
+Topology = Literal["all_to_all", "master_worker", "custom"]
 
-    `addprocs(n)` starts `n` local workers (default: `os.cpu_count()`); `addprocs(machines)`
-    starts workers over SSH; `addprocs(manager)` uses any ClusterManager. See API.md for the
-    keywords.
+
+@overload
+def addprocs(np: int | None = None, /, *, restrict: bool = True,
+             exename: str | None = None, exeflags: str | Sequence[str] = (),
+             dir: str | None = None, env: Mapping[str, str] | None = None,
+             topology: Topology = "all_to_all", lazy: bool = True,
+             enable_threaded_blas: bool = False, timeout: float | None = None,
+             heartbeat_timeout: float | None = 60.0,
+             callback_warning_interval: float = 10.0) -> list[int]: ...
+@overload
+def addprocs(machines: Sequence[Machine], /, *, tunnel: bool = False, multiplex: bool = False,
+             sshflags: str | Sequence[str] = (), max_parallel: int = 10,
+             shell: Literal["posix", "csh", "wincmd"] = "posix", ssh: str = "ssh",
+             cmdline_cookie: bool = False,
+             exename: str | None = None, exeflags: str | Sequence[str] = (),
+             dir: str | None = None, env: Mapping[str, str] | None = None,
+             topology: Topology = "all_to_all", lazy: bool = True,
+             enable_threaded_blas: bool = False, timeout: float | None = None,
+             heartbeat_timeout: float | None = 60.0,
+             callback_warning_interval: float = 10.0) -> list[int]: ...
+@overload
+def addprocs(manager: ClusterManager, /, **kw: Any) -> list[int]: ...
+def addprocs(target: int | Sequence[Machine] | ClusterManager | None = None, /, **kw: Any) -> list[int]:
+    """Start workers and return their ids (sorted); they join every process's cluster.
+
+    - ``addprocs(n)`` starts `n` workers on this machine (default: `os.cpu_count()`), with a
+      `LocalManager`; ``restrict=True`` makes them listen on 127.0.0.1 only.
+    - ``addprocs(machines)`` starts workers over SSH (an `SSHManager`): see the SSH guide for
+      machine strings and `tunnel`, `multiplex`, `sshflags` (default `PYDIST_SSHFLAGS`),
+      `max_parallel` (ssh sessions at once), `shell` (the remote shell's quoting), `ssh`
+      (the ssh program) and `cmdline_cookie` (pass the cookie as an argument, not on stdin).
+    - ``addprocs(manager)`` uses any `ClusterManager`; keywords not listed here go to its
+      `launch` in `params`.
+
+    Keywords for every kind: `exename` (the worker's Python, default `sys.executable`),
+    `exeflags` (its flags), `dir` (working directory, default ours), `env` (extra
+    environment variables), `topology` (``"all_to_all"``; ``"master_worker"`` forbids
+    links between workers), `lazy` (link workers to each other on first use, not at once),
+    `enable_threaded_blas` (else BLAS libraries run single-threaded), `timeout` (seconds to
+    wait for a worker to start and connect; default `PYDIST_WORKER_TIMEOUT` or 60),
+    `heartbeat_timeout` (seconds of silence after which a worker is declared dead; default
+    `PYDIST_HEARTBEAT_TIMEOUT` or 60; ``0`` or ``None``: off), `callback_warning_interval`
+    (seconds between reports of slow started-callbacks). An unknown keyword is a TypeError.
+
+    If some workers fail to start, the error (an `ExceptionGroup` for several) carries
+    `added_pids`: the workers that did start, and stay. Example::
+
+        pids = addprocs(2, exeflags=["-X", "dev"], env={"OMP_NUM_THREADS": "1"})
+        addprocs(["node1", "alice@node2:2222", ("node3", 4)], tunnel=True)
     """
     _check_master()
     if target is None or (isinstance(target, int) and not isinstance(target, bool)):
@@ -263,9 +311,9 @@ def addprocs(target: int | list | ClusterManager | None = None, **kw: Any) -> li
         new_pids, errors = _addprocs_locked(manager, params)
     callbacks.run_started(new_pids, warn_every)
     if errors:
-        error = errors[0] if len(errors) == 1 else ExceptionGroup(
+        error = errors[0] if len(errors) == 1 else ExceptionGroup(  # type: ignore[type-var]
             f"addprocs: {len(errors)} workers failed to start", errors)
-        error.added_pids = new_pids  # the workers that did start stay in the cluster
+        error.added_pids = new_pids  # type: ignore[attr-defined]  # the workers that did start stay in the cluster
         raise error
     return new_pids
 
@@ -305,7 +353,7 @@ def _normalize_params(params: dict) -> None:
         params["exename"] = sys.executable
 
 
-def _addprocs_locked(manager: ClusterManager, params: dict) -> list[int]:
+def _addprocs_locked(manager: ClusterManager, params: dict) -> tuple[list[int], list[BaseException]]:
     pg = PGRP
     with pg.lock:
         existing = [w for w in pg.workers.values() if w.state is WorkerState.connected]
@@ -440,9 +488,9 @@ def launch_additional(n: int, exename: str, exeflags: list[str], bind_addr: str)
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, start_new_session=True)
             procs.append(proc)
-            proc.stdin.write(PGRP.cookie.encode() + b"\n")
-            proc.stdin.close()
-        relays = [WorkerOutput(p.stdout) for p in procs]
+            proc.stdin.write(PGRP.cookie.encode() + b"\n")  # type: ignore[union-attr]
+            proc.stdin.close()  # type: ignore[union-attr]
+        relays = [WorkerOutput(p.stdout) for p in procs]  # type: ignore[arg-type]
         result = []
         for proc, relay in zip(procs, relays):
             addr, port = relay.wait_address(worker_timeout(), proc)
@@ -564,7 +612,7 @@ def _join_list(w: Worker, config: WorkerConfig, timeout: float) -> list:
     if pg.topology == "custom":
         idents = set(config.connect_idents or [])
         others = [o for o in others if o.config is not None and o.config.ident in idents]
-    return [(o.pid, list(o.connect_at)) for o in others]
+    return [(o.pid, list(o.connect_at)) for o in others]  # type: ignore[arg-type]
 
 
 # ==================================================================== rmprocs / interrupt
@@ -596,7 +644,8 @@ def _flatten_pids(pids: Iterable) -> list[int]:
     return out
 
 
-def rmprocs(*pids: Any, waitfor: float | None = None, callback_timeout: float = 10.0):
+def rmprocs(*pids: int | Iterable[int], waitfor: float | None = None,
+            callback_timeout: float = 10.0) -> RmprocsHandle | None:
     """Remove workers: run the worker-exiting callbacks (at most `callback_timeout` seconds),
     ask each worker to exit (the manager escalates if it does not), then wait up to `waitfor`
     seconds (forever if None) for all to be gone. `waitfor=0` returns a handle with `.wait()`
@@ -647,8 +696,10 @@ def rmprocs(*pids: Any, waitfor: float | None = None, callback_timeout: float = 
     return None
 
 
-def interrupt(*pids: Any) -> None:
-    """Interrupt the calls running on the given workers (all workers if none given)."""
+def interrupt(*pids: int | Iterable[int]) -> None:
+    """Interrupt the calls running on the given workers (all workers if none given): each
+    gets `KeyboardInterrupt` within about 0.1 s, also while it sleeps or waits on a Future,
+    a channel or a `threading` primitive; the workers stay usable."""
     _check_master("interrupt workers")
     targets = _flatten_pids(pids) if pids else [p for p in workers() if p != 1]
     threads = []

@@ -204,7 +204,7 @@ def _dual_class(orig: type) -> type | None:
             )
         except TypeError:  # incompatible instance layouts
             cls = None
-    _dual_classes[orig] = cls
+    _dual_classes[orig] = cls  # type: ignore[assignment]
     return cls
 
 
@@ -215,7 +215,7 @@ def make_remote_exception(pid: int, captured: CapturedException) -> RemoteExcept
     if cls is not None:
         try:
             try:
-                exc = cls.__new__(cls, pid, captured)
+                exc = cls.__new__(cls, pid, captured)  # type: ignore[call-overload]
             except TypeError:
                 # MemoryError's own __new__ refuses classes whose static base is not its own
                 # ("is not safe"); BaseException's, which it uses for subclasses, does not.

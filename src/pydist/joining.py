@@ -149,7 +149,7 @@ def on_join(conn: transport.Connection, msg: protocol.Message):
             reply = _join(conn, params)
             ok = True
         except BaseException as e:
-            reply, ok = RemoteException(PGRP.id, CapturedException(e)), False
+            reply, ok = RemoteException(PGRP.id, CapturedException(e)), False  # type: ignore[assignment]
         body = serialization.dumps_inline(reply)
         conn.send(protocol.encode_frame(protocol.RESULT, body, a=sid,
                                         flags=0 if ok else protocol.FLAG_ERROR))

@@ -10,7 +10,7 @@ import functools
 import itertools
 import sys
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Literal, ParamSpec, TypeVar
 
 from .cluster import nworkers, procs, workers
 from .group import PGRP
@@ -19,6 +19,9 @@ from .refs import Future
 from .remotecall import remotecall, remotecall_fetch
 
 __all__ = ["spawnat", "spawn", "fetchfrom", "fetchany", "everywhere", "distributed"]
+
+T = TypeVar("T")
+P = ParamSpec("P")
 
 _next = itertools.count()
 _next_lock = threading.Lock()
@@ -31,23 +34,28 @@ def nextproc() -> int:
         return pids[next(_next) % len(pids)]
 
 
-def spawnat(p: int | str, f: Callable, *args: Any, **kwargs: Any) -> Future:
-    """Run `f(*args, **kwargs)` on process `p` (`"any"`: the next worker, round-robin)."""
+def spawnat(p: int | Literal["any"], f: Callable[P, T], *args: P.args,
+            **kwargs: P.kwargs) -> Future[T]:
+    """Run `f(*args, **kwargs)` on process `p` (`"any"`: the next worker, round-robin) and
+    return its Future at once: Julia's ``@spawnat p expr``. Example::
+
+        spawnat(2, sum, range(10)).fetch()   # 45
+    """
     pid = nextproc() if p == "any" else p
     return remotecall(f, pid, *args, **kwargs)
 
 
-def spawn(f: Callable, *args: Any, **kwargs: Any) -> Future:
-    """`spawnat("any", f, ...)`."""
+def spawn(f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+    """`spawnat("any", f, ...)`: run on the next worker, round-robin (no load balancing)."""
     return spawnat("any", f, *args, **kwargs)
 
 
-def fetchfrom(p: int, f: Callable, *args: Any, **kwargs: Any) -> Any:
-    """Run `f(*args, **kwargs)` on process `p` and return its value."""
+def fetchfrom(p: int, f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run `f(*args, **kwargs)` on process `p` and return its value (Julia's ``@fetchfrom``)."""
     return remotecall_fetch(f, p, *args, **kwargs)
 
 
-def fetchany(f: Callable, *args: Any, **kwargs: Any) -> Any:
+def fetchany(f: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """Run `f(*args, **kwargs)` on the next worker (round-robin) and return its value."""
     return remotecall_fetch(f, nextproc(), *args, **kwargs)
 
@@ -84,7 +92,7 @@ def _run_on_all(fn: Callable, arg: Any, pids: list[int]) -> None:
         except RemoteException as e:
             errors.append(e)
     if errors:
-        raise ExceptionGroup(f"everywhere: {len(errors)} of {len(pids)} processes failed", errors)
+        raise ExceptionGroup(f"everywhere: {len(errors)} of {len(pids)} processes failed", errors)  # type: ignore[type-var]
 
 
 def everywhere(code: Any = None, procs: int | Iterable[int] | None = None) -> Any:
@@ -160,7 +168,7 @@ class DistributedHandle:
         if len(errors) == 1:
             raise errors[0]
         if errors:
-            raise ExceptionGroup(f"distributed: {len(errors)} chunks failed", errors)
+            raise ExceptionGroup(f"distributed: {len(errors)} chunks failed", errors)  # type: ignore[type-var]
 
     def done(self) -> bool:
         return all(f.done() for f in self.futures)

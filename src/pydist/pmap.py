@@ -320,9 +320,9 @@ def _run_lane(lane: _Lane) -> None:
             reply, outcome, waited = ended
             ended = None
             if waited and item is not None and not cancelled:
-                POOL.submit(functools.partial(reply, *outcome))
+                POOL.submit(functools.partial(reply, *outcome))  # type: ignore[misc]
             else:
-                reply(*outcome)
+                reply(*outcome)  # type: ignore[misc]
         if item is None:
             if stop:
                 return

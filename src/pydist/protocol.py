@@ -295,7 +295,7 @@ class FrameDecoder:
             raise self._broken
         if self._target_view is not None and self._start == self._end:
             self._direct = True
-            if self._filled + POPULATE_STEP // 2 > self._populated < len(self._target):
+            if self._filled + POPULATE_STEP // 2 > self._populated < len(self._target):  # type: ignore[arg-type]
                 populate(self._target, self._populated, self._populated + POPULATE_STEP)
                 self._populated += POPULATE_STEP
             return self._target_view[self._filled :]
@@ -307,7 +307,7 @@ class FrameDecoder:
     def buffer_updated(self, nbytes: int) -> None:
         if self._direct:
             self._filled += nbytes
-            if self._filled == len(self._target):
+            if self._filled == len(self._target):  # type: ignore[arg-type]
                 self._finish_target()
         else:
             self._end += nbytes
@@ -394,7 +394,7 @@ class FrameDecoder:
                 if avail == 0:
                     return
                 n = min(avail, len(self._target) - self._filled)
-                self._target_view[self._filled : self._filled + n] = self._view[
+                self._target_view[self._filled : self._filled + n] = self._view[  # type: ignore[index]
                     self._start : self._start + n
                 ]
                 self._start += n
@@ -439,7 +439,7 @@ class FrameDecoder:
         n = self._msg_body_len
         avail = self._end - self._start
         if avail >= n:  # small body, all here: one copy out of the staging buffer
-            self._msg.body = bytes(self._view[self._start : self._start + n])
+            self._msg.body = bytes(self._view[self._start : self._start + n])  # type: ignore[union-attr]
             self._start += n
             self._next_buffer()
         else:
@@ -456,22 +456,22 @@ class FrameDecoder:
         self._target = None
         self._target_view = None
         if self._state == _S_BODY:
-            self._msg.body = target
+            self._msg.body = target  # type: ignore[union-attr]
         else:
-            self._msg.buffers.append(target)
+            self._msg.buffers.append(target)  # type: ignore[union-attr]
         self._next_buffer()
 
     def _next_buffer(self) -> None:
         """Start receiving the next out-of-band buffer, or emit the finished message."""
-        i = len(self._msg.buffers)
+        i = len(self._msg.buffers)  # type: ignore[union-attr]
         while i < len(self._lengths) and self._lengths[i] == 0:
-            self._msg.buffers.append(bytearray())
+            self._msg.buffers.append(bytearray())  # type: ignore[union-attr]
             i += 1
         if i < len(self._lengths):
             self._state = _S_BUFFER
             self._set_target(allocate(self._lengths[i]))
         else:
-            self._ready.append(self._msg)
+            self._ready.append(self._msg)  # type: ignore[arg-type]
             self._msg = None
             self._state = _S_HEADER
             if self._start == self._end:

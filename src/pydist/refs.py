@@ -42,8 +42,8 @@ import queue
 import threading
 import time
 import weakref
-from _weakref import _remove_dead_weakref
-from typing import Any, Callable, Iterator, NamedTuple
+from _weakref import _remove_dead_weakref  # type: ignore[attr-defined]
+from typing import Any, Callable, Generator, Generic, Iterator, NamedTuple, TypeVar, overload
 
 from . import protocol, serialization
 from .calls import (
@@ -213,6 +213,9 @@ class _ClientRef(weakref.ref):
     more, so no other thread can revive it meanwhile (see the module docstring)."""
 
     __slots__ = ("where", "rrid", "count")
+    where: int
+    rrid: RRID
+    count: int
 
 
 def _released(ref: _ClientRef, _put=_deltas.put, _remove=_remove_dead_weakref) -> None:
@@ -455,11 +458,17 @@ def _on_owner(ref: "Future | RemoteChannel", f: Callable, *args: Any) -> Any:
     return call_fetch(ref.where, f, (ref.rrid, *args))
 
 
+T = TypeVar("T")
+
+
 class AbstractRemoteRef:
     """What a Future and a RemoteChannel share: an owner (`where`), an RRID, and this
     process's count on the owner, given back when the reference is dropped."""
 
     __slots__ = ("where", "whence", "id", "_lock", "_held", "__weakref__")
+    where: int
+    whence: int
+    id: int
 
     def _init_ref(self, where: int, rrid: RRID, count: int) -> None:
         if _flusher is None:
@@ -473,6 +482,7 @@ class AbstractRemoteRef:
 
     @property
     def rrid(self) -> RRID:
+        """`RRID(whence, id)`: the reference's identity, the same in every process."""
         return RRID(self.whence, self.id)
 
     def __eq__(self, other: object) -> bool:
@@ -482,12 +492,24 @@ class AbstractRemoteRef:
         return hash((type(self).__name__, self.whence, self.id))
 
 
-class Future(AbstractRemoteRef):
+class Future(AbstractRemoteRef, Generic[T]):
     """A write-once value that lives on process `where` (default: this one).
 
     Returned by `remotecall`; `Future(pid)` makes an empty one that anybody holding it may
     `put` once. `fetch` caches the value, so a second `fetch` costs nothing. Futures can be
-    awaited (`await fut`) and accept completion callbacks.
+    awaited (`await fut`) and accept completion callbacks. A Future can be passed to other
+    workers as an argument of a remote call; they fetch from the owner.
+
+    `Future[T]` is the type of a Future whose value is a `T`: `remotecall(f, ...)` returns
+    a `Future[int]` when `f` returns an `int`.
+
+    Example::
+
+        fut = remotecall(sum, 2, [1, 2, 3])   # Future[int]
+        fut.fetch()                            # 6
+        f = Future(2)                          # an empty Future owned by worker 2
+        remotecall_fetch(lambda f: f.put("x") and None, 3, f)
+        f.fetch()                              # "x"
     """
 
     __slots__ = ("_state", "_value", "_latch", "_callbacks", "_watching", "_pins")
@@ -585,8 +607,9 @@ class Future(AbstractRemoteRef):
             return False
         return _on_owner(self, _isready_ref)
 
-    def wait(self, timeout: float | None = None) -> "Future":
-        """Wait until the value is there; raise the RemoteException of a failed call."""
+    def wait(self, timeout: float | None = None) -> "Future[T]":
+        """Wait until the value is there and return the Future; raise the RemoteException of
+        a failed call, `TimeoutError` after about `timeout` seconds."""
         self._wait_done(timeout)
         if self._state == _ERROR:
             raise self._value
@@ -614,8 +637,10 @@ class Future(AbstractRemoteRef):
         ok, err = _ask_owner(self, "Future.wait", _wait_ref, (), timeout)
         self._complete(_REMOTE_DONE, None if ok else err)
 
-    def fetch(self, timeout: float | None = None) -> Any:
-        """The value (waiting for it); raises the RemoteException of a failed call."""
+    def fetch(self, timeout: float | None = None) -> T:
+        """The value (waiting for it); raises the RemoteException of a failed call,
+        `ProcessExitedException` if the owner is lost, `TimeoutError` after about `timeout`
+        seconds (the Future stays usable)."""
         if self._state in (_VALUE, _ERROR):
             return self._result()
         self._wait_done(timeout)
@@ -625,7 +650,7 @@ class Future(AbstractRemoteRef):
         self._complete(_VALUE if ok else _ERROR, value)
         return self._result()
 
-    def put(self, value: Any) -> "Future":
+    def put(self, value: T) -> "Future[T]":
         """Set the value; a Future can be set only once (InvalidStateError)."""
         if self._state in (_VALUE, _ERROR):
             raise InvalidStateError("Future can be set only once")
@@ -637,7 +662,7 @@ class Future(AbstractRemoteRef):
         """True once the outcome is known here (never blocks, never messages)."""
         return self._state != _PENDING
 
-    def add_done_callback(self, fn: Callable[["Future"], None]) -> None:
+    def add_done_callback(self, fn: Callable[["Future[T]"], None]) -> None:
         """Call `fn(self)` once the value is there (at once if it is). It runs in the thread
         that completes the Future, often a connection's reading thread: it must not block."""
         with self._lock:
@@ -672,7 +697,7 @@ class Future(AbstractRemoteRef):
         except ProcessExitedException as e:
             self._complete(_ERROR, e)
 
-    def __await__(self):
+    def __await__(self) -> Generator[Any, None, T]:
         import asyncio
 
         if self._state == _PENDING:
@@ -680,7 +705,7 @@ class Future(AbstractRemoteRef):
             waiter = loop.create_future()
 
             def wake(_: Future) -> None:
-                loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))
+                loop.call_soon_threadsafe(lambda: waiter.done() or waiter.set_result(None))  # type: ignore[func-returns-value]
 
             self.add_done_callback(wake)
             yield from waiter.__await__()
@@ -690,7 +715,7 @@ class Future(AbstractRemoteRef):
         return (yield from loop.run_in_executor(None, self.fetch).__await__())
 
     def __getitem__(self, key: Any) -> Any:
-        return self.fetch()[key]
+        return self.fetch()[key]  # type: ignore[index]
 
 
 # Owner-side operations, run as calls on the owner.
@@ -858,12 +883,19 @@ def _default_channel() -> Channel:
     return Channel(1)
 
 
-class RemoteChannel(AbstractRemoteRef):
+class RemoteChannel(AbstractRemoteRef, Generic[T]):
     """A channel that lives on process `where`; every operation runs there.
 
     `RemoteChannel(f, pid)` creates the channel now by running `f()` on `pid` (any object with
     Channel's methods); `RemoteChannel(pid)` or `RemoteChannel(pid=pid)` gets a `Channel(1)`
-    on first use.
+    on first use. Pass it to remote calls to share it: every holder talks to the owner.
+    `RemoteChannel[T]` is the type of one that carries values of type `T`.
+
+    Example::
+
+        jobs: RemoteChannel[int] = RemoteChannel(lambda: Channel(32), 1)
+        remote_do(lambda ch: [ch.put(i) for i in range(3)], 2, jobs)
+        [jobs.take() for _ in range(3)]   # [0, 1, 2]
     """
 
     __slots__ = ()
@@ -884,7 +916,7 @@ class RemoteChannel(AbstractRemoteRef):
     def __reduce__(self):
         raise TypeError("a RemoteChannel can only be sent to pydist processes, inside a remote call")
 
-    def put(self, v: Any, timeout: float | None = None) -> "RemoteChannel":
+    def put(self, v: T, timeout: float | None = None) -> "RemoteChannel[T]":
         """Put `v` (waits while the channel is full); returns the channel. After a
         TimeoutError (or an interrupt) the put may still have happened, if the owner had
         already made it, but never happens later: once the owner hears that the caller gave
@@ -892,35 +924,42 @@ class RemoteChannel(AbstractRemoteRef):
         _blocking_op(self, "put", (v,), timeout)
         return self
 
-    def take(self, timeout: float | None = None) -> Any:
+    def take(self, timeout: float | None = None) -> T:
         """Remove and return the first value, waiting for one. After a TimeoutError (or an
         interrupt) nothing is lost: a value the owner took for this caller goes back to the
         front of the channel (with a channel type that has no `put_front`, to its end)."""
         return _blocking_op(self, "take", (), timeout)
 
-    def fetch(self, timeout: float | None = None) -> Any:
-        """The first value, without removing it."""
+    def fetch(self, timeout: float | None = None) -> T:
+        """The first value, without removing it (waiting for one)."""
         return _blocking_op(self, "fetch", (), timeout)
 
     def wait(self, timeout: float | None = None) -> None:
+        """Wait until a value is there (without taking it); `TimeoutError` after about
+        `timeout` seconds."""
         _blocking_op(self, "wait", (), timeout)
 
     def isready(self) -> bool:
+        """True if a `take` would not wait (asks the owner)."""
         return _on_owner(self, _channel_op, "isready", ())
 
     def isempty(self) -> bool:
+        """True if no value is waiting (asks the owner)."""
         return _on_owner(self, _channel_op, "isempty", ())
 
     def close(self) -> None:
+        """Close the channel on its owner: later puts fail, takes drain what is left and
+        then raise InvalidStateError (iteration stops)."""
         _on_owner(self, _channel_op, "close", ())
 
     def isopen(self) -> bool:
+        """False once the channel is closed (asks the owner)."""
         return _on_owner(self, _channel_op, "isopen", ())
 
     def __len__(self) -> int:
         return _on_owner(self, _channel_op, "__len__", ())
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[T]:
         """Take values until the channel is closed and empty."""
         return take_until_closed(self.take)
 
@@ -1048,7 +1087,7 @@ serialization.register_reducer(RemoteChannel, _reduce_channel)
 
 
 # ==================================================================== module-level forms
-def remoteref_id(r: Future | RemoteChannel) -> RRID:
+def remoteref_id(r: Future[Any] | RemoteChannel[Any]) -> RRID:
     """The RRID(whence, id) of a remote reference."""
     return r.rrid
 
@@ -1061,24 +1100,40 @@ def channel_from_id(rrid: RRID | tuple) -> Any:
     return store
 
 
+@overload
+def fetch(x: Future[T] | RemoteChannel[T] | Channel[T],
+          timeout: float | None = None) -> T: ...
+@overload
+def fetch(x: T, timeout: float | None = None) -> T: ...
 def fetch(x: Any, timeout: float | None = None) -> Any:
-    """Fetch a Future or RemoteChannel (or Channel); any other object is returned as is."""
+    """Fetch a Future or RemoteChannel (or Channel); any other object is returned as is.
+
+    `fetch(remotecall(f, 2))` is `remotecall_fetch(f, 2)`; the second form lets code accept
+    either a value or a reference to one."""
     if isinstance(x, (Future, RemoteChannel, Channel)):
         return x.fetch(timeout) if timeout is not None else x.fetch()
     return x
 
 
 def put(x: Any, v: Any, timeout: float | None = None) -> Any:
+    """`x.put(v)`: put into a Future (once), RemoteChannel or Channel; returns `x`. `timeout`
+    bounds the wait for room in a channel (a Future's put never waits)."""
     return x.put(v) if timeout is None or isinstance(x, Future) else x.put(v, timeout)
 
 
 def take(x: Any, timeout: float | None = None) -> Any:
+    """`x.take()`: remove and return the first value of a RemoteChannel or Channel (or take a
+    worker from a pool), waiting at most `timeout` seconds."""
     return x.take() if timeout is None else x.take(timeout)
 
 
 def isready(x: Any) -> bool:
+    """`x.isready()`: True if fetching or taking from `x` would not wait (a Future with its
+    value, a channel with an item, a pool with a free worker)."""
     return x.isready()
 
 
 def wait(x: Any, timeout: float | None = None) -> Any:
+    """`x.wait()`: wait until `x` is ready (a Future has its value, a channel an item, a pool a
+    free worker), at most `timeout` seconds; returns what `x.wait` returns."""
     return x.wait() if timeout is None else x.wait(timeout)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, ParamSpec, Protocol, TypeVar, Union
 
 from . import protocol, serialization
 from .calls import call_fetch, connection, exited, pack, remote_do_internal, run_user_call, unpack_call
@@ -19,6 +19,19 @@ from .refs import RRID, STORE, Future, _Cell, new_call_future
 from .transport import Connection, ConnectionClosed
 
 __all__ = ["remotecall", "remotecall_fetch", "remotecall_wait", "remote_do"]
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+
+class WorkerPoolLike(Protocol):
+    """What the remote-call functions need of a worker pool (any `AbstractWorkerPool`)."""
+
+    def _remotecall_fetch(self, f: Callable, args: tuple, kwargs: dict) -> Any: ...
+
+
+#: Where a call runs: a process id, or a pool (then on one of its free workers).
+Target = Union[int, WorkerPoolLike]
 
 # A result whose pickle is at most this large (and has no out-of-band buffers) is pushed to
 # the caller with the completion notice; a larger one waits on the worker for a fetch.
@@ -36,15 +49,23 @@ def _pool(id: Any) -> Any:
     return None if isinstance(id, int) else (id if hasattr(id, "_remotecall_fetch") else None)
 
 
-def remotecall(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
+def remotecall(f: Callable[P, T], id: Target, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
     """Run `f(*args, **kwargs)` on process `id` (or a worker of pool `id`) and return a Future
-    of its result at once."""
+    of its result at once.
+
+    The call runs in its own thread on the worker; its outcome stays there until fetched
+    (small results are pushed back at once). `f`, the arguments and the result are pickled
+    (functions defined in `__main__` or interactively travel by value). Example::
+
+        fut = remotecall(pow, 2, 3, 4)   # Future[int], on worker 2
+        fut.fetch()                      # 81
+    """
     pool = _pool(id)
     if pool is not None:
         return pool._remotecall(f, args, kwargs)
     pid = _target(id)
     if pid == PGRP.id:
-        fut = Future(pid)
+        fut: Future[T] = Future(pid)
         cell = STORE.lookup(fut.rrid, _Cell)
         threading.Thread(target=_run_here, args=(cell, f, args, kwargs),
                          name="pydist-local-call", daemon=True).start()
@@ -66,16 +87,24 @@ def _run_here(cell: _Cell, f: Callable, args: tuple, kwargs: dict) -> None:
         cell.set(*outcome)
 
 
-def remotecall_fetch(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Any:
-    """Run `f(*args, **kwargs)` on process `id` and return its value; a failure raises
-    RemoteException, a lost worker ProcessExitedException."""
+def remotecall_fetch(f: Callable[P, T], id: Target, *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run `f(*args, **kwargs)` on process `id` (or a worker of pool `id`) and return its
+    value: one round trip, the fastest way to call and wait.
+
+    A failure raises a `RemoteException` (also an instance of the original exception type
+    where Python allows, so ``except ZeroDivisionError`` works) with the remote traceback; a
+    lost worker raises `ProcessExitedException`. Example::
+
+        remotecall_fetch(os.getpid, 2)       # worker 2's OS pid
+        remotecall_fetch(divmod, 3, 7, 2)    # (3, 1)
+    """
     pool = _pool(id)
     if pool is not None:
         return pool._remotecall_fetch(f, args, kwargs)
     return call_fetch(_target(id), f, args, kwargs)
 
 
-def remotecall_wait(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
+def remotecall_wait(f: Callable[P, T], id: Target, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
     """Like `remotecall`, but return the Future only once the call has finished (raising
     its RemoteException if it failed)."""
     pool = _pool(id)
@@ -84,8 +113,10 @@ def remotecall_wait(f: Callable, id: Any, *args: Any, **kwargs: Any) -> Future:
     return remotecall(f, id, *args, **kwargs).wait()
 
 
-def remote_do(f: Callable, id: Any, *args: Any, **kwargs: Any) -> None:
-    """Run `f(*args, **kwargs)` on process `id` and return at once; errors are printed there."""
+def remote_do(f: Callable[P, Any], id: Target, *args: P.args, **kwargs: P.kwargs) -> None:
+    """Run `f(*args, **kwargs)` on process `id` and return at once, with no Future: nothing
+    comes back, errors are printed (logged) on the worker. Calls from one process to one
+    worker start in the order they were sent."""
     pool = _pool(id)
     if pool is not None:
         return pool._remote_do(f, args, kwargs)
@@ -101,7 +132,7 @@ def on_call(conn: Connection, msg: protocol.Message):
         return lambda: _finish(conn, rrid, cell, False, call)
 
     def task() -> None:
-        outcome = run_user_call(*call, functools.partial(_finish, conn, rrid, cell))
+        outcome = run_user_call(*call, functools.partial(_finish, conn, rrid, cell))  # type: ignore[call-arg]
         if outcome is not None:
             _finish(conn, rrid, cell, *outcome)
 

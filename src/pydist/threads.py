@@ -173,9 +173,9 @@ class _Poller:
     def unregister(self, conn: Any) -> None:
         with self._lock:
             if self._conns.get(conn.fd) is conn:
-                del self._conns[conn.fd]
+                del self._conns[conn.fd]  # type: ignore[union-attr]
                 try:
-                    self._epoll.unregister(conn.fd)
+                    self._epoll.unregister(conn.fd)  # type: ignore[union-attr]
                 except (OSError, ValueError):
                     pass
 
@@ -276,7 +276,7 @@ class _Watchdog:
         idle_since = time.monotonic()
         while not self._stopping:
             if self._watched:
-                idle_since = None
+                idle_since = None  # type: ignore[assignment]
             elif idle_since is None:
                 idle_since = time.monotonic()
             elif time.monotonic() - idle_since > self.LINGER:
@@ -285,7 +285,7 @@ class _Watchdog:
                 if not self._watched and not self._stopping:
                     self._wake.wait()
                 self._sleeping = False
-                idle_since = None
+                idle_since = None  # type: ignore[assignment]
                 continue
             _sleep(self.PROMOTE_AFTER)
             now = time.monotonic()

@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from . import protocol
 from .exceptions import AuthenticationError, ProtocolError
@@ -268,7 +268,7 @@ ACCEPT_BACKOFF_MAX = 1.0
 REFUSAL_LOG_INTERVAL = 1.0
 
 
-def _recv_exact(sock: socket.socket, n: int, what: str, deadline: float) -> bytes:
+def _recv_exact(sock: "socket.socket | StreamPair", n: int, what: str, deadline: float) -> bytes:
     """Read exactly `n` handshake bytes before `deadline` (time.monotonic()): the timeout is
     for the whole handshake, so a peer dripping bytes one by one cannot stretch it."""
     buf = bytearray(n)
@@ -286,7 +286,7 @@ def _recv_exact(sock: socket.socket, n: int, what: str, deadline: float) -> byte
     return bytes(buf)
 
 
-def handshake_initiator(sock: socket.socket, cookie: bytes, timeout: float) -> None:
+def handshake_initiator(sock: "socket.socket | StreamPair", cookie: bytes, timeout: float) -> None:
     """Authenticate both ways as the connecting side, which proves itself first; raise
     AuthenticationError on failure, ProtocolError if it takes more than `timeout` in all."""
     deadline = time.monotonic() + timeout
@@ -307,7 +307,7 @@ def handshake_initiator(sock: socket.socket, cookie: bytes, timeout: float) -> N
         sock.settimeout(None)
 
 
-def handshake_acceptor(sock: socket.socket, cookie: bytes, timeout: float) -> None:
+def handshake_acceptor(sock: "socket.socket | StreamPair", cookie: bytes, timeout: float) -> None:
     """Authenticate both ways as the accepting side, blocking (custom transports; a worker's
     `Listener` runs the same steps without a thread per client). Raises ProtocolError or
     AuthenticationError; a wrong proof is answered only after HANDSHAKE_FAIL_DELAY."""
@@ -430,7 +430,7 @@ class Connection:
         self._want_write = False
         self._armed = 0  # what the kernel watches (0 once a one-shot event has fired)
         self._poller = _get_poller() if isinstance(sock, socket.socket) else None
-        self.fd = sock.fileno() if self._poller is not None else -1
+        self.fd = sock.fileno() if self._poller is not None else -1  # type: ignore[union-attr]
         # Heartbeats (`set_heartbeat`, `_heartbeat`): reads that returned bytes and writes
         # of queued bytes so far (signs of life), and what the heartbeat thread made of them.
         self.heartbeat_timeout: float | None = None
@@ -465,7 +465,7 @@ class Connection:
         want = (_READ_EVENTS if self._want_read else 0) | (_WRITE_EVENTS if self._want_write else 0)
         if want != self._armed:
             self._armed = want
-            self._poller.modify(self.fd, want | _ONESHOT)
+            self._poller.modify(self.fd, want | _ONESHOT)  # type: ignore[union-attr]
 
     def _on_events(self, ev: int) -> None:
         """Poller thread: the socket is readable or writable (or failed)."""
@@ -497,7 +497,7 @@ class Connection:
             lock = self._send_lock
             if not self._outq and lock.acquire(False):  # uncontended: straight to the socket
                 try:
-                    frame = self._send_now(chunks)
+                    frame = self._send_now(chunks)  # type: ignore[assignment]
                 finally:
                     lock.release()
                 if frame is None:
@@ -527,7 +527,7 @@ class Connection:
             self._flush_locked()
             return frame
         try:
-            sent = self.sock.sendmsg(chunks, (), _DONTWAIT)
+            sent = self.sock.sendmsg(chunks, (), _DONTWAIT)  # type: ignore[call-arg]
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as e:
@@ -565,7 +565,7 @@ class Connection:
                 iov.extend(queue[i].views)
                 i += 1
             try:
-                sent = self.sock.sendmsg(iov[:_IOV_MAX], (), _DONTWAIT)
+                sent = self.sock.sendmsg(iov[:_IOV_MAX], (), _DONTWAIT)  # type: ignore[call-arg]
             except InterruptedError:
                 continue
             except BlockingIOError:
@@ -789,7 +789,7 @@ class Connection:
                     self.flush()
                 try:
                     buf = dec.get_buffer()
-                    n = self.sock.recv_into(buf, 0, flags) if flags else self.sock.recv_into(buf)
+                    n = self.sock.recv_into(buf, 0, flags) if flags else self.sock.recv_into(buf)  # type: ignore[call-arg]
                     if n == 0:
                         self._report_closed(None)
                         return None
@@ -1255,7 +1255,7 @@ class Listener:
                 self._sel.unregister(sock)
         self._accepting = on
 
-    def _accept(self, lsock: socket.socket) -> None:
+    def _accept(self, lsock: Any) -> None:
         for _ in range(64):  # a batch at a time, so that handshakes in progress go on
             try:
                 client, addr = lsock.accept()
@@ -1341,7 +1341,7 @@ class Listener:
             self._refuse(p, e)
             return
         del self._pending[p.sock.fileno()]
-        sock, p.sock = p.sock, _DONE
+        sock, p.sock = p.sock, _DONE  # type: ignore[assignment]
         try:
             sock.setblocking(True)
             self._on_connection(sock)

@@ -98,10 +98,10 @@ def init_worker(cookie: str, manager=None) -> None:
     joining.init_worker(cookie, manager)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, _on_sigint)
-    time.sleep = interruptible_sleep  # a sleeping remote call can be interrupted
+    time.sleep = interruptible_sleep  # type: ignore[assignment]  # a sleeping remote call can be interrupted
     # ... and one waiting on a condition (Event.wait, Channel, queue.Queue), which a blocked
     # lock acquire would otherwise hide from the interrupt
-    threading.Condition.wait = interruptible_condition_wait
+    threading.Condition.wait = interruptible_condition_wait  # type: ignore[method-assign]
 
 
 def start_worker(out=None, cookie: str | None = None, close_stdin: bool = True,

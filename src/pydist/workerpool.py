@@ -65,9 +65,10 @@ class AbstractWorkerPool(ABC):
 
     @abstractmethod
     def workers(self) -> list[int]:
-        ...
+        """The ids of the workers in the pool, free or busy (sorted)."""
 
     def nworkers(self) -> int:
+        """How many workers the pool holds."""
         return len(self.workers())
 
     def try_take(self) -> int | None:
@@ -367,7 +368,7 @@ class CachingPool(WorkerPool):
             entry = self._cache.get(key)
             if entry is not None and entry[0] is f:
                 return _exec_from_cache, (entry[1],)
-            rc = RemoteChannel(w)
+            rc: RemoteChannel[Any] = RemoteChannel(w)
             self._cache[key] = (f, rc)
         return _exec_and_cache, (f, rc)
 

@@ -246,10 +246,22 @@ class ClusterManager(ABC):
     """
 
     @abstractmethod
-    def launch(self, params: dict, launched: list, launch_ntfy: threading.Condition) -> None:
-        ...
+    def launch(self, params: dict[str, Any], launched: list[WorkerConfig],
+               launch_ntfy: threading.Condition) -> None:
+        """Start the workers; called once per `addprocs`, in its own thread.
+
+        `params` are the `addprocs` keywords merged over `default_addprocs_params()` (and
+        normalized: `exename`, `exeflags` as a list, `dir`, `env`, `timeout`...). For each
+        worker started, append a `WorkerConfig` to `launched` while holding `launch_ntfy`
+        and call `launch_ntfy.notify_all()`: `addprocs` connects to each worker as soon as
+        it is announced. Return when every worker is launched; an exception fails the
+        workers not yet announced (the others still join).
+        """
 
     def manage(self, pid: int, config: WorkerConfig, op: str) -> None:
+        """Hear about worker `pid`: `op` is "register" (it joined), "interrupt" (from
+        `interrupt(pid)`), "deregister" (it left) or "finalize" (after its exited
+        callbacks). The default handles "interrupt" by sending SIGINT to `config.ospid`."""
         if op == "interrupt":
             ospid = config.ospid
             if ospid is None:
@@ -258,6 +270,9 @@ class ClusterManager(ABC):
             os.kill(ospid, signal.SIGINT)
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
+        """Stop worker `pid` (from `rmprocs`, or when it went silent). The default asks it
+        to exit over its connection; managers that own the process also escalate to
+        signals when it does not."""
         request_exit(pid)
 
     def exit_reason(self, pid: int, config: WorkerConfig) -> str | None:
@@ -266,11 +281,16 @@ class ClusterManager(ABC):
         `config.process` (a `subprocess.Popen`) once it has ended, waiting up to a second."""
         return describe_exit(config.process, wait=1.0)
 
-    def connect(self, pid: int, config: WorkerConfig) -> "socket.socket | tuple":
+    def connect(self, pid: int, config: WorkerConfig) -> "socket.socket | tuple[Any, Any]":
+        """A connection to worker `pid`: a connected socket, or a `(reader, writer)` pair of
+        binary streams for a custom transport; pydist then runs the cookie handshake over it.
+        Also called on a worker to reach another worker (then `config.connect_at` is set).
+        The default reads the worker's address line and connects over TCP."""
         host, port = read_worker_address(pid, config)
         return connect_tcp(pid, host, port)
 
-    def default_addprocs_params(self) -> dict:
+    def default_addprocs_params(self) -> dict[str, Any]:
+        """The `addprocs` keywords this manager assumes when they are not given."""
         return {
             "topology": "all_to_all",
             "dir": os.getcwd(),
@@ -377,19 +397,24 @@ def request_exit(pid: int) -> None:
         pass
 
 
-def launch(manager: ClusterManager, params: dict, launched: list, launch_ntfy) -> None:
+def launch(manager: ClusterManager, params: dict[str, Any], launched: list[WorkerConfig],
+           launch_ntfy: threading.Condition) -> None:
+    """`manager.launch(params, launched, launch_ntfy)` (Julia's `launch` as a function)."""
     manager.launch(params, launched, launch_ntfy)
 
 
 def manage(manager: ClusterManager, pid: int, config: WorkerConfig, op: str) -> None:
+    """`manager.manage(pid, config, op)` (Julia's `manage` as a function)."""
     manager.manage(pid, config, op)
 
 
 def kill(manager: ClusterManager, pid: int, config: WorkerConfig) -> None:
+    """`manager.kill(pid, config)` (Julia's `kill` as a function)."""
     manager.kill(pid, config)
 
 
-def connect(manager: ClusterManager, pid: int, config: WorkerConfig):
+def connect(manager: ClusterManager, pid: int, config: WorkerConfig) -> "socket.socket | tuple[Any, Any]":
+    """`manager.connect(pid, config)` (Julia's `connect` as a function)."""
     return manager.connect(pid, config)
 
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+from typing import Any
 
 from ..exceptions import LaunchWorkerError
 from ..group import PGRP
@@ -21,7 +22,9 @@ log = logging.getLogger("pydist")
 __all__ = ["LocalManager", "default_addprocs_params"]
 
 
-def default_addprocs_params(manager: ClusterManager | None = None) -> dict:
+def default_addprocs_params(manager: ClusterManager | None = None) -> dict[str, Any]:
+    """The `addprocs` keywords `manager` assumes when they are not given (default: those
+    of a `LocalManager`), e.g. ``default_addprocs_params()["topology"] == "all_to_all"``."""
     return (manager or LocalManager(0)).default_addprocs_params()
 
 
@@ -69,8 +72,8 @@ class LocalManager(ClusterManager):
             with self._lock:
                 self._procs.add(proc)
             try:
-                proc.stdin.write(cookie.encode() + b"\n")
-                proc.stdin.close()
+                proc.stdin.write(cookie.encode() + b"\n")  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
             except OSError:
                 pass  # it died at once; the address reader will say so
             config = WorkerConfig(

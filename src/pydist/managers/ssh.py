@@ -100,7 +100,7 @@ class MachineSpec:
             count = _parse_count(n, text)
         self.count = count
         self.user, _, hostport = target.rpartition("@")
-        self.user = self.user or None
+        self.user = self.user or None  # type: ignore[assignment]
         self.host, self.port = parse_machine(hostport)
         self.bind_to = words[1] if len(words) == 2 else None
         if self.bind_to is not None:
@@ -154,7 +154,7 @@ def _aggregate(machines: Iterable) -> list[MachineSpec]:
         elif "auto" in (old.count, spec.count):
             old.count = "auto"
         else:
-            old.count += spec.count
+            old.count += spec.count  # type: ignore[operator]
     return list(specs.values())
 
 
@@ -283,8 +283,8 @@ class SSHManager(ClusterManager):
             self._procs.add(proc)
         try:
             # The stdin pipe stays open: the worker exits when it closes (--exit-on-eof).
-            proc.stdin.write(b"\n" if cmdline_cookie else PGRP.cookie.encode() + b"\n")
-            proc.stdin.flush()
+            proc.stdin.write(b"\n" if cmdline_cookie else PGRP.cookie.encode() + b"\n")  # type: ignore[union-attr]
+            proc.stdin.flush()  # type: ignore[union-attr]
         except OSError:
             pass  # ssh failed at once; reading the address line will say why
         return WorkerConfig(
@@ -302,7 +302,7 @@ class SSHManager(ClusterManager):
             return os.path.join(self._control_dir, "cm-%C")
 
     # ---------------------------------------------------------------- connect
-    def connect(self, pid: int, config: WorkerConfig) -> socket.socket:
+    def connect(self, pid: int, config: WorkerConfig) -> "socket.socket | tuple[Any, Any]":
         if config.host is None:  # worker to worker: plain TCP (the default)
             return super().connect(pid, config)
         target = config.host
@@ -317,7 +317,7 @@ class SSHManager(ClusterManager):
                 return connect_tcp(pid, connect_host, port)
             except LaunchWorkerError as e:
                 raise LaunchWorkerError(f"on host {host}: {e}") from e
-        return self._connect_through_tunnel(pid, config, target, config.bind_addr, port)
+        return self._connect_through_tunnel(pid, config, target, config.bind_addr, port)  # type: ignore[arg-type]
 
     def _connect_through_tunnel(self, pid: int, config: WorkerConfig, target: str,
                                 bind_addr: str, port: int) -> socket.socket:
@@ -330,7 +330,7 @@ class SSHManager(ClusterManager):
             lport = _free_local_port()
             forward = f"{lport}:{bind_addr}:{port}"
             if config.multiplex:
-                done = subprocess.run([ssh, *config.sshflags, "-O", "forward", "-L", forward, target],
+                done = subprocess.run([ssh, *config.sshflags, "-O", "forward", "-L", forward, target],  # type: ignore[misc]
                                       stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
                 if done.returncode != 0:
                     last_error = done.stderr.decode(errors="replace").strip()
@@ -340,7 +340,7 @@ class SSHManager(ClusterManager):
                 # Our own foreground ssh (not Julia's `-f`, whose background process nobody
                 # owns): it ends when we close its stdin or the forwarded connection closes.
                 tunnel_proc = subprocess.Popen(
-                    [ssh, "-T", "-a", "-x", "-o", "ExitOnForwardFailure=yes", *config.sshflags,
+                    [ssh, "-T", "-a", "-x", "-o", "ExitOnForwardFailure=yes", *config.sshflags,  # type: ignore[misc]
                      "-L", f"127.0.0.1:{forward}", target, "cat >/dev/null"],
                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                     start_new_session=True)
@@ -452,14 +452,14 @@ class SSHManager(ClusterManager):
         elif config.multiplex:
             ssh = (config.userdata or {}).get("ssh", "ssh")
             with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-                subprocess.run([ssh, *config.sshflags, "-O", "cancel", "-L", config.forward,
-                                config.host], stdin=subprocess.DEVNULL,
+                subprocess.run([ssh, *config.sshflags, "-O", "cancel", "-L", config.forward,  # type: ignore[misc]
+                                config.host], stdin=subprocess.DEVNULL,  # type: ignore[list-item]
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
 
     def _finish_launch_ssh(self, proc: subprocess.Popen) -> None:
         """The worker is gone: its ssh ends by itself; close its stdin and reap it."""
         with contextlib.suppress(OSError):
-            proc.stdin.close()
+            proc.stdin.close()  # type: ignore[union-attr]
         try:
             proc.wait(self.exit_timeout + self.term_timeout + 5)
         except subprocess.TimeoutExpired:
@@ -477,7 +477,7 @@ class SSHManager(ClusterManager):
             control_dir, self._control_dir = self._control_dir, None
         for proc in procs:
             with contextlib.suppress(OSError, ValueError):
-                proc.stdin.close()
+                proc.stdin.close()  # type: ignore[union-attr]
         reap(procs, grace)
         if control_dir is not None:
             shutil.rmtree(control_dir, ignore_errors=True)
@@ -493,7 +493,7 @@ def _as_list(value: Any) -> list[str]:
 
 
 def _group(errors: list[BaseException]) -> BaseException:
-    return ExceptionGroup(f"SSHManager: {len(errors)} machines failed to launch", errors)
+    return ExceptionGroup(f"SSHManager: {len(errors)} machines failed to launch", errors)  # type: ignore[type-var]
 
 
 def _free_local_port() -> int:
@@ -522,7 +522,7 @@ def _connect_when_listening(host: str, port: int, proc: subprocess.Popen | None,
 def _stop(proc: subprocess.Popen) -> str:
     """Stop an ssh we started; return what it said on stderr."""
     with contextlib.suppress(OSError, ValueError):
-        proc.stdin.close()
+        proc.stdin.close()  # type: ignore[union-attr]
     if proc.poll() is None:
         with contextlib.suppress(OSError):
             proc.terminate()
