@@ -264,18 +264,46 @@ def test_distributed_without_reducer_returns_a_handle(two_workers):
         bad.wait(30)
 
 
+@pytest.mark.timeout(120)
 def test_caching_pool_unpickles_the_function_once_per_worker(fresh_workers):
+    """Whichever of remotecall_fetch, remotecall and pmap uses a function first, a
+    CachingPool sends it to each worker once (Julia's pmap sends `f` itself through the
+    pool); a WorkerPool sends it with every call."""
     import poolhelpers
 
-    a, b = fresh_workers(2)
+    a, b, c = fresh_workers(3)
     f = poolhelpers.Counted("t")
     plain = WorkerPool([a])
     assert [pydist.remotecall_fetch(f, plain, i) for i in range(4)] == [("t", i) for i in range(4)]
     assert pydist.remotecall_fetch(poolhelpers.unpickled, a) == 4  # sent with every call
     cached = CachingPool([b])
     assert [pydist.remotecall_fetch(f, cached, i) for i in range(4)] == [("t", i) for i in range(4)]
+    assert pydist.remotecall(f, cached, 9).fetch() == ("t", 9)
     assert pydist.pmap(f, cached, range(3)) == [("t", i) for i in range(3)]
-    assert pydist.remotecall_fetch(poolhelpers.unpickled, b) == 2  # once for direct calls, once for pmap's wrapper
+    assert pydist.remotecall_fetch(poolhelpers.unpickled, b) == 1
+    g = poolhelpers.Counted("g")  # pmap first, then the calls
+    both = CachingPool([b, c])
+    assert pydist.pmap(g, both, range(8)) == [("g", i) for i in range(8)]
+    assert [pydist.remotecall_fetch(g, both, i) for i in range(4)] == [("g", i) for i in range(4)]
+    assert [pydist.remotecall(g, both, i).fetch() for i in range(4)] == [("g", i) for i in range(4)]
+    assert pydist.pmap(g, both, range(8)) == [("g", i) for i in range(8)]
+    assert pydist.remotecall_fetch(poolhelpers.unpickled, b) == 2  # f once, g once
+    assert pydist.remotecall_fetch(poolhelpers.unpickled, c) == 1
+
+
+@pytest.mark.timeout(120)
+def test_caching_pool_sends_a_batched_map_function_once_per_worker(fresh_workers):
+    """A batched map (or one with on_error) sends a wrapper of `f`, once per worker and map,
+    as Julia does: not `f` with every batch."""
+    import poolhelpers
+
+    (w,) = fresh_workers(1)
+    f = poolhelpers.Counted("b")
+    pool = CachingPool([w])
+    assert pydist.pmap(f, pool, range(12), batch_size=3) == [("b", i) for i in range(12)]
+    assert pydist.remotecall_fetch(poolhelpers.unpickled, w) == 1
+    assert pydist.pmap(f, pool, range(6), on_error=repr) == [("b", i) for i in range(6)]
+    assert pydist.remotecall_fetch(poolhelpers.unpickled, w) == 2
 
 
 def test_progress_without_tqdm_says_what_to_install(two_workers, monkeypatch):
