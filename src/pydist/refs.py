@@ -36,6 +36,7 @@ cost no round trip, and completion callbacks need no polling.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import logging
 import queue
@@ -884,26 +885,30 @@ class RemoteChannel(AbstractRemoteRef):
     def __reduce__(self):
         raise TypeError("a RemoteChannel can only be sent to pydist processes, inside a remote call")
 
-    def put(self, v: Any, timeout: float | None = None) -> "RemoteChannel":
+    # put/take/fetch/wait pass arguments after `timeout`, and keyword arguments, on to the
+    # channel object's own method (Julia's `put!(rr, args...)`): for a user channel type.
+
+    def put(self, v: Any, timeout: float | None = None, *args: Any,
+            **kwargs: Any) -> "RemoteChannel":
         """Put `v` (waits while the channel is full); returns the channel. After a
         TimeoutError (or an interrupt) the put may still have happened, if the owner had
         already made it, but never happens later: once the owner hears that the caller gave
         up, a put still waiting for room is withdrawn."""
-        _blocking_op(self, "put", (v,), timeout)
+        _blocking_op(self, "put", (v, *args), timeout, kwargs)
         return self
 
-    def take(self, timeout: float | None = None) -> Any:
+    def take(self, timeout: float | None = None, *args: Any, **kwargs: Any) -> Any:
         """Remove and return the first value, waiting for one. After a TimeoutError (or an
         interrupt) nothing is lost: a value the owner took for this caller goes back to the
         front of the channel (with a channel type that has no `put_front`, to its end)."""
-        return _blocking_op(self, "take", (), timeout)
+        return _blocking_op(self, "take", args, timeout, kwargs)
 
-    def fetch(self, timeout: float | None = None) -> Any:
+    def fetch(self, timeout: float | None = None, *args: Any, **kwargs: Any) -> Any:
         """The first value, without removing it."""
-        return _blocking_op(self, "fetch", (), timeout)
+        return _blocking_op(self, "fetch", args, timeout, kwargs)
 
-    def wait(self, timeout: float | None = None) -> None:
-        _blocking_op(self, "wait", (), timeout)
+    def wait(self, timeout: float | None = None, *args: Any, **kwargs: Any) -> None:
+        _blocking_op(self, "wait", args, timeout, kwargs)
 
     def isready(self) -> bool:
         return _on_owner(self, _channel_op, "isready", ())
@@ -943,10 +948,12 @@ def _channel_op(rrid: RRID, op: str, args: tuple) -> Any:
     return getattr(chan, op)(*args)
 
 
-def _blocking_op(rc: "RemoteChannel", op: str, args: tuple, timeout: float | None) -> Any:
-    """`op(*args, timeout)` on the channel's owner; giving up on it loses nothing."""
+def _blocking_op(rc: "RemoteChannel", op: str, args: tuple, timeout: float | None,
+                 kwargs: dict) -> Any:
+    """`op(*args, timeout=timeout, **kwargs)` on the channel's owner; giving up on it loses
+    nothing."""
     late = functools.partial(_late_take, rc.where, rc.rrid) if op == "take" else None
-    return _ask_owner(rc, op, _owner_op, (op, args), timeout, late)
+    return _ask_owner(rc, op, _owner_op, (op, args, kwargs or None), timeout, late)
 
 
 def _late_take(owner: int, rrid: RRID, ok: bool, value: Any) -> None:
@@ -976,26 +983,29 @@ def _give_back(chan: Any, value: Any) -> None:
         chan.put(value)
 
 
-def _owner_op(rrid: RRID, op: str, args: tuple, timeout: float | None,
+def _owner_op(rrid: RRID, op: str, args: tuple, kwargs: dict | None, timeout: float | None,
               req: _Request | None) -> Any:
     """Owner side of `_blocking_op`: in a remote call on behalf of process `req.key[0]`, or
     here for this process (`req` None)."""
-    args = (*args, timeout)
+    if op not in ("put", "take", "fetch", "wait"):
+        if req is not None:
+            _requests.pop(req.key, None)
+        raise ValueError(f"unknown channel operation {op!r}")
+    plain = kwargs is None and len(args) == (op == "put")  # no arguments for the channel type
     if req is None:
-        return _channel_op(rrid, op, args)
+        chan = STORE.lookup(rrid, _default_channel)
+        if plain and isinstance(chan, Channel):
+            return getattr(chan, op)(*args, timeout)
+        return _user_op(chan, op, args, kwargs or {}, timeout, None)
     try:
-        if op not in ("put", "take", "fetch", "wait"):
-            raise ValueError(f"unknown channel operation {op!r}")
         chan = STORE.lookup(rrid, _default_channel)
         req.chan = chan
         if req.cancelled:
             raise Abandoned(op)
-        if isinstance(chan, Channel):
-            value = getattr(chan, "_" + op)(*args, req.is_cancelled)
-        elif op in ("put", "take"):
-            value = _sliced_op(chan, op, args, req)
+        if plain and isinstance(chan, Channel):
+            value = getattr(chan, "_" + op)(*args, timeout, req.is_cancelled)
         else:
-            value = getattr(chan, op)(*args)
+            value = _user_op(chan, op, args, kwargs or {}, timeout, req)
         if op != "take":
             return value
     finally:
@@ -1013,17 +1023,55 @@ def _owner_op(rrid: RRID, op: str, args: tuple, timeout: float | None,
         _give_back(chan, value)
 
 
-def _sliced_op(chan: Any, op: str, args: tuple, req: _Request) -> Any:
-    """`chan.op(*args)` on a channel type that cannot be woken: in slices of _OP_SLICE,
-    looking between them whether the caller gave up."""
-    *lead, timeout = args
+_has_timeout: dict[tuple[type, str], bool] = {}
+
+
+def _takes_timeout(chan: Any, op: str) -> bool:
+    """Whether the channel type's `op` method has a `timeout` parameter (one of a user's
+    channel type may not: Julia's `put!(c, v)` has none)."""
+    key = (type(chan), op)
+    known = _has_timeout.get(key)
+    if known is None:
+        try:
+            param = inspect.signature(getattr(chan, op)).parameters.get("timeout")
+        except (TypeError, ValueError):  # cannot tell (a builtin): give it one, as Channel's
+            known = True
+        else:
+            known = param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD,
+                                                          param.KEYWORD_ONLY)
+        _has_timeout[key] = known
+    return known
+
+
+def _user_op(chan: Any, op: str, args: tuple, kwargs: dict, timeout: float | None,
+             req: _Request | None) -> Any:
+    """`chan.op(*args, **kwargs)` on a channel that is not a plain `Channel` (or is, with
+    extra arguments), with `timeout=` if its method takes one. If it takes none, a remote
+    caller's own wait is still bounded (`_ask_owner`), and a take it gave up on gives its
+    item back when that comes; a caller here cannot be bounded: it is told so."""
+    method = getattr(chan, op)
+    if not _takes_timeout(chan, op):
+        if req is None and timeout is not None:
+            raise TypeError(f"{type(chan).__name__}.{op} has no timeout parameter: a timeout "
+                            f"on a RemoteChannel owned by this process (process {PGRP.id}) "
+                            f"needs one")
+        return method(*args, **kwargs)
+    if req is None or op not in ("put", "take"):
+        return method(*args, timeout=timeout, **kwargs)
+    return _sliced_op(method, op, args, kwargs, timeout, req)
+
+
+def _sliced_op(method: Callable, op: str, args: tuple, kwargs: dict, timeout: float | None,
+               req: _Request) -> Any:
+    """`method(*args, timeout=, **kwargs)` of a channel type that cannot be woken: in slices
+    of _OP_SLICE, looking between them whether the caller gave up."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         if req.cancelled:
             raise Abandoned(op)
         t = _OP_SLICE if deadline is None else min(_OP_SLICE, deadline - time.monotonic())
         try:
-            return getattr(chan, op)(*lead, max(t, 0.0))
+            return method(*args, timeout=max(t, 0.0), **kwargs)
         except TimeoutError:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"{op}: nothing within {timeout} seconds") from None
@@ -1061,24 +1109,39 @@ def channel_from_id(rrid: RRID | tuple) -> Any:
     return store
 
 
-def fetch(x: Any, timeout: float | None = None) -> Any:
-    """Fetch a Future or RemoteChannel (or Channel); any other object is returned as is."""
+def fetch(x: Any, timeout: float | None = None, *args: Any, **kwargs: Any) -> Any:
+    """Fetch a Future or RemoteChannel (or Channel); any other object is returned as is.
+    Arguments after `timeout` go to the channel's own `fetch` (see `RemoteChannel.put`)."""
     if isinstance(x, (Future, RemoteChannel, Channel)):
-        return x.fetch(timeout) if timeout is not None else x.fetch()
+        if timeout is None and not args and not kwargs:
+            return x.fetch()
+        return x.fetch(timeout, *args, **kwargs)
     return x
 
 
-def put(x: Any, v: Any, timeout: float | None = None) -> Any:
-    return x.put(v) if timeout is None or isinstance(x, Future) else x.put(v, timeout)
+def put(x: Any, v: Any, timeout: float | None = None, *args: Any, **kwargs: Any) -> Any:
+    """`x.put(v)`; arguments after `timeout` go to a RemoteChannel's channel (Julia's
+    `put!(rr, args...)`). A Future's put takes no timeout."""
+    if isinstance(x, Future):
+        return x.put(v, *args, **kwargs)
+    if timeout is None and not args and not kwargs:
+        return x.put(v)
+    return x.put(v, timeout, *args, **kwargs)
 
 
-def take(x: Any, timeout: float | None = None) -> Any:
-    return x.take() if timeout is None else x.take(timeout)
+def take(x: Any, timeout: float | None = None, *args: Any, **kwargs: Any) -> Any:
+    """`x.take()`; arguments after `timeout` go to a RemoteChannel's channel."""
+    if timeout is None and not args and not kwargs:
+        return x.take()
+    return x.take(timeout, *args, **kwargs)
 
 
 def isready(x: Any) -> bool:
     return x.isready()
 
 
-def wait(x: Any, timeout: float | None = None) -> Any:
-    return x.wait() if timeout is None else x.wait(timeout)
+def wait(x: Any, timeout: float | None = None, *args: Any, **kwargs: Any) -> Any:
+    """`x.wait()`; arguments after `timeout` go to a RemoteChannel's channel."""
+    if timeout is None and not args and not kwargs:
+        return x.wait()
+    return x.wait(timeout, *args, **kwargs)
