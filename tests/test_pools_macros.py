@@ -215,6 +215,44 @@ def test_everywhere_errors_are_grouped(two_workers):
     assert single.value.pid == two_workers[0]
 
 
+class NotSendable:
+    def __reduce__(self):
+        raise TypeError("deliberately unpicklable")
+
+
+@pytest.mark.timeout(120)
+def test_everywhere_binds_values_before_running_code(two_workers):
+    """Julia's `@everywhere x = $foo`: everywhere(code, procs, **values) binds each value
+    (pickled, lambdas by value) to its name in `__main__` of every process, then runs code."""
+    import __main__
+
+    a, b = two_workers
+    data = {"k": list(range(1000))}
+    scale = lambda x: 3 * x  # noqa: E731 - sent by value
+    pydist.everywhere("ev_out = ev_scale(len(ev_data['k']))", ev_data=data, ev_scale=scale)
+    assert __main__.ev_data is data  # this process binds the object itself
+    assert __main__.ev_out == 3000
+    assert [pydist.everywhere("ev_out", procs=p) for p in (a, b)] == [3000, 3000]
+    assert pydist.everywhere("ev_data == {'k': list(range(1000))}", procs=b) is True
+    # Without code: bind only, on the processes given.
+    assert pydist.everywhere(procs=[a], ev_only=7) is None
+    assert pydist.everywhere("ev_only", procs=a) == 7
+    assert pydist.everywhere("'ev_only' in globals()", procs=b) is False
+    # One pid: the value of the expression there.
+    assert pydist.everywhere("ev_n + 1", procs=b, ev_n=41) == 42
+    # A value that cannot be sent is named, with the process; nothing runs.
+    with pytest.raises(pydist.SerializationError, match=r"ev_bad.* process"):
+        pydist.everywhere("ev_ran = True", procs=[a, b], ev_good=1, ev_bad=NotSendable())
+    assert pydist.everywhere("'ev_ran' in globals()", procs=a) is False
+    # Code that fails says on which worker.
+    with pytest.raises(pydist.ExceptionGroup) as info:
+        pydist.everywhere("1 / ev_zero", procs=[a, b], ev_zero=0)
+    assert sorted(e.pid for e in info.value.exceptions) == [a, b]
+    assert all("ZeroDivisionError" in str(e) for e in info.value.exceptions)
+    with pytest.raises(TypeError):
+        pydist.everywhere(42, ev_x=1)
+
+
 def test_splitrange_balance():
     from pydist.macros import splitrange
 
