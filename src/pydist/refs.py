@@ -953,7 +953,9 @@ def _blocking_op(rc: "RemoteChannel", op: str, args: tuple, timeout: float | Non
     """`op(*args, timeout=timeout, **kwargs)` on the channel's owner; giving up on it loses
     nothing."""
     late = functools.partial(_late_take, rc.where, rc.rrid) if op == "take" else None
-    return _ask_owner(rc, op, _owner_op, (op, args, kwargs or None), timeout, late)
+    if kwargs:
+        return _ask_owner(rc, op, _owner_op_kw, (op, args, kwargs), timeout, late)
+    return _ask_owner(rc, op, _owner_op, (op, args), timeout, late)
 
 
 def _late_take(owner: int, rrid: RRID, ok: bool, value: Any) -> None:
@@ -983,10 +985,16 @@ def _give_back(chan: Any, value: Any) -> None:
         chan.put(value)
 
 
-def _owner_op(rrid: RRID, op: str, args: tuple, kwargs: dict | None, timeout: float | None,
+def _owner_op(rrid: RRID, op: str, args: tuple, timeout: float | None,
               req: _Request | None) -> Any:
     """Owner side of `_blocking_op`: in a remote call on behalf of process `req.key[0]`, or
     here for this process (`req` None)."""
+    return _owner_op_kw(rrid, op, args, None, timeout, req)
+
+
+def _owner_op_kw(rrid: RRID, op: str, args: tuple, kwargs: dict | None,
+                 timeout: float | None, req: _Request | None) -> Any:
+    """`_owner_op` with keyword arguments for the channel type's method."""
     if op not in ("put", "take", "fetch", "wait"):
         if req is not None:
             _requests.pop(req.key, None)
