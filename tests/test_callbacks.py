@@ -441,6 +441,8 @@ def test_exited_callback_errors_are_logged(cbs, fresh_workers, caplog):
 def test_status_set_and_get_on_master(fresh_workers):
     a, b = fresh_workers(2)
     assert pydist.getstatus(a) is None  # never set
+    status = ["busy"]
+    assert pydist.setstatus(status, a) is status  # returns its value, as Julia's setstatus!
     pydist.setstatus("busy", a)
     pydist.setstatus({"step": 3}, b)
     assert pydist.getstatus(a) == "busy"
@@ -460,7 +462,7 @@ def test_status_set_and_get_on_master(fresh_workers):
 def test_status_from_worker_is_kept_on_master(fresh_workers):
     a, b = fresh_workers(2)
     assert pydist.remotecall_fetch(pydist.getstatus, a) is None
-    pydist.remotecall_fetch(pydist.setstatus, a, "busy")
+    assert pydist.remotecall_fetch(pydist.setstatus, a, "busy") == "busy"
     assert pydist.getstatus(a) == "busy"
     assert pydist.remotecall_fetch(pydist.getstatus, a) == "busy"
     # A worker sees (and sets) the statuses of others, all kept on the master.

@@ -129,8 +129,16 @@ def test_retry_check_can_refuse(two_workers, tmp_path):
 def test_exponential_backoff():
     delays = list(ExponentialBackOff(n=4, first_delay=0.1, max_delay=1.0, factor=3.0, jitter=0.0))
     assert delays == pytest.approx([0.1, 0.3, 0.9, 1.0])
-    jittered = list(ExponentialBackOff(n=50, first_delay=1.0, factor=1.0, jitter=0.1))
-    assert all(0.9 <= d <= 1.1 for d in jittered) and len(set(jittered)) > 1
+    # As Julia: the first delay is `first_delay` exactly; the jitter applies to each next
+    # one, relative to the one before (it compounds), and `max_delay` caps them all.
+    for _ in range(20):
+        jittered = list(ExponentialBackOff(n=6, first_delay=1.0, max_delay=100.0, factor=2.0,
+                                           jitter=0.1))
+        assert jittered[0] == 1.0
+        for before, after in zip(jittered, jittered[1:]):
+            assert 2 * 0.9 * before - 1e-9 <= after <= 2 * 1.1 * before + 1e-9
+    assert len({tuple(ExponentialBackOff(n=3, first_delay=1.0, jitter=0.5)) for _ in range(10)}) > 1
+    assert list(ExponentialBackOff(n=3, first_delay=5.0, max_delay=2.0)) == [2.0, 2.0, 2.0]
     assert len(ExponentialBackOff(n=3)) == 3
     with pytest.raises(ValueError):
         ExponentialBackOff(n=-1)

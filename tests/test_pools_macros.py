@@ -215,6 +215,44 @@ def test_everywhere_errors_are_grouped(two_workers):
     assert single.value.pid == two_workers[0]
 
 
+class NotSendable:
+    def __reduce__(self):
+        raise TypeError("deliberately unpicklable")
+
+
+@pytest.mark.timeout(120)
+def test_everywhere_binds_values_before_running_code(two_workers):
+    """Julia's `@everywhere x = $foo`: everywhere(code, procs, **values) binds each value
+    (pickled, lambdas by value) to its name in `__main__` of every process, then runs code."""
+    import __main__
+
+    a, b = two_workers
+    data = {"k": list(range(1000))}
+    scale = lambda x: 3 * x  # noqa: E731 - sent by value
+    pydist.everywhere("ev_out = ev_scale(len(ev_data['k']))", ev_data=data, ev_scale=scale)
+    assert __main__.ev_data is data  # this process binds the object itself
+    assert __main__.ev_out == 3000
+    assert [pydist.everywhere("ev_out", procs=p) for p in (a, b)] == [3000, 3000]
+    assert pydist.everywhere("ev_data == {'k': list(range(1000))}", procs=b) is True
+    # Without code: bind only, on the processes given.
+    assert pydist.everywhere(procs=[a], ev_only=7) is None
+    assert pydist.everywhere("ev_only", procs=a) == 7
+    assert pydist.everywhere("'ev_only' in globals()", procs=b) is False
+    # One pid: the value of the expression there.
+    assert pydist.everywhere("ev_n + 1", procs=b, ev_n=41) == 42
+    # A value that cannot be sent is named, with the process; nothing runs.
+    with pytest.raises(pydist.SerializationError, match=r"ev_bad.* process"):
+        pydist.everywhere("ev_ran = True", procs=[a, b], ev_good=1, ev_bad=NotSendable())
+    assert pydist.everywhere("'ev_ran' in globals()", procs=a) is False
+    # Code that fails says on which worker.
+    with pytest.raises(pydist.ExceptionGroup) as info:
+        pydist.everywhere("1 / ev_zero", procs=[a, b], ev_zero=0)
+    assert sorted(e.pid for e in info.value.exceptions) == [a, b]
+    assert all("ZeroDivisionError" in str(e) for e in info.value.exceptions)
+    with pytest.raises(TypeError):
+        pydist.everywhere(42, ev_x=1)
+
+
 def test_splitrange_balance():
     from pydist.macros import splitrange
 
@@ -264,18 +302,46 @@ def test_distributed_without_reducer_returns_a_handle(two_workers):
         bad.wait(30)
 
 
+@pytest.mark.timeout(120)
 def test_caching_pool_unpickles_the_function_once_per_worker(fresh_workers):
+    """Whichever of remotecall_fetch, remotecall and pmap uses a function first, a
+    CachingPool sends it to each worker once (Julia's pmap sends `f` itself through the
+    pool); a WorkerPool sends it with every call."""
     import poolhelpers
 
-    a, b = fresh_workers(2)
+    a, b, c = fresh_workers(3)
     f = poolhelpers.Counted("t")
     plain = WorkerPool([a])
     assert [pydist.remotecall_fetch(f, plain, i) for i in range(4)] == [("t", i) for i in range(4)]
     assert pydist.remotecall_fetch(poolhelpers.unpickled, a) == 4  # sent with every call
     cached = CachingPool([b])
     assert [pydist.remotecall_fetch(f, cached, i) for i in range(4)] == [("t", i) for i in range(4)]
+    assert pydist.remotecall(f, cached, 9).fetch() == ("t", 9)
     assert pydist.pmap(f, cached, range(3)) == [("t", i) for i in range(3)]
-    assert pydist.remotecall_fetch(poolhelpers.unpickled, b) == 2  # once for direct calls, once for pmap's wrapper
+    assert pydist.remotecall_fetch(poolhelpers.unpickled, b) == 1
+    g = poolhelpers.Counted("g")  # pmap first, then the calls
+    both = CachingPool([b, c])
+    assert pydist.pmap(g, both, range(8)) == [("g", i) for i in range(8)]
+    assert [pydist.remotecall_fetch(g, both, i) for i in range(4)] == [("g", i) for i in range(4)]
+    assert [pydist.remotecall(g, both, i).fetch() for i in range(4)] == [("g", i) for i in range(4)]
+    assert pydist.pmap(g, both, range(8)) == [("g", i) for i in range(8)]
+    assert pydist.remotecall_fetch(poolhelpers.unpickled, b) == 2  # f once, g once
+    assert pydist.remotecall_fetch(poolhelpers.unpickled, c) == 1
+
+
+@pytest.mark.timeout(120)
+def test_caching_pool_sends_a_batched_map_function_once_per_worker(fresh_workers):
+    """A batched map (or one with on_error) sends a wrapper of `f`, once per worker and map,
+    as Julia does: not `f` with every batch."""
+    import poolhelpers
+
+    (w,) = fresh_workers(1)
+    f = poolhelpers.Counted("b")
+    pool = CachingPool([w])
+    assert pydist.pmap(f, pool, range(12), batch_size=3) == [("b", i) for i in range(12)]
+    assert pydist.remotecall_fetch(poolhelpers.unpickled, w) == 1
+    assert pydist.pmap(f, pool, range(6), on_error=repr) == [("b", i) for i in range(6)]
+    assert pydist.remotecall_fetch(poolhelpers.unpickled, w) == 2
 
 
 def test_progress_without_tqdm_says_what_to_install(two_workers, monkeypatch):

@@ -599,6 +599,71 @@ def test_remote_channel_timeouts(w, owner):
     assert rc.isempty()
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("owner", ["master", "worker"])
+def test_remote_channel_over_a_channel_type_without_timeouts(w, owner):
+    """A user channel type with plain put(v) / take() / fetch() / wait() backs a
+    RemoteChannel (Julia lets any AbstractChannel); a caller's timeout then bounds the
+    caller's own wait, and the item a given-up take gets later goes back to the channel."""
+    import channelhelpers
+
+    pid = 1 if owner == "master" else w[0]
+    rc = RemoteChannel(channelhelpers.BareChannel, pid)
+    assert rc.put("a") is rc
+    assert pydist.put(rc, "b") is rc
+    assert rc.fetch() == "a"
+    rc.wait()
+    assert rc.take() == "a" and pydist.take(rc) == "b"
+    assert len(rc) == 0
+    taker = Runner(rc.take)
+    assert not taker.done.wait(BLOCKED)
+    rc.put("c")
+    assert taker.value() == "c"
+    if owner == "master":
+        # Nothing here can bound a wait the channel type cannot bound: say so.
+        with pytest.raises(TypeError, match="BareChannel.take has no timeout parameter"):
+            rc.take(timeout=0.2)
+        return
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError):
+        rc.take(timeout=0.3)
+    assert time.monotonic() - t0 < 10
+    rc.put("d")  # the owner's take, given up on, gets it and gives it back
+    assert rc.take(timeout=30) == "d"
+    with pytest.raises(TimeoutError):
+        rc.fetch(timeout=0.2)
+    rc.put("e")
+    assert rc.fetch(timeout=30) == "e" and rc.take(timeout=30) == "e"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("owner", ["master", "worker"])
+def test_remote_channel_forwards_extra_arguments(w, owner):
+    """Julia's put!(rr, args...) / take!(rr, args...): arguments after the timeout, and
+    keyword arguments, go to the channel type's own methods (here a tag)."""
+    import channelhelpers
+
+    pid = 1 if owner == "master" else w[0]
+    rc = RemoteChannel(channelhelpers.TaggedChannel, pid)
+    rc.put("r1", None, "red")
+    rc.put("b1", tag="blue")
+    pydist.put(rc, "r2", None, "red")
+    pydist.put(rc, "p1")  # the type's default tag
+    assert rc.fetch(tag="red") == "r1"
+    assert rc.take(None, "blue") == "b1"
+    assert rc.take(tag="red") == "r1"
+    assert pydist.take(rc, 5, "red") == "r2"
+    assert pydist.fetch(rc, None, "plain") == "p1"
+    assert rc.take(timeout=5, tag="plain") == "p1"
+    with pytest.raises(TimeoutError):
+        rc.take(0.2, "blue")  # its own timeout, and the caller's
+    # A Channel has no such arguments.
+    plain = RemoteChannel(lambda: Channel(2), pid)
+    with pytest.raises((TypeError, RemoteException)):
+        plain.put(1, None, "red")
+    assert plain.isempty()
+
+
 @pytest.mark.parametrize("owner", ["master", "worker2", "worker3"])
 def test_remote_channel_iteration_until_closed(w, owner):
     w2, w3 = w

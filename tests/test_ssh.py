@@ -412,3 +412,70 @@ def test_an_ssh_worker_that_exits_says_ssh_status_and_its_last_output(hosts, ssh
     with pytest.raises(pydist.ProcessExitedException,
                        match=r"ssh to h3 ended with status 3; its last output:\n.*last words"):
         pydist.remotecall_fetch(_say_and_exit, pid, 3)
+
+
+# ==================================================================== sshd's MaxStartups
+@pytest.fixture
+def strict_sshd(tmp_path):
+    """A private sshd on a free loopback port that drops unauthenticated connections beyond
+    two at a time (`MaxStartups 2`), as a stock sshd does beyond 10 under load."""
+    import shutil
+
+    sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+    authorized = os.path.join(INFRA, "authorized_keys")
+    if not (os.path.exists(SSH_CONFIG) and os.path.exists(authorized)
+            and os.access(sshd, os.X_OK)):
+        _missing("no sshd, or no client key set up by .ci/infra/ssh-up.sh")
+    hostkey = tmp_path / "ssh_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(hostkey)],
+                   check=True, capture_output=True, timeout=60)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "sshd_config"
+    config.write_text(textwrap.dedent(f"""\
+        Port {port}
+        ListenAddress 127.0.0.1
+        HostKey {hostkey}
+        PidFile {tmp_path / "sshd.pid"}
+        AuthorizedKeysFile {authorized}
+        StrictModes no
+        PermitRootLogin prohibit-password
+        PubkeyAuthentication yes
+        PasswordAuthentication no
+        KbdInteractiveAuthentication no
+        UsePAM no
+        AcceptEnv PYTHON* PYDIST_*
+        AllowTcpForwarding yes
+        MaxStartups 2
+        """))
+    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
+    with open(tmp_path / "sshd.log", "wb") as log:
+        proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=log)
+    try:
+        wait_until(lambda: proc.poll() is not None or _ssh_ok("-p", str(port), "127.0.0.1"),
+                   timeout=30, what="the private sshd to answer")
+        if proc.poll() is not None:
+            _missing(f"the private sshd did not start: {(tmp_path / 'sshd.log').read_text()}")
+        yield f"127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.timeout(300)
+def test_max_parallel_bounds_the_tunnels_opened_to_one_host(strict_sshd, ssh_workers):
+    """Six tunnelled workers on one host whose sshd admits two unauthenticated connections
+    at a time: with max_parallel=2 at most two tunnels to it are being opened at once (as
+    Julia's per-host tunnel semaphore), so sshd drops none and every worker joins."""
+    src = os.path.dirname(os.path.dirname(pydist.__file__))  # the pydist under test
+    pids = ssh_workers([(strict_sshd, 6)], tunnel=True, max_parallel=2,
+                       exename=sys.executable, env={"PYTHONPATH": src})
+    assert len(pids) == 6
+    assert all(config_of(p).tunnel and config_of(p).forward for p in pids)
+    assert len({pydist.remotecall_fetch(os.getpid, p) for p in pids}) == 6

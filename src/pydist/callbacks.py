@@ -228,15 +228,17 @@ def _check_pid(pid: int, what: str) -> None:
         raise ValueError(f"Worker {pid} does not exist, cannot {what} its status")
 
 
-def setstatus(x: Any, pid: int | None = None) -> None:
-    """Record `x` as the status of worker `pid` (default: this process), kept on the master."""
+def setstatus(x: Any, pid: int | None = None) -> Any:
+    """Record `x` as the status of worker `pid` (default: this process), kept on the master;
+    returns `x` (as Julia's `setstatus!`)."""
     pid = PGRP.id if pid is None else pid
     if not PGRP.is_master():
         call_fetch(1, setstatus, (x, pid))
-        return
+        return x
     _check_pid(pid, "set")
     with _lock:
         _statuses[pid] = x
+    return x
 
 
 def getstatus(pid: int | None = None) -> Any:

@@ -1,6 +1,7 @@
 """Julia's macros as functions: spawnat, spawn, fetchfrom, fetchany, everywhere, distributed.
 
-Thin sugar over the remote-call API. `everywhere` runs code in `__main__` of every process;
+Thin sugar over the remote-call API. `everywhere` runs code in `__main__` of every process
+(after binding the values it is given there);
 `distributed` splits an iterable into contiguous chunks, one per worker, and reduces in order.
 """
 
@@ -14,7 +15,8 @@ from typing import Any, Callable, Iterable, Literal, ParamSpec, TypeVar
 
 from .cluster import nworkers, procs, workers
 from .group import PGRP
-from .exceptions import ExceptionGroup, RemoteException
+from . import serialization
+from .exceptions import ExceptionGroup, RemoteException, SerializationError
 from .refs import Future
 from .remotecall import remotecall, remotecall_fetch
 
@@ -72,46 +74,102 @@ def _exec_in_main(code: str) -> Any:
     return eval(compiled, namespace)
 
 
+def _bind_and_exec(values: dict[str, Any], code: str | None) -> Any:
+    """Bind each of `values` to its name in this process's `__main__`, then run `code`."""
+    main = sys.modules["__main__"]
+    for name, value in values.items():
+        setattr(main, name, value)
+    return None if code is None else _exec_in_main(code)
+
+
 def _define_in_main(obj: Any) -> None:
     setattr(sys.modules["__main__"], obj.__name__, obj)
 
 
-def _run_on_all(fn: Callable, arg: Any, pids: list[int]) -> None:
-    """Run `fn(arg)` on every pid (remote ones concurrently, this one last); raise an
-    ExceptionGroup of everything that failed."""
-    futures = [remotecall(fn, p, arg) for p in pids if p != PGRP.id]
+def _run_on_all(fn: Callable, args: tuple, pids: list[int],
+                on_send_error: Callable[[SerializationError], BaseException] | None = None
+                ) -> None:
+    """Run `fn(*args)` on every pid (remote ones concurrently, this one last); raise an
+    ExceptionGroup of everything that failed. Arguments that cannot be pickled stop it
+    before anything more is sent (`on_send_error` may name them)."""
+    futures = []
     errors: list[BaseException] = []
+    unsendable: SerializationError | None = None
+    for p in pids:
+        if p == PGRP.id:
+            continue
+        try:
+            futures.append(remotecall(fn, p, *args))
+        except SerializationError as e:  # the same for every process: send no more
+            unsendable = e
+            break
+        except BaseException as e:  # ProcessExitedException: that worker is gone
+            errors.append(e)
     for fut in futures:
         try:
             fut.wait()
         except BaseException as e:  # RemoteException or ProcessExitedException
             errors.append(e)
+    if unsendable is not None:
+        if on_send_error is None:
+            raise unsendable
+        raise on_send_error(unsendable) from unsendable
     for _ in [p for p in pids if p == PGRP.id]:
         try:
-            remotecall_fetch(fn, PGRP.id, arg)
+            remotecall_fetch(fn, PGRP.id, *args)
         except RemoteException as e:
             errors.append(e)
     if errors:
         raise ExceptionGroup(f"everywhere: {len(errors)} of {len(pids)} processes failed", errors)  # type: ignore[type-var]
 
 
-def everywhere(code: Any = None, procs: int | Iterable[int] | None = None) -> Any:
+def _unsendable_values(values: dict[str, Any], err: SerializationError) -> SerializationError:
+    """`err` (sending everywhere's values failed), naming the values that cannot be pickled."""
+    bad = []
+    for name, value in values.items():
+        try:
+            _, _, context = serialization.dumps(value)
+            serialization.discard(context)
+        except Exception:
+            bad.append(name)
+    names = ", ".join(bad) if bad else ", ".join(values)
+    return SerializationError(f"everywhere: could not send the value of {names}: {err}")
+
+
+def everywhere(code: Any = None, procs: int | Iterable[int] | None = None,
+               **values: Any) -> Any:
     """Run `code` (a str) in `__main__` on every process in `procs` (default: all, master
     included). With a single int pid, return the value of an expression there.
+
+    Keyword arguments are values to bind first (Julia's `@everywhere x = $foo`): each is
+    pickled (cloudpickle: lambdas and `__main__` objects by value) and bound to its name in
+    `__main__` of every process before `code` runs there; this process binds the object
+    itself. `everywhere(procs=..., x=value)` without code only binds.
 
     As a decorator (`@everywhere` or `@everywhere(procs=...)`), define the decorated function
     or class in `__main__` on those processes and return it.
     """
-    if code is None:  # @everywhere(procs=...)
+    if code is None and not values:  # @everywhere(procs=...)
         return functools.partial(everywhere, procs=procs)
     pids = _resolve_procs(procs)
+    if values:
+        if code is not None and not isinstance(code, str):
+            raise TypeError(f"everywhere: with values, code must be a str, got {code!r}")
+        if isinstance(procs, int) and not isinstance(procs, bool):
+            try:
+                return remotecall_fetch(_bind_and_exec, procs, values, code)
+            except SerializationError as e:
+                raise _unsendable_values(values, e) from e
+        _run_on_all(_bind_and_exec, (values, code), pids,
+                    functools.partial(_unsendable_values, values))
+        return None
     if isinstance(code, str):
         if isinstance(procs, int) and not isinstance(procs, bool):
             return remotecall_fetch(_exec_in_main, procs, code)
-        _run_on_all(_exec_in_main, code, pids)
+        _run_on_all(_exec_in_main, (code,), pids)
         return None
     if callable(code) and hasattr(code, "__name__"):
-        _run_on_all(_define_in_main, code, pids)
+        _run_on_all(_define_in_main, (code,), pids)
         return code
     raise TypeError(f"everywhere: expected code as a str, a function or a class, got {code!r}")
 

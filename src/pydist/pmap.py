@@ -37,8 +37,9 @@ __all__ = ["pmap", "ExponentialBackOff"]
 
 
 class ExponentialBackOff:
-    """The delays of `n` retries: `first_delay`, then multiplied by `factor` each time, capped
-    at `max_delay`, each with +/- `jitter` relative noise (Julia's `ExponentialBackOff`)."""
+    """The delays of `n` retries, as Julia's `ExponentialBackOff`: the first is `first_delay`
+    exactly; each next one is the previous times `factor`, times a random `1 +/- jitter`,
+    capped at `max_delay` (so the jitter compounds, as in Julia)."""
 
     def __init__(self, n: int = 1, first_delay: float = 0.05, max_delay: float = 10.0,
                  factor: float = 5.0, jitter: float = 0.1):
@@ -48,10 +49,11 @@ class ExponentialBackOff:
         self.factor, self.jitter = factor, jitter
 
     def __iter__(self) -> Iterator[float]:
-        delay = self.first_delay
+        delay = min(self.first_delay, self.max_delay)
         for _ in range(self.n):
-            yield delay * (1 - self.jitter + 2 * self.jitter * random.random())
-            delay = min(delay * self.factor, self.max_delay)
+            yield delay
+            noise = 1 - self.jitter + 2 * self.jitter * random.random()
+            delay = min(self.max_delay, delay * self.factor * noise)
 
     def __len__(self) -> int:
         return self.n
@@ -86,17 +88,25 @@ class _Failed:
         self.exc = exc
 
 
-def _run_batch(fn: Callable, batch: list, capture: bool) -> list:
-    """On the worker: the results of one batch; failures become `_Failed` if `capture`."""
-    out = []
-    for args in batch:
-        try:
-            out.append(fn(*args))
-        except Exception as e:
-            if not capture:
-                raise
-            out.append(_Failed(args, e))
-    return out
+class _Batch:
+    """On the worker: the results of `fn` over one batch of argument tuples; failures become
+    `_Failed` if `capture`. One per map (as Julia's batch closure), so that a CachingPool
+    sends it, and `fn` with it, once per worker rather than with every batch."""
+
+    def __init__(self, fn: Callable, capture: bool):
+        self.fn = fn
+        self.capture = capture
+
+    def __call__(self, batch: list) -> list:
+        out = []
+        for args in batch:
+            try:
+                out.append(self.fn(*args))
+            except Exception as e:
+                if not self.capture:
+                    raise
+                out.append(_Failed(args, e))
+        return out
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -628,7 +638,9 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
 
 def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers, progress,
                   lend):
-    apply = _Apply(f, on_error)
+    # As Julia: `f` itself goes through the pool unless on_error wraps it, so that a
+    # CachingPool that already sent `f` to a worker (for a remotecall) does not send it again.
+    apply = f if on_error is None else _Apply(f, on_error)
 
     def on_death(args: tuple, e: BaseException) -> Any:
         """on_error runs where f ran, except for an element whose worker died (after any
@@ -671,18 +683,20 @@ def _map_batches(f, items, pool, batch_size, on_error, delays, check, nworkers, 
             raise e
         return [_Failed(args, _unwrap(e)) for args in batch]  # the whole batch failed
 
+    run_batch = _Batch(f, capture)
+
     def run(batch: list) -> list:
         try:
-            return _run_on_pool(pool, _run_batch, (f, batch, capture), lend)
+            return _run_on_pool(pool, run_batch, (batch,), lend)
         except Exception as e:
             return failed_batch(batch, e)
 
     if lend:
         chunks = _parallel_map(run, batches, nworkers, progress, weight=len)
     else:
-        chunks = _pipelined_map(pool, _run_batch, [(f, batch, capture) for batch in batches],
-                                progress, weight=lambda call: len(call[1]),
-                                on_failure=lambda call, e: failed_batch(call[1], e))
+        chunks = _pipelined_map(pool, run_batch, [(batch,) for batch in batches],
+                                progress, weight=lambda call: len(call[0]),
+                                on_failure=lambda call, e: failed_batch(call[0], e))
     results = [r for chunk in chunks for r in chunk]
     failed = [i for i, r in enumerate(results) if isinstance(r, _Failed)]
     if not failed:

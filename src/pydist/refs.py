@@ -36,6 +36,7 @@ cost no round trip, and completion callbacks need no polling.
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import logging
 import queue
@@ -916,28 +917,32 @@ class RemoteChannel(AbstractRemoteRef, Generic[T]):
     def __reduce__(self):
         raise TypeError("a RemoteChannel can only be sent to pydist processes, inside a remote call")
 
-    def put(self, v: T, timeout: float | None = None) -> "RemoteChannel[T]":
+    # put/take/fetch/wait pass arguments after `timeout`, and keyword arguments, on to the
+    # channel object's own method (Julia's `put!(rr, args...)`): for a user channel type.
+
+    def put(self, v: T, timeout: float | None = None, *args: Any,
+            **kwargs: Any) -> "RemoteChannel[T]":
         """Put `v` (waits while the channel is full); returns the channel. After a
         TimeoutError (or an interrupt) the put may still have happened, if the owner had
         already made it, but never happens later: once the owner hears that the caller gave
         up, a put still waiting for room is withdrawn."""
-        _blocking_op(self, "put", (v,), timeout)
+        _blocking_op(self, "put", (v, *args), timeout, kwargs)
         return self
 
-    def take(self, timeout: float | None = None) -> T:
+    def take(self, timeout: float | None = None, *args: Any, **kwargs: Any) -> T:
         """Remove and return the first value, waiting for one. After a TimeoutError (or an
         interrupt) nothing is lost: a value the owner took for this caller goes back to the
         front of the channel (with a channel type that has no `put_front`, to its end)."""
-        return _blocking_op(self, "take", (), timeout)
+        return _blocking_op(self, "take", args, timeout, kwargs)
 
-    def fetch(self, timeout: float | None = None) -> T:
+    def fetch(self, timeout: float | None = None, *args: Any, **kwargs: Any) -> T:
         """The first value, without removing it (waiting for one)."""
-        return _blocking_op(self, "fetch", (), timeout)
+        return _blocking_op(self, "fetch", args, timeout, kwargs)
 
-    def wait(self, timeout: float | None = None) -> None:
+    def wait(self, timeout: float | None = None, *args: Any, **kwargs: Any) -> None:
         """Wait until a value is there (without taking it); `TimeoutError` after about
         `timeout` seconds."""
-        _blocking_op(self, "wait", (), timeout)
+        _blocking_op(self, "wait", args, timeout, kwargs)
 
     def isready(self) -> bool:
         """True if a `take` would not wait (asks the owner)."""
@@ -982,9 +987,13 @@ def _channel_op(rrid: RRID, op: str, args: tuple) -> Any:
     return getattr(chan, op)(*args)
 
 
-def _blocking_op(rc: "RemoteChannel", op: str, args: tuple, timeout: float | None) -> Any:
-    """`op(*args, timeout)` on the channel's owner; giving up on it loses nothing."""
+def _blocking_op(rc: "RemoteChannel", op: str, args: tuple, timeout: float | None,
+                 kwargs: dict) -> Any:
+    """`op(*args, timeout=timeout, **kwargs)` on the channel's owner; giving up on it loses
+    nothing."""
     late = functools.partial(_late_take, rc.where, rc.rrid) if op == "take" else None
+    if kwargs:
+        return _ask_owner(rc, op, _owner_op_kw, (op, args, kwargs), timeout, late)
     return _ask_owner(rc, op, _owner_op, (op, args), timeout, late)
 
 
@@ -1019,22 +1028,31 @@ def _owner_op(rrid: RRID, op: str, args: tuple, timeout: float | None,
               req: _Request | None) -> Any:
     """Owner side of `_blocking_op`: in a remote call on behalf of process `req.key[0]`, or
     here for this process (`req` None)."""
-    args = (*args, timeout)
+    return _owner_op_kw(rrid, op, args, None, timeout, req)
+
+
+def _owner_op_kw(rrid: RRID, op: str, args: tuple, kwargs: dict | None,
+                 timeout: float | None, req: _Request | None) -> Any:
+    """`_owner_op` with keyword arguments for the channel type's method."""
+    if op not in ("put", "take", "fetch", "wait"):
+        if req is not None:
+            _requests.pop(req.key, None)
+        raise ValueError(f"unknown channel operation {op!r}")
+    plain = kwargs is None and len(args) == (op == "put")  # no arguments for the channel type
     if req is None:
-        return _channel_op(rrid, op, args)
+        chan = STORE.lookup(rrid, _default_channel)
+        if plain and isinstance(chan, Channel):
+            return getattr(chan, op)(*args, timeout)
+        return _user_op(chan, op, args, kwargs or {}, timeout, None)
     try:
-        if op not in ("put", "take", "fetch", "wait"):
-            raise ValueError(f"unknown channel operation {op!r}")
         chan = STORE.lookup(rrid, _default_channel)
         req.chan = chan
         if req.cancelled:
             raise Abandoned(op)
-        if isinstance(chan, Channel):
-            value = getattr(chan, "_" + op)(*args, req.is_cancelled)
-        elif op in ("put", "take"):
-            value = _sliced_op(chan, op, args, req)
+        if plain and isinstance(chan, Channel):
+            value = getattr(chan, "_" + op)(*args, timeout, req.is_cancelled)
         else:
-            value = getattr(chan, op)(*args)
+            value = _user_op(chan, op, args, kwargs or {}, timeout, req)
         if op != "take":
             return value
     finally:
@@ -1052,17 +1070,55 @@ def _owner_op(rrid: RRID, op: str, args: tuple, timeout: float | None,
         _give_back(chan, value)
 
 
-def _sliced_op(chan: Any, op: str, args: tuple, req: _Request) -> Any:
-    """`chan.op(*args)` on a channel type that cannot be woken: in slices of _OP_SLICE,
-    looking between them whether the caller gave up."""
-    *lead, timeout = args
+_has_timeout: dict[tuple[type, str], bool] = {}
+
+
+def _takes_timeout(chan: Any, op: str) -> bool:
+    """Whether the channel type's `op` method has a `timeout` parameter (one of a user's
+    channel type may not: Julia's `put!(c, v)` has none)."""
+    key = (type(chan), op)
+    known = _has_timeout.get(key)
+    if known is None:
+        try:
+            param = inspect.signature(getattr(chan, op)).parameters.get("timeout")
+        except (TypeError, ValueError):  # cannot tell (a builtin): give it one, as Channel's
+            known = True
+        else:
+            known = param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD,
+                                                          param.KEYWORD_ONLY)
+        _has_timeout[key] = known
+    return known
+
+
+def _user_op(chan: Any, op: str, args: tuple, kwargs: dict, timeout: float | None,
+             req: _Request | None) -> Any:
+    """`chan.op(*args, **kwargs)` on a channel that is not a plain `Channel` (or is, with
+    extra arguments), with `timeout=` if its method takes one. If it takes none, a remote
+    caller's own wait is still bounded (`_ask_owner`), and a take it gave up on gives its
+    item back when that comes; a caller here cannot be bounded: it is told so."""
+    method = getattr(chan, op)
+    if not _takes_timeout(chan, op):
+        if req is None and timeout is not None:
+            raise TypeError(f"{type(chan).__name__}.{op} has no timeout parameter: a timeout "
+                            f"on a RemoteChannel owned by this process (process {PGRP.id}) "
+                            f"needs one")
+        return method(*args, **kwargs)
+    if req is None or op not in ("put", "take"):
+        return method(*args, timeout=timeout, **kwargs)
+    return _sliced_op(method, op, args, kwargs, timeout, req)
+
+
+def _sliced_op(method: Callable, op: str, args: tuple, kwargs: dict, timeout: float | None,
+               req: _Request) -> Any:
+    """`method(*args, timeout=, **kwargs)` of a channel type that cannot be woken: in slices
+    of _OP_SLICE, looking between them whether the caller gave up."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         if req.cancelled:
             raise Abandoned(op)
         t = _OP_SLICE if deadline is None else min(_OP_SLICE, deadline - time.monotonic())
         try:
-            return getattr(chan, op)(*lead, max(t, 0.0))
+            return method(*args, timeout=max(t, 0.0), **kwargs)
         except TimeoutError:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"{op}: nothing within {timeout} seconds") from None
@@ -1102,29 +1158,40 @@ def channel_from_id(rrid: RRID | tuple) -> Any:
 
 @overload
 def fetch(x: Future[T] | RemoteChannel[T] | Channel[T],
-          timeout: float | None = None) -> T: ...
+          timeout: float | None = None, *args: Any, **kwargs: Any) -> T: ...
 @overload
-def fetch(x: T, timeout: float | None = None) -> T: ...
-def fetch(x: Any, timeout: float | None = None) -> Any:
+def fetch(x: T, timeout: float | None = None, *args: Any, **kwargs: Any) -> T: ...
+def fetch(x: Any, timeout: float | None = None, *args: Any, **kwargs: Any) -> Any:
     """Fetch a Future or RemoteChannel (or Channel); any other object is returned as is.
 
     `fetch(remotecall(f, 2))` is `remotecall_fetch(f, 2)`; the second form lets code accept
-    either a value or a reference to one."""
+    either a value or a reference to one. Arguments after `timeout` go to the channel's own
+    `fetch` (see `RemoteChannel.put`)."""
     if isinstance(x, (Future, RemoteChannel, Channel)):
-        return x.fetch(timeout) if timeout is not None else x.fetch()
+        if timeout is None and not args and not kwargs:
+            return x.fetch()
+        return x.fetch(timeout, *args, **kwargs)
     return x
 
 
-def put(x: Any, v: Any, timeout: float | None = None) -> Any:
+def put(x: Any, v: Any, timeout: float | None = None, *args: Any, **kwargs: Any) -> Any:
     """`x.put(v)`: put into a Future (once), RemoteChannel or Channel; returns `x`. `timeout`
-    bounds the wait for room in a channel (a Future's put never waits)."""
-    return x.put(v) if timeout is None or isinstance(x, Future) else x.put(v, timeout)
+    bounds the wait for room in a channel (a Future's put never waits); arguments after
+    `timeout` go to a RemoteChannel's channel (Julia's `put!(rr, args...)`)."""
+    if isinstance(x, Future):
+        return x.put(v, *args, **kwargs)
+    if timeout is None and not args and not kwargs:
+        return x.put(v)
+    return x.put(v, timeout, *args, **kwargs)
 
 
-def take(x: Any, timeout: float | None = None) -> Any:
+def take(x: Any, timeout: float | None = None, *args: Any, **kwargs: Any) -> Any:
     """`x.take()`: remove and return the first value of a RemoteChannel or Channel (or take a
-    worker from a pool), waiting at most `timeout` seconds."""
-    return x.take() if timeout is None else x.take(timeout)
+    worker from a pool), waiting at most `timeout` seconds; arguments after `timeout` go to a
+    RemoteChannel's channel."""
+    if timeout is None and not args and not kwargs:
+        return x.take()
+    return x.take(timeout, *args, **kwargs)
 
 
 def isready(x: Any) -> bool:
@@ -1133,7 +1200,10 @@ def isready(x: Any) -> bool:
     return x.isready()
 
 
-def wait(x: Any, timeout: float | None = None) -> Any:
+def wait(x: Any, timeout: float | None = None, *args: Any, **kwargs: Any) -> Any:
     """`x.wait()`: wait until `x` is ready (a Future has its value, a channel an item, a pool a
-    free worker), at most `timeout` seconds; returns what `x.wait` returns."""
-    return x.wait() if timeout is None else x.wait(timeout)
+    free worker), at most `timeout` seconds; returns what `x.wait` returns. Arguments after
+    `timeout` go to a RemoteChannel's channel."""
+    if timeout is None and not args and not kwargs:
+        return x.wait()
+    return x.wait(timeout, *args, **kwargs)

@@ -323,6 +323,13 @@ class SSHManager(ClusterManager):
                                 bind_addr: str, port: int) -> socket.socket:
         if "@" not in target:
             target = f"{getpass.getuser()}@{target}"  # USER is often unset (cron, CI, containers)
+        if config.multiplex:  # through the host's master connection: no new ssh connection
+            return self._open_tunnel(pid, config, target, bind_addr, port)
+        with _tunnel_gate(target, config):
+            return self._open_tunnel(pid, config, target, bind_addr, port)
+
+    def _open_tunnel(self, pid: int, config: WorkerConfig, target: str, bind_addr: str,
+                     port: int) -> socket.socket:
         ssh = (config.userdata or {}).get("ssh", "ssh")
         deadline = time.monotonic() + worker_timeout()
         last_error = ""
@@ -496,6 +503,26 @@ def _group(errors: list[BaseException]) -> BaseException:
     return ExceptionGroup(f"SSHManager: {len(errors)} machines failed to launch", errors)  # type: ignore[type-var]
 
 
+# The ssh connections being opened to each sshd at once, at most `max_parallel` (as Julia's
+# `tunnel_hosts_map`): sshd drops unauthenticated connections beyond its `MaxStartups`
+# (stock 10:30:100), so many tunnelled workers on one host must not all connect at once.
+# A tunnel's ssh holds its host's gate until its local end listens (it has authenticated).
+_tunnel_gates: dict[tuple, threading.BoundedSemaphore] = {}
+_tunnel_gates_lock = threading.Lock()
+
+
+def _tunnel_gate(target: str, config: WorkerConfig) -> threading.BoundedSemaphore:
+    """The gate of the sshd that `target` with `config.sshflags` reaches (shared by every
+    addprocs of this process), admitting `config.max_parallel` tunnels at once."""
+    limit = max(1, int(config.max_parallel or 10))
+    key = (target.rpartition("@")[2], tuple(config.sshflags or ()), limit)
+    with _tunnel_gates_lock:
+        gate = _tunnel_gates.get(key)
+        if gate is None:
+            gate = _tunnel_gates[key] = threading.BoundedSemaphore(limit)
+        return gate
+
+
 def _free_local_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -520,7 +547,9 @@ def _connect_when_listening(host: str, port: int, proc: subprocess.Popen | None,
 
 
 def _stop(proc: subprocess.Popen) -> str:
-    """Stop an ssh we started; return what it said on stderr."""
+    """Stop an ssh we started; return what it said on stderr (else its exit status, if it
+    had exited by itself)."""
+    code = proc.poll()
     with contextlib.suppress(OSError, ValueError):
         proc.stdin.close()  # type: ignore[union-attr]
     if proc.poll() is None:
@@ -533,4 +562,7 @@ def _stop(proc: subprocess.Popen) -> str:
         err = b""
         with contextlib.suppress(Exception):
             proc.wait(5)
-    return (err or b"").decode(errors="replace").strip()
+    text = (err or b"").decode(errors="replace").strip()
+    if not text and code is not None:
+        text = f"ssh exited with status {code}"
+    return text
