@@ -6,6 +6,12 @@ Start workers (`addprocs`), run functions on them (`remotecall`, `remotecall_fet
 
 from __future__ import annotations
 
+import logging as _logging
+
+# Library convention: pydist's records (loggers `pydist.*`) go wherever the application's
+# logging configuration sends them, and nowhere when it has none. README: "Logging".
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())
+
 from .channel import Channel
 from .cluster import (
     addprocs,

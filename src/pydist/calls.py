@@ -31,7 +31,7 @@ from .joining import dial_peer
 from .managers import worker_timeout
 from .transport import ConnectionClosed, Connection, SendTimeout
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 _EMPTY: dict = {}
 

@@ -42,7 +42,7 @@ from .managers import (
 )
 from .managers.local import LocalManager
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "WorkerState",

@@ -14,7 +14,7 @@ from typing import Callable
 from . import protocol
 from .group import PGRP
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 __all__ = ["HANDLER", "HANDLERS", "register_handler"]
 

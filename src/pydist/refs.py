@@ -332,7 +332,7 @@ def _send_deltas(where: int, deltas: list) -> None:
     except (ConnectionClosed, ProcessExitedException, ValueError):
         pass
     except Exception:
-        logging.getLogger("pydist").exception("pydist: could not send reference counts to %d", where)
+        logging.getLogger(__name__).exception("pydist: could not send reference counts to %d", where)
 
 
 # ==================================================================== waits on the owner
@@ -554,7 +554,7 @@ class Future(AbstractRemoteRef):
             try:
                 cb(self)
             except Exception:
-                logging.getLogger("pydist").exception("pydist: error in a Future done-callback")
+                logging.getLogger(__name__).exception("pydist: error in a Future done-callback")
 
     def _unpin(self) -> None:
         """A message that sends this Future as a reference has been counted for (or will not
@@ -959,7 +959,7 @@ def _late_take(owner: int, rrid: RRID, ok: bool, value: Any) -> None:
     except (ConnectionClosed, ProcessExitedException, ValueError):
         pass  # the owner is gone, with its channel
     except Exception:
-        logging.getLogger("pydist").exception(
+        logging.getLogger(__name__).exception(
             "pydist: could not give an item back to process %d", owner)
 
 

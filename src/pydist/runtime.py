@@ -18,7 +18,7 @@ from .group import PGRP
 from .managers import ClusterManager, WorkerOutput, request_exit
 from .managers.local import LocalManager
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 _wire_lock = threading.Lock()
 

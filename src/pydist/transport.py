@@ -60,7 +60,7 @@ from .threads import (
     _Watchdog,
 )
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 _IOV_MAX = 512
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)

@@ -16,7 +16,7 @@ from ..group import PGRP
 from ..transport import default_bind_addr
 from . import ClusterManager, WorkerConfig, reap, signal_group, worker_env
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 __all__ = ["LocalManager", "default_addprocs_params"]
 

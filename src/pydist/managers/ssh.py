@@ -39,7 +39,7 @@ from . import (
     worker_timeout,
 )
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 __all__ = ["SSHManager", "parse_machine", "parse_machine_spec", "remote_command"]
 
