@@ -70,6 +70,26 @@ def test_a_killed_worker_logs_its_loss_and_why(fresh_workers, caplog):
     assert pid not in pydist.procs()
 
 
+@pytest.mark.timeout(120)
+def test_an_escalation_to_sigkill_is_a_warning(fresh_workers, caplog):
+    caplog.set_level(logging.WARNING, logger="pydist")
+    (pid,) = fresh_workers(1)
+    manager = pydist.group.PGRP.workers[pid].manager
+    manager.exit_timeout = manager.term_timeout = 0.5  # (this test's own manager)
+    ospid = worker_ospid(pid)
+    os.kill(ospid, signal.SIGSTOP)  # it cannot obey EXIT, and SIGTERM stays pending
+    pydist.rmprocs(pid, waitfor=60)
+
+    def escalations() -> list[logging.LogRecord]:
+        return [r for r in _records(caplog, logging.WARNING)
+                if f"worker {pid}" in r.getMessage().lower() and "SIG" in r.getMessage()]
+
+    wait_until(lambda: len(escalations()) >= 2, timeout=30, what="the escalation records")
+    escalations = escalations()
+    assert [r.name for r in escalations] == ["pydist.managers.local"] * 2, _messages(caplog)
+    assert str(ospid) in escalations[0].getMessage()
+
+
 class _FlakyOnOdd:
     """Fails the first attempt at each odd element (a marker file per element)."""
 
