@@ -66,7 +66,7 @@ def release():
 
 
 def _messages(caplog, level=logging.WARNING) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "pydist" and r.levelno >= level]
+    return [r.getMessage() for r in caplog.records if r.name.startswith("pydist") and r.levelno >= level]
 
 
 def _callback_threads(key) -> list[threading.Thread]:

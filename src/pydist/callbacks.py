@@ -26,7 +26,7 @@ from .calls import call_fetch
 from .exceptions import ExceptionGroup
 from .group import PGRP
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "add_worker_starting_callback", "add_worker_started_callback",

@@ -31,7 +31,7 @@ from .joining import dial_peer
 from .managers import worker_timeout
 from .transport import ConnectionClosed, Connection, SendTimeout
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 _EMPTY: dict = {}
 
@@ -146,9 +146,13 @@ def fail_slot(sid: int, exc: BaseException) -> None:
 def fail_slots_of(pid: int) -> None:
     """`pid` is gone: every reply still awaited from it is a ProcessExitedException."""
     lost = exited(pid)
+    failed = 0
     for sid, slot in list(SLOTS.items()):
         if slot.pid == pid:
             fail_slot(sid, lost)
+            failed += 1
+    if failed:
+        log.debug("process %d lost: %d requests waiting on it failed", pid, failed)
 
 
 class _Late:
@@ -188,6 +192,8 @@ def _give_up(sid: int, slot: _Slot, late: Callable[[bool, Any], None] | None,
             if slot.done:
                 return False
             hook.armed = True
+    log.debug("gave up waiting for reply %d from process %d%s", sid, slot.pid,
+              "; cancelling the request" if cancel is not None else "")
     if cancel is not None:
         try:
             cancel()
@@ -325,6 +331,7 @@ def interrupt_running_calls() -> int:
             if rec.reading is not None:  # blocked in recv: have the peer send something
                 rec.reading.poke()
             n += 1
+    log.info("interrupted %d running calls", n)
     return n
 
 

@@ -42,7 +42,7 @@ from .managers import (
 )
 from .managers.local import LocalManager
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "WorkerState",
@@ -81,12 +81,20 @@ def worker_lost(pid: int, w: Worker) -> None:
         if reason:
             w.lost_reason = PGRP.lost_reasons[pid] = reason
     fail_slots_of(pid)
+    if w.state is WorkerState.terminated:
+        log.info("worker %d removed%s", pid, f": it {w.lost_reason}" if w.lost_reason else "")
+    elif master:
+        log.info("worker %d lost: %s", pid,
+                    f"it {w.lost_reason}" if w.lost_reason else "its connection closed")
+    else:
+        log.info("peer worker %d gone%s", pid, f": it {w.lost_reason}" if w.lost_reason else "")
     if master:
         if w.state is not WorkerState.terminated and not PGRP.shutdown.is_set():
             print(f"Worker {pid} terminated" + (f": it {w.lost_reason}." if w.lost_reason else "."),
                   file=sys.stderr, flush=True)
         if w.manager is not None:
             if silent:  # maybe still running (stopped, partitioned): have it killed
+                log.warning("worker %d was silent: having its manager kill it", pid)
                 try:
                     w.manager.kill(pid, w.config)
                 except Exception:
@@ -116,6 +124,7 @@ def worker_lost(pid: int, w: Worker) -> None:
 
 def _forget_worker(pid: int, reason: str | None = None) -> None:
     """Run on workers when the master has lost `pid` (`reason`: why, if known)."""
+    log.debug("the master lost worker %d: forgetting it", pid)
     PGRP.deregister(pid, reason)
 
 
@@ -304,11 +313,14 @@ def addprocs(target: int | Sequence[Machine] | ClusterManager | None = None, /, 
     params.update(kw)
     _normalize_params(params)
     warn_every = float(params.get("callback_warning_interval") or 10.0)
+    log.info("addprocs: starting workers with %r", manager)
     callbacks.run_starting(manager, params, warn_every)
     with PGRP.launch_lock:
         if manager not in PGRP.managers:
             PGRP.managers.append(manager)
         new_pids, errors = _addprocs_locked(manager, params)
+    log.info("addprocs: added workers %s%s", new_pids,
+             f" ({len(errors)} failed to start)" if errors else "")
     callbacks.run_started(new_pids, warn_every)
     if errors:
         error = errors[0] if len(errors) == 1 else ExceptionGroup(  # type: ignore[type-var]
@@ -390,6 +402,7 @@ def _addprocs_locked(manager: ClusterManager, params: dict) -> tuple[list[int], 
         try:
             pid = _create_worker(manager, config, params)
         except BaseException as e:
+            log.info("addprocs: a worker failed to start: %s", e)
             errors.append(e)
             return None
         new_pids.append(pid)
@@ -502,6 +515,7 @@ def launch_additional(n: int, exename: str, exeflags: list[str], bind_addr: str)
             raise LaunchWorkerError(f"worker {PGRP.id} could not start {n} more workers "
                                     f"with {cmd}: {e}") from e
         raise
+    log.info("started %d more workers on this host: os pids %s", n, [p.pid for p in procs])
     for proc, relay in zip(procs, relays):
         _siblings[proc.pid] = relay
         threading.Thread(target=_reap, args=(proc,), name="pydist-reaper", daemon=True).start()
@@ -569,6 +583,8 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
         w.cpu_threads = facts["cpu_threads"]
         config.environ = dict(config.environ or {}, cpu_threads=facts["cpu_threads"])
         pg.attach(w, conn)
+        log.info("worker %d joined: os pid %s%s, at %s", pid, w.ospid,
+                 f" on {config.host}" if config.host else "", _address(w.connect_at))
         manager.manage(pid, config, "register")
         return pid
     except BaseException as e:
@@ -591,6 +607,11 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
                 raise LaunchWorkerError(f"worker {pid} exited while joining") from e
             raise
         raise LaunchWorkerError(f"could not set up worker {pid}: {e!r}") from e
+
+
+def _address(at: Any) -> str:
+    """(host, port) as host:port, for log records."""
+    return f"{at[0]}:{at[1]}" if isinstance(at, (tuple, list)) and len(at) == 2 else str(at)
 
 
 def _join_list(w: Worker, config: WorkerConfig, timeout: float) -> list:
@@ -652,6 +673,7 @@ def rmprocs(*pids: int | Iterable[int], waitfor: float | None = None,
     at once."""
     _check_master()
     targets = _flatten_pids(pids)
+    log.info("rmprocs: removing workers %s", targets)
     callbacks.run_exiting([p for p in targets if p != 1 and p in PGRP.workers], callback_timeout)
     with PGRP.launch_lock:
         to_wait = []
@@ -702,6 +724,7 @@ def interrupt(*pids: int | Iterable[int]) -> None:
     a channel or a `threading` primitive; the workers stay usable."""
     _check_master("interrupt workers")
     targets = _flatten_pids(pids) if pids else [p for p in workers() if p != 1]
+    log.info("interrupt: interrupting workers %s", targets)
     threads = []
     for pid in targets:
         w = PGRP.workers.get(pid)

@@ -12,9 +12,10 @@ import sys
 from typing import Callable
 
 from . import protocol
+from .exceptions import ProtocolError
 from .group import PGRP
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 __all__ = ["HANDLER", "HANDLERS", "register_handler"]
 
@@ -35,10 +36,19 @@ class _Handler:
 
     def on_close(self, conn, exc: BaseException | None) -> None:
         pid = conn.peer_pid
+        if isinstance(exc, ProtocolError):
+            log.warning("process %d: dropped the connection to %s: %s", PGRP.id, conn.name, exc)
+        else:
+            log.debug("process %d: connection to %s closed%s", PGRP.id, conn.name,
+                      f": {conn.lost_reason or exc}" if conn.lost_reason or exc else "")
         if pid is None:
             return
         if pid == 1 and not PGRP.is_master():
             # Our master is gone: a worker never outlives it.
+            if not PGRP.shutdown.is_set():  # (with a reason, the print below says it)
+                log.log(logging.INFO if conn.lost_reason else logging.WARNING,
+                        "worker %d: the master is gone%s; exiting", PGRP.id,
+                        f" (it {conn.lost_reason})" if conn.lost_reason else "")
             if conn.lost_reason and not PGRP.shutdown.is_set():
                 print(f"pydist worker {PGRP.id}: the master {conn.lost_reason}; exiting",
                       file=sys.stderr, flush=True)

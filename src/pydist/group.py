@@ -14,7 +14,7 @@ import secrets
 import threading
 from typing import Any, Callable
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 __all__ = ["WorkerState", "Worker", "ProcessGroup", "PGRP"]
 

@@ -8,6 +8,7 @@ Below calls: nothing here waits for a reply. Asking the master to have a peer di
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -24,6 +25,8 @@ from .exceptions import (
 )
 from .group import PGRP, Worker, WorkerState
 from .managers import WorkerConfig, worker_timeout
+
+log = logging.getLogger(__name__)
 
 __all__ = ["dial_peer", "accept_connection", "process_messages", "init_worker",
            "on_identify", "on_exit", "on_join"]
@@ -48,6 +51,7 @@ def dial_peer(pid: int) -> None:
             sock = _open_peer(pid, w.connect_at)
         except (OSError, ProtocolError, LaunchWorkerError) as e:
             raise RuntimeError(f"Error on {pg.id} while connecting to peer {pid}: {e}") from e
+        log.debug("worker %d: connected to worker %d at %s", pg.id, pid, w.connect_at)
         conn = transport.Connection(sock, HANDLER, f"worker {pid}")
         conn.peer_pid = pid
         conn.serve_blocking = True  # a worker serves calls on every connection
@@ -75,6 +79,12 @@ def _open_peer(pid: int, connect_at: Any):
 # ==================================================================== serving connections
 def accept_connection(sock) -> None:
     """A worker's listener authenticated a new connection: serve it (JOIN or IDENTIFY first)."""
+    if log.isEnabledFor(logging.DEBUG):
+        try:
+            peer = sock.getpeername() or "a local process"
+        except OSError as e:
+            peer = f"? ({e})"
+        log.debug("accepted a connection from %s", peer)
     conn = transport.Connection(sock, HANDLER, "incoming")
     conn.serve_blocking = True  # a worker serves calls on every connection
     conn.start()
@@ -116,6 +126,7 @@ def process_messages(reader: Any, writer: Any = None, incoming: bool = True) -> 
 def on_identify(conn: transport.Connection, msg: protocol.Message):
     """IDENTIFY: a peer worker dialled us; `msg.a` is its pid."""
     pid = msg.a
+    log.debug("worker %d: worker %d connected", PGRP.id, pid)
     conn.peer_pid = pid
     conn.name = f"worker {pid}"
     with PGRP.lock:
@@ -133,6 +144,7 @@ def on_identify(conn: transport.Connection, msg: protocol.Message):
 def on_exit(conn: transport.Connection, msg: protocol.Message):
     """EXIT: our master tells this worker to exit."""
     if conn.peer_pid == 1:
+        log.info("worker %d: the master asks it to exit", PGRP.id)
         PGRP.exit_code = 0
         PGRP.shutdown.set()
     return None
@@ -182,6 +194,8 @@ def _join(conn: transport.Connection, params: dict) -> dict:
             if pid not in pg.workers:
                 pg.workers[pid] = Worker(pid, connect_at=tuple(addr) if addr else None)
                 pg.workers[pid].state = WorkerState.created
+    log.info("joined as worker %d (topology %s%s)", pg.id, pg.topology,
+             ", lazy" if pg.lazy else "")
     pg.master_connected.set()
     if not pg.lazy:
         errors: list[BaseException] = []

@@ -21,7 +21,9 @@ import functools
 import itertools
 import math
 import queue
+import logging
 import random
+import reprlib
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -32,6 +34,8 @@ from .exceptions import ProcessExitedException, RemoteException, SerializationEr
 from .remotecall import remote_do, remotecall, remotecall_fetch
 from .threads import LEND_SECONDS, POOL
 from .workerpool import AbstractWorkerPool, CachingPool
+
+log = logging.getLogger(__name__)
 
 __all__ = ["pmap", "ExponentialBackOff"]
 
@@ -142,21 +146,32 @@ def _with_retries(run: Callable[[tuple], Any], delays: list, check: Callable | N
     def attempt(args: tuple) -> Any:
         state = None
         pending = iter(delays)
+        tries = 0
         while True:
             try:
                 return run(args)
             except Exception as e:
                 exc = _unwrap(e)
+                tries += 1
                 delay = next(pending, None)
                 if delay is not None and check is not None:
                     state, again = _ask(check, state, exc)
                     if not again:
                         delay = None
                 if delay is None:
+                    log.debug("pmap: element %s failed (attempt %d: %r), no retry left",
+                              _short(args), tries, exc)
                     raise exc from (e if exc is not e else None)
+                log.debug("pmap: element %s failed (attempt %d: %r), retry in %.3g s",
+                          _short(args), tries, exc, delay)
                 time.sleep(delay)
 
     return attempt
+
+
+def _short(args: tuple) -> str:
+    """An element's arguments for a log record, at most about 100 characters."""
+    return reprlib.repr(args[0] if len(args) == 1 else args)
 
 
 class _Progress:
@@ -703,6 +718,8 @@ def _map_batches(f, items, pool, batch_size, on_error, delays, check, nworkers, 
         return results
     if delays and (check is None or _all_retryable(check, [results[i].exc for i in failed])):
         # As Julia: retry the failed elements one by one, with the remaining delays.
+        log.debug("pmap: %d elements of failed batches are retried one by one (first: %r)",
+                  len(failed), results[failed[0]].exc)
         retried = pmap(_Star(f), [results[i].args for i in failed], pool=pool, batch_size=1,
                        on_error=on_error, retry_delays=delays[1:], retry_check=check)
         for i, value in zip(failed, retried):

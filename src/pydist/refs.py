@@ -336,7 +336,7 @@ def _send_deltas(where: int, deltas: list) -> None:
     except (ConnectionClosed, ProcessExitedException, ValueError):
         pass
     except Exception:
-        logging.getLogger("pydist").exception("pydist: could not send reference counts to %d", where)
+        logging.getLogger(__name__).exception("pydist: could not send reference counts to %d", where)
 
 
 # ==================================================================== waits on the owner
@@ -577,7 +577,7 @@ class Future(AbstractRemoteRef, Generic[T]):
             try:
                 cb(self)
             except Exception:
-                logging.getLogger("pydist").exception("pydist: error in a Future done-callback")
+                logging.getLogger(__name__).exception("pydist: error in a Future done-callback")
 
     def _unpin(self) -> None:
         """A message that sends this Future as a reference has been counted for (or will not
@@ -1007,7 +1007,7 @@ def _late_take(owner: int, rrid: RRID, ok: bool, value: Any) -> None:
     except (ConnectionClosed, ProcessExitedException, ValueError):
         pass  # the owner is gone, with its channel
     except Exception:
-        logging.getLogger("pydist").exception(
+        logging.getLogger(__name__).exception(
             "pydist: could not give an item back to process %d", owner)
 
 

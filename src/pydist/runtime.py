@@ -18,7 +18,7 @@ from .group import PGRP
 from .managers import ClusterManager, WorkerOutput, request_exit
 from .managers.local import LocalManager
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 _wire_lock = threading.Lock()
 
@@ -66,6 +66,8 @@ def _shutdown(timeout: float, at_exit: bool) -> None:
         return max(0.0, (deadline - time.monotonic()) * share)
 
     if PGRP.is_master():
+        log.info("shutdown: removing workers %s%s", [p for p in PGRP.workers if p != 1],
+                 " (at exit)" if at_exit else "")
         _remove_all_workers(left, at_exit)
     for w in list(PGRP.workers.values()):
         if w.conn is not None:
@@ -76,6 +78,7 @@ def _shutdown(timeout: float, at_exit: bool) -> None:
     stuck = threads.stop_runtime(left())
     if stuck:
         log.debug("pydist: threads still busy at shutdown: %s", ", ".join(stuck))
+    log.debug("shutdown: done")
     if not at_exit:
         threads.restart_runtime()
         PGRP.shutdown.clear()
@@ -105,6 +108,10 @@ def _remove_all_workers(left, at_exit: bool) -> None:
     with PGRP.lock:
         while any(p not in PGRP.gone for p in pids) and left(0.5) > 0:
             PGRP.changed.wait(min(0.1, left(0.5)))
+    left_over = [p for p in pids if p not in PGRP.gone]
+    if left_over:
+        log.warning("shutdown: workers %s have not exited yet; those still running in "
+                    "%.1f s are killed", left_over, left(0.5))
     for manager in list(PGRP.managers):
         try:
             if _is_builtin(manager):

@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 # An idle pool thread exits after this many seconds.
 IDLE_THREAD_SECONDS = 30.0

@@ -60,7 +60,7 @@ from .threads import (
     _Watchdog,
 )
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 _IOV_MAX = 512
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
@@ -733,11 +733,12 @@ class Connection:
         if silent >= timeout and not self._data_waiting():
             self.lost_reason = (f"was silent for {silent:.1f} s (heartbeat timeout {timeout:g} s) "
                                 "and is declared dead")
-            log.debug("pydist: %s %s", self.name, self.lost_reason)
+            log.info("heartbeat: %s %s", self.name, self.lost_reason)
             self.close()
             return False
         if silent >= timeout / 3 and now - self._pinged_at >= timeout / 3:
             self._pinged_at = now
+            log.debug("heartbeat: pinging %s, silent for %.1f s", self.name, silent)
             try:
                 self.send(protocol.encode_frame(protocol.PING), wait=False)
             except ConnectionClosed:

@@ -16,6 +16,7 @@ even if nothing else imported `runtime`.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -36,8 +37,31 @@ from .transport import Listener, default_bind_addr
 
 __all__ = ["init_worker", "start_worker", "wait_for_shutdown", "main"]
 
+log = logging.getLogger("pydist.worker")  # (run as a script, __name__ is "__main__")
+
 # After the master is gone, how long a clean exit may take before we force it.
 EXIT_GRACE_SECONDS = 2.0
+
+
+def configure_logging(environ=os.environ) -> None:
+    """A worker process's own logging: pydist's records at `PYDIST_LOG_LEVEL` (a level name
+    or number; default WARNING) go to stderr, which the master relays ("From worker N:").
+    Only `python -m pydist.worker` calls this: there pydist is the application."""
+    spec = environ.get("PYDIST_LOG_LEVEL", "").strip()
+    level = logging.WARNING
+    if spec:
+        value = int(spec) if spec.isdigit() else logging.getLevelName(spec.upper())
+        if isinstance(value, int):
+            level = value
+        else:
+            print(f"pydist worker: ignoring PYDIST_LOG_LEVEL={spec!r} (not a logging level)",
+                  file=sys.stderr, flush=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(level)
+    logger = logging.getLogger("pydist")
+    logger.addHandler(handler)
+    logger.setLevel(level)
 
 
 def parse_bind_to(spec: str | None) -> tuple[str, int, bool]:
@@ -128,6 +152,7 @@ def start_worker(out=None, cookie: str | None = None, close_stdin: bool = True,
     PGRP.listener = listener
     listener.start()
     print(f"pydist_worker:{listener.address[1]}#{addr}", file=out, flush=True)
+    log.info("worker process %d listening on %s:%d", os.getpid(), addr, listener.address[1])
 
     deadline = time.monotonic() + timeout
     while not PGRP.master_connected.wait(0.2):
@@ -146,6 +171,7 @@ def wait_for_shutdown() -> int:
     after `process_messages`."""
     while not PGRP.shutdown.wait(1.0):
         pass
+    log.info("worker %d exiting (code %d)", PGRP.id, PGRP.exit_code)
     if PGRP.listener is not None:
         PGRP.listener.close()
     for w in list(PGRP.workers.values()):
@@ -195,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--exit-on-eof", action="store_true",
                         help="exit when stdin closes (the launching ssh session is gone)")
     args = parser.parse_args(argv)
+    configure_logging()
     cookie = args.cookie
     if args.exit_on_eof:
         if cookie is None:

@@ -31,7 +31,7 @@ from .. import protocol, transport
 from ..exceptions import LaunchWorkerError
 from ..group import PGRP
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ClusterManager",

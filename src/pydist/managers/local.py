@@ -17,7 +17,7 @@ from ..group import PGRP
 from ..transport import default_bind_addr
 from . import ClusterManager, WorkerConfig, reap, signal_group, worker_env
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 __all__ = ["LocalManager", "default_addprocs_params"]
 
@@ -61,6 +61,7 @@ class LocalManager(ClusterManager):
         paths = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
         env["PYTHONPATH"] = os.pathsep.join(paths)
         cookie = PGRP.cookie
+        log.debug("starting %d local workers: %s", self.np, " ".join(cmd))
         for _ in range(self.np):
             try:
                 proc = subprocess.Popen(
@@ -71,6 +72,7 @@ class LocalManager(ClusterManager):
                 raise LaunchWorkerError(f"could not start worker process {cmd}: {e}") from e
             with self._lock:
                 self._procs.add(proc)
+            log.info("started a local worker process: os pid %d", proc.pid)
             try:
                 proc.stdin.write(cookie.encode() + b"\n")  # type: ignore[union-attr]
                 proc.stdin.close()  # type: ignore[union-attr]
@@ -100,7 +102,8 @@ class LocalManager(ClusterManager):
         try:
             proc.wait(self.exit_timeout)
         except subprocess.TimeoutExpired:
-            log.warning("Failed to gracefully kill worker %d, sending SIGTERM", pid)
+            log.warning("Failed to gracefully kill worker %d (os pid %d) within %g s, sending "
+                        "SIGTERM", pid, proc.pid, self.exit_timeout)
             signal_group(proc, signal.SIGTERM)
             if not _wait_group(proc, self.term_timeout):
                 log.warning("Worker %d ignored SIGTERM, sending SIGKILL", pid)

@@ -39,7 +39,7 @@ from . import (
     worker_timeout,
 )
 
-log = logging.getLogger("pydist")
+log = logging.getLogger(__name__)
 
 __all__ = ["SSHManager", "parse_machine", "parse_machine_spec", "remote_command"]
 
@@ -274,6 +274,9 @@ class SSHManager(ClusterManager):
                                 params.get("dir"), env)
         cmd = [ssh, "-T", "-a", "-x", "-o", "ClearAllForwardings=yes", *sshflags,
                machine.target, remote]
+        log.info("starting a worker on %s over ssh", machine.target)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("ssh command: %s", _redact(shlex.join(cmd)))
         try:
             proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, start_new_session=True)
@@ -336,6 +339,8 @@ class SSHManager(ClusterManager):
         for _ in range(20):  # a free local port may be taken before ssh binds it: retry
             lport = _free_local_port()
             forward = f"{lport}:{bind_addr}:{port}"
+            log.debug("worker %d: ssh tunnel -L 127.0.0.1:%s through %s%s", pid, forward, target,
+                      " (multiplexed)" if config.multiplex else "")
             if config.multiplex:
                 done = subprocess.run([ssh, *config.sshflags, "-O", "forward", "-L", forward, target],  # type: ignore[misc]
                                       stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
@@ -409,6 +414,7 @@ class SSHManager(ClusterManager):
     def _remote_kill(self, config: WorkerConfig, signal_flag: str) -> None:
         ssh = (config.userdata or {}).get("ssh", "ssh")
         cmd = [ssh, "-n", *(config.sshflags or []), config.host, f"kill {signal_flag} {config.ospid}"]
+        log.debug("signalling a worker over ssh: %s", shlex.join(cmd))
         try:
             done = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -434,7 +440,8 @@ class SSHManager(ClusterManager):
             return  # deregistered: `manage` cleans up
         joined = config.ospid is not None
         if joined:
-            log.warning("Failed to gracefully kill worker %d, closing its ssh session", pid)
+            log.warning("Failed to gracefully kill worker %d within %g s, closing its ssh "
+                        "session", pid, self.exit_timeout)
         self._close_tunnel(config)
         if config.process is not None:
             with contextlib.suppress(OSError, ValueError):
@@ -491,6 +498,13 @@ class SSHManager(ClusterManager):
 
 
 # ==================================================================== helpers
+def _redact(text: str) -> str:
+    """`text` without the cluster cookie (for log records: `cmdline_cookie` puts it in the
+    command line)."""
+    cookie = PGRP.cookie
+    return text.replace(cookie, "<cookie>") if cookie else text
+
+
 def _as_list(value: Any) -> list[str]:
     if not value:
         return []
