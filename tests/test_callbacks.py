@@ -19,6 +19,7 @@ from conftest import pid_alive, wait_until, worker_ospid
 
 import pydist
 from pydist import WorkerState
+from pydist.exceptions import BaseExceptionGroup
 
 KINDS = ("starting", "started", "exiting", "exited")
 ADD = {k: getattr(pydist, f"add_worker_{k}_callback") for k in KINDS}
@@ -525,3 +526,20 @@ def test_status_readable_in_exited_callback_then_deleted_after_kill(cbs, fresh_w
         return False
 
     wait_until(status_gone, timeout=10, what="status deletion")
+
+
+@pytest.mark.timeout(60)
+def test_several_callbacks_exiting_the_interpreter_fail_addprocs_as_one_group(cbs):
+    """Two starting callbacks raise SystemExit: `addprocs` raises both in a
+    BaseExceptionGroup (`ExceptionGroup` itself refuses them: it raised TypeError)."""
+    def leave(manager, params):
+        raise SystemExit(3)
+
+    cbs.add("starting", leave)
+    cbs.add("starting", leave)
+    before = set(pydist.procs())
+    with pytest.raises(BaseExceptionGroup) as info:
+        pydist.addprocs(1)
+    assert [type(e) for e in info.value.exceptions] == [SystemExit, SystemExit]
+    assert "2 worker-starting callbacks failed" in str(info.value)
+    assert set(pydist.procs()) == before

@@ -23,7 +23,7 @@ import time
 from typing import Any, Callable, Hashable
 
 from .calls import call_fetch
-from .exceptions import ExceptionGroup
+from .exceptions import error_group
 from .group import PGRP
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ def _raise_errors(kind: str, runs: list[_Run]) -> None:
     if len(errors) == 1:
         raise errors[0]
     if errors:
-        raise ExceptionGroup(f"{len(errors)} worker-{kind} callbacks failed", errors)  # type: ignore[type-var]
+        raise error_group(f"{len(errors)} worker-{kind} callbacks failed", errors)
 
 
 def run_starting(manager: Any, params: dict, warn_every: float) -> None:

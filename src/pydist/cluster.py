@@ -24,10 +24,10 @@ from .calls import call_fetch, fail_slots_of, new_slot, remote_do_internal, SLOT
 from .dispatch import HANDLER
 from .exceptions import (
     AuthenticationError,
-    ExceptionGroup,
     LaunchWorkerError,
     ProcessExitedException,
     ProtocolError,
+    error_group,
 )
 from .group import PGRP, Worker, WorkerState
 from .joining import process_messages
@@ -323,7 +323,7 @@ def addprocs(target: int | Sequence[Machine] | ClusterManager | None = None, /, 
              f" ({len(errors)} failed to start)" if errors else "")
     callbacks.run_started(new_pids, warn_every)
     if errors:
-        error = errors[0] if len(errors) == 1 else ExceptionGroup(  # type: ignore[type-var]
+        error = errors[0] if len(errors) == 1 else error_group(
             f"addprocs: {len(errors)} workers failed to start", errors)
         error.added_pids = new_pids  # type: ignore[attr-defined]  # the workers that did start stay in the cluster
         raise error

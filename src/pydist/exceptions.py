@@ -14,8 +14,16 @@ import traceback
 
 if sys.version_info >= (3, 11):
     ExceptionGroup = ExceptionGroup  # noqa: A001,F821 - re-exported builtin
+    BaseExceptionGroup = BaseExceptionGroup  # noqa: A001,F821
 else:  # pragma: no cover - exercised on 3.10 only
-    from exceptiongroup import ExceptionGroup  # type: ignore[no-redef]
+    from exceptiongroup import BaseExceptionGroup, ExceptionGroup  # type: ignore[no-redef]
+
+
+def error_group(message: str, errors: list[BaseException]) -> BaseException:
+    """Several errors as one: an `ExceptionGroup` when all are `Exception`s (what `except
+    Exception` catches), else a `BaseExceptionGroup` (`ExceptionGroup` itself refuses a
+    `KeyboardInterrupt` or `SystemExit`)."""
+    return BaseExceptionGroup(message, errors)
 
 __all__ = [
     "PydistError",

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Literal, ParamSpec, TypeVar
 from .cluster import nworkers, procs, workers
 from .group import PGRP
 from . import serialization
-from .exceptions import ExceptionGroup, RemoteException, SerializationError
+from .exceptions import RemoteException, SerializationError, error_group
 from .refs import Future
 from .remotecall import remotecall, remotecall_fetch
 
@@ -120,7 +120,7 @@ def _run_on_all(fn: Callable, args: tuple, pids: list[int],
         except RemoteException as e:
             errors.append(e)
     if errors:
-        raise ExceptionGroup(f"everywhere: {len(errors)} of {len(pids)} processes failed", errors)  # type: ignore[type-var]
+        raise error_group(f"everywhere: {len(errors)} of {len(pids)} processes failed", errors)
 
 
 def _unsendable_values(values: dict[str, Any], err: SerializationError) -> SerializationError:
@@ -226,7 +226,7 @@ class DistributedHandle:
         if len(errors) == 1:
             raise errors[0]
         if errors:
-            raise ExceptionGroup(f"distributed: {len(errors)} chunks failed", errors)  # type: ignore[type-var]
+            raise error_group(f"distributed: {len(errors)} chunks failed", errors)
 
     def done(self) -> bool:
         return all(f.done() for f in self.futures)

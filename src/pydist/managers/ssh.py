@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any, Iterable
 
-from ..exceptions import ExceptionGroup, LaunchWorkerError
+from ..exceptions import LaunchWorkerError, error_group
 from ..group import PGRP
 from . import (
     ClusterManager,
@@ -514,7 +514,7 @@ def _as_list(value: Any) -> list[str]:
 
 
 def _group(errors: list[BaseException]) -> BaseException:
-    return ExceptionGroup(f"SSHManager: {len(errors)} machines failed to launch", errors)  # type: ignore[type-var]
+    return error_group(f"SSHManager: {len(errors)} machines failed to launch", errors)
 
 
 # The ssh connections being opened to each sshd at once, at most `max_parallel` (as Julia's
