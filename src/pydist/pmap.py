@@ -223,6 +223,7 @@ PIPELINE_DEPTH = 2
 _CANCELLED = "pydist-pmap-cancelled"
 _NO_KWARGS: dict = {}
 _LANE_LINGER = 0.005  # how long a lane's runner waits for the next element after a long one (s)
+_POOL_POLL = 0.02  # how often a map looks for a worker given back to a shared pool (s)
 
 
 class _Lane:
@@ -446,6 +447,9 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
 
     def lose(w: int) -> None:
         """`w` died: hold it only until its calls have failed, and never send to it again."""
+        nonlocal wanted
+        if w not in lost:
+            wanted = max(1, wanted - 1)  # the pool drops it too
         lost.add(w)
         if not inflight.get(w, True):
             del inflight[w]
@@ -470,22 +474,58 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
         pending += 1
         fut.add_done_callback(lambda _: done.put(slot))
 
+    def live() -> list[int]:
+        return [w for w in inflight if w not in lost]
+
+    def hold(w: int | None) -> bool:
+        """Hold `w`, just taken from the pool; False if there is none."""
+        if w is None:
+            return False
+        if w not in lost and w not in inflight:  # (a lost one is dropped)
+            inflight[w] = []
+            used.add(w)
+        return True
+
     def fill() -> None:
-        while has_work():
-            live = [w for w in inflight if w not in lost]
-            if len(live) < wanted:
-                # Wait for a worker only when there is nothing else to wait for.
-                w = pool.try_take() if live or pending else pool.take()
-                if w is not None and w not in lost and w not in inflight:
-                    inflight[w] = []
-                    used.add(w)
-            free = [w for w, calls in inflight.items()
-                    if w not in lost and len(calls) < PIPELINE_DEPTH]
-            if not free:
-                return
-            for w in free:
-                while w not in lost and has_work() and len(inflight[w]) < PIPELINE_DEPTH:
+        """Send the next elements: first one to every worker of the pool that is free (taken
+        now), and only then a second one to each, so that no element queues behind another
+        while a worker is idle."""
+        held = len(live())
+        while held < wanted and has_work():
+            # Wait for a worker only when there is nothing else to wait for.
+            if not hold(pool.try_take() if held or pending else pool.take()):
+                break
+            held = len(live())
+        for depth in range(1, PIPELINE_DEPTH + 1):
+            for w in live():
+                if not has_work():
+                    return
+                if len(inflight[w]) < depth:
                     send(w, next_index())
+
+    def held_back() -> bool:
+        """Some element waits (unsent, or queued behind a running one) while the pool may
+        have a worker we do not hold: another user of the pool may give one back."""
+        workers = live()
+        return len(workers) < wanted and (
+            has_work() or any(len(inflight[w]) > 1 for w in workers))
+
+    def spread() -> None:
+        """The input is used up: give each idle worker (held, or free in the pool) a call
+        still queued behind a running one; give back those left with nothing to do."""
+        for w in [w for w, calls in inflight.items() if not calls]:
+            if errors or not move_queued_call_to(w):
+                del inflight[w]
+                pool.put(w)
+        while not errors and held_back():
+            w = pool.try_take()
+            if w is None or w in lost or w in inflight:
+                return
+            hold(w)
+            if not move_queued_call_to(w):
+                del inflight[w]
+                pool.put(w)
+                return
 
     def take_back(slot: _Slot) -> bool:
         """Cancel `slot`, queued behind a running call; True if it will not run."""
@@ -536,6 +576,14 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                         for queued in list(calls):
                             take_back(queued)
             errors.append(e)
+        elif not died and len(slot.lead) > 1:
+            # The failed call was to bring what the calls queued behind it on `w` rely on (a
+            # CachingPool's first call brings the function; the pool forgets it now, see
+            # `_call_failed`): they would fail for want of it. They cannot have started (the
+            # lane waits for this one until the cancel below): send them again.
+            for queued in reversed(list(inflight.get(w, ()))):
+                if take_back(queued):
+                    unsent.appendleft(queued.index)
         if not died:
             # If the call failed before reaching its lane (it could not be unpickled there),
             # the lane must not wait for it: the calls queued behind it would wait forever.
@@ -550,7 +598,15 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                 fill()
             if not pending:
                 break
-            slot = done.get()  # each call is answered, or fails when its worker is lost
+            try:
+                # Each call is answered, or fails when its worker is lost. While elements
+                # wait and other users of the pool hold some of its workers, look now and
+                # then for one given back.
+                slot = done.get(timeout=_POOL_POLL if held_back() else None)
+            except queue.Empty:
+                if not has_work():
+                    spread()
+                continue
             pending -= 1
             if slot.stolen:
                 continue  # it did not run: it was sent elsewhere, or the map failed
@@ -563,12 +619,8 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                 failed(slot, e)
             if slot.worker in lost and not calls:
                 inflight.pop(slot.worker, None)
-            if has_work():
-                continue
-            for w in [w for w, calls in inflight.items() if not calls]:
-                if errors or not move_queued_call_to(w):
-                    del inflight[w]
-                    pool.put(w)
+            if not has_work():
+                spread()
     finally:
         for w in list(inflight):
             if w not in lost:
