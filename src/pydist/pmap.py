@@ -30,7 +30,7 @@ from .calls import in_remote_call, run_user_call, take_reply
 from .cluster import myid, workers
 from .exceptions import ProcessExitedException, RemoteException, SerializationError
 from .remotecall import remote_do, remotecall, remotecall_fetch
-from .threads import LEND_SECONDS, POOL
+from .threads import LEND_SECONDS, POOL, WATCHDOG
 from .workerpool import AbstractWorkerPool, CachingPool
 
 __all__ = ["pmap", "ExponentialBackOff"]
@@ -86,8 +86,109 @@ class _Failed:
         self.exc = exc
 
 
+# A batch runs its elements in the calling thread, one after another, which costs nothing per
+# element. An element that blocks (sleep, I/O) must not hold back the rest of its batch
+# (Julia runs a batch through `asyncmap`): while an element has been running for
+# OVERLAP_AFTER seconds, a pool thread starts on the next elements (up to BATCH_TASKS threads
+# run one batch, Julia's asyncmap default). The watchdog's tick, already running while calls
+# run, is what notices.
+OVERLAP_AFTER = 0.005
+BATCH_TASKS = 100
+
+
+class _BatchRun:
+    """One batch running on this process: the threads running it claim its elements from one
+    shared iterator (claiming is atomic: a range iterator's `next` holds the GIL), so each
+    element runs once whichever thread takes it."""
+
+    __slots__ = ("fn", "batch", "capture", "out", "claims", "error", "lock", "ended",
+                 "helpers", "limit", "finished", "seen", "since")
+
+    def __init__(self, fn: Callable, batch: list, capture: bool) -> None:
+        self.fn, self.batch, self.capture = fn, batch, capture
+        self.out: list = [None] * len(batch)
+        self.claims = iter(range(len(batch)))
+        self.error: BaseException | None = None  # the first, without `capture`
+        self.lock = threading.Lock()
+        self.ended: threading.Condition | None = None  # a helper ended (made with the first)
+        self.helpers = 0  # helper threads started and not yet ended
+        self.limit = min(BATCH_TASKS, len(batch)) - 1
+        self.finished = False  # the calling thread is done claiming: no more helpers
+        self.seen = -1  # elements claimed at the last tick ...
+        self.since = 0.0  # ... and since when
+
+    def work(self) -> None:
+        """Run elements until none is left to claim (or one failed, without `capture`)."""
+        fn, batch, out = self.fn, self.batch, self.out
+        try:
+            for i in self.claims:
+                try:
+                    out[i] = fn(*batch[i])
+                except Exception as e:
+                    if not self.capture:
+                        raise
+                    out[i] = _Failed(batch[i], e)
+        except BaseException as e:
+            with self.lock:
+                if self.error is None:
+                    self.error = e
+            collections.deque(self.claims, maxlen=0)  # claim the rest: nothing more starts
+
+    def _take_back_lent_role(self, now: float) -> None:
+        """The watchdog's tick (every LEND_SECONDS while watched): if the element running
+        has run for OVERLAP_AFTER seconds and elements are left, start a helper on them.
+        Never blocks."""
+        claimed = len(self.batch) - self.claims.__length_hint__()
+        if claimed != self.seen:
+            self.seen, self.since = claimed, now
+            return
+        if claimed >= len(self.batch) or now - self.since < OVERLAP_AFTER:
+            return
+        with self.lock:
+            if self.finished or self.helpers >= self.limit:
+                return
+            if self.ended is None:
+                self.ended = threading.Condition(self.lock)
+            self.helpers += 1
+        self.since = now  # the next helper only if this one is held up too
+        if not POOL.submit(self._help):
+            self._helper_ended()
+
+    def _help(self) -> None:
+        """In a pool thread: run elements as a remote call would (so that `interrupt` and the
+        interruptible waits reach them)."""
+        try:
+            run_user_call(self.work, (), _NO_KWARGS)
+        finally:
+            self._helper_ended()
+
+    def _helper_ended(self) -> None:
+        with self.lock:
+            self.helpers -= 1
+            if not self.helpers and self.ended is not None:
+                self.ended.notify_all()
+
+    def run(self) -> list:
+        WATCHDOG.watch(self)
+        try:
+            self.work()
+        finally:
+            WATCHDOG.unwatch(self)
+            collections.deque(self.claims, maxlen=0)  # (interrupted: stop the helpers)
+            with self.lock:
+                self.finished = True
+                while self.helpers and self.ended is not None:  # each ends with its element
+                    self.ended.wait()
+        if self.error is not None:
+            raise self.error
+        return self.out
+
+
 def _run_batch(fn: Callable, batch: list, capture: bool) -> list:
-    """On the worker: the results of one batch; failures become `_Failed` if `capture`."""
+    """On the worker: the results of one batch; failures become `_Failed` if `capture`. A
+    blocking element lets the next ones start in other threads (see `_BatchRun`)."""
+    if len(batch) > 1:
+        return _BatchRun(fn, batch, capture).run()
     out = []
     for args in batch:
         try:
@@ -710,7 +811,9 @@ def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers
             except Exception as e:
                 return died(args, e)
 
-    return _parallel_map(run, items, nworkers if distributed else 1, progress)
+    # As Julia's `asyncmap(f, c; ntasks=() -> nworkers(p))`: also a local map runs that many
+    # elements at a time (in threads of this process).
+    return _parallel_map(run, items, nworkers, progress)
 
 
 def _map_batches(f, items, pool, batch_size, on_error, delays, check, nworkers, progress,
