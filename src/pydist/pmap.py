@@ -22,6 +22,7 @@ import itertools
 import math
 import queue
 import random
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -250,15 +251,51 @@ def _with_retries(run: Callable[[tuple], Any], delays: list, check: Callable | N
     return attempt
 
 
+class _TextBar:
+    """A progress bar on stderr for when tqdm is not installed: `pmap: [####    ] 12/30`,
+    redrawn in place at most every REDRAW seconds (and at the end)."""
+
+    REDRAW = 0.1
+    WIDTH = 30
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.n = total, desc, 0
+        self.start = self.drawn = time.monotonic()
+        self.draw()
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.drawn >= self.REDRAW or self.n >= self.total:
+            self.drawn = now
+            self.draw()
+
+    def draw(self, end: str = "") -> None:
+        filled = self.WIDTH * self.n // self.total if self.total else self.WIDTH
+        bar = "#" * filled + " " * (self.WIDTH - filled)
+        took = time.monotonic() - self.start
+        try:
+            sys.stderr.write(f"\r{self.desc}: [{bar}] {self.n}/{self.total} {took:.1f}s{end}")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed: no bar
+
+    def close(self) -> None:
+        self.draw("\n")
+
+
 class _Progress:
+    """`progress=True`: a tqdm bar when tqdm can be imported, else a `_TextBar`."""
+
     def __init__(self, enabled: bool, total: int):
-        self.bar = None
+        self.bar: Any = None
         if enabled:
             try:
                 from tqdm.auto import tqdm
             except ImportError:
-                raise ImportError("pmap(progress=True) needs tqdm: pip install tqdm") from None
-            self.bar = tqdm(total=total, desc="pmap")
+                self.bar = _TextBar(total, "pmap")
+            else:
+                self.bar = tqdm(total=total, desc="pmap")
         self.lock = threading.Lock()
 
     def update(self, n: int = 1) -> None:
@@ -746,7 +783,8 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
     `pool` may also come first after `f`. `batch_size` (an int or "auto") groups elements into
     one call; `on_error(exc)` turns a failure into that element's result; `retry_delays` (an
     iterable such as `ExponentialBackOff(n=3)`) retries failures, filtered by
-    `retry_check(state, exc) -> (state, bool)`; `progress=True` shows a tqdm bar.
+    `retry_check(state, exc) -> (state, bool)`; `progress=True` shows a progress bar on stderr
+    (tqdm's if tqdm is installed, else a plain text one).
     """
     if iterables and isinstance(iterables[0], AbstractWorkerPool):
         if pool is not None:
