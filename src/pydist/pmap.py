@@ -1,8 +1,10 @@
 """`pmap`: a parallel map over a worker pool, with Julia's keywords.
 
-Elements (or batches of elements) go to free workers of the pool, each worker running one
-at a time (with the next already queued there, see "pipelined maps" below); results come
-back in input order. `on_error`, `retry_delays` and
+Elements (or batches of elements) go to free workers of the pool, every free worker getting
+one before any gets a second; each worker runs one at a time (with the next already queued
+there, see "pipelined maps" below); results come back in input order. A local map
+(`distributed=False`) runs `nworkers(pool)` elements at a time in threads, and the elements
+of a batch do not wait behind a blocking one (`_BatchRun`), as Julia's `asyncmap` would. `on_error`, `retry_delays` and
 `retry_check` behave as in Julia: with `batch_size=1` the `on_error` handler runs on the
 worker and retries run on the caller; with batches, failed elements are retried one by one
 and `on_error` runs on the caller. An element whose worker dies fails with
@@ -354,9 +356,11 @@ def _parallel_map(run: Callable[[Any], Any], items: list, ntasks: int, progress:
 # ==================================================================== pipelined maps
 # A worker runs one element of a map at a time, but the next one is already there when it
 # finishes: the caller keeps PIPELINE_DEPTH calls in flight per worker, and the worker runs
-# them in the order sent (a *lane*). At the end of the input, an element still queued behind
-# a running one is taken back (if it has not started) and given to a worker that is idle, so
-# no element waits behind a long one while a worker has nothing to do.
+# them in the order sent (a *lane*). A second call goes to a worker only when every free
+# worker of the pool has one. At the end of the input (or when a shared pool gives a worker
+# back), an element still queued behind a running one is taken back (if it has not started)
+# and given to a worker that is idle, so no element waits behind a long one while a worker
+# has nothing to do.
 PIPELINE_DEPTH = 2
 _CANCELLED = "pydist-pmap-cancelled"
 _NO_KWARGS: dict = {}
