@@ -6,7 +6,6 @@ Each block is checked by trial division on some worker. `retry_delays` retries a
 worker failed (here: a worker that dies on purpose once, to show the map still completes).
 """
 
-import importlib.util
 import os
 import signal
 import sys
@@ -42,8 +41,7 @@ if __name__ == "__main__":
     marker = os.path.join(tempfile.mkdtemp(), "crashed")
     crash = OneCrash(marker, blocks // 2) if pydist.nworkers() > 1 and pydist.workers() != [1] else None
     work = crash or (lambda b, s: count_primes(b * s, (b + 1) * s))
-    progress = importlib.util.find_spec("tqdm") is not None  # the bar needs tqdm installed
     counts = pydist.pmap(work, range(blocks), [size] * blocks,
                          retry_delays=pydist.ExponentialBackOff(n=3, first_delay=0.05),
-                         progress=progress)
+                         progress=True)  # tqdm's bar if installed, else a plain one
     print(f"{sum(counts)} primes below {blocks * size:,}; workers left: {pydist.workers()}")

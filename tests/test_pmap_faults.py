@@ -145,12 +145,18 @@ def test_an_element_that_cannot_be_unpickled_raises_at_once(two_workers, batch_s
 
 
 @pytest.mark.timeout(60)
-def test_on_error_handles_an_element_that_cannot_be_unpickled(two_workers):
-    xs: list = list(range(10))
-    xs[3] = BadArgument(3)
-    out = pmap(tenfold, xs, pool=CachingPool(two_workers), batch_size=2,
-               on_error=lambda e: type(e).__name__)
-    assert out == [0, 10, "ValueError", "ValueError", 40, 50, 60, 70, 80, 90]
+@pytest.mark.parametrize("position", [0, 1, 3, 4])
+def test_on_error_handles_an_element_that_cannot_be_unpickled(two_workers, position):
+    """Only the batch of the bad element fails, also when its call was the one bringing the
+    function to its worker's cache: the batch queued behind it there is sent again (it
+    failed with "the function never reached the cache" before)."""
+    for _ in range(3):
+        xs: list = list(range(10))
+        xs[position] = BadArgument(position)
+        out = pmap(tenfold, xs, pool=CachingPool(two_workers), batch_size=2,
+                   on_error=lambda e: type(e).__name__)
+        bad = position // 2 * 2
+        assert out == [("ValueError" if i in (bad, bad + 1) else 10 * i) for i in range(10)]
 
 
 # ==================================================================== a worker killed mid-map

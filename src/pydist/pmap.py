@@ -1,8 +1,10 @@
 """`pmap`: a parallel map over a worker pool, with Julia's keywords.
 
-Elements (or batches of elements) go to free workers of the pool, each worker running one
-at a time (with the next already queued there, see "pipelined maps" below); results come
-back in input order. `on_error`, `retry_delays` and
+Elements (or batches of elements) go to free workers of the pool, every free worker getting
+one before any gets a second; each worker runs one at a time (with the next already queued
+there, see "pipelined maps" below); results come back in input order. A local map
+(`distributed=False`) runs `nworkers(pool)` elements at a time in threads, and the elements
+of a batch do not wait behind a blocking one (`_BatchRun`), as Julia's `asyncmap` would. `on_error`, `retry_delays` and
 `retry_check` behave as in Julia: with `batch_size=1` the `on_error` handler runs on the
 worker and retries run on the caller; with batches, failed elements are retried one by one
 and `on_error` runs on the caller. An element whose worker dies fails with
@@ -19,11 +21,13 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
-import math
-import queue
 import logging
+import math
+import operator
+import queue
 import random
 import reprlib
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -32,7 +36,7 @@ from .calls import in_remote_call, run_user_call, take_reply
 from .cluster import myid, workers
 from .exceptions import ProcessExitedException, RemoteException, SerializationError
 from .remotecall import remote_do, remotecall, remotecall_fetch
-from .threads import LEND_SECONDS, POOL
+from .threads import LEND_SECONDS, POOL, WATCHDOG
 from .workerpool import AbstractWorkerPool, CachingPool
 
 log = logging.getLogger(__name__)
@@ -92,6 +96,120 @@ class _Failed:
         self.exc = exc
 
 
+# A batch runs its elements in the calling thread, one after another, which costs nothing per
+# element. An element that blocks (sleep, I/O) must not hold back the rest of its batch
+# (Julia runs a batch through `asyncmap`): while an element has been running for
+# OVERLAP_AFTER seconds, a pool thread starts on the next elements (up to BATCH_TASKS threads
+# run one batch, Julia's asyncmap default). The watchdog's tick, already running while calls
+# run, is what notices.
+OVERLAP_AFTER = 0.005
+BATCH_TASKS = 100
+
+
+class _BatchRun:
+    """One batch running on this process: the threads running it claim its elements from one
+    shared iterator (claiming is atomic: a range iterator's `next` holds the GIL), so each
+    element runs once whichever thread takes it."""
+
+    __slots__ = ("fn", "batch", "capture", "out", "claims", "error", "lock", "ended",
+                 "helpers", "limit", "finished", "seen", "since")
+
+    def __init__(self, fn: Callable, batch: list, capture: bool) -> None:
+        self.fn, self.batch, self.capture = fn, batch, capture
+        self.out: list = [None] * len(batch)
+        self.claims = iter(range(len(batch)))
+        self.error: BaseException | None = None  # the first, without `capture`
+        self.lock = threading.Lock()
+        self.ended: threading.Condition | None = None  # a helper ended (made with the first)
+        self.helpers = 0  # helper threads started and not yet ended
+        self.limit = min(BATCH_TASKS, len(batch)) - 1
+        self.finished = False  # the calling thread is done claiming: no more helpers
+        self.seen = -1  # elements claimed at the last tick ...
+        self.since = 0.0  # ... and since when
+
+    def work(self) -> None:
+        """Run elements until none is left to claim (or one failed, without `capture`)."""
+        fn, batch, out = self.fn, self.batch, self.out
+        try:
+            for i in self.claims:
+                try:
+                    out[i] = fn(*batch[i])
+                except Exception as e:
+                    if not self.capture:
+                        raise
+                    out[i] = _Failed(batch[i], e)
+        except BaseException as e:
+            with self.lock:
+                if self.error is None:
+                    self.error = e
+            collections.deque(self.claims, maxlen=0)  # claim the rest: nothing more starts
+
+    def _watchdog_tick(self, now: float) -> None:
+        """The watchdog's tick (every LEND_SECONDS while watched): if the element running
+        has run for OVERLAP_AFTER seconds and elements are left, start a helper on them.
+        Never blocks."""
+        claimed = len(self.batch) - operator.length_hint(self.claims)
+        if claimed != self.seen:
+            self.seen, self.since = claimed, now
+            return
+        if claimed >= len(self.batch) or now - self.since < OVERLAP_AFTER:
+            return
+        with self.lock:
+            if self.finished or self.helpers >= self.limit:
+                return
+            if self.ended is None:
+                self.ended = threading.Condition(self.lock)
+            self.helpers += 1
+        self.since = now  # the next helper only if this one is held up too
+        if not POOL.submit(self._help):
+            self._helper_ended()
+
+    def _help(self) -> None:
+        """In a pool thread: run elements as a remote call would (so that `interrupt` and the
+        interruptible waits reach them)."""
+        try:
+            run_user_call(self.work, (), _NO_KWARGS)
+        finally:
+            self._helper_ended()
+
+    def _helper_ended(self) -> None:
+        with self.lock:
+            self.helpers -= 1
+            if not self.helpers and self.ended is not None:
+                self.ended.notify_all()
+
+    def run(self) -> list:
+        WATCHDOG.watch(self)
+        try:
+            self.work()
+        finally:
+            WATCHDOG.unwatch(self)
+            collections.deque(self.claims, maxlen=0)  # (interrupted: stop the helpers)
+            with self.lock:
+                self.finished = True
+                while self.helpers and self.ended is not None:  # each ends with its element
+                    self.ended.wait()
+        if self.error is not None:
+            raise self.error
+        return self.out
+
+
+def _run_batch(fn: Callable, batch: list, capture: bool) -> list:
+    """On the worker: the results of one batch; failures become `_Failed` if `capture`. A
+    blocking element lets the next ones start in other threads (see `_BatchRun`)."""
+    if len(batch) > 1:
+        return _BatchRun(fn, batch, capture).run()
+    out = []
+    for args in batch:
+        try:
+            out.append(fn(*args))
+        except Exception as e:
+            if not capture:
+                raise
+            out.append(_Failed(args, e))
+    return out
+
+
 class _Batch:
     """On the worker: the results of `fn` over one batch of argument tuples; failures become
     `_Failed` if `capture`. One per map (as Julia's batch closure), so that a CachingPool
@@ -102,15 +220,7 @@ class _Batch:
         self.capture = capture
 
     def __call__(self, batch: list) -> list:
-        out = []
-        for args in batch:
-            try:
-                out.append(self.fn(*args))
-            except Exception as e:
-                if not self.capture:
-                    raise
-                out.append(_Failed(args, e))
-        return out
+        return _run_batch(self.fn, batch, self.capture)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -174,15 +284,51 @@ def _short(args: tuple) -> str:
     return reprlib.repr(args[0] if len(args) == 1 else args)
 
 
+class _TextBar:
+    """A progress bar on stderr for when tqdm is not installed: `pmap: [####    ] 12/30`,
+    redrawn in place at most every REDRAW seconds (and at the end)."""
+
+    REDRAW = 0.1
+    WIDTH = 30
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc, self.n = total, desc, 0
+        self.start = self.drawn = time.monotonic()
+        self.draw()
+
+    def update(self, n: int) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.drawn >= self.REDRAW or self.n >= self.total:
+            self.drawn = now
+            self.draw()
+
+    def draw(self, end: str = "") -> None:
+        filled = self.WIDTH * self.n // self.total if self.total else self.WIDTH
+        bar = "#" * filled + " " * (self.WIDTH - filled)
+        took = time.monotonic() - self.start
+        try:
+            sys.stderr.write(f"\r{self.desc}: [{bar}] {self.n}/{self.total} {took:.1f}s{end}")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass  # stderr closed: no bar
+
+    def close(self) -> None:
+        self.draw("\n")
+
+
 class _Progress:
+    """`progress=True`: a tqdm bar when tqdm can be imported, else a `_TextBar`."""
+
     def __init__(self, enabled: bool, total: int):
-        self.bar = None
+        self.bar: Any = None
         if enabled:
             try:
                 from tqdm.auto import tqdm
             except ImportError:
-                raise ImportError("pmap(progress=True) needs tqdm: pip install tqdm") from None
-            self.bar = tqdm(total=total, desc="pmap")
+                self.bar = _TextBar(total, "pmap")
+            else:
+                self.bar = tqdm(total=total, desc="pmap")
         self.lock = threading.Lock()
 
     def update(self, n: int = 1) -> None:
@@ -241,13 +387,16 @@ def _parallel_map(run: Callable[[Any], Any], items: list, ntasks: int, progress:
 # ==================================================================== pipelined maps
 # A worker runs one element of a map at a time, but the next one is already there when it
 # finishes: the caller keeps PIPELINE_DEPTH calls in flight per worker, and the worker runs
-# them in the order sent (a *lane*). At the end of the input, an element still queued behind
-# a running one is taken back (if it has not started) and given to a worker that is idle, so
-# no element waits behind a long one while a worker has nothing to do.
+# them in the order sent (a *lane*). A second call goes to a worker only when every free
+# worker of the pool has one. At the end of the input (or when a shared pool gives a worker
+# back), an element still queued behind a running one is taken back (if it has not started)
+# and given to a worker that is idle, so no element waits behind a long one while a worker
+# has nothing to do.
 PIPELINE_DEPTH = 2
 _CANCELLED = "pydist-pmap-cancelled"
 _NO_KWARGS: dict = {}
 _LANE_LINGER = 0.005  # how long a lane's runner waits for the next element after a long one (s)
+_POOL_POLL = 0.02  # how often a map looks for a worker given back to a shared pool (s)
 
 
 class _Lane:
@@ -471,6 +620,9 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
 
     def lose(w: int) -> None:
         """`w` died: hold it only until its calls have failed, and never send to it again."""
+        nonlocal wanted
+        if w not in lost:
+            wanted = max(1, wanted - 1)  # the pool drops it too
         lost.add(w)
         if not inflight.get(w, True):
             del inflight[w]
@@ -495,22 +647,58 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
         pending += 1
         fut.add_done_callback(lambda _: done.put(slot))
 
+    def live() -> list[int]:
+        return [w for w in inflight if w not in lost]
+
+    def hold(w: int | None) -> bool:
+        """Hold `w`, just taken from the pool; False if there is none."""
+        if w is None:
+            return False
+        if w not in lost and w not in inflight:  # (a lost one is dropped)
+            inflight[w] = []
+            used.add(w)
+        return True
+
     def fill() -> None:
-        while has_work():
-            live = [w for w in inflight if w not in lost]
-            if len(live) < wanted:
-                # Wait for a worker only when there is nothing else to wait for.
-                w = pool.try_take() if live or pending else pool.take()
-                if w is not None and w not in lost and w not in inflight:
-                    inflight[w] = []
-                    used.add(w)
-            free = [w for w, calls in inflight.items()
-                    if w not in lost and len(calls) < PIPELINE_DEPTH]
-            if not free:
-                return
-            for w in free:
-                while w not in lost and has_work() and len(inflight[w]) < PIPELINE_DEPTH:
+        """Send the next elements: first one to every worker of the pool that is free (taken
+        now), and only then a second one to each, so that no element queues behind another
+        while a worker is idle."""
+        held = len(live())
+        while held < wanted and has_work():
+            # Wait for a worker only when there is nothing else to wait for.
+            if not hold(pool.try_take() if held or pending else pool.take()):
+                break
+            held = len(live())
+        for depth in range(1, PIPELINE_DEPTH + 1):
+            for w in live():
+                if not has_work():
+                    return
+                if len(inflight[w]) < depth:
                     send(w, next_index())
+
+    def held_back() -> bool:
+        """Some element waits (unsent, or queued behind a running one) while the pool may
+        have a worker we do not hold: another user of the pool may give one back."""
+        workers = live()
+        return len(workers) < wanted and (
+            has_work() or any(len(inflight[w]) > 1 for w in workers))
+
+    def spread() -> None:
+        """The input is used up: give each idle worker (held, or free in the pool) a call
+        still queued behind a running one; give back those left with nothing to do."""
+        for w in [w for w, calls in inflight.items() if not calls]:
+            if errors or not move_queued_call_to(w):
+                del inflight[w]
+                pool.put(w)
+        while not errors and held_back():
+            free = pool.try_take()
+            if free is None or free in lost or free in inflight:
+                return
+            hold(free)
+            if not move_queued_call_to(free):
+                del inflight[free]
+                pool.put(free)
+                return
 
     def take_back(slot: _Slot) -> bool:
         """Cancel `slot`, queued behind a running call; True if it will not run."""
@@ -561,6 +749,14 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                         for queued in list(calls):
                             take_back(queued)
             errors.append(e)
+        elif not died and len(slot.lead) > 1:
+            # The failed call was to bring what the calls queued behind it on `w` rely on (a
+            # CachingPool's first call brings the function; the pool forgets it now, see
+            # `_call_failed`): they would fail for want of it. They cannot have started (the
+            # lane waits for this one until the cancel below): send them again.
+            for queued in reversed(list(inflight.get(w, ()))):
+                if take_back(queued):
+                    unsent.appendleft(queued.index)
         if not died:
             # If the call failed before reaching its lane (it could not be unpickled there),
             # the lane must not wait for it: the calls queued behind it would wait forever.
@@ -575,7 +771,15 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                 fill()
             if not pending:
                 break
-            slot = done.get()  # each call is answered, or fails when its worker is lost
+            try:
+                # Each call is answered, or fails when its worker is lost. While elements
+                # wait and other users of the pool hold some of its workers, look now and
+                # then for one given back.
+                slot = done.get(timeout=_POOL_POLL if held_back() else None)
+            except queue.Empty:
+                if not has_work():
+                    spread()
+                continue
             pending -= 1
             if slot.stolen:
                 continue  # it did not run: it was sent elsewhere, or the map failed
@@ -588,12 +792,8 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                 failed(slot, e)
             if slot.worker in lost and not calls:
                 inflight.pop(slot.worker, None)
-            if has_work():
-                continue
-            for w in [w for w, calls in inflight.items() if not calls]:
-                if errors or not move_queued_call_to(w):
-                    del inflight[w]
-                    pool.put(w)
+            if not has_work():
+                spread()
     finally:
         for w in list(inflight):
             if w not in lost:
@@ -618,7 +818,8 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
     `pool` may also come first after `f`. `batch_size` (an int or "auto") groups elements into
     one call; `on_error(exc)` turns a failure into that element's result; `retry_delays` (an
     iterable such as `ExponentialBackOff(n=3)`) retries failures, filtered by
-    `retry_check(state, exc) -> (state, bool)`; `progress=True` shows a tqdm bar.
+    `retry_check(state, exc) -> (state, bool)`; `progress=True` shows a progress bar on stderr
+    (tqdm's if tqdm is installed, else a plain text one).
     """
     if iterables and isinstance(iterables[0], AbstractWorkerPool):
         if pool is not None:
@@ -685,7 +886,9 @@ def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers
             except Exception as e:
                 return died(args, e)
 
-    return _parallel_map(run, items, nworkers if distributed else 1, progress)
+    # As Julia's `asyncmap(f, c; ntasks=() -> nworkers(p))`: also a local map runs that many
+    # elements at a time (in threads of this process).
+    return _parallel_map(run, items, nworkers, progress)
 
 
 def _map_batches(f, items, pool, batch_size, on_error, delays, check, nworkers, progress,

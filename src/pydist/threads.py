@@ -3,7 +3,7 @@ poller, the watchdog that takes a connection's reading role back from a long cal
 heartbeat that finds silent peers.
 
 They are process-wide and know connections only through a few methods (`_on_events`,
-`_take_back_lent_role`, `_heartbeat`), so that this module needs no other pydist module; `stop_runtime`
+`_watchdog_tick`, `_heartbeat`), so that this module needs no other pydist module; `stop_runtime`
 (called by `pydist.shutdown`, also at exit) stops and joins them all.
 """
 
@@ -227,7 +227,8 @@ class _Poller:
 
 
 class _Watchdog:
-    """Takes the reading role back from calls that run long (see `Connection._serve`).
+    """Takes the reading role back from calls that run long (see `Connection._serve`); any
+    watched object's `_watchdog_tick(now)` runs every tick (a long pmap batch uses it too).
 
     It polls every millisecond while some call holds a lent role, and for a moment after
     (so that a steady stream of short calls never has to wake it), then sleeps until the
@@ -290,7 +291,7 @@ class _Watchdog:
             _sleep(self.PROMOTE_AFTER)
             now = time.monotonic()
             for conn in list(self._watched):
-                conn._take_back_lent_role(now)
+                conn._watchdog_tick(now)
 
 
 _sleep = time.sleep  # the real one (workers replace time.sleep with an interruptible one)

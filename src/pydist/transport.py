@@ -912,7 +912,7 @@ class Connection:
                 if task is None:
                     self._release_role()
                     return
-            with self._lend_lock:  # lend and watch at once (see _take_back_lent_role)
+            with self._lend_lock:  # lend and watch at once (see _watchdog_tick)
                 self._lent_at = time.monotonic()
                 WATCHDOG.watch(self)
             if self._decoder.has_message():  # more calls wait: the reply may wait with them
@@ -931,7 +931,7 @@ class Connection:
                 if not self._take_role():
                     return
 
-    def _take_back_lent_role(self, now: float) -> None:
+    def _watchdog_tick(self, now: float) -> None:
         """Watchdog: give the role lent to a long call back to the others; stop watching
         once the call is not lent any more."""
         with self._lend_lock:  # so that a new lend cannot slip between check and unwatch
