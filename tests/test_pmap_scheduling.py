@@ -155,6 +155,26 @@ def test_a_blocking_element_does_not_hold_back_the_rest_of_its_batch(four_worker
     assert all(end < blocking_end - 1.0 for _, _, end, _ in out[1:])
 
 
+def busy(x):
+    """(thread ident, x): computes for about 30 ms, never blocking."""
+    import threading
+    import time
+
+    end = time.thread_time() + 0.03
+    while time.thread_time() < end:
+        pass
+    return threading.get_ident(), x
+
+
+@pytest.mark.timeout(120)
+def test_computing_elements_of_a_batch_stay_in_one_thread(four_workers):
+    """Only a blocked element lets the next ones start in other threads: elements that
+    compute would only share the GIL among more threads (and 100 of them)."""
+    out = pmap(busy, range(12), pool=WorkerPool(four_workers[:1]), batch_size=12)
+    assert [x for _, x in out] == list(range(12))
+    assert len({ident for ident, _ in out}) == 1, out
+
+
 def batch_element(x):
     import time
 

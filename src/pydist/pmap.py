@@ -4,10 +4,10 @@ Elements (or batches of elements) go to free workers of the pool, every free wor
 one before any gets a second; each worker runs one at a time (with the next already queued
 there, see "pipelined maps" below); results come back in input order. A local map
 (`distributed=False`) runs `nworkers(pool)` elements at a time in threads, and the elements
-of a batch do not wait behind a blocking one (`_BatchRun`), as Julia's `asyncmap` would. `on_error`, `retry_delays` and
-`retry_check` behave as in Julia: with `batch_size=1` the `on_error` handler runs on the
-worker and retries run on the caller; with batches, failed elements are retried one by one
-and `on_error` runs on the caller. An element whose worker dies fails with
+of a batch do not wait behind a blocking one (`_BatchRun`), as Julia's `asyncmap` would.
+`on_error`, `retry_delays` and `retry_check` behave as in Julia: with `batch_size=1` the
+`on_error` handler runs on the worker and retries run on the caller; with batches, failed
+elements are retried one by one and `on_error` runs on the caller. An element whose worker dies fails with
 `ProcessExitedException`: it is retried elsewhere, or (beyond Julia, for `batch_size=1`)
 given to `on_error` on the caller, or stops the map; the dead worker gets nothing more.
 
@@ -98,11 +98,13 @@ class _Failed:
 
 # A batch runs its elements in the calling thread, one after another, which costs nothing per
 # element. An element that blocks (sleep, I/O) must not hold back the rest of its batch
-# (Julia runs a batch through `asyncmap`): while an element has been running for
-# OVERLAP_AFTER seconds, a pool thread starts on the next elements (up to BATCH_TASKS threads
-# run one batch, Julia's asyncmap default). The watchdog's tick, already running while calls
-# run, is what notices.
+# (Julia runs a batch through `asyncmap`): when an element has been running for
+# OVERLAP_AFTER seconds while this process used less than BLOCKED_CPU of a core, a pool thread
+# starts on the next elements (up to BATCH_TASKS threads run one batch, Julia's asyncmap
+# default). Elements that compute keep the process busy and stay in one thread: more threads
+# would only share the GIL. The watchdog's tick, already running while calls run, notices.
 OVERLAP_AFTER = 0.005
+BLOCKED_CPU = 0.5
 BATCH_TASKS = 100
 
 
@@ -112,7 +114,7 @@ class _BatchRun:
     element runs once whichever thread takes it."""
 
     __slots__ = ("fn", "batch", "capture", "out", "claims", "error", "lock", "ended",
-                 "helpers", "limit", "finished", "seen", "since")
+                 "helpers", "limit", "finished", "seen", "since", "cpu_since")
 
     def __init__(self, fn: Callable, batch: list, capture: bool) -> None:
         self.fn, self.batch, self.capture = fn, batch, capture
@@ -125,7 +127,8 @@ class _BatchRun:
         self.limit = min(BATCH_TASKS, len(batch)) - 1
         self.finished = False  # the calling thread is done claiming: no more helpers
         self.seen = -1  # elements claimed at the last tick ...
-        self.since = 0.0  # ... and since when
+        self.since = 0.0  # ... since when ...
+        self.cpu_since = 0.0  # ... and the process's CPU time then
 
     def work(self) -> None:
         """Run elements until none is left to claim (or one failed, without `capture`)."""
@@ -146,13 +149,18 @@ class _BatchRun:
 
     def _watchdog_tick(self, now: float) -> None:
         """The watchdog's tick (every LEND_SECONDS while watched): if the element running
-        has run for OVERLAP_AFTER seconds and elements are left, start a helper on them.
-        Never blocks."""
+        has been blocked for OVERLAP_AFTER seconds and elements are left, start a helper on
+        them. Never blocks."""
         claimed = len(self.batch) - operator.length_hint(self.claims)
         if claimed != self.seen:
-            self.seen, self.since = claimed, now
+            self.seen, self.since, self.cpu_since = claimed, now, time.process_time()
             return
-        if claimed >= len(self.batch) or now - self.since < OVERLAP_AFTER:
+        waited = now - self.since
+        if claimed >= len(self.batch) or waited < OVERLAP_AFTER:
+            return
+        cpu = time.process_time()
+        if cpu - self.cpu_since >= BLOCKED_CPU * waited:  # computing, not blocked
+            self.since, self.cpu_since = now, cpu
             return
         with self.lock:
             if self.finished or self.helpers >= self.limit:
@@ -160,7 +168,7 @@ class _BatchRun:
             if self.ended is None:
                 self.ended = threading.Condition(self.lock)
             self.helpers += 1
-        self.since = now  # the next helper only if this one is held up too
+        self.since, self.cpu_since = now, cpu  # the next helper only if this one is held up too
         if not POOL.submit(self._help):
             self._helper_ended()
 
