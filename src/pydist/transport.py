@@ -437,8 +437,8 @@ class Connection:
         self.lost_reason: str | None = None  # why we closed it, if we did (silence)
         self._heard = 0
         self._wrote = 0
-        self._heard_seen = -1
-        self._heard_at = 0.0
+        self._life_seen = -1
+        self._life_at = 0.0
         self._pinged_at = 0.0
 
     def __repr__(self) -> str:
@@ -725,11 +725,11 @@ class Connection:
         # Signs of life: bytes read, and queued bytes written (the peer drains its socket:
         # our PING may wait behind a large frame it is reading, its PONG behind one it sends).
         life = self._heard + self._wrote
-        if life != self._heard_seen or stalled:
-            self._heard_seen = life
-            self._heard_at = now
+        if life != self._life_seen or stalled:
+            self._life_seen = life
+            self._life_at = now
             return True
-        silent = now - self._heard_at
+        silent = now - self._life_at
         if silent >= timeout and not self._data_waiting():
             self.lost_reason = (f"was silent for {silent:.1f} s (heartbeat timeout {timeout:g} s) "
                                 "and is declared dead")
@@ -739,10 +739,7 @@ class Connection:
         if silent >= timeout / 3 and now - self._pinged_at >= timeout / 3:
             self._pinged_at = now
             log.debug("heartbeat: pinging %s, silent for %.1f s", self.name, silent)
-            try:
-                self.send(protocol.encode_frame(protocol.PING), wait=False)
-            except ConnectionClosed:
-                return False
+            self.poke()
         return True
 
     def _data_waiting(self) -> bool:
