@@ -98,14 +98,27 @@ class _Failed:
 
 # A batch runs its elements in the calling thread, one after another, which costs nothing per
 # element. An element that blocks (sleep, I/O) must not hold back the rest of its batch
-# (Julia runs a batch through `asyncmap`): when an element has been running for
-# OVERLAP_AFTER seconds while this process used less than BLOCKED_CPU of a core, a pool thread
-# starts on the next elements (up to BATCH_TASKS threads run one batch, Julia's asyncmap
-# default). Elements that compute keep the process busy and stay in one thread: more threads
-# would only share the GIL. The watchdog's tick, already running while calls run, notices.
+# (Julia runs a batch through `asyncmap`): when an element has been blocked for OVERLAP_AFTER
+# seconds, a pool thread starts on the next elements (up to BATCH_TASKS threads run one batch,
+# Julia's asyncmap default). Blocked: no thread of the batch is running or runnable (the
+# kernel's thread state, where /proc has it) and the process used less than BLOCKED_CPU of a
+# core meanwhile. Elements that compute stay in one thread: more would only share the GIL.
+# The watchdog's tick, already running while calls run, notices.
 OVERLAP_AFTER = 0.005
 BLOCKED_CPU = 0.5
 BATCH_TASKS = 100
+
+
+def _runnable(native_id: int) -> bool:
+    """The thread is running or waiting for a CPU (state R in /proc); False where that cannot
+    be read (the CPU-time rule alone then tells computing from blocked)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    end = stat.rfind(b")")  # the thread's name, in parentheses, may hold anything
+    return stat[end + 2:end + 3] == b"R"
 
 
 class _BatchRun:
@@ -114,7 +127,7 @@ class _BatchRun:
     element runs once whichever thread takes it."""
 
     __slots__ = ("fn", "batch", "capture", "out", "claims", "error", "lock", "ended",
-                 "helpers", "limit", "finished", "seen", "since", "cpu_since")
+                 "helpers", "limit", "finished", "seen", "since", "cpu_since", "threads")
 
     def __init__(self, fn: Callable, batch: list, capture: bool) -> None:
         self.fn, self.batch, self.capture = fn, batch, capture
@@ -129,10 +142,12 @@ class _BatchRun:
         self.seen = -1  # elements claimed at the last tick ...
         self.since = 0.0  # ... since when ...
         self.cpu_since = 0.0  # ... and the process's CPU time then
+        self.threads: set[int] = set()  # native ids of the threads that ran elements
 
     def work(self) -> None:
         """Run elements until none is left to claim (or one failed, without `capture`)."""
         fn, batch, out = self.fn, self.batch, self.out
+        self.threads.add(threading.get_native_id())
         try:
             for i in self.claims:
                 try:
@@ -159,7 +174,8 @@ class _BatchRun:
         if claimed >= len(self.batch) or waited < OVERLAP_AFTER:
             return
         cpu = time.process_time()
-        if cpu - self.cpu_since >= BLOCKED_CPU * waited:  # computing, not blocked
+        if (cpu - self.cpu_since >= BLOCKED_CPU * waited
+                or any(_runnable(t) for t in list(self.threads))):  # computing, not blocked
             self.since, self.cpu_since = now, cpu
             return
         with self.lock:
