@@ -309,13 +309,14 @@ def _short(args: tuple) -> str:
 
 
 class _TextBar:
-    """A progress bar on stderr for when tqdm is not installed: `pmap: [####    ] 12/30`,
-    redrawn in place at most every REDRAW seconds (and at the end)."""
+    """A progress bar on stderr for when tqdm is not installed: `pmap: [####    ] 12/30`
+    (without a total, as for pgenerate: `pgenerate: 12`), redrawn in place at most every
+    REDRAW seconds (and at the end)."""
 
     REDRAW = 0.1
     WIDTH = 30
 
-    def __init__(self, total: int, desc: str) -> None:
+    def __init__(self, total: int | None, desc: str) -> None:
         self.total, self.desc, self.n = total, desc, 0
         self.start = self.drawn = time.monotonic()
         self.draw()
@@ -323,16 +324,20 @@ class _TextBar:
     def update(self, n: int) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.drawn >= self.REDRAW or self.n >= self.total:
+        if now - self.drawn >= self.REDRAW or (self.total is not None and self.n >= self.total):
             self.drawn = now
             self.draw()
 
     def draw(self, end: str = "") -> None:
-        filled = self.WIDTH * self.n // self.total if self.total else self.WIDTH
-        bar = "#" * filled + " " * (self.WIDTH - filled)
         took = time.monotonic() - self.start
+        if self.total is None:
+            text = f"{self.desc}: {self.n} {took:.1f}s"
+        else:
+            filled = self.WIDTH * self.n // self.total if self.total else self.WIDTH
+            bar = "#" * filled + " " * (self.WIDTH - filled)
+            text = f"{self.desc}: [{bar}] {self.n}/{self.total} {took:.1f}s"
         try:
-            sys.stderr.write(f"\r{self.desc}: [{bar}] {self.n}/{self.total} {took:.1f}s{end}")
+            sys.stderr.write(f"\r{text}{end}")
             sys.stderr.flush()
         except (OSError, ValueError):
             pass  # stderr closed: no bar
@@ -342,17 +347,18 @@ class _TextBar:
 
 
 class _Progress:
-    """`progress=True`: a tqdm bar when tqdm can be imported, else a `_TextBar`."""
+    """`progress=True`: a tqdm bar when tqdm can be imported, else a `_TextBar`; `total` is
+    None when unknown (a stream)."""
 
-    def __init__(self, enabled: bool, total: int):
+    def __init__(self, enabled: bool, total: int | None, desc: str = "pmap"):
         self.bar: Any = None
         if enabled:
             try:
                 from tqdm.auto import tqdm
             except ImportError:
-                self.bar = _TextBar(total, "pmap")
+                self.bar = _TextBar(total, desc)
             else:
-                self.bar = tqdm(total=total, desc="pmap")
+                self.bar = tqdm(total=total, desc=desc)
         self.lock = threading.Lock()
 
     def update(self, n: int = 1) -> None:
@@ -878,6 +884,20 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
 
 def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers, progress,
                   lend):
+    if distributed and not lend and not delays:
+        apply, died = _apply_and_on_death(f, on_error, distributed)
+        return _pipelined_map(pool, apply, items, progress, on_failure=died)
+    run = _element_runner(f, pool, distributed, on_error, delays, check, lend)
+    # As Julia's `asyncmap(f, c; ntasks=() -> nworkers(p))`: also a local map runs that many
+    # elements at a time (in threads of this process).
+    return _parallel_map(run, items, nworkers, progress)
+
+
+def _apply_and_on_death(f: Callable, on_error: Callable | None, distributed: bool
+                        ) -> tuple[Callable, Callable[[tuple, BaseException], Any] | None]:
+    """What runs an element (`f`, or `f` wrapped with on_error to run on the worker), and what
+    turns the failure of an element whose worker died into its result (on_error on the
+    caller), if anything."""
     # As Julia: `f` itself goes through the pool unless on_error wraps it, so that a
     # CachingPool that already sent `f` to a worker (for a remotecall) does not send it again.
     apply = f if on_error is None else _Apply(f, on_error)
@@ -886,13 +906,18 @@ def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers
         """on_error runs where f ran, except for an element whose worker died (after any
         retries): then it runs here."""
         if _worker_died(e):
-            return on_error(e)
+            return on_error(e)  # type: ignore[misc]
         raise e
 
-    died = on_death if on_error is not None and distributed else None
+    return apply, (on_death if on_error is not None and distributed else None)
 
-    if distributed and not lend and not delays:
-        return _pipelined_map(pool, apply, items, progress, on_failure=died)
+
+def _element_runner(f: Callable, pool: AbstractWorkerPool, distributed: bool,
+                    on_error: Callable | None, delays: list, check: Callable | None,
+                    lend: bool) -> Callable[[tuple], Any]:
+    """`run(args)`: one element, one call at a time through the pool (or here, if not
+    `distributed`), with pmap's on_error, retries and death handling; raises its failure."""
+    apply, died = _apply_and_on_death(f, on_error, distributed)
     if distributed:
         def run(args: tuple) -> Any:
             return _run_on_pool(pool, apply, args, lend)
@@ -910,9 +935,7 @@ def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers
             except Exception as e:
                 return died(args, e)
 
-    # As Julia's `asyncmap(f, c; ntasks=() -> nworkers(p))`: also a local map runs that many
-    # elements at a time (in threads of this process).
-    return _parallel_map(run, items, nworkers, progress)
+    return run
 
 
 def _map_batches(f, items, pool, batch_size, on_error, delays, check, nworkers, progress,
