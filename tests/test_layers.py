@@ -37,7 +37,7 @@ LAYERS: list[tuple[set[str], bool]] = [
     ({"cluster", "remotecall"}, False),  # addprocs / rmprocs / membership API; remotecall
     ({"workerpool"}, False),
     ({"pmap"}, False),
-    ({"macros"}, False),
+    ({"macros", "joblib"}, False),  # sugar; the joblib backend (imported only by users)
     ({"runtime", "worker", ROOT, "__main__", "cli"}, True),  # wiring, shutdown, entry points
 ]
 
