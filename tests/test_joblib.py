@@ -26,10 +26,10 @@ def _need(module: str):
     try:
         return importlib.import_module(module)
     except ImportError:
+        msg = f"{module} is not installed (pip install -e '.[sklearn]')"
         if os.environ.get("PYDIST_REQUIRE_EXTRAS") == "1":
-            raise
-        pytest.skip(f"{module} is not installed (pip install -e '.[sklearn]')",
-                    allow_module_level=True)
+            raise ImportError(msg + "; PYDIST_REQUIRE_EXTRAS=1 requires it") from None
+        pytest.skip(msg, allow_module_level=True)
 
 
 joblib = _need("joblib")
