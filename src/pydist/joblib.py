@@ -64,7 +64,7 @@ class NoWorkersError(PydistError, RuntimeError):
 
 class _Batch:
     """One batch joblib submitted: its outcome, for `retrieve_result_callback`, and the
-    `get(timeout)` of an `AsyncResult`."""
+    `get(timeout)` of an `AsyncResult` (what `submit` returns)."""
 
     __slots__ = ("func", "callback", "ok", "value", "worker", "future", "_done")
 
@@ -87,9 +87,6 @@ class _Batch:
         if not self.ok:
             raise self.value
         return self.value
-
-    def result(self, timeout: float | None = None) -> Any:
-        return self.get(timeout)
 
 
 class PydistBackend(AutoBatchingMixin, ParallelBackendBase):
@@ -192,7 +189,7 @@ class PydistBackend(AutoBatchingMixin, ParallelBackendBase):
                 self._cond.notify_all()
         return batch
 
-    # joblib < 1.5 calls apply_async; newer ones submit.
+    # joblib 1.3 and 1.4 call apply_async; newer versions submit.
     apply_async = submit
 
     def retrieve_result_callback(self, out: _Batch) -> Any:
