@@ -41,8 +41,14 @@ JOBLIB = tuple(int(p) for p in joblib.__version__.split(".")[:2])
 
 @pytest.fixture(scope="module")
 def three():
-    """Three shared workers (the others this session started count)."""
-    return ensure_workers(3)
+    """Three workers: the session's shared ones, plus what this module adds, which it
+    removes at its end (other modules count on the shared workers only)."""
+    before = set(pydist.workers())
+    pids = ensure_workers(3)
+    yield pids
+    added = [p for p in pydist.workers() if p not in before and p != 1]
+    if added:
+        pydist.rmprocs(added, waitfor=30)
 
 
 @pytest.fixture
