@@ -4,7 +4,10 @@ and runs, and the package, the examples and the typing checks pass mypy.
 
 The site and the type check need the `docs` extra (sphinx, myst-parser, furo, mypy): without
 it those tests skip, but fail instead when PYDIST_REQUIRE_DOCS=1 (CI's Python 3.11 pass
-installs the extra and sets it; the other passes run the README's test command).
+installs the extra and sets it; the other passes run the README's test command). Guide
+blocks that say `# needs: joblib` or `# needs: sklearn` on their second line, and the check
+of `pydist.joblib`'s docstrings, need the `sklearn` extra in the same way, with
+PYDIST_REQUIRE_EXTRAS=1 (set by the same CI pass).
 """
 
 from __future__ import annotations
@@ -33,6 +36,20 @@ def require(module: str) -> None:
     msg = f"{module} is not installed (pip install -e '.[docs]')"
     if os.environ.get("PYDIST_REQUIRE_DOCS") == "1":
         pytest.fail(msg + "; PYDIST_REQUIRE_DOCS=1 requires it")
+    pytest.skip(msg)
+
+
+# What a guide block's "# needs: NAME" line names -> the module that must be importable.
+EXTRAS = {"joblib": "joblib", "sklearn": "sklearn"}
+
+
+def require_extra(module: str) -> None:
+    """Skip without `module` (an optional extra), or fail when CI requires the extras."""
+    if importlib.util.find_spec(module) is not None:
+        return
+    msg = f"{module} is not installed (pip install -e '.[sklearn]')"
+    if os.environ.get("PYDIST_REQUIRE_EXTRAS") == "1":
+        pytest.fail(msg + "; PYDIST_REQUIRE_EXTRAS=1 requires it")
     pytest.skip(msg)
 
 
@@ -82,6 +99,22 @@ def undocumented() -> list[str]:
 
 def test_every_public_name_and_method_has_a_docstring():
     assert undocumented() == []
+
+
+def test_the_joblib_backend_module_is_documented():
+    """pydist.joblib is not in pydist.__all__ (it needs joblib): its own public names are
+    held to the same promises, docstrings and a place in the reference."""
+    require_extra("joblib")
+    import pydist.joblib as pj
+
+    missing = [n for n in pj.__all__ if n != "BACKEND_NAME" and not _has_doc(getattr(pj, n))]
+    missing += [f"PydistBackend.{n}" for n, m in public_members(pj.PydistBackend)
+                if not _has_doc(m)]
+    assert missing == []
+    with open(os.path.join(DOCS, "api.md")) as f:
+        text = f.read()
+    documented = set(re.findall(r"^\.\. (?:auto\w+|py:\w+):: pydist\.joblib\.(\w+)", text, re.M))
+    assert sorted(set(pj.__all__) - documented) == []
 
 
 def test_every_public_name_is_in_the_api_reference():
@@ -167,7 +200,7 @@ def guide_blocks() -> list[tuple[str, int, str]]:
 def test_guides_have_code():
     names = {name for name, _, _ in guide_blocks()}
     assert {"getting-started.md", "pmap.md", "channels.md", "ssh.md", "custom-managers.md",
-            "failures.md", "from-multiprocessing-pool.md"} <= names
+            "failures.md", "from-multiprocessing-pool.md", "scikit-learn.md"} <= names
 
 
 @pytest.mark.parametrize("name,i,code", guide_blocks(), ids=lambda v: str(v)[:24])
@@ -176,6 +209,7 @@ def test_guide_code_compiles(name, i, code):
 
 
 RUNNABLE = "# runs with: "  # then "pydist -p 2" (2 local workers) or "python"
+NEEDS = "# needs: "  # then the optional extras a block needs (keys of EXTRAS)
 
 
 @pytest.mark.timeout(300)
@@ -184,7 +218,15 @@ RUNNABLE = "# runs with: "  # then "pydist -p 2" (2 local workers) or "python"
     ids=lambda v: str(v)[:24])
 def test_guide_code_runs(name, i, code, tmp_path):
     """Blocks that start with RUNNABLE run as written: "# runs with: pydist -p 2" on 2 local
-    workers, "# runs with: python" as a plain script."""
+    workers, "# runs with: python" as a plain script. A second line "# needs: joblib" (or
+    sklearn, ...) names an optional extra: without it the block skips (fails under
+    PYDIST_REQUIRE_EXTRAS=1)."""
+    for line in code.splitlines()[1:]:
+        if not line.startswith(NEEDS):
+            break
+        for extra in line[len(NEEDS):].replace(",", " ").split():
+            assert extra in EXTRAS, f"{name} block {i}: unknown extra {extra!r}"
+            require_extra(EXTRAS[extra])
     script = tmp_path / f"{name[:-3]}_{i}.py"
     script.write_text(code)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
@@ -200,7 +242,7 @@ def test_guide_code_runs(name, i, code, tmp_path):
 def test_each_guide_has_a_runnable_block():
     runnable = {name for name, _, code in guide_blocks() if code.startswith(RUNNABLE)}
     assert runnable >= {"getting-started.md", "pmap.md", "channels.md", "custom-managers.md",
-                        "failures.md"}
+                        "failures.md", "scikit-learn.md"}
 
 
 # ---------------------------------------------------------------- types

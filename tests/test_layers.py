@@ -38,7 +38,7 @@ LAYERS: list[tuple[set[str], bool]] = [
     ({"workerpool"}, False),
     ({"pmap"}, False),
     ({"pgenerate"}, False),  # the streaming pmap, built on pmap's helpers
-    ({"macros"}, False),
+    ({"macros", "joblib"}, False),  # sugar; the joblib backend (imported only by users)
     ({"runtime", "worker", ROOT, "__main__", "cli"}, True),  # wiring, shutdown, entry points
 ]
 

@@ -479,3 +479,50 @@ def test_max_parallel_bounds_the_tunnels_opened_to_one_host(strict_sshd, ssh_wor
     assert len(pids) == 6
     assert all(config_of(p).tunnel and config_of(p).forward for p in pids)
     assert len({pydist.remotecall_fetch(os.getpid, p) for p in pids}) == 6
+
+
+def _extra(module: str):
+    """An optional extra for one test: skip without it, fail under PYDIST_REQUIRE_EXTRAS=1."""
+    try:
+        return __import__(module)
+    except ImportError:
+        if os.environ.get("PYDIST_REQUIRE_EXTRAS") == "1":
+            pytest.fail(f"{module} is not installed; PYDIST_REQUIRE_EXTRAS=1 requires it")
+        pytest.skip(f"{module} is not installed (pip install -e '.[sklearn]')")
+
+
+def host_number(estimator, X, y) -> float:
+    """A scikit-learn scorer that says where it ran: 1.0 on h1, 2.0 on h2, 0.0 elsewhere."""
+    return {"h1": 1.0, "h2": 2.0}.get(socket.gethostname(), 0.0)
+
+
+@pytest.mark.timeout(300)
+def test_joblib_and_scikit_learn_run_on_ssh_workers(hosts, ssh_workers):
+    """The "pydist" joblib backend on workers of other hosts: joblib.Parallel and a
+    GridSearchCV with n_jobs=-1 run there, with the results of n_jobs=1."""
+    _extra("joblib")
+    _extra("sklearn")
+    import pydist.joblib  # noqa: F401  (registers the backend)
+    from joblib import Parallel, delayed, parallel_config
+    from sklearn.datasets import load_iris
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+
+    pids = ssh_workers(["h1", "h2"])
+    pool = pydist.WorkerPool(pids)
+    X, y = load_iris(return_X_y=True)
+    grid = {"C": [0.1, 1.0, 10.0]}
+    scoring = {"acc": "accuracy", "host": host_number}
+    here = GridSearchCV(LogisticRegression(max_iter=500), grid, cv=3, scoring=scoring,
+                        refit="acc", n_jobs=1).fit(X, y)
+    with parallel_config(backend="pydist", pool=pool):
+        names = Parallel(n_jobs=-1, batch_size=1)(delayed(socket.gethostname)() for _ in range(8))
+        there = GridSearchCV(LogisticRegression(max_iter=500), grid, cv=3, scoring=scoring,
+                             refit="acc", n_jobs=-1).fit(X, y)
+    # The first two batches go to two different workers (each runs one at a time).
+    assert set(names) == {"h1", "h2"} and len(names) == 8
+    assert there.best_params_ == here.best_params_
+    assert list(there.cv_results_["mean_test_acc"]) == list(here.cv_results_["mean_test_acc"])
+    ran = {there.cv_results_[f"split{i}_test_host"][j] for i in range(3) for j in range(3)}
+    assert ran == {1.0, 2.0}
+    assert set(here.cv_results_["split0_test_host"]) == {0.0}
