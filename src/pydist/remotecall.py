@@ -15,7 +15,7 @@ from typing import Any, Callable, ParamSpec, Protocol, TypeVar, Union
 from . import protocol, serialization
 from .calls import call_fetch, connection, exited, pack, remote_do_internal, run_user_call, unpack_call
 from .group import PGRP
-from .refs import RRID, STORE, Future, _Cell, new_call_future
+from .refs import _PH_SENT, RRID, STORE, Future, _Cell, _unstarted, new_call_future, not_cancellable
 from .transport import Connection, ConnectionClosed
 
 __all__ = ["remotecall", "remotecall_fetch", "remotecall_wait", "remote_do"]
@@ -66,6 +66,7 @@ def remotecall(f: Callable[P, T], id: Target, *args: P.args, **kwargs: P.kwargs)
     pid = _target(id)
     if pid == PGRP.id:
         fut: Future[T] = Future(pid)
+        fut._phase, fut._cancel_hook = _PH_SENT, not_cancellable  # it starts at once
         cell = STORE.lookup(fut.rrid, _Cell)
         threading.Thread(target=_run_here, args=(cell, f, args, kwargs),
                          name="pydist-local-call", daemon=True).start()
@@ -130,8 +131,11 @@ def on_call(conn: Connection, msg: protocol.Message):
     ok, call = unpack_call(msg)
     if not ok:
         return lambda: _finish(conn, rrid, cell, False, call)
+    _unstarted[rrid] = cell  # until it starts, the caller may cancel it
 
     def task() -> None:
+        if _unstarted.pop(rrid, None) is None:
+            return  # cancelled before it started (the cell says so)
         outcome = run_user_call(*call, functools.partial(_finish, conn, rrid, cell))  # type: ignore[call-arg]
         if outcome is not None:
             _finish(conn, rrid, cell, *outcome)

@@ -123,7 +123,7 @@ class AbstractWorkerPool(ABC):
             raise
 
         def done(fut: Any) -> None:
-            if fut._state == _ERROR:  # (a failure pushed as "done" only is not seen here)
+            if fut._st == _ERROR:  # (a failure pushed as "done" only is not seen here)
                 self._call_failed(w, f, lead)
             self._give_back_later(w)
 
