@@ -15,7 +15,7 @@ from typing import Any, Callable, ParamSpec, Protocol, TypeVar, Union
 from . import protocol, serialization
 from .calls import call_fetch, connection, exited, pack, remote_do_internal, run_user_call, unpack_call
 from .group import PGRP
-from .refs import _PH_SENT, RRID, STORE, Future, _Cell, _unstarted, new_call_future, not_cancellable
+from .refs import _ERROR, _PH_SENT, _VALUE, RRID, STORE, Future, _Cell, _unstarted, new_call_future, not_cancellable
 from .transport import Connection, ConnectionClosed
 
 __all__ = ["remotecall", "remotecall_fetch", "remotecall_wait", "remote_do"]
@@ -79,6 +79,37 @@ def remotecall(f: Callable[P, T], id: Target, *args: P.args, **kwargs: P.kwargs)
     except ConnectionClosed:
         raise exited(pid) from None
     return fut
+
+
+def send_call(pid: int, fut: Future, f: Callable, args: tuple, kwargs: dict) -> None:
+    """Send the call `f(*args, **kwargs)` of an existing Future (one made by
+    `refs.new_queued_future`, then `refs.sending(fut, pid)`) to `pid`. Never raises: what
+    fails (pickling, a lost worker) becomes the Future's outcome, as a call's failure would."""
+    if pid == PGRP.id:
+        cell = STORE.lookup(fut.rrid, _Cell)
+
+        def reply(ok: bool, value: Any) -> None:
+            cell.set(ok, value)
+            fut._complete(_VALUE if ok else _ERROR, value)
+
+        threading.Thread(target=_run_here_into, args=(reply, f, args, kwargs),
+                         name="pydist-local-call", daemon=True).start()
+        return
+    try:
+        conn = connection(pid)
+        conn.send(pack(pid, protocol.CALL, (f, args, kwargs), a=fut.whence, b=fut.id, what=f))
+    except ConnectionClosed:
+        fut._complete(_ERROR, exited(pid))
+    except BaseException as e:  # not sent: no count on `pid` to give back
+        fut._held.count = 0
+        fut._complete(_ERROR, e)
+
+
+def _run_here_into(reply: Callable[[bool, Any], None], f: Callable, args: tuple,
+                   kwargs: dict) -> None:
+    outcome = run_user_call(f, args, kwargs, reply)
+    if outcome is not None:
+        reply(*outcome)
 
 
 def _run_here(cell: _Cell, f: Callable, args: tuple, kwargs: dict) -> None:

@@ -241,6 +241,17 @@ class WorkerPool(AbstractWorkerPool):
                 return 1
             return self._take_free_live()
 
+    def _take_within(self, timeout: float) -> int | None:
+        """A free live worker, waiting up to `timeout` seconds for one; else None."""
+        with self._cond:
+            if not self._workers and self._default:
+                return 1
+            w = self._take_free_live()
+            if w is None and self._workers:
+                self._cond.wait(timeout)
+                w = self._take_free_live()
+            return w
+
     def wait(self) -> None:
         with self._cond:
             while True:

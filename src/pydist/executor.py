@@ -1,0 +1,377 @@
+"""`Executor`: a `concurrent.futures.Executor` that runs calls on pydist workers.
+
+Code written for `ProcessPoolExecutor` moves onto a pydist cluster (local or SSH workers) by
+changing the line that makes the executor. `submit` returns a pydist `Future`, which is a
+`concurrent.futures.Future` (`wait`, `as_completed`, `asyncio.wrap_future` work on it).
+
+How calls reach workers: the executor holds workers taken from its pool (given back once it
+has nothing for them) and keeps a few calls in flight on each: its *window*, 2 to start
+with (one running, one waiting there, so that a worker never waits for a round trip), more
+while calls on that worker finish back to back within FAST seconds (tiny tasks are then
+pipelined), fewer once they are slow. On the worker, the calls of one executor run one at a
+time, in order, in the thread of the first (`_serial_call`): a worker is one slot, as a
+process of a ProcessPoolExecutor is. Calls beyond the windows wait here in the executor's
+queue, and are sent as calls finish (from the completion callback, without a thread hop)
+or, when workers free up elsewhere in the pool, by the executor's feeder thread, which
+runs only while calls are queued and waits in slices of at most FEED_WAIT seconds.
+
+Cancelling: a queued call is taken out of the queue; one waiting on its worker behind
+another is taken out of the worker's lane (one round trip); a running one is not.
+A worker that dies fails only the calls sent to it (the running one and those waiting
+behind it), with ProcessExitedException; the executor goes on with its other workers.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as _cf
+import functools
+import itertools
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+from .calls import call_fetch, run_user_call, take_reply
+from .cluster import addprocs, rmprocs
+from .group import PGRP
+from .refs import (
+    _ERROR,
+    RRID,
+    Future,
+    _CancelledCall,
+    _cancel_unstarted_ref,
+    _cancelled_error,
+    new_queued_future,
+    sending,
+)
+from .remotecall import send_call
+from .workerpool import AbstractWorkerPool, WorkerPool, _alive, default_worker_pool
+
+__all__ = ["Executor"]
+
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
+
+WINDOW = 2         # calls in flight per worker to start with
+MAX_WINDOW = 64    # at most
+FAST = 0.0005      # s between two completions on a worker: below, its window doubles
+SLOW = 0.005       # above, it halves (down to WINDOW)
+FEED_WAIT = 0.05   # s: the feeder's wait for a free worker, in slices
+
+_ids = itertools.count(1)
+
+
+class _Lane:
+    """A worker the executor holds: calls in flight there, how many it may have."""
+
+    __slots__ = ("w", "inflight", "window", "last")
+
+    def __init__(self, w: int) -> None:
+        self.w = w
+        self.inflight = 0
+        self.window = WINDOW
+        self.last = 0.0
+
+
+class Executor(_cf.Executor):
+    """A `concurrent.futures.Executor` whose calls run on pydist workers.
+
+    `Executor(max_workers=N)` starts N local workers (`addprocs(N)`) and removes them at
+    `shutdown`; `Executor(pool=p)` runs on the workers of pool `p` (SSH workers too);
+    `Executor()` on the default worker pool (every worker). Each worker runs one of the
+    executor's calls at a time. `submit` returns a pydist `Future` at once (never waiting
+    for a free worker); `map` is `concurrent.futures.Executor.map`, with `chunksize`
+    elements per call. A worker that dies fails the Futures of the calls sent to it with
+    `ProcessExitedException`; the executor stays usable. Example::
+
+        with pydist.Executor(max_workers=2) as ex:
+            print(list(ex.map(pow, [2, 3], [5, 2])))   # [32, 9]
+            fut = ex.submit(sum, [1, 2, 3])
+            fut.result()                                # 6
+    """
+
+    def __init__(self, max_workers: int | None = None, pool: AbstractWorkerPool | None = None):
+        if max_workers is not None and pool is not None:
+            raise ValueError("give max_workers or pool, not both")
+        self._own: list[int] = []
+        if max_workers is not None:
+            if max_workers <= 0:
+                raise ValueError("max_workers must be greater than 0")
+            self._own = addprocs(max_workers)
+            pool = WorkerPool(self._own)
+        self._pool: AbstractWorkerPool = pool if pool is not None else default_worker_pool()
+        self._local_pool = isinstance(self._pool, WorkerPool)
+        self._key = (PGRP.id, next(_ids))  # names this executor's lanes on the workers
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # notified when nothing is left to do
+        self._queue: OrderedDict[Future, tuple] = OrderedDict()  # not sent yet, in order
+        self._lanes: dict[int, _Lane] = {}
+        self._live = 0  # Futures submitted and not done
+        self._closed = False
+        self._feeder: threading.Thread | None = None
+        self._closer: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._closed else "running"
+        return f"<pydist.Executor on {self._pool!r}, {state}>"
+
+    # -- submitting --
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        """Schedule `fn(*args, **kwargs)` on a worker; return its Future at once.
+        RuntimeError after `shutdown`."""
+        fut = new_queued_future(self._cancel_queued)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._live += 1
+            self._queue[fut] = (fn, args, kwargs)
+        fut.add_done_callback(self._finished)
+        self._pump(take=True)
+        return fut
+
+    def map(self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1) -> Iterator[T]:
+        """`fn` over the iterables' elements in parallel: their results in order, as
+        `concurrent.futures.Executor.map` (every call is submitted at once; `timeout`
+        counts from this call; leaving the loop early cancels what has not started).
+        `chunksize` elements go to a worker in one call."""
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1.")
+        if chunksize == 1:
+            return super().map(fn, *iterables, timeout=timeout)
+        parts = super().map(functools.partial(_run_chunk, fn), _chunks(iterables, chunksize),
+                            timeout=timeout)
+        return itertools.chain.from_iterable(parts)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Take no more calls (`submit` raises RuntimeError). `cancel_futures=True` cancels
+        the calls not sent to a worker yet. `wait=True` returns once every other call has
+        finished; then (or, with `wait=False`, later, in a thread) the workers that
+        `max_workers` started are removed."""
+        with self._lock:
+            first = not self._closed
+            self._closed = True
+            queued = list(self._queue) if cancel_futures else []
+            if cancel_futures:
+                self._queue.clear()
+        for fut in queued:
+            fut._complete(_ERROR, _cancelled_error(fut))
+        if not first:
+            if wait:
+                self._wait_idle()
+            return
+        if wait:
+            self._close()
+        else:
+            self._closer = threading.Thread(target=self._close, name="pydist-executor-close",
+                                            daemon=True)
+            self._closer.start()
+
+    def _wait_idle(self) -> None:
+        with self._lock:
+            while self._live:
+                self._idle.wait(1.0)  # (in slices: a lost worker fails its calls meanwhile)
+        feeder = self._feeder
+        if feeder is not None:
+            feeder.join(10 * FEED_WAIT + 1.0)
+
+    def _close(self) -> None:
+        self._wait_idle()
+        if self._own:
+            try:
+                rmprocs([w for w in self._own if _alive(w)], waitfor=30)
+            except Exception:
+                log.exception("pydist.Executor: could not remove its workers")
+
+    # -- sending --
+    def _lane_with_room(self) -> _Lane | None:
+        """The held worker with the fewest calls in flight, if any has room (lock held)."""
+        best = None
+        for lane in self._lanes.values():
+            if lane.inflight < lane.window and (best is None or lane.inflight < best.inflight):
+                best = lane
+        return best
+
+    def _pump(self, take: bool) -> None:
+        """Send queued calls while held workers have room; with `take`, take more workers
+        from the pool (never waiting); start the feeder if calls are left over."""
+        while True:
+            with self._lock:
+                if not self._queue:
+                    return
+                lane = self._lane_with_room()
+                if lane is not None:
+                    fut, (fn, args, kwargs) = self._queue.popitem(last=False)
+                    if not lane.inflight:
+                        lane.last = time.monotonic()
+                    lane.inflight += 1
+                    sending(fut, lane.w, self._cancel_sent)
+                elif not take:
+                    self._start_feeder()
+                    return
+            if lane is None:
+                w = self._pool.try_take()
+                if w is None or not self._hold(w):
+                    with self._lock:
+                        self._start_feeder()
+                    return
+                continue
+            send_call(lane.w, fut, _serial_call, (self._key, fut.rrid, fn, args, kwargs), {})
+
+    def _hold(self, w: int) -> bool:
+        with self._lock:
+            if w in self._lanes:
+                held = False
+            else:
+                self._lanes[w] = _Lane(w)
+                held = True
+        if not held:
+            self._pool.put(w)
+        return held
+
+    def _start_feeder(self) -> None:
+        """(Lock held.) Calls are queued and no held worker has room: have the feeder thread
+        take workers as they free up in the pool."""
+        if self._feeder is None:
+            self._feeder = threading.Thread(target=self._feed, name="pydist-executor-feeder",
+                                            daemon=True)
+            self._feeder.start()
+
+    def _feed(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if not self._queue:
+                        self._feeder = None
+                        return
+                    room = self._lane_with_room() is not None
+                if room:
+                    self._pump(take=False)
+                    continue
+                if not self._pool.workers():
+                    self._fail_queued(RuntimeError(f"no worker left in {self._pool!r}"))
+                    continue
+                w = self._take_within(FEED_WAIT)
+                if w is not None and self._hold(w):
+                    self._pump(take=False)
+        except BaseException:
+            log.exception("pydist.Executor: the feeder failed")
+            with self._lock:
+                self._feeder = None
+            self._fail_queued(RuntimeError("pydist.Executor: the feeder failed"))
+
+    def _take_within(self, timeout: float) -> int | None:
+        if self._local_pool:
+            return self._pool._take_within(timeout)  # type: ignore[attr-defined]
+        w = self._pool.try_take()
+        if w is None:
+            time.sleep(timeout)
+        return w
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        with self._lock:
+            queued = list(self._queue)
+            self._queue.clear()
+        for fut in queued:
+            fut._complete(_ERROR, exc)
+
+    # -- completion and cancelling --
+    def _finished(self, fut: Future) -> None:
+        """A Future of ours is done (often in a connection's reading thread: never blocks)."""
+        give_back = None
+        with self._lock:
+            self._live -= 1
+            lane = self._lanes.get(fut.where)
+            if lane is not None and fut.where:
+                lane.inflight -= 1
+                now = time.monotonic()
+                gap, lane.last = now - lane.last, now
+                if gap < FAST:
+                    lane.window = min(2 * lane.window, MAX_WINDOW)
+                elif gap > SLOW:
+                    lane.window = max(lane.window // 2, WINDOW)
+                if not _alive(lane.w):
+                    del self._lanes[lane.w]
+                elif not lane.inflight and not self._queue:
+                    del self._lanes[lane.w]
+                    give_back = lane.w
+            if not self._live:
+                self._idle.notify_all()
+            more = bool(self._queue)
+        if give_back is not None:
+            self._pool._give_back_later(give_back)
+        if more:
+            self._pump(take=self._local_pool)
+
+    def _cancel_queued(self, fut: Future) -> bool:
+        with self._lock:
+            if self._queue.pop(fut, None) is not None:
+                return True
+        return self._cancel_sent(fut)  # sent meanwhile
+
+    def _cancel_sent(self, fut: Future) -> bool:
+        args = (self._key, fut.rrid)
+        if fut.where == PGRP.id:
+            return _cancel_lane_call(*args)
+        return call_fetch(fut.where, _cancel_lane_call, args)
+
+
+# ==================================================================== on the worker
+# An executor's calls waiting on this process behind the one running, by executor key.
+_lanes: dict[tuple[int, int], deque] = {}
+_lanes_lock = threading.Lock()
+
+
+def _serial_call(key: tuple[int, int], rrid: RRID, f: Callable, args: tuple, kwargs: dict) -> None:
+    """Run `f(*args, **kwargs)` after the executor `key`'s calls that came before it here,
+    one at a time: the first call of a burst runs them all in its thread (their replies
+    taken over), the others only queue and return."""
+    item = (rrid, f, args, kwargs, take_reply())
+    with _lanes_lock:
+        lane = _lanes.get(key)
+        if lane is not None:
+            lane.append(item)
+            return
+        lane = _lanes[key] = deque()
+    while True:
+        _, f, args, kwargs, reply = item
+        outcome = run_user_call(f, args, kwargs)
+        try:
+            reply(*outcome)  # type: ignore[misc]
+        except Exception:
+            log.exception("pydist.Executor: could not send a call's outcome")
+        with _lanes_lock:
+            if not lane:
+                del _lanes[key]
+                return
+            item = lane.popleft()
+
+
+def _cancel_lane_call(key: tuple[int, int], rrid: RRID) -> bool:
+    """Cancel the executor call `rrid` if it has not started here: True if it never will."""
+    if _cancel_unstarted_ref(rrid):
+        return True
+    with _lanes_lock:
+        lane = _lanes.get(key)
+        item = next((it for it in lane if it[0] == rrid), None) if lane else None
+        if item is None:
+            return False
+        lane.remove(item)  # type: ignore[union-attr]
+    item[4](False, _CancelledCall(f"the call {tuple(rrid)} was cancelled on process {PGRP.id}"))
+    return True
+
+
+def _run_chunk(fn: Callable, chunk: list) -> list:
+    """One call of a chunked `map`: `fn` over a chunk of argument tuples."""
+    return [fn(*args) for args in chunk]
+
+
+def _chunks(iterables: tuple, size: int) -> Iterator[list]:
+    it = zip(*iterables)
+    while True:
+        chunk = list(itertools.islice(it, size))
+        if not chunk:
+            return
+        yield chunk
