@@ -32,20 +32,20 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from .calls import call_fetch, run_user_call, take_reply
+from .calls import call_async, call_fetch, run_user_call, take_reply
 from .cluster import addprocs, rmprocs
 from .group import PGRP
 from .refs import (
     _ERROR,
-    RRID,
     Future,
     _CancelledCall,
-    _cancel_unstarted_ref,
     _cancelled_error,
+    landed,
     new_queued_future,
     sending,
 )
-from .remotecall import send_call
+from .remotecall import run_into_future
+from .threads import POOL
 from .workerpool import AbstractWorkerPool, WorkerPool, _alive, default_worker_pool
 
 __all__ = ["Executor"]
@@ -103,14 +103,16 @@ class Executor(_cf.Executor):
             pool = WorkerPool(self._own)
         self._pool: AbstractWorkerPool = pool if pool is not None else default_worker_pool()
         self._local_pool = isinstance(self._pool, WorkerPool)
-        self._key = (PGRP.id, next(_ids))  # names this executor's lanes on the workers
+        self._key = PGRP.id << 32 | next(_ids)  # names this executor's lanes on the workers
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when nothing is left to do
         self._queue: OrderedDict[Future, tuple] = OrderedDict()  # not sent yet, in order
         self._lanes: dict[int, _Lane] = {}
         self._live = 0  # Futures submitted and not done
+        self._recent = 0  # the worker given back last
         self._closed = False
         self._feeder: threading.Thread | None = None
+        self._tl = threading.local()  # `pumping` in a thread that runs `_pump`
         self._closer: threading.Thread | None = None
 
     def __repr__(self) -> str:
@@ -196,7 +198,19 @@ class Executor(_cf.Executor):
 
     def _pump(self, take: bool) -> None:
         """Send queued calls while held workers have room; with `take`, take more workers
-        from the pool (never waiting); start the feeder if calls are left over."""
+        from the pool (never waiting); start the feeder if calls are left over. (A call that
+        fails to send completes its Future, whose callback pumps: that nested pump returns
+        at once, this loop goes on.)"""
+        tl = self._tl
+        if getattr(tl, "pumping", False):
+            return
+        tl.pumping = True
+        try:
+            self._pump_loop(take)
+        finally:
+            tl.pumping = False
+
+    def _pump_loop(self, take: bool) -> None:
         while True:
             with self._lock:
                 if not self._queue:
@@ -212,13 +226,25 @@ class Executor(_cf.Executor):
                     self._start_feeder()
                     return
             if lane is None:
-                w = self._pool.try_take()
+                w = self._recent  # the worker we last gave back: its threads are awake
+                if not (w and self._local_pool and self._pool._take_this(w)):  # type: ignore[attr-defined]
+                    w = self._pool.try_take()
                 if w is None or not self._hold(w):
                     with self._lock:
                         self._start_feeder()
                     return
                 continue
-            send_call(lane.w, fut, _serial_call, (self._key, fut.rrid, fn, args, kwargs), {})
+            call = (self._key, fut.id, fn, args, kwargs)
+            if lane.w == PGRP.id:
+                run_into_future(fut, _serial_call, call, {})
+                continue
+            try:
+                call_async(lane.w, _serial_call, call, None, functools.partial(landed, fut))
+            except BaseException as e:  # not sent (could not pickle, worker lost)
+                if not _alive(lane.w):
+                    with self._lock:
+                        self._lanes.pop(lane.w, None)
+                fut._complete(_ERROR, e)
 
     def _hold(self, w: int) -> bool:
         with self._lock:
@@ -296,7 +322,7 @@ class Executor(_cf.Executor):
                     del self._lanes[lane.w]
                 elif not lane.inflight and not self._queue:
                     del self._lanes[lane.w]
-                    give_back = lane.w
+                    give_back = self._recent = lane.w
             if not self._live:
                 self._idle.notify_all()
             more = bool(self._queue)
@@ -312,7 +338,7 @@ class Executor(_cf.Executor):
         return self._cancel_sent(fut)  # sent meanwhile
 
     def _cancel_sent(self, fut: Future) -> bool:
-        args = (self._key, fut.rrid)
+        args = (self._key, fut.id)
         if fut.where == PGRP.id:
             return _cancel_lane_call(*args)
         return call_fetch(fut.where, _cancel_lane_call, args)
@@ -320,46 +346,57 @@ class Executor(_cf.Executor):
 
 # ==================================================================== on the worker
 # An executor's calls waiting on this process behind the one running, by executor key.
-_lanes: dict[tuple[int, int], deque] = {}
+_lanes: dict[int, deque] = {}
 _lanes_lock = threading.Lock()
 
 
-def _serial_call(key: tuple[int, int], rrid: RRID, f: Callable, args: tuple, kwargs: dict) -> None:
-    """Run `f(*args, **kwargs)` after the executor `key`'s calls that came before it here,
-    one at a time: the first call of a burst runs them all in its thread (their replies
-    taken over), the others only queue and return."""
-    item = (rrid, f, args, kwargs, take_reply())
+def _serial_call(key: int, fid: int, f: Callable, args: tuple, kwargs: dict) -> Any:
+    """Run `f(*args, **kwargs)` after the calls of executor `key` that came here before it,
+    one at a time. A call that finds none runs at once and returns as any call does; one
+    that finds some queues (its reply taken over) and returns; when the running call ends,
+    a pool thread runs the queued ones (after that call's reply has left)."""
     with _lanes_lock:
         lane = _lanes.get(key)
         if lane is not None:
-            lane.append(item)
-            return
+            lane.append((fid, f, args, kwargs, take_reply()))
+            return None
         lane = _lanes[key] = deque()
+    try:
+        return f(*args, **kwargs)
+    finally:
+        with _lanes_lock:
+            more = bool(lane)
+            if not more:
+                del _lanes[key]
+        if more and not POOL.submit(functools.partial(_drain, key, lane)):
+            log.warning("pydist.Executor: runtime stopped, %d queued calls dropped", len(lane))
+
+
+def _drain(key: int, lane: deque) -> None:
+    """Run the calls queued in `lane`, in order, until it is empty (then it is closed)."""
     while True:
-        _, f, args, kwargs, reply = item
+        with _lanes_lock:
+            if not lane:
+                del _lanes[key]
+                return
+            _, f, args, kwargs, reply = lane.popleft()
         outcome = run_user_call(f, args, kwargs)
         try:
             reply(*outcome)  # type: ignore[misc]
         except Exception:
             log.exception("pydist.Executor: could not send a call's outcome")
-        with _lanes_lock:
-            if not lane:
-                del _lanes[key]
-                return
-            item = lane.popleft()
 
 
-def _cancel_lane_call(key: tuple[int, int], rrid: RRID) -> bool:
-    """Cancel the executor call `rrid` if it has not started here: True if it never will."""
-    if _cancel_unstarted_ref(rrid):
-        return True
+def _cancel_lane_call(key: int, fid: int) -> bool:
+    """Cancel call `fid` of executor `key` if it waits in its lane here: True if it will
+    never run. (One still on its way to the lane, a few microseconds, is not found.)"""
     with _lanes_lock:
         lane = _lanes.get(key)
-        item = next((it for it in lane if it[0] == rrid), None) if lane else None
+        item = next((it for it in lane if it[0] == fid), None) if lane else None
         if item is None:
             return False
         lane.remove(item)  # type: ignore[union-attr]
-    item[4](False, _CancelledCall(f"the call {tuple(rrid)} was cancelled on process {PGRP.id}"))
+    item[4](False, _CancelledCall(f"call {fid} of an Executor was cancelled on process {PGRP.id}"))
     return True
 
 

@@ -965,11 +965,11 @@ def _set_error_ref(rrid: RRID, exc: BaseException) -> None:
 
 
 def _reduce_future(fut: Future, pickler: Any):
-    if fut._phase == _PH_QUEUED:
-        raise TypeError(f"{fut!r} is still queued in its Executor: it cannot be sent yet")
     with fut._lock:  # decide and pin at once: `_complete` then keeps our count (see _pin)
         if fut._st in (_VALUE, _ERROR):
             return (_rebuild_future, (fut.where, fut.whence, fut.id, fut._st, fut._value))
+        if fut._latch is not None and fut._held.count == 0:  # an Executor's, see `sending`
+            raise TypeError(f"{fut!r} is an Executor's and not done: it cannot be sent yet")
         if pickler.dest is not None:
             fut._pins += 1
     if pickler.dest is not None:
@@ -1067,6 +1067,11 @@ def new_call_future(where: int) -> Future:
     return Future._make(where, _new_rrid(), _PENDING, None, 1, push=True, phase=_PH_SENT)
 
 
+def landed(fut: Future, slot: Any) -> None:
+    """The reply to the request of a queued Future (see `sending`) is its outcome."""
+    fut._complete(_VALUE if slot.ok else _ERROR, slot.value)
+
+
 def not_cancellable(fut: Future) -> bool:
     """The cancel hook of a call that starts as soon as it is made (a call to this process)."""
     return False
@@ -1074,16 +1079,20 @@ def not_cancellable(fut: Future) -> bool:
 
 def new_queued_future(cancel: Callable[[Future], bool]) -> Future:
     """The Future of a call not sent yet (queued in an Executor): no owner yet (`where` 0),
-    `cancel` (the queue's) takes it back; `sending` then makes it a call's Future."""
+    `cancel` (the queue's) takes it back; `sending` then makes it a call's Future. Its
+    outcome comes in a reply (`landed`): it can be sent to other processes only once done."""
     fut = Future._make(0, _new_rrid(), _PENDING, None, 0, push=True, phase=_PH_QUEUED)
     fut._cancel_hook = cancel
     return fut
 
 
 def sending(fut: Future, where: int, cancel: Callable[[Future], bool] | None = None) -> None:
-    """A queued Future's call is about to be sent to `where` (before the CALL is packed)."""
+    """A queued Future's call is about to be sent to `where`, as a request whose reply
+    completes the Future (nothing is stored there, no count is held); to this process, it
+    runs as a call of a Future owned here (one count, on our own store)."""
     fut.where = fut._held.where = where
-    fut._held.count = 1
+    if where == PGRP.id:
+        fut._held.count = 1
     fut._cancel_hook = cancel
     fut._phase = _PH_SENT
 

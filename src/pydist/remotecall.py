@@ -81,28 +81,17 @@ def remotecall(f: Callable[P, T], id: Target, *args: P.args, **kwargs: P.kwargs)
     return fut
 
 
-def send_call(pid: int, fut: Future, f: Callable, args: tuple, kwargs: dict) -> None:
-    """Send the call `f(*args, **kwargs)` of an existing Future (one made by
-    `refs.new_queued_future`, then `refs.sending(fut, pid)`) to `pid`. Never raises: what
-    fails (pickling, a lost worker) becomes the Future's outcome, as a call's failure would."""
-    if pid == PGRP.id:
-        cell = STORE.lookup(fut.rrid, _Cell)
+def run_into_future(fut: Future, f: Callable, args: tuple, kwargs: dict) -> None:
+    """Run `f(*args, **kwargs)` here, in its own thread, as the call of `fut` (a Future owned
+    here whose call was queued: see `refs.new_queued_future`)."""
+    cell = STORE.lookup(fut.rrid, _Cell)
 
-        def reply(ok: bool, value: Any) -> None:
-            cell.set(ok, value)
-            fut._complete(_VALUE if ok else _ERROR, value)
+    def reply(ok: bool, value: Any) -> None:
+        cell.set(ok, value)
+        fut._complete(_VALUE if ok else _ERROR, value)
 
-        threading.Thread(target=_run_here_into, args=(reply, f, args, kwargs),
-                         name="pydist-local-call", daemon=True).start()
-        return
-    try:
-        conn = connection(pid)
-        conn.send(pack(pid, protocol.CALL, (f, args, kwargs), a=fut.whence, b=fut.id, what=f))
-    except ConnectionClosed:
-        fut._complete(_ERROR, exited(pid))
-    except BaseException as e:  # not sent: no count on `pid` to give back
-        fut._held.count = 0
-        fut._complete(_ERROR, e)
+    threading.Thread(target=_run_here_into, args=(reply, f, args, kwargs),
+                     name="pydist-local-call", daemon=True).start()
 
 
 def _run_here_into(reply: Callable[[bool, Any], None], f: Callable, args: tuple,

@@ -241,6 +241,14 @@ class WorkerPool(AbstractWorkerPool):
                 return 1
             return self._take_free_live()
 
+    def _take_this(self, w: int) -> bool:
+        """Take worker `w` if it is free and live (True); never waits."""
+        with self._cond:
+            if w in self._free and _alive(w):
+                self._free.remove(w)
+                return True
+            return False
+
     def _take_within(self, timeout: float) -> int | None:
         """A free live worker, waiting up to `timeout` seconds for one; else None."""
         with self._cond:
