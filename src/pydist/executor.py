@@ -5,12 +5,14 @@ changing the line that makes the executor. `submit` returns a pydist `Future`, w
 `concurrent.futures.Future` (`wait`, `as_completed`, `asyncio.wrap_future` work on it).
 
 How calls reach workers: the executor holds workers taken from its pool (given back once it
-has nothing for them) and keeps a few calls in flight on each: its *window*, 2 to start
-with (one running, one waiting there, so that a worker never waits for a round trip), more
-while calls on that worker finish back to back within FAST seconds (tiny tasks are then
-pipelined), fewer once they are slow. On the worker, the calls of one executor run one at a
-time, in order, in the thread of the first (`_serial_call`): a worker is one slot, as a
-process of a ProcessPoolExecutor is. Calls beyond the windows wait here in the executor's
+has nothing for them) and keeps calls in flight on each: one, as a ProcessPoolExecutor's
+process runs one, and more when that worker's calls are short: its *window* is about
+BUDGET seconds of work (the average time between two of its completions, which is a call's
+duration when calls wait there, a round trip plus a call when none do). So tiny calls are
+pipelined, and what waits on a worker behind its running call (while another worker may
+be free) stays under about BUDGET seconds. On the worker, the calls of one executor run one
+at a time, in order (`_serial_call`): a worker is one slot, as a process of a
+ProcessPoolExecutor is. Calls beyond the windows wait here in the executor's
 queue, and are sent as calls finish (from the completion callback, without a thread hop)
 or, when workers free up elsewhere in the pool, by the executor's feeder thread, which
 runs only while calls are queued and waits in slices of at most FEED_WAIT seconds.
@@ -54,10 +56,8 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-WINDOW = 2         # calls in flight per worker to start with
-MAX_WINDOW = 64    # at most
-FAST = 0.0005      # s between two completions on a worker: below, its window doubles
-SLOW = 0.005       # above, it halves (down to WINDOW)
+BUDGET = 0.002     # s of calls in flight on a worker (see above)
+MAX_WINDOW = 64    # calls in flight on a worker, at most
 FEED_WAIT = 0.05   # s: the feeder's wait for a free worker, in slices
 
 _ids = itertools.count(1)
@@ -68,10 +68,10 @@ class _Lane:
 
     __slots__ = ("w", "inflight", "window", "last")
 
-    def __init__(self, w: int) -> None:
+    def __init__(self, w: int, window: int) -> None:
         self.w = w
         self.inflight = 0
-        self.window = WINDOW
+        self.window = window
         self.last = 0.0
 
 
@@ -108,6 +108,8 @@ class Executor(_cf.Executor):
         self._idle = threading.Condition(self._lock)  # notified when nothing is left to do
         self._queue: OrderedDict[Future, tuple] = OrderedDict()  # not sent yet, in order
         self._lanes: dict[int, _Lane] = {}
+        self._gaps: dict[int, float] = {}  # worker -> average time between completions there
+        self._windows: dict[int, int] = {}  # worker -> its window (kept while it is given back)
         self._live = 0  # Futures submitted and not done
         self._recent = 0  # the worker given back last
         self._closed = False
@@ -251,7 +253,7 @@ class Executor(_cf.Executor):
             if w in self._lanes:
                 held = False
             else:
-                self._lanes[w] = _Lane(w)
+                self._lanes[w] = _Lane(w, self._windows.get(w, 1))
                 held = True
         if not held:
             self._pool.put(w)
@@ -314,10 +316,9 @@ class Executor(_cf.Executor):
                 lane.inflight -= 1
                 now = time.monotonic()
                 gap, lane.last = now - lane.last, now
-                if gap < FAST:
-                    lane.window = min(2 * lane.window, MAX_WINDOW)
-                elif gap > SLOW:
-                    lane.window = max(lane.window // 2, WINDOW)
+                avg = self._gaps[lane.w] = 0.5 * (self._gaps.get(lane.w, gap) + gap)
+                lane.window = self._windows[lane.w] = (
+                    MAX_WINDOW if avg * MAX_WINDOW <= BUDGET else max(1, int(BUDGET / avg)))
                 if not _alive(lane.w):
                     del self._lanes[lane.w]
                 elif not lane.inflight and not self._queue:
