@@ -34,7 +34,19 @@ import time
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from .calls import call_async, call_fetch, run_user_call, take_reply
+from . import protocol
+from .calls import (
+    SLOTS,
+    call_fetch,
+    capture,
+    connection,
+    exited,
+    fail_slot,
+    new_slot,
+    pack,
+    run_user_call,
+    take_reply,
+)
 from .cluster import addprocs, rmprocs
 from .group import PGRP
 from .refs import (
@@ -47,7 +59,7 @@ from .refs import (
     sending,
 )
 from .remotecall import run_into_future
-from .threads import POOL
+from .transport import ConnectionClosed
 from .workerpool import AbstractWorkerPool, WorkerPool, _alive, default_worker_pool
 
 __all__ = ["Executor"]
@@ -198,6 +210,40 @@ class Executor(_cf.Executor):
                 best = lane
         return best
 
+    def _send(self, w: int, batch: list) -> None:
+        """Send a batch of queued calls to worker `w`, in one write (a Future whose call
+        could not be sent fails, as a call would)."""
+        if w == PGRP.id:
+            for fut, (fn, args, kwargs) in batch:
+                run_into_future(fut, _serial_call, (self._key, fut.id, fn, args, kwargs), {})
+            return
+        try:
+            conn = connection(w)
+        except BaseException as e:  # lost
+            with self._lock:
+                self._lanes.pop(w, None)
+            for fut, _ in batch:
+                fut._complete(_ERROR, e)
+            return
+        chunks: list = []
+        sids = []
+        for fut, (fn, args, kwargs) in batch:
+            sid, _ = new_slot(w, functools.partial(landed, fut))
+            try:
+                chunks += pack(w, protocol.CALL_FETCH,
+                               (_serial_call, (self._key, fut.id, fn, args, kwargs), {}),
+                               a=sid, what=fn)
+            except BaseException as e:  # could not pickle
+                SLOTS.pop(sid, None)
+                fut._complete(_ERROR, e)
+                continue
+            sids.append(sid)
+        try:
+            conn.send(chunks)
+        except ConnectionClosed:
+            for sid in sids:
+                fail_slot(sid, exited(w))
+
     def _pump(self, take: bool) -> None:
         """Send queued calls while held workers have room; with `take`, take more workers
         from the pool (never waiting); start the feeder if calls are left over. (A call that
@@ -219,11 +265,13 @@ class Executor(_cf.Executor):
                     return
                 lane = self._lane_with_room()
                 if lane is not None:
-                    fut, (fn, args, kwargs) = self._queue.popitem(last=False)
+                    n = min(lane.window - lane.inflight, len(self._queue))
+                    batch = [self._queue.popitem(last=False) for _ in range(n)]
                     if not lane.inflight:
                         lane.last = time.monotonic()
-                    lane.inflight += 1
-                    sending(fut, lane.w, self._cancel_sent)
+                    lane.inflight += n
+                    for fut, _ in batch:
+                        sending(fut, lane.w, self._cancel_sent)
                 elif not take:
                     self._start_feeder()
                     return
@@ -236,17 +284,7 @@ class Executor(_cf.Executor):
                         self._start_feeder()
                     return
                 continue
-            call = (self._key, fut.id, fn, args, kwargs)
-            if lane.w == PGRP.id:
-                run_into_future(fut, _serial_call, call, {})
-                continue
-            try:
-                call_async(lane.w, _serial_call, call, None, functools.partial(landed, fut))
-            except BaseException as e:  # not sent (could not pickle, worker lost)
-                if not _alive(lane.w):
-                    with self._lock:
-                        self._lanes.pop(lane.w, None)
-                fut._complete(_ERROR, e)
+            self._send(lane.w, batch)
 
     def _hold(self, w: int) -> bool:
         with self._lock:
@@ -326,7 +364,8 @@ class Executor(_cf.Executor):
                     give_back = self._recent = lane.w
             if not self._live:
                 self._idle.notify_all()
-            more = bool(self._queue)
+            # Refill a worker once half its window is free: calls go in batches, one write.
+            more = bool(self._queue) and (lane is None or 2 * lane.inflight <= lane.window)
         if give_back is not None:
             self._pool._give_back_later(give_back)
         if more:
@@ -353,9 +392,10 @@ _lanes_lock = threading.Lock()
 
 def _serial_call(key: int, fid: int, f: Callable, args: tuple, kwargs: dict) -> Any:
     """Run `f(*args, **kwargs)` after the calls of executor `key` that came here before it,
-    one at a time. A call that finds none runs at once and returns as any call does; one
-    that finds some queues (its reply taken over) and returns; when the running call ends,
-    a pool thread runs the queued ones (after that call's reply has left)."""
+    one at a time. A call that finds none running runs at once; one that does queues (its
+    reply taken over) and returns. When a call ends with calls queued behind it, it sends
+    its own reply, then runs those in its thread (a connection's reading thread, mostly,
+    whose replies to a burst of calls leave together)."""
     with _lanes_lock:
         lane = _lanes.get(key)
         if lane is not None:
@@ -363,14 +403,26 @@ def _serial_call(key: int, fid: int, f: Callable, args: tuple, kwargs: dict) -> 
             return None
         lane = _lanes[key] = deque()
     try:
-        return f(*args, **kwargs)
-    finally:
-        with _lanes_lock:
-            more = bool(lane)
-            if not more:
-                del _lanes[key]
-        if more and not POOL.submit(functools.partial(_drain, key, lane)):
-            log.warning("pydist.Executor: runtime stopped, %d queued calls dropped", len(lane))
+        value = f(*args, **kwargs)
+    except BaseException as e:
+        if _lane_done(key, lane):
+            raise
+        take_reply()(False, capture(e))
+    else:
+        if _lane_done(key, lane):
+            return value
+        take_reply()(True, value)
+    _drain(key, lane)
+    return None
+
+
+def _lane_done(key: int, lane: deque) -> bool:
+    """True (and the lane closed) if nothing is queued in it."""
+    with _lanes_lock:
+        if lane:
+            return False
+        del _lanes[key]
+        return True
 
 
 def _drain(key: int, lane: deque) -> None:
