@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 BUDGET = 0.002     # s of calls in flight on a worker (see above)
 MAX_WINDOW = 64    # calls in flight on a worker, at most
 FEED_WAIT = 0.05   # s: the feeder's wait for a free worker, in slices
+LINGER = 0.002     # s: a worker with nothing to do is given back to the pool after this
 
 _ids = itertools.count(1)
 
@@ -118,6 +119,7 @@ class Executor(_cf.Executor):
         self._key = PGRP.id << 32 | next(_ids)  # names this executor's lanes on the workers
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # notified when nothing is left to do
+        self._kick = threading.Condition(self._lock)  # wakes the feeder at shutdown
         self._queue: OrderedDict[Future, tuple] = OrderedDict()  # not sent yet, in order
         self._lanes: dict[int, _Lane] = {}
         self._gaps: dict[int, float] = {}  # worker -> average time between completions there
@@ -137,14 +139,25 @@ class Executor(_cf.Executor):
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         """Schedule `fn(*args, **kwargs)` on a worker; return its Future at once.
         RuntimeError after `shutdown`."""
-        fut = new_queued_future(self._cancel_queued)
+        fut = new_queued_future(self._cancel_queued, self._finished)
+        lane = None
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._live += 1
-            self._queue[fut] = (fn, args, kwargs)
-        fut.add_done_callback(self._finished)
-        self._pump(take=True)
+            if not self._queue:
+                lane = self._lane_with_room()
+            if lane is None:
+                self._queue[fut] = (fn, args, kwargs)
+            else:  # a held worker has room: straight there
+                if not lane.inflight:
+                    lane.last = time.monotonic()
+                lane.inflight += 1
+                sending(fut, lane.w, self._cancel_sent)
+        if lane is None:
+            self._pump(take=True)
+        else:
+            self._send(lane.w, [(fut, (fn, args, kwargs))])
         return fut
 
     def map(self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None,
@@ -174,6 +187,8 @@ class Executor(_cf.Executor):
                 self._queue.clear()
         for fut in queued:
             fut._complete(_ERROR, _cancelled_error(fut))
+        with self._lock:
+            self._kick.notify_all()
         if not first:
             if wait:
                 self._wait_idle()
@@ -291,8 +306,10 @@ class Executor(_cf.Executor):
             if w in self._lanes:
                 held = False
             else:
-                self._lanes[w] = _Lane(w, self._windows.get(w, 1))
+                lane = self._lanes[w] = _Lane(w, self._windows.get(w, 1))
+                lane.last = time.monotonic()
                 held = True
+                self._start_feeder()  # (it gives the worker back once idle)
         if not held:
             self._pool.put(w)
         return held
@@ -306,13 +323,35 @@ class Executor(_cf.Executor):
             self._feeder.start()
 
     def _feed(self) -> None:
+        """The feeder thread, while the executor holds workers or has calls queued: takes
+        workers for queued calls as they free up in the pool, and gives back those idle
+        for LINGER seconds (checked at least every FEED_WAIT seconds)."""
         try:
             while True:
                 with self._lock:
+                    now = time.monotonic()
+                    expired = [lane.w for lane in self._lanes.values()
+                               if not lane.inflight and now - lane.last >= LINGER]
+                    for w in expired:
+                        del self._lanes[w]
+                    if expired:
+                        self._recent = expired[-1]
                     if not self._queue:
-                        self._feeder = None
-                        return
+                        if not self._lanes:
+                            self._feeder = None
+                        else:
+                            idle = [lane.last for lane in self._lanes.values() if not lane.inflight]
+                            self._kick.wait(min(FEED_WAIT, max(0.0, min(idle, default=now + FEED_WAIT)
+                                                               + LINGER - now)))
                     room = self._lane_with_room() is not None
+                    queued = bool(self._queue)
+                    stop = self._feeder is None
+                for w in expired:
+                    self._pool._give_back_later(w)
+                if stop:
+                    return
+                if not queued:
+                    continue
                 if room:
                     self._pump(take=False)
                     continue
@@ -326,6 +365,9 @@ class Executor(_cf.Executor):
             log.exception("pydist.Executor: the feeder failed")
             with self._lock:
                 self._feeder = None
+                lanes, self._lanes = list(self._lanes), {}
+            for w in lanes:
+                self._pool._give_back_later(w)
             self._fail_queued(RuntimeError("pydist.Executor: the feeder failed"))
 
     def _take_within(self, timeout: float) -> int | None:
@@ -357,12 +399,15 @@ class Executor(_cf.Executor):
                 avg = self._gaps[lane.w] = 0.5 * (self._gaps.get(lane.w, gap) + gap)
                 lane.window = self._windows[lane.w] = (
                     MAX_WINDOW if avg * MAX_WINDOW <= BUDGET else max(1, int(BUDGET / avg)))
-                if not _alive(lane.w):
+                if fut._st == _ERROR and not _alive(lane.w):
                     del self._lanes[lane.w]
                 elif not lane.inflight and not self._queue:
-                    del self._lanes[lane.w]
-                    give_back = self._recent = lane.w
-            if not self._live:
+                    if self._closed:
+                        del self._lanes[lane.w]
+                        give_back = self._recent = lane.w
+                    else:  # kept a moment for the next call; the feeder gives it back
+                        self._start_feeder()
+            if not self._live and self._closed:
                 self._idle.notify_all()
             # Refill a worker once half its window is free: calls go in batches, one write.
             more = bool(self._queue) and (lane is None or 2 * lane.inflight <= lane.window)

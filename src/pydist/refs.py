@@ -1077,12 +1077,15 @@ def not_cancellable(fut: Future) -> bool:
     return False
 
 
-def new_queued_future(cancel: Callable[[Future], bool]) -> Future:
+def new_queued_future(cancel: Callable[[Future], bool],
+                      done: Callable[[Future], object] | None = None) -> Future:
     """The Future of a call not sent yet (queued in an Executor): no owner yet (`where` 0),
     `cancel` (the queue's) takes it back; `sending` then makes it a call's Future. Its
     outcome comes in a reply (`landed`): it can be sent to other processes only once done."""
     fut = Future._make(0, _new_rrid(), _PENDING, None, 0, push=True, phase=_PH_QUEUED)
     fut._cancel_hook = cancel
+    if done is not None:  # (a first done-callback, before anyone else can see the Future)
+        fut._callbacks = [done]
     return fut
 
 
