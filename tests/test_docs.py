@@ -200,7 +200,7 @@ def test_guide_code_runs(name, i, code, tmp_path):
 def test_each_guide_has_a_runnable_block():
     runnable = {name for name, _, code in guide_blocks() if code.startswith(RUNNABLE)}
     assert runnable >= {"getting-started.md", "pmap.md", "channels.md", "custom-managers.md",
-                        "failures.md"}
+                        "failures.md", "from-process-pool-executor.md"}
 
 
 # ---------------------------------------------------------------- types

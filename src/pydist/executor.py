@@ -291,7 +291,7 @@ class Executor(_cf.Executor):
                     self._start_feeder()
                     return
             if lane is None:
-                w = self._recent  # the worker we last gave back: its threads are awake
+                w: int | None = self._recent  # the worker we gave back last: still awake
                 if not (w and self._local_pool and self._pool._take_this(w)):  # type: ignore[attr-defined]
                     w = self._pool.try_take()
                 if w is None or not self._hold(w):
@@ -358,8 +358,8 @@ class Executor(_cf.Executor):
                 if not self._pool.workers():
                     self._fail_queued(RuntimeError(f"no worker left in {self._pool!r}"))
                     continue
-                w = self._take_within(FEED_WAIT)
-                if w is not None and self._hold(w):
+                got = self._take_within(FEED_WAIT)
+                if got is not None and self._hold(got):
                     self._pump(take=False)
         except BaseException:
             log.exception("pydist.Executor: the feeder failed")

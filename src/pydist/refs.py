@@ -465,7 +465,7 @@ class _CancelledCall(_cf.CancelledError):
 if _cf.TimeoutError is TimeoutError:  # Python >= 3.11
     FutureTimeoutError = TimeoutError
 else:  # 3.10: concurrent.futures.TimeoutError is not the builtin; be both
-    class FutureTimeoutError(_cf.TimeoutError, TimeoutError):  # type: ignore[no-redef]
+    class FutureTimeoutError(_cf.TimeoutError, TimeoutError):  # type: ignore[no-redef, misc]
         """A Future's wait ran out of time (both TimeoutErrors of Python 3.10)."""
 
 
@@ -692,7 +692,7 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
         if release and not isinstance(self._value, ProcessExitedException):
             _queue_delta(self.where, self.rrid, PGRP.id, -release)
 
-    def _result(self) -> Any:
+    def _outcome(self) -> Any:
         if self._st == _ERROR:
             raise self._value
         return self._value
@@ -744,13 +744,13 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
         `ProcessExitedException` if the owner is lost, `TimeoutError` after about `timeout`
         seconds (the Future stays usable)."""
         if self._st in (_VALUE, _ERROR):
-            return self._result()
+            return self._outcome()
         self._wait_done(timeout)
         if self._st in (_VALUE, _ERROR):
-            return self._result()
+            return self._outcome()
         ok, value = _ask_owner(self, "Future.fetch", _fetch_ref, (), timeout)
         self._complete(_VALUE if ok else _ERROR, value)
-        return self._result()
+        return self._outcome()
 
     def put(self, value: T) -> "Future[T]":
         """Set the value; a Future can be set only once (InvalidStateError)."""
@@ -909,7 +909,7 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
             self.add_done_callback(wake)
             yield from waiter.__await__()
         if self._st in (_VALUE, _ERROR):
-            return self._result()
+            return self._outcome()
         loop = asyncio.get_running_loop()
         return (yield from loop.run_in_executor(None, self.fetch).__await__())
 
