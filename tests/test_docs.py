@@ -167,7 +167,7 @@ def guide_blocks() -> list[tuple[str, int, str]]:
 def test_guides_have_code():
     names = {name for name, _, _ in guide_blocks()}
     assert {"getting-started.md", "pmap.md", "channels.md", "ssh.md", "custom-managers.md",
-            "failures.md"} <= names
+            "failures.md", "from-multiprocessing-pool.md"} <= names
 
 
 @pytest.mark.parametrize("name,i,code", guide_blocks(), ids=lambda v: str(v)[:24])

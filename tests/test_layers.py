@@ -37,6 +37,7 @@ LAYERS: list[tuple[set[str], bool]] = [
     ({"cluster", "remotecall"}, False),  # addprocs / rmprocs / membership API; remotecall
     ({"workerpool"}, False),
     ({"pmap", "executor"}, False),  # pmap; the concurrent.futures Executor
+    ({"pgenerate"}, False),  # the streaming pmap, built on pmap's helpers
     ({"macros"}, False),
     ({"runtime", "worker", ROOT, "__main__", "cli"}, True),  # wiring, shutdown, entry points
 ]

@@ -98,14 +98,27 @@ class _Failed:
 
 # A batch runs its elements in the calling thread, one after another, which costs nothing per
 # element. An element that blocks (sleep, I/O) must not hold back the rest of its batch
-# (Julia runs a batch through `asyncmap`): when an element has been running for
-# OVERLAP_AFTER seconds while this process used less than BLOCKED_CPU of a core, a pool thread
-# starts on the next elements (up to BATCH_TASKS threads run one batch, Julia's asyncmap
-# default). Elements that compute keep the process busy and stay in one thread: more threads
-# would only share the GIL. The watchdog's tick, already running while calls run, notices.
+# (Julia runs a batch through `asyncmap`): when an element has been blocked for OVERLAP_AFTER
+# seconds, a pool thread starts on the next elements (up to BATCH_TASKS threads run one batch,
+# Julia's asyncmap default). Blocked: no thread of the batch is running or runnable (the
+# kernel's thread state, where /proc has it) and the process used less than BLOCKED_CPU of a
+# core meanwhile. Elements that compute stay in one thread: more would only share the GIL.
+# The watchdog's tick, already running while calls run, notices.
 OVERLAP_AFTER = 0.005
 BLOCKED_CPU = 0.5
 BATCH_TASKS = 100
+
+
+def _runnable(native_id: int) -> bool:
+    """The thread is running or waiting for a CPU (state R in /proc); False where that cannot
+    be read (the CPU-time rule alone then tells computing from blocked)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    end = stat.rfind(b")")  # the thread's name, in parentheses, may hold anything
+    return stat[end + 2:end + 3] == b"R"
 
 
 class _BatchRun:
@@ -114,7 +127,7 @@ class _BatchRun:
     element runs once whichever thread takes it."""
 
     __slots__ = ("fn", "batch", "capture", "out", "claims", "error", "lock", "ended",
-                 "helpers", "limit", "finished", "seen", "since", "cpu_since")
+                 "helpers", "limit", "finished", "seen", "since", "cpu_since", "threads")
 
     def __init__(self, fn: Callable, batch: list, capture: bool) -> None:
         self.fn, self.batch, self.capture = fn, batch, capture
@@ -129,10 +142,12 @@ class _BatchRun:
         self.seen = -1  # elements claimed at the last tick ...
         self.since = 0.0  # ... since when ...
         self.cpu_since = 0.0  # ... and the process's CPU time then
+        self.threads: set[int] = set()  # native ids of the threads that ran elements
 
     def work(self) -> None:
         """Run elements until none is left to claim (or one failed, without `capture`)."""
         fn, batch, out = self.fn, self.batch, self.out
+        self.threads.add(threading.get_native_id())
         try:
             for i in self.claims:
                 try:
@@ -159,7 +174,8 @@ class _BatchRun:
         if claimed >= len(self.batch) or waited < OVERLAP_AFTER:
             return
         cpu = time.process_time()
-        if cpu - self.cpu_since >= BLOCKED_CPU * waited:  # computing, not blocked
+        if (cpu - self.cpu_since >= BLOCKED_CPU * waited
+                or any(_runnable(t) for t in list(self.threads))):  # computing, not blocked
             self.since, self.cpu_since = now, cpu
             return
         with self.lock:
@@ -293,13 +309,14 @@ def _short(args: tuple) -> str:
 
 
 class _TextBar:
-    """A progress bar on stderr for when tqdm is not installed: `pmap: [####    ] 12/30`,
-    redrawn in place at most every REDRAW seconds (and at the end)."""
+    """A progress bar on stderr for when tqdm is not installed: `pmap: [####    ] 12/30`
+    (without a total, as for pgenerate: `pgenerate: 12`), redrawn in place at most every
+    REDRAW seconds (and at the end)."""
 
     REDRAW = 0.1
     WIDTH = 30
 
-    def __init__(self, total: int, desc: str) -> None:
+    def __init__(self, total: int | None, desc: str) -> None:
         self.total, self.desc, self.n = total, desc, 0
         self.start = self.drawn = time.monotonic()
         self.draw()
@@ -307,16 +324,20 @@ class _TextBar:
     def update(self, n: int) -> None:
         self.n += n
         now = time.monotonic()
-        if now - self.drawn >= self.REDRAW or self.n >= self.total:
+        if now - self.drawn >= self.REDRAW or (self.total is not None and self.n >= self.total):
             self.drawn = now
             self.draw()
 
     def draw(self, end: str = "") -> None:
-        filled = self.WIDTH * self.n // self.total if self.total else self.WIDTH
-        bar = "#" * filled + " " * (self.WIDTH - filled)
         took = time.monotonic() - self.start
+        if self.total is None:
+            text = f"{self.desc}: {self.n} {took:.1f}s"
+        else:
+            filled = self.WIDTH * self.n // self.total if self.total else self.WIDTH
+            bar = "#" * filled + " " * (self.WIDTH - filled)
+            text = f"{self.desc}: [{bar}] {self.n}/{self.total} {took:.1f}s"
         try:
-            sys.stderr.write(f"\r{self.desc}: [{bar}] {self.n}/{self.total} {took:.1f}s{end}")
+            sys.stderr.write(f"\r{text}{end}")
             sys.stderr.flush()
         except (OSError, ValueError):
             pass  # stderr closed: no bar
@@ -326,17 +347,18 @@ class _TextBar:
 
 
 class _Progress:
-    """`progress=True`: a tqdm bar when tqdm can be imported, else a `_TextBar`."""
+    """`progress=True`: a tqdm bar when tqdm can be imported, else a `_TextBar`; `total` is
+    None when unknown (a stream)."""
 
-    def __init__(self, enabled: bool, total: int):
+    def __init__(self, enabled: bool, total: int | None, desc: str = "pmap"):
         self.bar: Any = None
         if enabled:
             try:
                 from tqdm.auto import tqdm
             except ImportError:
-                self.bar = _TextBar(total, "pmap")
+                self.bar = _TextBar(total, desc)
             else:
-                self.bar = tqdm(total=total, desc="pmap")
+                self.bar = tqdm(total=total, desc=desc)
         self.lock = threading.Lock()
 
     def update(self, n: int = 1) -> None:
@@ -862,6 +884,20 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
 
 def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers, progress,
                   lend):
+    if distributed and not lend and not delays:
+        apply, died = _apply_and_on_death(f, on_error, distributed)
+        return _pipelined_map(pool, apply, items, progress, on_failure=died)
+    run = _element_runner(f, pool, distributed, on_error, delays, check, lend)
+    # As Julia's `asyncmap(f, c; ntasks=() -> nworkers(p))`: also a local map runs that many
+    # elements at a time (in threads of this process).
+    return _parallel_map(run, items, nworkers, progress)
+
+
+def _apply_and_on_death(f: Callable, on_error: Callable | None, distributed: bool
+                        ) -> tuple[Callable, Callable[[tuple, BaseException], Any] | None]:
+    """What runs an element (`f`, or `f` wrapped with on_error to run on the worker), and what
+    turns the failure of an element whose worker died into its result (on_error on the
+    caller), if anything."""
     # As Julia: `f` itself goes through the pool unless on_error wraps it, so that a
     # CachingPool that already sent `f` to a worker (for a remotecall) does not send it again.
     apply = f if on_error is None else _Apply(f, on_error)
@@ -870,13 +906,18 @@ def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers
         """on_error runs where f ran, except for an element whose worker died (after any
         retries): then it runs here."""
         if _worker_died(e):
-            return on_error(e)
+            return on_error(e)  # type: ignore[misc]
         raise e
 
-    died = on_death if on_error is not None and distributed else None
+    return apply, (on_death if on_error is not None and distributed else None)
 
-    if distributed and not lend and not delays:
-        return _pipelined_map(pool, apply, items, progress, on_failure=died)
+
+def _element_runner(f: Callable, pool: AbstractWorkerPool, distributed: bool,
+                    on_error: Callable | None, delays: list, check: Callable | None,
+                    lend: bool) -> Callable[[tuple], Any]:
+    """`run(args)`: one element, one call at a time through the pool (or here, if not
+    `distributed`), with pmap's on_error, retries and death handling; raises its failure."""
+    apply, died = _apply_and_on_death(f, on_error, distributed)
     if distributed:
         def run(args: tuple) -> Any:
             return _run_on_pool(pool, apply, args, lend)
@@ -894,9 +935,7 @@ def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers
             except Exception as e:
                 return died(args, e)
 
-    # As Julia's `asyncmap(f, c; ntasks=() -> nworkers(p))`: also a local map runs that many
-    # elements at a time (in threads of this process).
-    return _parallel_map(run, items, nworkers, progress)
+    return run
 
 
 def _map_batches(f, items, pool, batch_size, on_error, delays, check, nworkers, progress,
