@@ -6,7 +6,8 @@
     python bench/bench_peers.py --only W1,W3 --systems pydist,loky
 
 Systems (columns): a raw socket+pickle floor (forked echo servers, see peers_systems.Raw),
-pydist, multiprocessing.Pool, concurrent.futures.ProcessPoolExecutor, loky, dask.distributed
+pydist, pydist.Executor (pydist's concurrent.futures interface: beside pydist, not a peer),
+multiprocessing.Pool, concurrent.futures.ProcessPoolExecutor, loky, dask.distributed
 (LocalCluster), ray (local), ipyparallel. A system that is not installed is skipped and says
 so. Every system gets 2 workers (W6: 128) and runs the same functions (bench/peers_tasks.py),
 pickled by reference.
@@ -61,7 +62,7 @@ from peers_common import (  # noqa: E402
     MARKER, NotAvailable, alive, describe, descendants, marked_processes, median, p99,
     remove_leaked_shm, repeat, shm_names, short_error, terminate_then_kill, time_calls, timed, tree_memory,
 )
-from peers_systems import SCRATCH, SYSTEMS  # noqa: E402
+from peers_systems import OWN, SCRATCH, SYSTEMS  # noqa: E402
 import peers_tasks as T  # noqa: E402
 
 WORKERS = 2
@@ -623,7 +624,7 @@ def render(opts, info, order, status, results, wall, leftovers):
                 cells.append(fmt(results.get(k, {}).get(m.workload, {}).get(m.key, ""), m.unit))
         lines.append(f"| {m.label.format(**fields)} | " + " | ".join(cells) + " |")
 
-    peers = [k for k in order if k not in ("raw", "pydist") and not status.get(k)]
+    peers = [k for k in order if k not in ("raw", "pydist", *OWN) and not status.get(k)]
     lines += ["", "## pydist against the floor and the best peer", "",
               "Ratios are pydist's figure divided by the other one; `better` says which way is better.",
               "", "| workload | better | pydist / floor | pydist / best peer | best peer | best system |",
@@ -647,6 +648,20 @@ def render(opts, info, order, status, results, wall, leftovers):
 
         lines.append(f"| {m.label.format(**fields)} | {m.better} | {ratio(pd, floor)} | "
                      f"{ratio(pd, peer_vals.get(best_peer))} | {labels.get(best_peer, '')} | {labels.get(best, '')} |")
+
+    own = [k for k in order if k in OWN and not status.get(k) and k in results]
+    if own and "pydist" in results:
+        lines += ["", "## pydist's other interfaces against its own calls", "",
+                  "Ratios are the interface's figure divided by pydist's (`better` says which way is"
+                  " better); pydist's W1 is `remotecall_fetch`, its W2 `remotecall` then `fetch`.",
+                  "", "| workload | better | " + " | ".join(f"{labels[k]} / pydist" for k in own) + " |",
+                  "|---|---|" + "---:|" * len(own)]
+        for m in rows:
+            cells = []
+            for k in own:
+                a, b = val(k, m), val("pydist", m)
+                cells.append("" if a is None or not b else f"{a / b:.2f}x")
+            lines.append(f"| {m.label.format(**fields)} | {m.better} | " + " | ".join(cells) + " |")
 
     lines += ["", "## How each system runs the workloads", ""]
     for k in order:

@@ -200,7 +200,8 @@ def guide_blocks() -> list[tuple[str, int, str]]:
 def test_guides_have_code():
     names = {name for name, _, _ in guide_blocks()}
     assert {"getting-started.md", "pmap.md", "channels.md", "ssh.md", "custom-managers.md",
-            "failures.md", "from-multiprocessing-pool.md", "scikit-learn.md"} <= names
+            "failures.md", "from-multiprocessing-pool.md", "scikit-learn.md",
+            "from-process-pool-executor.md"} <= names
 
 
 @pytest.mark.parametrize("name,i,code", guide_blocks(), ids=lambda v: str(v)[:24])
@@ -242,7 +243,7 @@ def test_guide_code_runs(name, i, code, tmp_path):
 def test_each_guide_has_a_runnable_block():
     runnable = {name for name, _, code in guide_blocks() if code.startswith(RUNNABLE)}
     assert runnable >= {"getting-started.md", "pmap.md", "channels.md", "custom-managers.md",
-                        "failures.md", "scikit-learn.md"}
+                        "failures.md", "scikit-learn.md", "from-process-pool-executor.md"}
 
 
 # ---------------------------------------------------------------- types

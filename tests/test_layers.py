@@ -36,7 +36,7 @@ LAYERS: list[tuple[set[str], bool]] = [
     ({"callbacks", "refs"}, False),  # lifecycle callbacks + statuses; Futures, RemoteChannels
     ({"cluster", "remotecall"}, False),  # addprocs / rmprocs / membership API; remotecall
     ({"workerpool"}, False),
-    ({"pmap"}, False),
+    ({"pmap", "executor"}, False),  # pmap; the concurrent.futures Executor
     ({"pgenerate"}, False),  # the streaming pmap, built on pmap's helpers
     ({"macros", "joblib"}, False),  # sugar; the joblib backend (imported only by users)
     ({"runtime", "worker", ROOT, "__main__", "cli"}, True),  # wiring, shutdown, entry points

@@ -78,6 +78,7 @@ from .workerpool import (
 )
 from .macros import distributed, everywhere, fetchany, fetchfrom, spawn, spawnat
 from .pmap import ExponentialBackOff, pmap
+from .executor import Executor
 from .pgenerate import pgenerate
 from .runtime import shutdown
 
@@ -122,7 +123,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AbstractWorkerPool", "CachingPool", "WorkerPool", "clear", "default_worker_pool", "remote",
     "set_default_worker_pool", "distributed", "everywhere", "fetchany", "fetchfrom", "spawn",
-    "spawnat", "pmap", "pgenerate", "ExponentialBackOff", "shutdown",
+    "spawnat", "pmap", "pgenerate", "ExponentialBackOff", "shutdown", "Executor",
     "AuthenticationError", "CapturedException", "Channel", "ClusterManager", "ExceptionGroup",
     "Future", "InvalidStateError", "LaunchWorkerError", "LocalManager", "ProcessExitedException",
     "ProtocolError", "PydistError", "RRID", "RemoteChannel", "RemoteError", "RemoteException",

@@ -8,6 +8,7 @@ as a `RemoteException`, which is, where Python allows, also an instance of the o
 
 from __future__ import annotations
 
+import concurrent.futures
 import pickle
 import sys
 import traceback
@@ -64,9 +65,9 @@ class LaunchWorkerError(PydistError):
         self.msg = msg
 
 
-class InvalidStateError(PydistError):
+class InvalidStateError(PydistError, concurrent.futures.InvalidStateError):
     """An operation that the object's state forbids: a second put on a Future, a put on a closed
-    channel, a take from a closed empty channel."""
+    channel, a take from a closed empty channel. Also a `concurrent.futures.InvalidStateError`."""
 
 
 class ProcessExitedException(PydistError):

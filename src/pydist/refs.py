@@ -35,6 +35,7 @@ cost no round trip, and completion callbacks need no polling.
 
 from __future__ import annotations
 
+import concurrent.futures as _cf
 import functools
 import inspect
 import itertools
@@ -451,6 +452,54 @@ def _ask_owner(ref: "Future | RemoteChannel", what: str, f: Callable, args: tupl
 # ==================================================================== Future
 _PENDING, _VALUE, _ERROR, _REMOTE_DONE = 0, 1, 2, 3
 
+# What a Future is for cancel() and running() (its `_phase`): an empty `Future(pid)`; a call
+# still queued in an Executor (not sent yet); a call sent to its worker; anything else (a
+# Future that arrived from another process, a call running in a thread here).
+_PH_PLAIN, _PH_QUEUED, _PH_SENT, _PH_OTHER = 0, 1, 2, 3
+
+
+class _CancelledCall(_cf.CancelledError):
+    """The outcome of a cancelled Future (a `concurrent.futures.CancelledError`)."""
+
+
+if _cf.TimeoutError is TimeoutError:  # Python >= 3.11
+    FutureTimeoutError = TimeoutError
+else:  # 3.10: concurrent.futures.TimeoutError is not the builtin; be both
+    class FutureTimeoutError(_cf.TimeoutError, TimeoutError):  # type: ignore[no-redef, misc]
+        """A Future's wait ran out of time (both TimeoutErrors of Python 3.10)."""
+
+
+def _cancelled_error(fut: "Future") -> _CancelledCall:
+    return _CancelledCall(f"{fut!r} was cancelled")
+
+
+# Calls that arrived on this process and have not started yet, by RRID: a call's task takes
+# its entry out before it runs, `_cancel_unstarted_ref` takes it out instead (both pop, so
+# exactly one of them wins).
+_unstarted: dict = {}
+
+
+def _cancel_unstarted_ref(rrid: RRID) -> bool:
+    """On a call's worker: make the call never run, if it has not started (True)."""
+    cell = _unstarted.pop(rrid, None)
+    if cell is None:
+        return False
+    try:
+        cell.set(False, _CancelledCall(f"the call {tuple(rrid)} was cancelled on process {PGRP.id}"))
+    except InvalidStateError:
+        pass
+    return True
+
+
+def _cancel_plain_ref(rrid: RRID) -> bool:
+    """On the owner of an empty `Future(pid)`: cancel it unless a value was put (True)."""
+    try:
+        STORE.lookup(rrid, _Cell).set(False, _CancelledCall(
+            f"Future {tuple(rrid)} was cancelled on process {PGRP.id}"))
+    except InvalidStateError:
+        return False
+    return True
+
 
 def _on_owner(ref: "Future | RemoteChannel", f: Callable, *args: Any) -> Any:
     """Run `f(rrid, *args)` on the reference's owner (here, without a message, if we own it)."""
@@ -493,13 +542,17 @@ class AbstractRemoteRef:
         return hash((type(self).__name__, self.whence, self.id))
 
 
-class Future(AbstractRemoteRef, Generic[T]):
+class Future(AbstractRemoteRef, _cf.Future[T]):
     """A write-once value that lives on process `where` (default: this one).
 
     Returned by `remotecall`; `Future(pid)` makes an empty one that anybody holding it may
     `put` once. `fetch` caches the value, so a second `fetch` costs nothing. Futures can be
     awaited (`await fut`) and accept completion callbacks. A Future can be passed to other
     workers as an argument of a remote call; they fetch from the owner.
+
+    It is also a `concurrent.futures.Future`: `result`, `exception`, `cancel`, `running`,
+    `cancelled`, and `concurrent.futures.wait`, `as_completed` and `asyncio.wrap_future`
+    work on it (see `cancel` for what can be cancelled).
 
     `Future[T]` is the type of a Future whose value is a `T`: `remotecall(f, ...)` returns
     a `Future[int]` when `f` returns an `int`.
@@ -513,7 +566,8 @@ class Future(AbstractRemoteRef, Generic[T]):
         f.fetch()                              # "x"
     """
 
-    __slots__ = ("_state", "_value", "_latch", "_callbacks", "_watching", "_pins")
+    __slots__ = ("_st", "_value", "_latch", "_callbacks", "_watching", "_pins", "_phase",
+                 "_cancel_hook", "_cond", "_wlist")
 
     def __init__(self, pid: int | None = None):
         rrid = _new_rrid()
@@ -521,15 +575,19 @@ class Future(AbstractRemoteRef, Generic[T]):
 
     @classmethod
     def _make(cls, where: int, rrid: RRID, state: int, value: Any, count: int,
-              push: bool) -> "Future":
+              push: bool, phase: int = _PH_OTHER) -> "Future":
         self = cls.__new__(cls)
-        self._setup(where, rrid, state, value, count, push)
+        self._setup(where, rrid, state, value, count, push, phase)
         return self
 
     def _setup(self, where: int, rrid: RRID, state: int, value: Any, count: int,
-               push: bool) -> None:
-        self._state = state
+               push: bool, phase: int = _PH_PLAIN) -> None:
+        self._st = state
         self._value = value
+        self._phase = phase
+        self._cancel_hook: Callable[[Future], bool] | None = None
+        self._cond: threading.Condition | None = None  # concurrent.futures' view, made on demand
+        self._wlist: list | None = None
         self._latch: threading.Lock | None = None
         if push and state == _PENDING:
             self._latch = threading.Lock()
@@ -540,12 +598,14 @@ class Future(AbstractRemoteRef, Generic[T]):
         self._init_ref(where, rrid, count)
 
     def __repr__(self) -> str:
-        state = {_PENDING: "pending", _VALUE: "ready", _ERROR: "failed", _REMOTE_DONE: "done"}[self._state]
+        state = {_PENDING: "pending", _VALUE: "ready", _ERROR: "failed", _REMOTE_DONE: "done"}[self._st]
+        if state == "failed" and type(self._value) is _CancelledCall:
+            state = "cancelled"
         return f"Future(where={self.where}, whence={self.whence}, id={self.id}, {state})"
 
     def __reduce__(self):
-        if self._state in (_VALUE, _ERROR):
-            return (_rebuild_future, (self.where, self.whence, self.id, self._state, self._value))
+        if self._st in (_VALUE, _ERROR):
+            return (_rebuild_future, (self.where, self.whence, self.id, self._st, self._value))
         raise TypeError("a pending Future can only be sent to pydist processes, inside a remote call")
 
     # -- completion (called by the push handler, local owners, or death) --
@@ -554,12 +614,12 @@ class Future(AbstractRemoteRef, Generic[T]):
         if state == _REMOTE_DONE and value is not None:
             state = _ERROR  # finished remotely with an error: the error is all there is
         with self._lock:
-            if self._state in (_VALUE, _ERROR):
+            if self._st in (_VALUE, _ERROR):
                 return
-            if state == _REMOTE_DONE and self._state == _REMOTE_DONE:
+            if state == _REMOTE_DONE and self._st == _REMOTE_DONE:
                 return
-            was_pending = self._state == _PENDING
-            self._state = state
+            was_pending = self._st == _PENDING
+            self._st = state
             self._value = value
             release = 0
             held = self._held
@@ -568,6 +628,8 @@ class Future(AbstractRemoteRef, Generic[T]):
             callbacks = self._callbacks if was_pending else None
             if was_pending:
                 self._callbacks = None
+                if self._wlist or self._cond is not None:  # concurrent.futures waits
+                    self._notify_waiters(state, value)
             latch = self._latch if was_pending else None
         if release and not isinstance(value, ProcessExitedException):
             _queue_delta(self.where, self.rrid, PGRP.id, -release)
@@ -579,6 +641,45 @@ class Future(AbstractRemoteRef, Generic[T]):
             except Exception:
                 logging.getLogger(__name__).exception("pydist: error in a Future done-callback")
 
+    def _notify_waiters(self, state: int, value: Any) -> None:
+        """Tell the waiters of `concurrent.futures.wait` / `as_completed` (lock held), as
+        `concurrent.futures.Future.set_result` does."""
+        for waiter in self._wlist or ():
+            if state != _ERROR:
+                waiter.add_result(self)
+            elif type(value) is _CancelledCall:
+                waiter.add_cancelled(self)
+            else:
+                waiter.add_exception(self)
+        if self._cond is not None:
+            self._cond.notify_all()
+
+    # What concurrent.futures' module functions (wait, as_completed) read of a Future, made
+    # on demand so that a Future nobody waits for that way costs nothing more. The condition
+    # is over the Future's own lock, which `_complete` holds while it changes the state.
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond = self._cond
+        if cond is None:
+            cond = self._cond = threading.Condition(self._lock)
+        return cond
+
+    @property
+    def _waiters(self) -> list:  # type: ignore[override]
+        # (read and changed by concurrent.futures with `_condition` held)
+        if self._wlist is None:
+            self._wlist = []
+        return self._wlist
+
+    @property
+    def _state(self) -> str:  # type: ignore[override]
+        st = self._st
+        if st == _PENDING:
+            return _cf._base.RUNNING if self._phase == _PH_SENT else _cf._base.PENDING
+        if st == _ERROR and type(self._value) is _CancelledCall:
+            return _cf._base.CANCELLED_AND_NOTIFIED
+        return _cf._base.FINISHED
+
     def _unpin(self) -> None:
         """A message that sends this Future as a reference has been counted for (or will not
         be sent): give back the count `_complete` kept for it meanwhile."""
@@ -586,20 +687,20 @@ class Future(AbstractRemoteRef, Generic[T]):
             self._pins -= 1
             release = 0
             held = self._held
-            if not self._pins and self._state in (_VALUE, _ERROR) and held.count > 0:
+            if not self._pins and self._st in (_VALUE, _ERROR) and held.count > 0:
                 release, held.count = held.count, 0
         if release and not isinstance(self._value, ProcessExitedException):
             _queue_delta(self.where, self.rrid, PGRP.id, -release)
 
-    def _result(self) -> Any:
-        if self._state == _ERROR:
+    def _outcome(self) -> Any:
+        if self._st == _ERROR:
             raise self._value
         return self._value
 
     # -- public API --
     def isready(self) -> bool:
         """True if a value has been put (or the call has finished)."""
-        if self._state != _PENDING:
+        if self._st != _PENDING:
             return True
         if self.where == PGRP.id:
             cell = STORE.get(self.rrid)
@@ -612,12 +713,12 @@ class Future(AbstractRemoteRef, Generic[T]):
         """Wait until the value is there and return the Future; raise the RemoteException of
         a failed call, `TimeoutError` after about `timeout` seconds."""
         self._wait_done(timeout)
-        if self._state == _ERROR:
+        if self._st == _ERROR:
             raise self._value
         return self
 
     def _wait_done(self, timeout: float | None) -> None:
-        if self._state != _PENDING:
+        if self._st != _PENDING:
             return
         if self.where == PGRP.id:
             cell = STORE.lookup(self.rrid, _Cell)
@@ -629,7 +730,7 @@ class Future(AbstractRemoteRef, Generic[T]):
             # Read the push here if nobody else reads that connection.
             w = PGRP.workers.get(self.where)
             if w is not None and w.conn is not None:
-                wait_reply(w.conn, lambda: self._state != _PENDING, timeout)
+                wait_reply(w.conn, lambda: self._st != _PENDING, timeout)
             latch = self._latch
             if not acquire(latch, timeout):
                 raise TimeoutError(f"Future not ready after {timeout} seconds (process {self.where})")
@@ -642,32 +743,126 @@ class Future(AbstractRemoteRef, Generic[T]):
         """The value (waiting for it); raises the RemoteException of a failed call,
         `ProcessExitedException` if the owner is lost, `TimeoutError` after about `timeout`
         seconds (the Future stays usable)."""
-        if self._state in (_VALUE, _ERROR):
-            return self._result()
+        if self._st in (_VALUE, _ERROR):
+            return self._outcome()
         self._wait_done(timeout)
-        if self._state in (_VALUE, _ERROR):
-            return self._result()
+        if self._st in (_VALUE, _ERROR):
+            return self._outcome()
         ok, value = _ask_owner(self, "Future.fetch", _fetch_ref, (), timeout)
         self._complete(_VALUE if ok else _ERROR, value)
-        return self._result()
+        return self._outcome()
 
     def put(self, value: T) -> "Future[T]":
         """Set the value; a Future can be set only once (InvalidStateError)."""
-        if self._state in (_VALUE, _ERROR):
+        if self._st in (_VALUE, _ERROR):
             raise InvalidStateError("Future can be set only once")
         _on_owner(self, _put_ref, value)
         self._complete(_VALUE, value)
         return self
 
     def done(self) -> bool:
-        """True once the outcome is known here (never blocks, never messages)."""
-        return self._state != _PENDING
+        """True once the outcome is known here: finished, failed or cancelled (never blocks,
+        never messages)."""
+        return self._st != _PENDING
 
-    def add_done_callback(self, fn: Callable[["Future[T]"], None]) -> None:
-        """Call `fn(self)` once the value is there (at once if it is). It runs in the thread
-        that completes the Future, often a connection's reading thread: it must not block."""
+    # -- concurrent.futures.Future --
+    def result(self, timeout: float | None = None) -> T:
+        """The value, as `fetch`, for `concurrent.futures` code: raises what `fetch` raises
+        (the RemoteException of a failed call, `ProcessExitedException`), `CancelledError`
+        if cancelled, `TimeoutError` (also `concurrent.futures.TimeoutError`) after about
+        `timeout` seconds."""
+        try:
+            return self.fetch(timeout)
+        except TimeoutError as e:
+            raise self._timeout_error(e) from None
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The exception `result` would raise, or None once it succeeded (waiting up to
+        `timeout` seconds, then `TimeoutError`); raises `CancelledError` if cancelled. A
+        result too large to have been pushed is not fetched for this."""
+        if self._st == _PENDING:
+            try:
+                self._wait_done(timeout)
+            except TimeoutError as e:
+                raise self._timeout_error(e) from None
+            except ProcessExitedException as e:
+                return e
+        if self._st == _ERROR:
+            if type(self._value) is _CancelledCall:
+                raise self._value
+            return self._value
+        return None
+
+    def _timeout_error(self, e: TimeoutError) -> BaseException:
+        """`e` as concurrent.futures' TimeoutError, unless it is the call's own outcome."""
+        if isinstance(e, FutureTimeoutError) or (self._st == _ERROR and e is self._value):
+            return e
+        return FutureTimeoutError(*e.args)
+
+    def cancelled(self) -> bool:
+        """True if `cancel` succeeded (here or in another holder of a `Future(pid)`)."""
+        return self._st == _ERROR and type(self._value) is _CancelledCall
+
+    def running(self) -> bool:
+        """True while the call has been sent to its worker and has not finished (it may be
+        waiting there behind another call of its Executor, and then `cancel` still works)."""
+        return self._st == _PENDING and self._phase == _PH_SENT
+
+    def cancel(self) -> bool:
+        """Make sure the call never runs; True if it will not (or was cancelled already).
+
+        A call still queued in its `Executor`, or sent to its worker but not started there
+        (the worker is asked: one round trip), is cancelled: `result` and `fetch` then raise
+        `concurrent.futures.CancelledError`. A running or finished call is not (False). An
+        empty `Future(pid)` is cancelled on its owner unless a value was put: every holder's
+        `fetch` then raises CancelledError and `put` raises InvalidStateError. Only the
+        process that made the call (or the Future) can cancel it; elsewhere this says False."""
+        if self._st != _PENDING:
+            return self.cancelled()
+        phase = self._phase
+        hook = self._cancel_hook
+        try:
+            if phase == _PH_PLAIN:
+                ok = _on_owner(self, _cancel_plain_ref)
+            elif hook is not None:
+                ok = hook(self)
+            elif phase == _PH_SENT:
+                ok = call_fetch(self.where, _cancel_unstarted_ref, (self.rrid,))
+            else:
+                ok = False
+        except ProcessExitedException:
+            ok = False  # (the Future fails with it)
+        if ok:
+            self._complete(_ERROR, _cancelled_error(self))
+        return self.cancelled()
+
+    def set_running_or_notify_cancel(self) -> bool:
+        """For executors (concurrent.futures): False if the Future was cancelled, True if it
+        is pending; RuntimeError once it has finished."""
+        if self.cancelled():
+            return False
+        if self._st == _PENDING:
+            return True
+        raise RuntimeError(f"{self!r} in unexpected state")
+
+    def set_result(self, result: T) -> None:
+        """`put(result)`, for executors (concurrent.futures): InvalidStateError if set."""
+        self.put(result)
+
+    def set_exception(self, exception: BaseException | None) -> None:
+        """Make the Future fail with `exception` (`fetch` and `result` raise it, on every
+        holder): InvalidStateError if it is set already."""
+        if self._st in (_VALUE, _ERROR):
+            raise InvalidStateError("Future can be set only once")
+        _on_owner(self, _set_error_ref, exception)
+        self._complete(_ERROR, exception)
+
+    def add_done_callback(self, fn: Callable[["Future[T]"], object]) -> None:
+        """Call `fn(self)` once, when the Future is done (at once if it is). It runs in the
+        thread that completes the Future, often a connection's reading thread: it must not
+        block. An exception it raises is logged."""
         with self._lock:
-            pending = self._state == _PENDING
+            pending = self._st == _PENDING
             if pending:
                 if self._callbacks is None:
                     self._callbacks = []
@@ -675,7 +870,10 @@ class Future(AbstractRemoteRef, Generic[T]):
                 start_watch = not self._watching and self._latch is None
                 self._watching = True
         if not pending:
-            fn(self)
+            try:
+                fn(self)
+            except Exception:
+                logging.getLogger(__name__).exception("pydist: error in a Future done-callback")
         elif start_watch:
             self._watch()
 
@@ -701,7 +899,7 @@ class Future(AbstractRemoteRef, Generic[T]):
     def __await__(self) -> Generator[Any, None, T]:
         import asyncio
 
-        if self._state == _PENDING:
+        if self._st == _PENDING:
             loop = asyncio.get_running_loop()
             waiter = loop.create_future()
 
@@ -710,8 +908,8 @@ class Future(AbstractRemoteRef, Generic[T]):
 
             self.add_done_callback(wake)
             yield from waiter.__await__()
-        if self._state in (_VALUE, _ERROR):
-            return self._result()
+        if self._st in (_VALUE, _ERROR):
+            return self._outcome()
         loop = asyncio.get_running_loop()
         return (yield from loop.run_in_executor(None, self.fetch).__await__())
 
@@ -762,10 +960,16 @@ def _put_ref(rrid: RRID, value: Any) -> None:
     STORE.lookup(rrid, _Cell).set(True, value)
 
 
+def _set_error_ref(rrid: RRID, exc: BaseException) -> None:
+    STORE.lookup(rrid, _Cell).set(False, exc)
+
+
 def _reduce_future(fut: Future, pickler: Any):
     with fut._lock:  # decide and pin at once: `_complete` then keeps our count (see _pin)
-        if fut._state in (_VALUE, _ERROR):
-            return (_rebuild_future, (fut.where, fut.whence, fut.id, fut._state, fut._value))
+        if fut._st in (_VALUE, _ERROR):
+            return (_rebuild_future, (fut.where, fut.whence, fut.id, fut._st, fut._value))
+        if fut._latch is not None and fut._held.count == 0:  # an Executor's, see `sending`
+            raise TypeError(f"{fut!r} is an Executor's and not done: it cannot be sent yet")
         if pickler.dest is not None:
             fut._pins += 1
     if pickler.dest is not None:
@@ -808,7 +1012,7 @@ def _arrived(ref_cls: type, where: int, rrid: RRID) -> Any:
     existing = _local(rrid)  # (the sender has counted us already, also if we are the owner)
     if existing is not None and type(existing) is ref_cls:
         with existing._lock:
-            if getattr(existing, "_state", _PENDING) not in (_VALUE, _ERROR):
+            if getattr(existing, "_st", _PENDING) not in (_VALUE, _ERROR):
                 existing._held.count += 1
                 return existing
         _queue_delta(where, rrid, PGRP.id, -1)  # already fetched here: give it back
@@ -860,7 +1064,40 @@ def on_push(conn, msg: protocol.Message):
 
 def new_call_future(where: int) -> Future:
     """The Future of a remotecall to `where`, whose result the worker will push to us."""
-    return Future._make(where, _new_rrid(), _PENDING, None, 1, push=True)
+    return Future._make(where, _new_rrid(), _PENDING, None, 1, push=True, phase=_PH_SENT)
+
+
+def landed(fut: Future, slot: Any) -> None:
+    """The reply to the request of a queued Future (see `sending`) is its outcome."""
+    fut._complete(_VALUE if slot.ok else _ERROR, slot.value)
+
+
+def not_cancellable(fut: Future) -> bool:
+    """The cancel hook of a call that starts as soon as it is made (a call to this process)."""
+    return False
+
+
+def new_queued_future(cancel: Callable[[Future], bool],
+                      done: Callable[[Future], object] | None = None) -> Future:
+    """The Future of a call not sent yet (queued in an Executor): no owner yet (`where` 0),
+    `cancel` (the queue's) takes it back; `sending` then makes it a call's Future. Its
+    outcome comes in a reply (`landed`): it can be sent to other processes only once done."""
+    fut = Future._make(0, _new_rrid(), _PENDING, None, 0, push=True, phase=_PH_QUEUED)
+    fut._cancel_hook = cancel
+    if done is not None:  # (a first done-callback, before anyone else can see the Future)
+        fut._callbacks = [done]
+    return fut
+
+
+def sending(fut: Future, where: int, cancel: Callable[[Future], bool] | None = None) -> None:
+    """A queued Future's call is about to be sent to `where`, as a request whose reply
+    completes the Future (nothing is stored there, no count is held); to this process, it
+    runs as a call of a Future owned here (one count, on our own store)."""
+    fut.where = fut._held.where = where
+    if where == PGRP.id:
+        fut._held.count = 1
+    fut._cancel_hook = cancel
+    fut._phase = _PH_SENT
 
 
 def worker_lost(pid: int, state: Any) -> None:
@@ -874,7 +1111,7 @@ def worker_lost(pid: int, state: Any) -> None:
     lost = exited(pid)
     for held in list(_client_refs.values()):
         ref = held()
-        if isinstance(ref, Future) and ref.where == pid and ref._state in (_PENDING, _REMOTE_DONE):
+        if isinstance(ref, Future) and ref.where == pid and ref._st in (_PENDING, _REMOTE_DONE):
             ref._complete(_ERROR, lost)
 
 

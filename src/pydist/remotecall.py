@@ -15,7 +15,7 @@ from typing import Any, Callable, ParamSpec, Protocol, TypeVar, Union
 from . import protocol, serialization
 from .calls import call_fetch, connection, exited, pack, remote_do_internal, run_user_call, unpack_call
 from .group import PGRP
-from .refs import RRID, STORE, Future, _Cell, new_call_future
+from .refs import _ERROR, _PH_SENT, _VALUE, RRID, STORE, Future, _Cell, _unstarted, new_call_future, not_cancellable
 from .transport import Connection, ConnectionClosed
 
 __all__ = ["remotecall", "remotecall_fetch", "remotecall_wait", "remote_do"]
@@ -66,6 +66,7 @@ def remotecall(f: Callable[P, T], id: Target, *args: P.args, **kwargs: P.kwargs)
     pid = _target(id)
     if pid == PGRP.id:
         fut: Future[T] = Future(pid)
+        fut._phase, fut._cancel_hook = _PH_SENT, not_cancellable  # it starts at once
         cell = STORE.lookup(fut.rrid, _Cell)
         threading.Thread(target=_run_here, args=(cell, f, args, kwargs),
                          name="pydist-local-call", daemon=True).start()
@@ -78,6 +79,26 @@ def remotecall(f: Callable[P, T], id: Target, *args: P.args, **kwargs: P.kwargs)
     except ConnectionClosed:
         raise exited(pid) from None
     return fut
+
+
+def run_into_future(fut: Future, f: Callable, args: tuple, kwargs: dict) -> None:
+    """Run `f(*args, **kwargs)` here, in its own thread, as the call of `fut` (a Future owned
+    here whose call was queued: see `refs.new_queued_future`)."""
+    cell = STORE.lookup(fut.rrid, _Cell)
+
+    def reply(ok: bool, value: Any) -> None:
+        cell.set(ok, value)
+        fut._complete(_VALUE if ok else _ERROR, value)
+
+    threading.Thread(target=_run_here_into, args=(reply, f, args, kwargs),
+                     name="pydist-local-call", daemon=True).start()
+
+
+def _run_here_into(reply: Callable[[bool, Any], None], f: Callable, args: tuple,
+                   kwargs: dict) -> None:
+    outcome = run_user_call(f, args, kwargs, reply)
+    if outcome is not None:
+        reply(*outcome)
 
 
 def _run_here(cell: _Cell, f: Callable, args: tuple, kwargs: dict) -> None:
@@ -130,8 +151,11 @@ def on_call(conn: Connection, msg: protocol.Message):
     ok, call = unpack_call(msg)
     if not ok:
         return lambda: _finish(conn, rrid, cell, False, call)
+    _unstarted[rrid] = cell  # until it starts, the caller may cancel it
 
     def task() -> None:
+        if _unstarted.pop(rrid, None) is None:
+            return  # cancelled before it started (the cell says so)
         outcome = run_user_call(*call, functools.partial(_finish, conn, rrid, cell))  # type: ignore[call-arg]
         if outcome is not None:
             _finish(conn, rrid, cell, *outcome)

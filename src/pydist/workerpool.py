@@ -123,7 +123,7 @@ class AbstractWorkerPool(ABC):
             raise
 
         def done(fut: Any) -> None:
-            if fut._state == _ERROR:  # (a failure pushed as "done" only is not seen here)
+            if fut._st == _ERROR:  # (a failure pushed as "done" only is not seen here)
                 self._call_failed(w, f, lead)
             self._give_back_later(w)
 
@@ -240,6 +240,25 @@ class WorkerPool(AbstractWorkerPool):
             if not self._workers and self._default:
                 return 1
             return self._take_free_live()
+
+    def _take_this(self, w: int) -> bool:
+        """Take worker `w` if it is free and live (True); never waits."""
+        with self._cond:
+            if w in self._free and _alive(w):
+                self._free.remove(w)
+                return True
+            return False
+
+    def _take_within(self, timeout: float) -> int | None:
+        """A free live worker, waiting up to `timeout` seconds for one; else None."""
+        with self._cond:
+            if not self._workers and self._default:
+                return 1
+            w = self._take_free_live()
+            if w is None and self._workers:
+                self._cond.wait(timeout)
+                w = self._take_free_live()
+            return w
 
     def wait(self) -> None:
         with self._cond:
