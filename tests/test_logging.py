@@ -152,6 +152,21 @@ def test_garbage_on_a_connection_is_a_warning_naming_the_peer(caplog):
         b.close()
 
 
+def _relayed(capsys, enough, timeout: float = 20.0) -> tuple[str, str]:
+    """What was printed (stdout, stderr) once `enough(stdout)` holds, or after `timeout`:
+    workers' output reaches us through relay threads, a little later."""
+    import time
+
+    out = err = ""
+    deadline = time.monotonic() + timeout
+    while True:
+        captured = capsys.readouterr()
+        out, err = out + captured.out, err + captured.err
+        if enough(out) or time.monotonic() > deadline:
+            return out, err
+        time.sleep(0.05)
+
+
 @pytest.mark.timeout(180)
 def test_the_cookie_is_in_no_record_nor_in_a_worker_log(fresh_workers, caplog, capsys):
     """A whole cycle at DEBUG, on the master and (PYDIST_LOG_LEVEL) on the worker."""
@@ -169,23 +184,17 @@ def test_the_cookie_is_in_no_record_nor_in_a_worker_log(fresh_workers, caplog, c
     for r in records:
         assert cookie not in r.getMessage(), r.getMessage()
         assert cookie not in repr(r.args), r.args
-    from pydist.managers import WorkerOutput
-
-    WorkerOutput.drain_all(10)
-    out = capsys.readouterr()
-    assert f"From worker {pid}:" in out.out and "pydist." in out.out, out.out[-2000:]
-    assert cookie not in out.out + out.err
+    out, err = _relayed(capsys, lambda out: f"From worker {pid}:" in out and "exiting" in out)
+    assert f"From worker {pid}:" in out and "pydist." in out, out[-2000:]
+    assert cookie not in out + err
 
 
 @pytest.mark.timeout(120)
 def test_a_worker_with_pydist_log_level_relays_its_records(fresh_workers, capsys):
     (pid,) = fresh_workers(1, env={"PYDIST_LOG_LEVEL": "INFO"})
     pydist.rmprocs(pid, waitfor=60)
-    from pydist.managers import WorkerOutput
-
-    WorkerOutput.drain_all(10)
-    lines = [line for line in capsys.readouterr().out.splitlines()
-             if f"From worker {pid}:" in line]
+    out, _ = _relayed(capsys, lambda out: f"joined as worker {pid}" in out)
+    lines = [line for line in out.splitlines() if f"From worker {pid}:" in line]
     assert any("INFO" in line and "pydist.joining" in line and f"joined as worker {pid}" in line
                for line in lines), lines
     assert not any("DEBUG" in line for line in lines), lines
