@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import itertools
 import os
-import signal
 import threading
 import time
 
@@ -16,6 +15,7 @@ import pytest
 
 import pydist
 from conftest import wait_until
+from maphelpers import DiesOnce, FlakyOnOdd
 from pydist import (
     ExponentialBackOff,
     ProcessExitedException,
@@ -83,35 +83,6 @@ def assert_work_stopped(directory) -> None:
     count = ran(directory)
     time.sleep(0.3)
     assert ran(directory) == count
-
-
-class FlakyOnOdd:
-    """Fails the first attempt at each odd element (a marker file records it)."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-
-    def __call__(self, x):
-        if x % 2:
-            marker = os.path.join(self.directory, f"tried-{x}")
-            if not os.path.exists(marker):
-                open(marker, "w").close()
-                raise ValueError(f"first try at {x}")
-        return 10 * x
-
-
-class DiesOnce:
-    """Kills its own worker process the first time it meets `x == target`."""
-
-    def __init__(self, directory: str, target: int):
-        self.marker = os.path.join(directory, "died")
-        self.target = target
-
-    def __call__(self, x):
-        if x == self.target and not os.path.exists(self.marker):
-            open(self.marker, "w").close()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return x + 1
 
 
 @pytest.mark.timeout(120)

@@ -19,23 +19,23 @@ at its position (as it completes, unordered), and ends the iterator.
 from __future__ import annotations
 
 import collections
-import math
 import operator
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
 from .calls import in_remote_call
-from .cluster import myid, workers
 from .pmap import (
     _all_retryable,
     _Batch,
     _element_runner,
     _Failed,
+    _plan,
     _Progress,
     _run_on_pool,
+    _split_pool,
     _unwrap,
 )
-from .workerpool import AbstractWorkerPool, CachingPool
+from .workerpool import AbstractWorkerPool
 
 __all__ = ["pgenerate"]
 
@@ -153,28 +153,13 @@ def pgenerate(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = No
     `on_error`, `retry_delays`, `retry_check`, and `progress` (a count, as the total is
     unknown).
     """
-    if iterables and isinstance(iterables[0], AbstractWorkerPool):
-        if pool is not None:
-            raise TypeError("pgenerate: pool given both positionally and as pool=")
-        pool, iterables = iterables[0], iterables[1:]
-    if not iterables:
-        raise TypeError("pgenerate: expected at least one iterable")
+    pool, iterables = _split_pool("pgenerate", pool, iterables)
     source: Iterator[tuple] = (zip(iterables[0]) if len(iterables) == 1
                                else zip(*iterables))
-    if pool is None:
-        pool = CachingPool(workers())
+    hint = min(operator.length_hint(it, 0) for it in iterables)
+    pool, nworkers, distributed, batch_size = _plan("pgenerate", pool, distributed,
+                                                    batch_size, hint)
     delays = list(retry_delays)
-    nworkers = max(1, pool.nworkers())
-    if distributed and (len(pool) == 0 or pool.workers() == [myid()]):
-        distributed = False
-    if batch_size == "auto":
-        hint = min(operator.length_hint(it, 0) for it in iterables)
-        batch_size = max(1, math.ceil(hint / (4 * nworkers))) if distributed else 1
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(
-            f"pgenerate: batch_size must be a positive int or 'auto', got {batch_size!r}")
-    if not distributed:
-        batch_size = 1
     return _generate(f, source, pool, ordered, distributed, batch_size, on_error, delays,
                      retry_check, nworkers, progress)
 

@@ -838,6 +838,38 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
     return results
 
 
+def _split_pool(name: str, pool: AbstractWorkerPool | None,
+                iterables: tuple) -> tuple[AbstractWorkerPool | None, tuple]:
+    """The pool, which may also come first among the iterables, and the iterables (pmap's
+    and pgenerate's arguments)."""
+    if iterables and isinstance(iterables[0], AbstractWorkerPool):
+        if pool is not None:
+            raise TypeError(f"{name}: pool given both positionally and as pool=")
+        pool, iterables = iterables[0], iterables[1:]
+    if not iterables:
+        raise TypeError(f"{name}: expected at least one iterable")
+    return pool, iterables
+
+
+def _plan(name: str, pool: AbstractWorkerPool | None, distributed: bool, batch_size: Any,
+          count: int) -> tuple[AbstractWorkerPool, int, bool, int]:
+    """(pool, nworkers, distributed, batch_size) of a map over about `count` elements: the
+    default pool is a CachingPool of all workers; a pool of no worker but this process runs
+    here; "auto" makes about 4 batches per worker."""
+    if pool is None:
+        pool = CachingPool(workers())
+    nworkers = max(1, pool.nworkers())
+    if distributed and (len(pool) == 0 or pool.workers() == [myid()]):
+        distributed = False
+    if batch_size == "auto":
+        batch_size = max(1, math.ceil(count / (4 * nworkers))) if distributed else 1
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"{name}: batch_size must be a positive int or 'auto', got {batch_size!r}")
+    if not distributed:
+        batch_size = 1
+    return pool, nworkers, distributed, batch_size
+
+
 def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
          distributed: bool = True, batch_size: int | str = 1, on_error: Callable | None = None,
          retry_delays: Iterable[float] = (), retry_check: Callable | None = None,
@@ -851,25 +883,11 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
     `retry_check(state, exc) -> (state, bool)`; `progress=True` shows a progress bar on stderr
     (tqdm's if tqdm is installed, else a plain text one).
     """
-    if iterables and isinstance(iterables[0], AbstractWorkerPool):
-        if pool is not None:
-            raise TypeError("pmap: pool given both positionally and as pool=")
-        pool, iterables = iterables[0], iterables[1:]
-    if not iterables:
-        raise TypeError("pmap: expected at least one iterable")
+    pool, iterables = _split_pool("pmap", pool, iterables)
     items = [(x,) for x in iterables[0]] if len(iterables) == 1 else list(zip(*iterables))
-    if pool is None:
-        pool = CachingPool(workers())
+    pool, nworkers, distributed, batch_size = _plan("pmap", pool, distributed, batch_size,
+                                                    len(items))
     delays = list(retry_delays)
-    nworkers = max(1, pool.nworkers())
-    if distributed and (len(pool) == 0 or pool.workers() == [myid()]):
-        distributed = False
-    if batch_size == "auto":
-        batch_size = max(1, math.ceil(len(items) / (4 * nworkers))) if distributed else 1
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise ValueError(f"pmap: batch_size must be a positive int or 'auto', got {batch_size!r}")
-    if not distributed:
-        batch_size = 1
     progress_bar = _Progress(progress, len(items))
     lend = in_remote_call()  # decided here: the map's helper threads act for this thread
     try:
