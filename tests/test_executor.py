@@ -131,14 +131,17 @@ def test_cancel_a_call_queued_in_the_executor(pool1):
 @pytest.mark.timeout(60)
 def test_cancel_a_call_waiting_on_its_worker(pool1):
     """Tiny calls open the worker's window: a call sent behind a long one waits there (not
-    started) and can still be cancelled; the worker never runs it."""
+    started) and can still be cancelled; the worker never runs it. (The first call of a
+    burst goes alone; the calls behind it are sent together once it is done.)"""
     w = pool1.workers()[0]
     with Executor(pool=pool1) as ex:
         for _ in range(5):
             list(ex.map(H.square, range(300)))
         pydist.remotecall_fetch(H.forget, w)
+        first = ex.submit(H.record, "first")
         busy = ex.submit(H.sleep_then, 1.0, "busy")
         behind = ex.submit(H.record, "behind")
+        assert first.result(30) == "first"
         time.sleep(0.2)
         assert behind.running()  # sent to the worker, waiting there behind busy
         assert behind.cancel() is True
@@ -147,7 +150,7 @@ def test_cancel_a_call_waiting_on_its_worker(pool1):
             behind.exception()
         assert busy.result(30) == "busy"
         assert ex.submit(H.record, "after").result(30) == "after"
-    assert pydist.remotecall_fetch(H.ran, w) == ["busy", "after"]
+    assert pydist.remotecall_fetch(H.ran, w) == ["first", "busy", "after"]
 
 
 @pytest.mark.timeout(60)

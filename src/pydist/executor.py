@@ -12,7 +12,10 @@ duration when calls wait there, a round trip plus a call when none do). So tiny 
 pipelined, and what waits on a worker behind its running call (while another worker may
 be free) stays under about BUDGET seconds. On the worker, the calls of one executor run one
 at a time, in order (`_serial_call`): a worker is one slot, as a process of a
-ProcessPoolExecutor is. Calls beyond the windows wait here in the executor's
+ProcessPoolExecutor is. A call sent to a worker with nothing else of ours in flight there
+goes *bare* (the plain call, no lane on the worker: it runs as soon as it arrives), and no
+other call follows it there until it is done; so a lone `submit(...).result()` costs what a
+`remotecall` does. Calls beyond the windows wait here in the executor's
 queue, and are sent as calls finish (from the completion callback, without a thread hop)
 or, when workers free up elsewhere in the pool, by the executor's feeder thread, which
 runs only while calls are queued and waits in slices of at most FEED_WAIT seconds.
@@ -56,6 +59,7 @@ from .refs import (
     _cancelled_error,
     landed,
     new_queued_future,
+    not_cancellable,
     sending,
 )
 from .remotecall import run_into_future
@@ -74,18 +78,24 @@ FEED_WAIT = 0.05   # s: the feeder's wait for a free worker, in slices
 LINGER = 0.002     # s: a worker with nothing to do is given back to the pool after this
 
 _ids = itertools.count(1)
+_EMPTY: dict = {}
 
 
 class _Lane:
     """A worker the executor holds: calls in flight there, how many it may have."""
 
-    __slots__ = ("w", "inflight", "window", "last")
+    __slots__ = ("w", "inflight", "window", "last", "bare")
 
     def __init__(self, w: int, window: int) -> None:
         self.w = w
         self.inflight = 0
         self.window = window
         self.last = 0.0
+        self.bare = False  # a bare call (see above) is in flight: nothing may follow it
+
+    def room(self) -> int:
+        """How many more calls may be sent here now."""
+        return 0 if self.bare else self.window - self.inflight
 
 
 class Executor(_cf.Executor):
@@ -150,14 +160,11 @@ class Executor(_cf.Executor):
             if lane is None:
                 self._queue[fut] = (fn, args, kwargs)
             else:  # a held worker has room: straight there
-                if not lane.inflight:
-                    lane.last = time.monotonic()
-                lane.inflight += 1
-                sending(fut, lane.w, self._cancel_sent)
+                bare = self._start_sending(lane, [fut])
         if lane is None:
             self._pump(take=True)
         else:
-            self._send(lane.w, [(fut, (fn, args, kwargs))])
+            self._send(lane.w, [(fut, (fn, args, kwargs))], bare)
         return fut
 
     def map(self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: float | None = None,
@@ -221,13 +228,26 @@ class Executor(_cf.Executor):
         """The held worker with the fewest calls in flight, if any has room (lock held)."""
         best = None
         for lane in self._lanes.values():
-            if lane.inflight < lane.window and (best is None or lane.inflight < best.inflight):
+            if lane.room() > 0 and (best is None or lane.inflight < best.inflight):
                 best = lane
         return best
 
-    def _send(self, w: int, batch: list) -> None:
+    def _start_sending(self, lane: _Lane, futs: list[Future]) -> bool:
+        """(Lock held.) `futs` are about to be sent to `lane`'s worker: count them in flight
+        there; True if they go bare (a lone call to a worker with nothing of ours)."""
+        bare = not lane.inflight and len(futs) == 1 and lane.w != PGRP.id
+        if not lane.inflight:
+            lane.last = time.monotonic()
+        lane.inflight += len(futs)
+        lane.bare = bare
+        for fut in futs:
+            # (a bare call runs as it arrives: there is no lane to take it out of)
+            sending(fut, lane.w, not_cancellable if bare else self._cancel_sent)
+        return bare
+
+    def _send(self, w: int, batch: list, bare: bool = False) -> None:
         """Send a batch of queued calls to worker `w`, in one write (a Future whose call
-        could not be sent fails, as a call would)."""
+        could not be sent fails, as a call would); `bare`: one call, without its lane."""
         if w == PGRP.id:
             for fut, (fn, args, kwargs) in batch:
                 run_into_future(fut, _serial_call, (self._key, fut.id, fn, args, kwargs), {})
@@ -244,10 +264,10 @@ class Executor(_cf.Executor):
         sids = []
         for fut, (fn, args, kwargs) in batch:
             sid, _ = new_slot(w, functools.partial(landed, fut))
+            call = (fn, args, kwargs) if bare else (
+                _serial_call, (self._key, fut.id, fn, args, kwargs), _EMPTY)
             try:
-                chunks += pack(w, protocol.CALL_FETCH,
-                               (_serial_call, (self._key, fut.id, fn, args, kwargs), {}),
-                               a=sid, what=fn)
+                chunks += pack(w, protocol.CALL_FETCH, call, a=sid, what=fn)
             except BaseException as e:  # could not pickle
                 SLOTS.pop(sid, None)
                 fut._complete(_ERROR, e)
@@ -280,13 +300,9 @@ class Executor(_cf.Executor):
                     return
                 lane = self._lane_with_room()
                 if lane is not None:
-                    n = min(lane.window - lane.inflight, len(self._queue))
+                    n = min(lane.room(), len(self._queue))
                     batch = [self._queue.popitem(last=False) for _ in range(n)]
-                    if not lane.inflight:
-                        lane.last = time.monotonic()
-                    lane.inflight += n
-                    for fut, _ in batch:
-                        sending(fut, lane.w, self._cancel_sent)
+                    bare = self._start_sending(lane, [fut for fut, _ in batch])
                 elif not take:
                     self._start_feeder()
                     return
@@ -299,7 +315,7 @@ class Executor(_cf.Executor):
                         self._start_feeder()
                     return
                 continue
-            self._send(lane.w, batch)
+            self._send(lane.w, batch, bare)
 
     def _hold(self, w: int) -> bool:
         with self._lock:
@@ -394,6 +410,7 @@ class Executor(_cf.Executor):
             lane = self._lanes.get(fut.where)
             if lane is not None and fut.where:
                 lane.inflight -= 1
+                lane.bare = False  # (a bare call is the only one in flight on its lane)
                 now = time.monotonic()
                 gap, lane.last = now - lane.last, now
                 avg = self._gaps[lane.w] = 0.5 * (self._gaps.get(lane.w, gap) + gap)
