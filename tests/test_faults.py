@@ -113,6 +113,7 @@ def test_heartbeats_reach_workers_and_can_be_turned_off(fresh_workers):
 
 
 # ------------------------------------------------------------------ silent peers
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_stopped_worker_is_declared_dead_and_everything_waiting_on_it_fails(
         fresh_workers, stopped):
@@ -151,6 +152,7 @@ def test_a_stopped_peer_worker_is_declared_dead_by_the_worker_calling_it(fresh_w
     assert pydist.remotecall_fetch(_me, a) == a
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_busy_workers_and_large_transfers_are_not_declared_dead(fresh_workers):
     """Heartbeats do not wait behind calls: many times the timeout of pure Python, or of a C
@@ -174,6 +176,7 @@ def _zeros(n: int):
     return numpy.zeros(n, dtype=numpy.uint8)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_a_transfer_longer_than_the_timeout_is_not_silence(fresh_workers):
     """Arrays that take several heartbeat timeouts to cross (the worker's socket buffers are
@@ -222,6 +225,7 @@ MASTER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_stopped_master_keeps_its_workers_for_less_than_the_timeout_not_longer(tmp_path):
     hb = 3.0

@@ -846,6 +846,7 @@ def test_third_party_reference_keeps_value_alive(w, kind):
     wait_freed(w2, rrid)
 
 
+@pytest.mark.slow
 def test_third_party_fetch_and_drop_race(w):
     w2, w3 = w
     rrids = []

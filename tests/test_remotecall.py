@@ -622,6 +622,7 @@ def put_value(ch, value):
     ch.put(value)
 
 
+@pytest.mark.slow
 def test_a_reply_queued_behind_a_long_call_is_not_held_by_it(fresh_workers):
     """A worker that has received several calls at once lets their replies leave together
     (Connection.send_reply); a reply must still not wait for a long call queued after it."""
@@ -652,6 +653,7 @@ def test_a_reply_queued_behind_a_long_call_is_not_held_by_it(fresh_workers):
         assert futures["slow"].fetch(timeout=30) is None
 
 
+@pytest.mark.slow
 def test_a_call_that_runs_several_answers_each_as_it_ends(fresh_workers):
     """A pmap lane: one call runs the elements queued behind it, and each reply leaves as its
     element ends, also when the calls were read together (their replies may then wait to

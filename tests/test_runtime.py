@@ -89,6 +89,7 @@ def _stop_and_fill(w: int) -> tuple[int, threading.Thread, list]:
     return ospid, t, outcome
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_rmprocs_of_a_worker_that_does_not_read_ends_in_bounded_time(fresh_workers, request):
     w = fresh_workers(1)[0]
@@ -104,6 +105,7 @@ def test_rmprocs_of_a_worker_that_does_not_read_ends_in_bounded_time(fresh_worke
     assert isinstance(outcome[0], ProcessExitedException)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_escalation_kills_the_children_of_a_wrapper_exename(fresh_workers, tmp_path, request):
     wrapper = tmp_path / "wrapped-python"
@@ -138,6 +140,7 @@ EXIT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("case", ["healthy", "stopped"])
 def test_interpreter_exit_is_bounded_quiet_and_leaves_no_worker(case, tmp_path):

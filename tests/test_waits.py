@@ -125,6 +125,7 @@ def test_item_ready_at_resume_is_taken_exactly_once_in_order(fresh_workers):
         assert len(rc) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_put_fetch_wait_timeouts_bound_the_callers_wait(fresh_workers):
     (a,) = fresh_workers(1)
@@ -145,6 +146,7 @@ def test_put_fetch_wait_timeouts_bound_the_callers_wait(fresh_workers):
     assert empty.fetch(timeout=GRACE) == "z"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_future_fetch_and_wait_timeouts_bound_the_callers_wait(fresh_workers):
     (a,) = fresh_workers(1)
