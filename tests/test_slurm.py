@@ -25,7 +25,7 @@ import pydist
 from pydist.exceptions import LaunchWorkerError, RemoteException
 from pydist.group import PGRP
 
-from conftest import pid_alive, wait_until
+from conftest import pid_alive, stop_process, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFRA = os.environ.get("PYDIST_INFRA_DIR", "/tmp/infra")
@@ -400,6 +400,19 @@ def test_a_worker_that_cannot_start_is_named_by_job_task_and_node(slurm):
     assert "task 0 on node h3" in message and "Slurm job " in message
     assert "/nonexistent/python" in message  # what the task said
     wait_until(lambda: not our_jobs(JOB), timeout=30, what="the job to end")
+
+
+def test_a_stopped_worker_is_killed_on_its_node_when_removed(slurm, fresh_workers):
+    [pid] = fresh_workers(pydist.SlurmManager(1, partition="hosts", job_name=JOB, time="5:00",
+                                              nodelist="h1", exit_timeout=1, term_timeout=1))
+    config = config_of(pid)
+    job = config.userdata["slurm_job"]
+    stop_process(config.ospid)  # it cannot hear the exit request, nor act on SIGTERM
+    t0 = time.monotonic()
+    pydist.rmprocs(pid, waitfor=30)
+    assert time.monotonic() - t0 < 20
+    wait_until(lambda: not pid_alive(config.ospid), timeout=10, what="the worker to die")
+    wait_until(lambda: not job_listed(job), timeout=30, what=f"job {job} to end")
 
 
 # ---------------------------------------------------------------- a node dies

@@ -54,7 +54,7 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import IO, Any, Union
+from typing import Any, BinaryIO, Union
 
 from ..exceptions import LaunchWorkerError
 from ..group import PGRP
@@ -163,7 +163,7 @@ class _Task:
         self.index = index
         self.node: str | None = None
         rfd, self.wfd = os.pipe()
-        self.reader: IO[bytes] = os.fdopen(rfd, "rb")
+        self.reader: BinaryIO = os.fdopen(rfd, "rb")
         self.write_lock = threading.Lock()
         self.config: WorkerConfig | None = None
         self.status: str | None = None  # what srun said when it ended ("Killed", ...)
@@ -229,7 +229,7 @@ class _Step:
                 task = self.tasks[index] = _Task(index)
             return task
 
-    def read_stdout(self, stream: IO[bytes]) -> None:
+    def read_stdout(self, stream: BinaryIO) -> None:
         try:
             for raw in iter(stream.readline, b""):
                 line = raw.rstrip(b"\r\n")
@@ -256,7 +256,7 @@ class _Step:
         finally:
             self._reader_done()
 
-    def read_stderr(self, stream: IO[bytes]) -> None:
+    def read_stderr(self, stream: BinaryIO) -> None:
         try:
             for raw in iter(stream.readline, b""):
                 line = raw.rstrip(b"\r\n")
