@@ -327,8 +327,7 @@ class SlurmManager(ClusterManager):
             raise TypeError(f"SlurmManager: ntasks must be an int, got {ntasks!r}")
         if ntasks is not None and ntasks < 1:
             raise ValueError(f"SlurmManager: ntasks must be >= 1, got {ntasks}")
-        job: dict[str, OptionValue] = {"partition": partition, "time": time, "job_name": job_name}
-        for key, value in job.items():
+        for key, value in (("partition", partition), ("time", time), ("job_name", job_name)):
             if value is not None and not isinstance(value, str):
                 raise TypeError(f"SlurmManager: {key} must be a str, got {value!r}")
         self.ntasks = ntasks
@@ -338,8 +337,9 @@ class SlurmManager(ClusterManager):
         self.options = dict(options)
         self.exit_timeout = exit_timeout
         self.term_timeout = term_timeout
-        self._job_args = srun_options({k: v for k, v in job.items() if v is not None}) + \
-            srun_options(self.options)  # validated now: bad options fail before launching
+        # Validated now, so that bad options fail before anything runs.
+        self._job_args = srun_options({"job_name": job_name or "pydist", "partition": partition,
+                                       "time": time, **self.options})
         self._lock = threading.Lock()
         self._steps: list[_Step] = []
         self._gone: dict[int, threading.Event] = {}  # pid -> set when deregistered
@@ -355,7 +355,9 @@ class SlurmManager(ClusterManager):
     def submits_job(self) -> bool:
         """Whether `launch` submits a new job (True) or runs a step in the allocation this
         process runs in (False: `SLURM_JOB_ID` is set and no job option was given)."""
-        return bool(self._job_args) or not os.environ.get("SLURM_JOB_ID")
+        given = (self.partition, self.time, self.job_name)
+        return any(v is not None for v in given) or bool(self.options) or \
+            not os.environ.get("SLURM_JOB_ID")
 
     def _task_count(self, submit: bool) -> int:
         if self.ntasks is not None:
@@ -390,8 +392,7 @@ class SlurmManager(ClusterManager):
         if params.get("dir"):
             cmd.append(f"--chdir={params['dir']}")
         if submit:
-            cmd += [f"--job-name={self.job_name or 'pydist'}"] + [
-                a for a in self._job_args if not a.startswith("--job-name=")]
+            cmd += self._job_args
         cmd += ["sh", "-c", _TASK_WRAPPER, "pydist-slurm-task", exename, *exeflags,
                 "-m", "pydist.worker", "--exit-on-eof"]
         env = self._environment(params, submit)
@@ -464,23 +465,27 @@ class SlurmManager(ClusterManager):
                 raise LaunchWorkerError(
                     f"{step.job()}: srun ended{_status(code)} before starting {missing} of "
                     f"{step.ntasks} workers{step.srun_said()}")
+            queue = "for its job step to start" if step.inside else "in the queue"
             if now >= deadline:
+                reason = self._reason(step) if waiting is not None else ""
                 self._give_up(step)
                 if waiting is not None and announced == 0:
                     raise LaunchWorkerError(
-                        f"{step.job()} was still waiting in the queue after {timeout:g} s "
-                        f"({self._reason(step)}), and was cancelled; pass "
-                        f"addprocs(..., timeout=SECONDS) to wait longer")
+                        f"{step.job()} was still waiting {queue} after {timeout:g} s "
+                        f"({reason}), and was cancelled; pass addprocs(..., timeout=SECONDS) "
+                        f"to wait longer")
+                hint = (" (no task started: do other job steps hold the allocation's "
+                        "resources?)" if step.inside and announced == 0 else "")
                 raise LaunchWorkerError(
                     f"{step.job()}: {step.ntasks - announced} of {step.ntasks} workers did "
-                    f"not start within {timeout:g} s{step.srun_said()}")
+                    f"not start within {timeout:g} s{hint}{step.srun_said()}")
             if waiting is not None and (reported_at is None or now - reported_at >= 30):
                 reason = self._reason(step)
                 if reported_at is None:
-                    print(f"pydist: {step.job()} is waiting in the queue ({reason}); addprocs "
+                    print(f"pydist: {step.job()} is waiting {queue} ({reason}); addprocs "
                           f"will wait up to {timeout:g} s (its timeout)",
                           file=sys.stderr, flush=True)
-                log.info("%s is waiting in the queue (%s) for %.0f s", step.job(), reason,
+                log.info("%s is waiting %s (%s) for %.0f s", step.job(), queue, reason,
                          now - start)
                 reported_at = now
             with step.cond:
