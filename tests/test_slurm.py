@@ -415,6 +415,21 @@ def test_a_stopped_worker_is_killed_on_its_node_when_removed(slurm, fresh_worker
     wait_until(lambda: not job_listed(job), timeout=30, what=f"job {job} to end")
 
 
+def test_a_silent_worker_is_declared_dead_and_killed_on_its_node(slurm, fresh_workers):
+    pids = fresh_workers(manager(2, nodelist="h2,h3", ntasks_per_node=1), heartbeat_timeout=2)
+    [pid] = [p for p in pids if hostname_of(p) == "h2"]
+    config = config_of(pid)
+    job = config.userdata["slurm_job"]
+    stop_process(config.ospid)
+    with pytest.raises(pydist.ProcessExitedException, match="silent for"):
+        pydist.remotecall_fetch(socket.gethostname, pid)
+    # Killed on its node, while the job goes on for the other worker.
+    wait_until(lambda: not pid_alive(config.ospid), timeout=10,
+               what="the silent worker to be killed on its node")
+    assert job_listed(job)
+    assert [hostname_of(p) for p in pids if p != pid] == ["h3"]
+
+
 # ---------------------------------------------------------------- a node dies
 def _netns_inode(name: str) -> int:
     return os.stat(f"/run/netns/{name}").st_ino

@@ -592,6 +592,11 @@ class SlurmManager(ClusterManager):
         if config.ospid is None:  # it never joined: nothing to ask, the step may end
             self._task_done(config)
             return
+        if pid not in PGRP.workers:  # already lost, being silent: make sure it is gone
+            with contextlib.suppress(RuntimeError):
+                threading.Thread(target=self._signal, args=(pid, config, "KILL"), daemon=True,
+                                 name="pydist-slurm-kill").start()
+            return
         with contextlib.suppress(Exception):
             request_exit(pid)
         with contextlib.suppress(RuntimeError):  # at interpreter exit `cleanup` stops srun
