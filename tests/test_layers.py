@@ -30,7 +30,7 @@ LAYERS: list[tuple[set[str], bool]] = [
     ({"group"}, False),  # membership: PGRP, Worker records and states, deregister
     ({"dispatch"}, False),  # frames to handlers by kind; a connection's loss
     ({"managers"}, False),  # the ClusterManager interface, WorkerConfig, helpers
-    ({"managers.local", "managers.ssh"}, False),  # LocalManager, SSHManager
+    ({"managers.local", "managers.ssh", "managers.slurm"}, False),  # Local-, SSH-, SlurmManager
     ({"joining"}, False),  # connection setup: dialling, accepting, JOIN / IDENTIFY / EXIT
     ({"calls"}, False),  # reply slots, request/reply, running calls, interrupts
     ({"callbacks", "refs"}, False),  # lifecycle callbacks + statuses; Futures, RemoteChannels

@@ -1,5 +1,6 @@
 """The command line, like `julia -p N`: `pydist -p N script.py [args]`, `pydist -p N -c CODE`,
-`pydist -p N -m MODULE`, or `pydist -p N` alone for an interactive prompt.
+`pydist -p N -m MODULE`, or `pydist -p N` alone for an interactive prompt; `pydist --slurm
+script.py` inside a Slurm allocation starts one worker per task of the allocation.
 
 The script's `sys.path` and `sys.argv` are set up as `python` would set them *before* the
 workers start, because workers take the master's `sys.path` when they join: so a script can
@@ -18,7 +19,8 @@ import types
 
 __all__ = ["main"]
 
-USAGE = "pydist [-p N] [--machine-file FILE] [-c CODE | -m MODULE | script.py] [args ...]"
+USAGE = ("pydist [-p N] [--machine-file FILE] [--slurm] [-c CODE | -m MODULE | script.py] "
+         "[args ...]")
 
 
 def _count(text: str) -> int:
@@ -47,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="number of local workers to start ('auto': one per core)")
     parser.add_argument("--machine-file", metavar="FILE",
                         help="start SSH workers, one '[count*][user@]host[:port] [bind_addr[:port]]' per line")
+    parser.add_argument("--slurm", action="store_true",
+                        help="inside a Slurm allocation (salloc, sbatch): start one worker per "
+                             "task of the allocation with srun")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("-c", dest="command", metavar="CODE", help="run CODE (as python -c)")
     what.add_argument("-m", dest="module", metavar="MODULE", help="run MODULE as a script (as python -m)")
@@ -64,6 +69,9 @@ def main(argv: list[str] | None = None) -> None:
               "(pydist --help)", file=sys.stderr)
         sys.exit(2)
     opts = parser.parse_args(argv)
+    if opts.slurm and not os.environ.get("SLURM_JOB_ID"):
+        parser.error("--slurm runs inside a Slurm allocation (salloc or sbatch), but "
+                     "SLURM_JOB_ID is not set")
     args = list(opts.args)
     if opts.command is not None or opts.module is not None:
         if opts.script is not None:  # `-c CODE a b`: a and b are arguments, as for python
@@ -98,6 +106,10 @@ def main(argv: list[str] | None = None) -> None:
             machines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
         if machines:
             addprocs(machines)
+    if opts.slurm:
+        from .managers.slurm import SlurmManager
+
+        addprocs(SlurmManager())
 
     if opts.command is not None:
         with _as_main() as namespace:
