@@ -36,6 +36,11 @@ def call_other(target: int) -> tuple[int, str]:
     return pydist.remotecall_fetch(rank_and_host, target)
 
 
+def sleeper(started: RemoteChannel) -> None:
+    started.put(pydist.myid())
+    time.sleep(60)
+
+
 def square(x: int) -> int:
     return x * x
 
@@ -64,6 +69,14 @@ def check() -> dict:
     out["channel"] = sorted(channel.take() for _ in workers)
     out["w2w"] = pydist.remotecall_fetch(call_other, workers[0], workers[-1])
     pydist.remotecall_fetch(say, workers[1], "marker")
+    started = RemoteChannel(lambda: Channel(1), workers[0])
+    sleeping = pydist.remotecall(sleeper, workers[1], started)
+    started.take()
+    pydist.interrupt(workers[1])
+    try:
+        sleeping.result(timeout=30)
+    except Exception as e:
+        out["interrupted"] = f"{type(e).__name__}: {e}"
     pydist.rmprocs(workers[-1], waitfor=30)
     out["after_rmprocs"] = pydist.workers()
     out["pmap_after"] = pydist.pmap(square, range(6))
@@ -89,6 +102,9 @@ if __name__ == "__main__":
         result = kill()
     elif mode == "raise":
         raise ValueError("the script failed on purpose")
+    elif mode == "die":  # the master dies: the workers must exit by themselves
+        print("RESULT " + json.dumps({"workers": pydist.workers()}), flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
     else:
         sys.exit(int(mode))
     print("RESULT " + json.dumps(result), flush=True)

@@ -95,11 +95,11 @@ def _env(**extra: str) -> dict:
     return env
 
 
-def run_job(cmd: list[str], *args: str, env: dict | None = None,
-            job_name: str | None = None) -> subprocess.CompletedProcess:
+def run_job(cmd: list[str], *args: str, env: dict | None = None, job_name: str | None = None,
+            entry: tuple[str, ...] = ("-m", "pydist.mpi", SCRIPT)) -> subprocess.CompletedProcess:
     """Run `cmd python -m pydist.mpi mpi_script.py args` in tests/, bounded by JOB_TIMEOUT
     (then the launcher's process group is killed, and its Slurm job cancelled)."""
-    full = [*cmd, sys.executable, "-m", "pydist.mpi", SCRIPT, *args]
+    full = [*cmd, sys.executable, *entry, *args]
     proc = subprocess.Popen(full, cwd=HERE, env=env or _env(), stdin=subprocess.DEVNULL,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -145,6 +145,7 @@ def check_cluster(done: subprocess.CompletedProcess, worker_hosts: list[str] | N
     assert res["channel"] == [2, 3, 4]
     assert res["w2w"] == res["ranks"]["4"]
     assert "      From worker 3:\tmarker from 3" in done.stdout.splitlines()
+    assert "KeyboardInterrupt" in res["interrupted"]  # interrupt(3): SIGINT reached the rank
     assert res["after_rmprocs"] == [2, 3] and res["pmap_after"] == [x * x for x in range(6)]
     assert "script done" in done.stdout
     return res
@@ -206,6 +207,21 @@ def test_mpiexec_enable_recovery_keeps_the_job(mpiexec):
     assert done.returncode == 0  # (Open MPI 4.1 then returns 0 whatever the ranks did)
 
 
+def test_start_from_inside_a_script(mpiexec, tmp_path):
+    """`pydist.mpi.start()` in a script run by mpiexec directly: rank 0 gets the workers,
+    the other ranks serve and never run the rest of the script."""
+    script = tmp_path / "started.py"
+    script.write_text(
+        "import sys\n"
+        "import pydist, pydist.mpi\n"
+        "pids = pydist.mpi.start()\n"
+        "print('ONLY MASTER', pids, pydist.pmap(abs, range(-3, 3)), sys.argv[1:], flush=True)\n")
+    done = run_job([mpiexec, "-n", "3"], "q", entry=(str(script),))
+    assert done.returncode == 0, done.stderr
+    assert [line for line in done.stdout.splitlines() if "ONLY MASTER" in line] == [
+        "ONLY MASTER [2, 3] [3, 2, 1, 0, 1, 2] ['q']"]
+
+
 # ---------------------------------------------------------------- mpiexec across hosts
 def test_mpiexec_master_here_workers_on_hosts(mpiexec, hosts):
     me = socket.gethostname()
@@ -246,6 +262,23 @@ def test_srun_killed_worker_job_goes_on(srun):
     assert done.returncode != 0
 
 
+def test_srun_dead_master_ends_every_rank(srun):
+    """The master SIGKILLed: the workers see their connection to it close and exit, so
+    srun returns (nothing is left behind)."""
+    cmd, name = srun_cmd("-n", "3")
+    done = run_job(cmd, "die", job_name=name)
+    assert result_of(done)["workers"] == [2, 3]
+    assert done.returncode != 0
+    for pid in (2, 3):
+        assert f"From worker {pid}:\tWARNING pydist.dispatch: worker {pid}: the master is gone" \
+            in done.stderr, done.stdout + done.stderr
+    killed = [line for line in done.stderr.splitlines() if line.endswith("Killed")]
+    assert len(killed) == 1 and killed[0].endswith("task 0: Killed")  # workers: exited
+    left = subprocess.run(["squeue", "-h", "--name", name], capture_output=True, text=True,
+                          timeout=60)
+    assert left.stdout.strip() == ""
+
+
 def test_srun_script_error_status(srun):
     cmd, name = srun_cmd("-n", "3")
     done = run_job(cmd, "raise", job_name=name)
@@ -262,6 +295,18 @@ def test_singleton_runs_the_script_without_workers(mpiexec):
                           timeout=JOB_TIMEOUT)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[1] ['-c', 'x']"
+
+
+def test_tasks_that_mpi_sees_apart_are_refused(mpiexec):
+    """Slurm said the step has 2 tasks but MPI sees 1 rank (srun without --mpi=pmix, with an
+    MPI that then starts alone): an error instead of one master per task."""
+    done = subprocess.run([sys.executable, "-m", "pydist.mpi", "-c", "print('RAN')"],
+                          cwd=HERE, env=_env(SLURM_STEP_NUM_TASKS="2"), capture_output=True,
+                          text=True, timeout=JOB_TIMEOUT)
+    assert done.returncode == 1
+    assert "RAN" not in done.stdout
+    assert "srun started 2 tasks but MPI sees a job of 1 rank" in done.stderr
+    assert "srun --mpi=pmix" in done.stderr
 
 
 def test_missing_mpi4py_is_a_clear_error(tmp_path):

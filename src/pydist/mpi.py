@@ -54,9 +54,19 @@ def start() -> list[int]:
     afterwards on every rank: the script cannot use MPI itself."""
     MPI = _import_mpi()
     comm = MPI.COMM_WORLD
+    _check_launch(comm)
     if comm.Get_rank() != 0:
         _serve(comm, MPI)
     return _master(comm, MPI)
+
+
+def _check_launch(comm: Any) -> None:
+    """RuntimeError if Slurm started several tasks that MPI sees as separate one-rank jobs
+    (`srun` without `--mpi=pmix`): each would otherwise run the script as its own master."""
+    tasks = os.environ.get("SLURM_STEP_NUM_TASKS", "")
+    if comm.Get_size() == 1 and tasks.isdigit() and int(tasks) > 1:
+        raise RuntimeError(f"srun started {tasks} tasks but MPI sees a job of 1 rank: start "
+                           f"them with srun --mpi=pmix (or the MPI plugin your MPI uses)")
 
 
 def _master(comm: Any, MPI: Any) -> list[int]:
@@ -220,6 +230,12 @@ def main(argv: list[str] | None = None) -> None:
         print(e, file=sys.stderr, flush=True)
         sys.exit(1)
     comm = MPI.COMM_WORLD
+    try:
+        _check_launch(comm)
+    except RuntimeError as e:
+        print(f"python -m pydist.mpi: {e}", file=sys.stderr, flush=True)
+        MPI.Finalize()
+        sys.exit(1)
     if comm.Get_rank() != 0:
         _serve(comm, MPI)
     parser = _parser()
