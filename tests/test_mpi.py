@@ -207,16 +207,18 @@ def test_mpiexec_enable_recovery_keeps_the_job(mpiexec):
     assert done.returncode == 0  # (Open MPI 4.1 then returns 0 whatever the ranks did)
 
 
-def test_start_from_inside_a_script(mpiexec, tmp_path):
+@pytest.mark.parametrize("entry", [(), ("-m", "pydist.mpi")], ids=["python", "pydist.mpi"])
+def test_start_from_inside_a_script(mpiexec, tmp_path, entry):
     """`pydist.mpi.start()` in a script run by mpiexec directly: rank 0 gets the workers,
-    the other ranks serve and never run the rest of the script."""
+    the other ranks serve and never run the rest of the script. Under `python -m
+    pydist.mpi` the cluster exists already: start() returns its workers."""
     script = tmp_path / "started.py"
     script.write_text(
         "import sys\n"
         "import pydist, pydist.mpi\n"
         "pids = pydist.mpi.start()\n"
         "print('ONLY MASTER', pids, pydist.pmap(abs, range(-3, 3)), sys.argv[1:], flush=True)\n")
-    done = run_job([mpiexec, "-n", "3"], "q", entry=(str(script),))
+    done = run_job([mpiexec, "-n", "3"], "q", entry=(*entry, str(script)))
     assert done.returncode == 0, done.stderr
     assert [line for line in done.stdout.splitlines() if "ONLY MASTER" in line] == [
         "ONLY MASTER [2, 3] [3, 2, 1, 0, 1, 2] ['q']"]

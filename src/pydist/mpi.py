@@ -24,11 +24,12 @@ import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, NoReturn, TextIO
 
 from . import addprocs, cli
 from . import worker as _worker
 from .group import PGRP
+from .managers import mpi as _mpi_manager
 from .managers.mpi import MPIManager, abort_exchange, master_exchange, worker_exchange
 
 __all__ = ["start", "main"]
@@ -53,6 +54,11 @@ def start() -> list[int]:
     done with it, then exit the process (this call does not return). MPI is finalized
     afterwards on every rank: the script cannot use MPI itself."""
     MPI = _import_mpi()
+    if MPI.Is_finalized():
+        if _mpi_manager.started is not None:  # already done (e.g. by python -m pydist.mpi)
+            return list(_mpi_manager.started)
+        raise RuntimeError("pydist.mpi.start(): MPI is already finalized; call start() "
+                           "before MPI_Finalize, once")
     comm = MPI.COMM_WORLD
     _check_launch(comm)
     if comm.Get_rank() != 0:
@@ -74,13 +80,15 @@ def _master(comm: Any, MPI: Any) -> list[int]:
     size = comm.Get_size()
     ranks, errors = _collective(comm, lambda: master_exchange(comm, PGRP.cookie))
     MPI.Finalize()
-    if size == 1:
-        return []
-    _report_sigterm()
-    return addprocs(MPIManager(ranks, errors))
+    pids: list[int] = []
+    if size > 1:
+        _report_sigterm()
+        pids = addprocs(MPIManager(ranks, errors))
+    _mpi_manager.started = pids
+    return list(pids)
 
 
-def _serve(comm: Any, MPI: Any) -> None:
+def _serve(comm: Any, MPI: Any) -> NoReturn:
     """A worker rank: listen, tell rank 0 where, finalize MPI, serve; then exit."""
     rank = comm.Get_rank()
     for name in ("stdout", "stderr"):

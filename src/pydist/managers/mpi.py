@@ -16,17 +16,20 @@ connections as any other does:
    it could not.
 
 Then `MPIManager` "launches" them: one `WorkerConfig` per rank, and `addprocs` connects,
-authenticates (the cookie) and joins each, as for SSH workers. This module never imports
-mpi4py: callers pass a communicator (anything with mpi4py's lowercase `bcast`, `gather`,
-`scatter` and `Get_rank`/`Get_size`).
+authenticates (the cookie) and joins each, as for SSH workers. The messages are JSON in
+byte buffers (mpi4py's `Bcast`, `Gather(v)`, `Scatter(v)`), so nothing from another rank is
+unpickled; the cookie travels over MPI, so the MPI job is the trust boundary, as MPI's own
+is. This module never imports mpi4py: callers pass a communicator (mpi4py's `Comm`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -41,6 +44,11 @@ log = logging.getLogger(__name__)
 __all__ = ["MPIManager", "RankAddress", "master_exchange", "worker_exchange", "abort_exchange"]
 
 ROOT = 0
+
+# The worker ids rank 0 got from its MPI job, once it has made its cluster (`pydist.mpi`
+# sets it; kept here because `python -m pydist.mpi` runs that module as `__main__`, so a
+# script's `import pydist.mpi` is a second copy of it).
+started: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,10 +130,60 @@ def _choose_binds(master_addrs: list[str], netns: str, infos: list[dict]) -> lis
     return [next((s for s in info["routes"] if s), "") for info in infos]
 
 
+# JSON over MPI byte buffers: sizes first (8 bytes each), then the bytes.
+_SIZE = struct.Struct("<q")
+
+
+def _bcast(comm: Any, obj: Any = None) -> Any:
+    """Rank 0's `obj` on every rank."""
+    data = json.dumps(obj).encode() if comm.Get_rank() == ROOT else b""
+    size = bytearray(_SIZE.pack(len(data)))
+    comm.Bcast(size, root=ROOT)
+    buf = bytearray(data) if comm.Get_rank() == ROOT else bytearray(_SIZE.unpack(size)[0])
+    comm.Bcast(buf, root=ROOT)
+    return json.loads(buf)
+
+
+def _gather(comm: Any, obj: Any) -> list | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+    data = json.dumps(obj).encode()
+    if comm.Get_rank() != ROOT:
+        comm.Gather(_SIZE.pack(len(data)), None, root=ROOT)
+        comm.Gatherv(data, None, root=ROOT)
+        return None
+    n = comm.Get_size()
+    sizes = bytearray(_SIZE.size * n)
+    comm.Gather(_SIZE.pack(len(data)), sizes, root=ROOT)
+    counts = [_SIZE.unpack_from(sizes, _SIZE.size * i)[0] for i in range(n)]
+    buf = bytearray(sum(counts))
+    comm.Gatherv(data, [buf, counts], root=ROOT)
+    out, at = [], 0
+    for count in counts:
+        out.append(json.loads(buf[at:at + count]))
+        at += count
+    return out
+
+
+def _scatter(comm: Any, objs: list | None = None) -> Any:
+    """`objs[r]` (given on rank 0) on each rank r."""
+    if comm.Get_rank() == ROOT:
+        parts = [json.dumps(o).encode() for o in objs or []]
+        counts = [len(p) for p in parts]
+        sizes: bytes | None = b"".join(_SIZE.pack(c) for c in counts)
+        send: list | None = [b"".join(parts), counts]
+    else:
+        sizes = send = None
+    mine = bytearray(_SIZE.size)
+    comm.Scatter(sizes, mine, root=ROOT)
+    buf = bytearray(_SIZE.unpack(mine)[0])
+    comm.Scatterv(send, buf, root=ROOT)
+    return json.loads(buf)
+
+
 def abort_exchange(comm: Any) -> None:
     """On rank 0, instead of `master_exchange`: tell the worker ranks that no cluster will
     be made (their `worker_exchange` returns None), e.g. after a usage error."""
-    comm.bcast(None, root=ROOT)
+    _bcast(comm, None)
 
 
 def master_exchange(comm: Any, cookie: str) -> tuple[list[RankAddress], list[str]]:
@@ -136,15 +194,17 @@ def master_exchange(comm: Any, cookie: str) -> tuple[list[RankAddress], list[str
         raise RuntimeError("master_exchange runs on rank 0; the other ranks call worker_exchange")
     addrs = _host_addresses()
     netns = _namespace("net")
-    comm.bcast({"addrs": addrs}, root=ROOT)  # 1
-    infos = comm.gather(None, root=ROOT)[1:]  # 2
+    _bcast(comm, {"addrs": addrs})  # 1
+    infos = (_gather(comm, None) or [])[1:]  # 2
     binds = _choose_binds(addrs, netns, infos)
-    comm.scatter([None] + [{"cookie": cookie, "bind": b} for b in binds], root=ROOT)  # 3
-    answers = comm.gather(None, root=ROOT)  # 4
+    _scatter(comm, [None] + [{"cookie": cookie, "bind": b} for b in binds])  # 3
+    answers = _gather(comm, None) or []  # 4
     ranks, errors = [], []
     for rank, answer in enumerate(answers[1:], start=1):
-        if isinstance(answer, RankAddress):
-            ranks.append(answer)
+        if isinstance(answer, dict):
+            ranks.append(RankAddress(rank, str(answer["addr"]), int(answer["port"]),
+                                     str(answer["hostname"]), int(answer["ospid"]),
+                                     str(answer["machine"])))
         else:
             errors.append(f"MPI rank {rank} could not start listening: {answer}")
     log.info("MPI: %d worker ranks listen%s", len(ranks),
@@ -158,21 +218,22 @@ def worker_exchange(comm: Any, listen: Callable[[str, str | None], tuple[str, in
     where to listen, call `listen(cookie, bind_to)` (which returns the (addr, port) it
     listens on) and tell rank 0. None if rank 0 aborted or `listen` failed (then rank 0
     knows why)."""
-    hello = comm.bcast(None, root=ROOT)  # 1
+    hello = _bcast(comm)  # 1
     if hello is None:
         return None
-    comm.gather({"netns": _namespace("net"),
-                 "routes": [_route_source(a) for a in hello["addrs"]]}, root=ROOT)  # 2
-    setup = comm.scatter(None, root=ROOT)  # 3
-    answer: RankAddress | str
+    _gather(comm, {"netns": _namespace("net"),
+                   "routes": [_route_source(a) for a in hello["addrs"]]})  # 2
+    setup = _scatter(comm)  # 3
     try:
         addr, port = listen(setup["cookie"], setup["bind"] or None)
-        answer = RankAddress(comm.Get_rank(), addr, port, socket.gethostname(), os.getpid(),
-                             _namespace("pid"))
     except Exception as e:
-        answer = f"{type(e).__name__}: {e}"
-    comm.gather(answer, root=ROOT)  # 4
-    return answer if isinstance(answer, RankAddress) else None
+        _gather(comm, f"{type(e).__name__}: {e}")  # 4
+        return None
+    me = RankAddress(comm.Get_rank(), addr, port, socket.gethostname(), os.getpid(),
+                     _namespace("pid"))
+    _gather(comm, {"addr": me.addr, "port": me.port, "hostname": me.hostname,
+                   "ospid": me.ospid, "machine": me.machine})  # 4
+    return me
 
 
 class MPIManager(ClusterManager):
