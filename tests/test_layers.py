@@ -30,7 +30,7 @@ LAYERS: list[tuple[set[str], bool]] = [
     ({"group"}, False),  # membership: PGRP, Worker records and states, deregister
     ({"dispatch"}, False),  # frames to handlers by kind; a connection's loss
     ({"managers"}, False),  # the ClusterManager interface, WorkerConfig, helpers
-    ({"managers.local", "managers.ssh", "managers.slurm"}, False),  # Local-, SSH-, SlurmManager
+    ({"managers.local", "managers.ssh", "managers.slurm", "managers.mpi"}, False),  # Local-, SSH-, Slurm-, MPIManager
     ({"joining"}, False),  # connection setup: dialling, accepting, JOIN / IDENTIFY / EXIT
     ({"calls"}, False),  # reply slots, request/reply, running calls, interrupts
     ({"callbacks", "refs"}, False),  # lifecycle callbacks + statuses; Futures, RemoteChannels
@@ -39,7 +39,7 @@ LAYERS: list[tuple[set[str], bool]] = [
     ({"pmap", "executor"}, False),  # pmap; the concurrent.futures Executor
     ({"pgenerate"}, False),  # the streaming pmap, built on pmap's helpers
     ({"macros", "joblib"}, False),  # sugar; the joblib backend (imported only by users)
-    ({"runtime", "worker", ROOT, "__main__", "cli"}, True),  # wiring, shutdown, entry points
+    ({"runtime", "worker", ROOT, "__main__", "cli", "mpi"}, True),  # wiring, shutdown, entry points
 ]
 
 

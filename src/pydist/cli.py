@@ -52,35 +52,31 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--slurm", action="store_true",
                         help="inside a Slurm allocation (salloc, sbatch): start one worker per "
                              "task of the allocation with srun")
+    add_run_arguments(parser)
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What to run, as `python` takes it: `-c CODE`, `-m MODULE` or `script.py`, then its
+    arguments (shared with `python -m pydist.mpi`)."""
     what = parser.add_mutually_exclusive_group()
     what.add_argument("-c", dest="command", metavar="CODE", help="run CODE (as python -c)")
     what.add_argument("-m", dest="module", metavar="MODULE", help="run MODULE as a script (as python -m)")
     parser.add_argument("script", nargs="?", help="the Python script to run (none: an interactive prompt)")
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
-    return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = _parser()
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        parser.print_usage(sys.stderr)
-        print("pydist: say what to run, or -p N for an interactive prompt with N workers "
-              "(pydist --help)", file=sys.stderr)
-        sys.exit(2)
-    opts = parser.parse_args(argv)
-    if opts.slurm and not os.environ.get("SLURM_JOB_ID"):
-        parser.error("--slurm runs inside a Slurm allocation (salloc or sbatch), but "
-                     "SLURM_JOB_ID is not set")
+def prepare_main(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> None:
+    """Check what `opts` says to run (a missing script is a usage error) and set `sys.argv`
+    and `sys.path[0]` as `python` would for it. Call before workers start: they take the
+    master's `sys.path` when they join."""
     args = list(opts.args)
     if opts.command is not None or opts.module is not None:
         if opts.script is not None:  # `-c CODE a b`: a and b are arguments, as for python
             args.insert(0, opts.script)
     elif opts.script is not None and not os.path.isfile(opts.script):
         parser.error(f"no such script: {opts.script}")
-
-    # As python does: sys.argv, and sys.path[0] is the script's folder (else the current
-    # one). Before the workers start, so that they see the same.
+    # As python does: sys.argv, and sys.path[0] is the script's folder (else the current one).
     if opts.command is not None:
         sys.argv = ["-c", *args]
         first = os.getcwd()
@@ -97,7 +93,38 @@ def main(argv: list[str] | None = None) -> None:
         sys.path.remove(first)
     sys.path.insert(0, first)
 
-    from . import addprocs, nworkers
+
+def run_main(opts: argparse.Namespace) -> None:
+    """Run what `opts` says as `__main__` (after `prepare_main`): the command, the module,
+    the script, or else an interactive prompt."""
+    if opts.command is not None:
+        with _as_main() as namespace:
+            exec(compile(opts.command, "<string>", "exec"), namespace)
+    elif opts.module is not None:
+        runpy.run_module(opts.module, run_name="__main__", alter_sys=True)
+    elif opts.script is not None:
+        runpy.run_path(opts.script, run_name="__main__")
+    else:
+        from . import nworkers
+
+        _interact(nworkers())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        parser.print_usage(sys.stderr)
+        print("pydist: say what to run, or -p N for an interactive prompt with N workers "
+              "(pydist --help)", file=sys.stderr)
+        sys.exit(2)
+    opts = parser.parse_args(argv)
+    if opts.slurm and not os.environ.get("SLURM_JOB_ID"):
+        parser.error("--slurm runs inside a Slurm allocation (salloc or sbatch), but "
+                     "SLURM_JOB_ID is not set")
+    prepare_main(parser, opts)  # before the workers start, so that they see the same path
+
+    from . import addprocs
 
     if opts.procs:
         addprocs(opts.procs)
@@ -110,16 +137,7 @@ def main(argv: list[str] | None = None) -> None:
         from .managers.slurm import SlurmManager
 
         addprocs(SlurmManager())
-
-    if opts.command is not None:
-        with _as_main() as namespace:
-            exec(compile(opts.command, "<string>", "exec"), namespace)
-    elif opts.module is not None:
-        runpy.run_module(opts.module, run_name="__main__", alter_sys=True)
-    elif opts.script is not None:
-        runpy.run_path(opts.script, run_name="__main__")
-    else:
-        _interact(nworkers())
+    run_main(opts)
 
 
 @contextlib.contextmanager

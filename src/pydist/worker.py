@@ -35,7 +35,8 @@ from .group import PGRP
 from .managers import worker_timeout
 from .transport import Listener, default_bind_addr
 
-__all__ = ["init_worker", "start_worker", "wait_for_shutdown", "main"]
+__all__ = ["init_worker", "start_worker", "listen_worker", "serve_worker", "wait_for_shutdown",
+           "main"]
 
 log = logging.getLogger("pydist.worker")  # (run as a script, __name__ is "__main__")
 
@@ -144,16 +145,30 @@ def start_worker(out=None, cookie: str | None = None, close_stdin: bool = True,
     if stderr_to_stdout:
         sys.stdout.flush()
         os.dup2(1, 2)
+    addr, port = listen_worker(cookie, bind_to)
+    print(f"pydist_worker:{port}#{addr}", file=out, flush=True)
+    return serve_worker()
+
+
+def listen_worker(cookie: str, bind_to: str | None = None) -> tuple[str, int]:
+    """Make this process a worker that authenticates peers with `cookie` and start listening
+    on `bind_to` (see `parse_bind_to`); return the (addr, port) the master should dial.
+    Then `serve_worker` serves. (`start_worker` is both, with the address line between.)"""
     init_worker(cookie)
     _fresh_main()
     addr, port, hint = parse_bind_to(bind_to)
-    timeout = worker_timeout()
-    listener = _listen(addr, port, hint, timeout)
+    listener = _listen(addr, port, hint, worker_timeout())
     PGRP.listener = listener
     listener.start()
-    print(f"pydist_worker:{listener.address[1]}#{addr}", file=out, flush=True)
     log.info("worker process %d listening on %s:%d", os.getpid(), addr, listener.address[1])
+    return addr, listener.address[1]
 
+
+def serve_worker(timeout: float | None = None) -> int:
+    """After `listen_worker`: wait up to `timeout` seconds (default: the worker timeout) for
+    the master to connect, then serve until it tells this worker to exit or goes away;
+    return the exit code (1 if no master came)."""
+    timeout = worker_timeout() if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while not PGRP.master_connected.wait(0.2):
         if PGRP.shutdown.is_set():  # e.g. stdin closed (--exit-on-eof)
