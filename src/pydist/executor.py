@@ -155,14 +155,18 @@ class Executor(_cf.Executor):
             if self._closed:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._live += 1
-            if not self._queue:
+            behind = bool(self._queue)
+            if not behind:
                 lane = self._lane_with_room()
             if lane is None:
                 self._queue[fut] = (fn, args, kwargs)
             else:  # a held worker has room: straight there
                 bare = self._start_sending(lane, [fut])
         if lane is None:
-            self._pump(take=True)
+            # Behind other queued calls, it is sent when they are: the completions and the
+            # feeder (started by the pump that left them queued) send the queue in order.
+            if not behind:
+                self._pump(take=True)
         else:
             self._send(lane.w, [(fut, (fn, args, kwargs))], bare)
         return fut
