@@ -296,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Run a pydist worker (the cookie is read from stdin).")
     parser.add_argument("--bind-to", default=None, metavar="ADDR[:PORT]",
                         help="address to listen on (default: the address ssh reached this "
-                             "host at, else the first non-loopback interface)")
+                             "host at, else the first non-loopback interface; with --join, "
+                             "the address this host reaches the master from)")
     parser.add_argument("--cookie", default=None,
                         help="the cluster cookie (default: read from the first line of stdin)")
     parser.add_argument("--exit-on-eof", action="store_true",
