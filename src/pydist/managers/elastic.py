@@ -146,7 +146,7 @@ class ElasticManager(ClusterManager):
 
     @property
     def pending(self) -> int:
-        """How many workers have dialled in and are not added yet."""
+        """How many workers have dialled in and wait to be handed to `addprocs`."""
         with self._cond:
             return len(self._pending)
 
@@ -313,9 +313,9 @@ class ElasticManager(ClusterManager):
         """Ask worker `pid` to exit; if it is still connected after `exit_timeout` seconds,
         close its connection (it exits when it loses the master)."""
         w = PGRP.workers.get(pid)
-        if w is None or w.conn is None:  # it never joined: it exits on end of file
+        if w is None or w.conn is None or w.conn.closed:  # not (or no longer) connected
             if isinstance(config.io, socket.socket):
-                config.io.close()
+                config.io.close()  # a worker not admitted yet exits on end of file
             return
         request_exit(pid)
         with contextlib.suppress(RuntimeError):  # at interpreter exit, exit closes it
