@@ -35,7 +35,7 @@ LAYERS: list[tuple[set[str], bool]] = [
     ({"calls"}, False),  # reply slots, request/reply, running calls, interrupts
     ({"callbacks", "refs"}, False),  # lifecycle callbacks + statuses; Futures, RemoteChannels
     ({"cluster", "remotecall"}, False),  # addprocs / rmprocs / membership API; remotecall
-    ({"workerpool"}, False),
+    ({"workerpool", "managers.elastic"}, False),  # pools; ElasticManager (runs addprocs)
     ({"pmap", "executor"}, False),  # pmap; the concurrent.futures Executor
     ({"pgenerate"}, False),  # the streaming pmap, built on pmap's helpers
     ({"macros", "joblib"}, False),  # sugar; the joblib backend (imported only by users)

@@ -110,7 +110,8 @@ def init_worker(cookie: str, manager: ClusterManager | None = None) -> None:
 
 def __getattr__(name: str) -> Any:
     # SSHManager pulls in shlex, shutil, tempfile and getpass: imported on first use only,
-    # so that `import pydist` (and every worker's start) stays light; SlurmManager too.
+    # so that `import pydist` (and every worker's start) stays light; SlurmManager and
+    # ElasticManager too.
     if name == "SSHManager":
         from .managers.ssh import SSHManager
 
@@ -119,6 +120,10 @@ def __getattr__(name: str) -> Any:
         from .managers.slurm import SlurmManager
 
         return SlurmManager
+    if name == "ElasticManager":
+        from .managers.elastic import ElasticManager
+
+        return ElasticManager
     raise AttributeError(f"module 'pydist' has no attribute {name!r}")
 
 
@@ -136,7 +141,7 @@ __all__ = [
     "isready", "kill", "launch", "manage", "myid", "myrole", "nprocs", "nworkers", "other_procs",
     "other_workers", "process_messages", "procs", "put", "remote_do", "remotecall",
     "remotecall_fetch", "remotecall_wait", "remoteref_id", "rmprocs", "start_worker", "take",
-    "wait", "worker_id_from_socket", "workers", "SSHManager", "SlurmManager",
+    "wait", "worker_id_from_socket", "workers", "SSHManager", "SlurmManager", "ElasticManager",
     "add_worker_starting_callback", "add_worker_started_callback", "add_worker_exiting_callback",
     "add_worker_exited_callback", "remove_worker_starting_callback",
     "remove_worker_started_callback", "remove_worker_exiting_callback",

@@ -28,8 +28,8 @@ from .managers import WorkerConfig, worker_timeout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["dial_peer", "accept_connection", "process_messages", "init_worker",
-           "on_identify", "on_exit", "on_join"]
+__all__ = ["dial_peer", "accept_connection", "serve_connection", "process_messages",
+           "init_worker", "on_identify", "on_exit", "on_join"]
 
 
 # ==================================================================== dialling a peer
@@ -85,9 +85,16 @@ def accept_connection(sock) -> None:
         except OSError as e:
             peer = f"? ({e})"
         log.debug("accepted a connection from %s", peer)
-    conn = transport.Connection(sock, HANDLER, "incoming")
+    serve_connection(sock)
+
+
+def serve_connection(sock, name: str = "incoming") -> transport.Connection:
+    """Serve an authenticated connection as a worker does (JOIN or IDENTIFY comes first on
+    it): accepted by the listener, or dialled to an ElasticManager. Returns it."""
+    conn = transport.Connection(sock, HANDLER, name)
     conn.serve_blocking = True  # a worker serves calls on every connection
     conn.start()
+    return conn
 
 
 def init_worker(cookie: str, manager: Any = None) -> None:

@@ -14,6 +14,10 @@ given to `on_error` on the caller, or stops the map; the dead worker gets nothin
 A pmap never deadlocks when nested: a process that is itself running a remote call and finds
 no free worker runs the element itself instead of waiting (it is a worker of the outer map,
 lending itself to its own inner map). On the master, pmap waits for workers as usual.
+
+A running map also uses workers that join its pool while it runs (beyond Julia for a map
+given no pool, whose pool takes in every worker added meanwhile): it looks for them every
+_GROW_POLL seconds while elements wait.
 """
 
 from __future__ import annotations
@@ -33,11 +37,11 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 from .calls import in_remote_call, run_user_call, take_reply
-from .cluster import myid, workers
+from .cluster import myid
 from .exceptions import ProcessExitedException, RemoteException, SerializationError
 from .remotecall import remote_do, remotecall, remotecall_fetch
 from .threads import LEND_SECONDS, POOL, WATCHDOG
-from .workerpool import AbstractWorkerPool, CachingPool
+from .workerpool import AbstractWorkerPool, pool_of_all_workers
 
 log = logging.getLogger(__name__)
 
@@ -372,25 +376,27 @@ class _Progress:
 
 
 def _parallel_map(run: Callable[[Any], Any], items: list, ntasks: int, progress: _Progress,
-                  weight: Callable[[Any], int] = lambda _: 1) -> list:
+                  weight: Callable[[Any], int] = lambda _: 1,
+                  grow: Callable[[], int] | None = None) -> list:
     """Results of `run(item)` in order, `ntasks` at a time; the first error stops the map and
-    is raised."""
+    is raised. With `grow` (the pool's current size), the calling thread watches it every
+    _GROW_POLL seconds and runs more at a time when it grows (workers joined)."""
     results: list = [None] * len(items)
     if not items:
         return results
     ntasks = max(1, min(ntasks, len(items)))
-    next_index = iter(range(len(items)))
+    claimed = 0  # items taken by a thread so far
     lock = threading.Lock()
     errors: list[BaseException] = []
 
     def loop() -> None:
+        nonlocal claimed
         while True:
             with lock:
-                if errors:
+                if errors or claimed == len(items):
                     return
-                i = next(next_index, None)
-            if i is None:
-                return
+                i = claimed
+                claimed += 1
             try:
                 results[i] = run(items[i])
             except BaseException as e:
@@ -399,13 +405,32 @@ def _parallel_map(run: Callable[[Any], Any], items: list, ntasks: int, progress:
                 return
             progress.update(weight(items[i]))
 
-    if ntasks == 1:
-        loop()
-    else:
+    def start(n: int) -> list[threading.Thread]:
         threads = [threading.Thread(target=loop, name="pydist-pmap", daemon=True)
-                   for _ in range(ntasks - 1)]
+                   for _ in range(n)]
         for t in threads:
             t.start()
+        return threads
+
+    if grow is not None:
+        running = start(ntasks)
+        while running:
+            running[0].join(_GROW_POLL)
+            running = [t for t in running if t.is_alive()]
+            with lock:
+                left = 0 if errors else len(items) - claimed
+            if left:
+                try:
+                    size = grow()
+                except Exception:  # (a pool owned elsewhere, unreachable): no growth
+                    size = 0
+                more = min(size, len(running) + left) - len(running)
+                if more > 0:
+                    running += start(more)
+    elif ntasks == 1:
+        loop()
+    else:
+        threads = start(ntasks - 1)
         loop()
         for t in threads:
             t.join()
@@ -427,6 +452,7 @@ _CANCELLED = "pydist-pmap-cancelled"
 _NO_KWARGS: dict = {}
 _LANE_LINGER = 0.005  # how long a lane's runner waits for the next element after a long one (s)
 _POOL_POLL = 0.02  # how often a map looks for a worker given back to a shared pool (s)
+_GROW_POLL = 0.1  # how often a running map looks for workers that joined its pool (s)
 
 
 class _Lane:
@@ -706,6 +732,19 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                 if len(inflight[w]) < depth:
                     send(w, next_index())
 
+    def grow() -> None:
+        """Workers may have joined the pool (added while the map runs): want them too."""
+        nonlocal wanted
+        try:
+            members = pool.workers()
+        except Exception:  # (a pool owned elsewhere, unreachable): no growth
+            return
+        wanted = max(wanted, len([w for w in members if w not in lost]))
+
+    def queued() -> bool:
+        """Some call waits behind a running one on its worker."""
+        return any(len(calls) > 1 for w, calls in inflight.items() if w not in lost)
+
     def held_back() -> bool:
         """Some element waits (unsent, or queued behind a running one) while the pool may
         have a worker we do not hold: another user of the pool may give one back."""
@@ -796,7 +835,16 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                 pass  # gone: its calls fail anyway
 
     try:
+        grow_at = time.monotonic() + _GROW_POLL
         while True:
+            # While elements wait, look every _GROW_POLL s for workers that joined the pool.
+            now = time.monotonic()
+            waiting = has_work() or queued()
+            if waiting and now >= grow_at:
+                grow_at = now + _GROW_POLL
+                grow()
+                if not has_work():
+                    spread()
             if has_work():
                 fill()
             if not pending:
@@ -805,7 +853,11 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                 # Each call is answered, or fails when its worker is lost. While elements
                 # wait and other users of the pool hold some of its workers, look now and
                 # then for one given back.
-                slot = done.get(timeout=_POOL_POLL if held_back() else None)
+                if held_back():
+                    wait: float | None = _POOL_POLL
+                else:
+                    wait = max(grow_at - now, 0.001) if waiting else None
+                slot = done.get(timeout=wait)
             except queue.Empty:
                 if not has_work():
                     spread()
@@ -854,10 +906,10 @@ def _split_pool(name: str, pool: AbstractWorkerPool | None,
 def _plan(name: str, pool: AbstractWorkerPool | None, distributed: bool, batch_size: Any,
           count: int) -> tuple[AbstractWorkerPool, int, bool, int]:
     """(pool, nworkers, distributed, batch_size) of a map over about `count` elements: the
-    default pool is a CachingPool of all workers; a pool of no worker but this process runs
-    here; "auto" makes about 4 batches per worker."""
+    default pool is a CachingPool of all workers (and of those that join during the map); a
+    pool of no worker but this process runs here; "auto" makes about 4 batches per worker."""
     if pool is None:
-        pool = CachingPool(workers())
+        pool = pool_of_all_workers()  # it takes in workers that join during the map
     nworkers = max(1, pool.nworkers())
     if distributed and (len(pool) == 0 or pool.workers() == [myid()]):
         distributed = False
@@ -875,7 +927,8 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
          retry_delays: Iterable[float] = (), retry_check: Callable | None = None,
          progress: bool = False) -> list:
     """Map `f` over `iterables` (zipped, like `map`) on the workers of `pool` (default: a fresh
-    CachingPool of all workers), returning the results in order.
+    CachingPool of all workers, which takes in workers added during the map), returning the
+    results in order. Workers that join the pool while the map runs get elements too.
 
     `pool` may also come first after `f`. `batch_size` (an int or "auto") groups elements into
     one call; `on_error(exc)` turns a failure into that element's result; `retry_delays` (an
@@ -908,7 +961,8 @@ def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers
     run = _element_runner(f, pool, distributed, on_error, delays, check, lend)
     # As Julia's `asyncmap(f, c; ntasks=() -> nworkers(p))`: also a local map runs that many
     # elements at a time (in threads of this process).
-    return _parallel_map(run, items, nworkers, progress)
+    return _parallel_map(run, items, nworkers, progress,
+                         grow=pool.nworkers if distributed and not lend else None)
 
 
 def _apply_and_on_death(f: Callable, on_error: Callable | None, distributed: bool

@@ -1,10 +1,12 @@
-"""The worker process: `python -m pydist.worker [--bind-to ADDR[:PORT]]`.
+"""The worker process: `python -m pydist.worker [--bind-to ADDR[:PORT]] [--join HOST:PORT]`.
 
 It reads the cluster cookie from its first line of stdin (or `--cookie`), listens, prints
 `pydist_worker:<port>#<addr>` and serves connections until its master goes away or tells it
 to exit. If no master connects within `PYDIST_WORKER_TIMEOUT` seconds it exits, so a worker
 never outlives a master that died while starting it. With `--exit-on-eof` (SSH workers) it
-also exits when its stdin closes: the ssh session that started it is gone.
+also exits when its stdin closes: the ssh session that started it is gone. With
+`--join HOST:PORT` it dials in to an ElasticManager instead (`join_cluster`; the cookie from
+`--cookie`, else `PYDIST_COOKIE`, else stdin) and serves on the connection it dialled.
 
 A worker also starts sibling workers on its host when asked (`cluster.launch_additional`):
 that is how `count > 1` workers per SSH host start with one ssh connection, as in Julia.
@@ -31,12 +33,13 @@ from .calls import (
     interruptible_condition_wait,
     interruptible_sleep,
 )
+from .exceptions import AuthenticationError, ProtocolError
 from .group import PGRP
 from .managers import worker_timeout
 from .transport import Listener, default_bind_addr
 
-__all__ = ["init_worker", "start_worker", "listen_worker", "serve_worker", "wait_for_shutdown",
-           "main"]
+__all__ = ["init_worker", "start_worker", "listen_worker", "serve_worker", "join_cluster",
+           "wait_for_shutdown", "main"]
 
 log = logging.getLogger("pydist.worker")  # (run as a script, __name__ is "__main__")
 
@@ -180,6 +183,84 @@ def serve_worker(timeout: float | None = None) -> int:
     return wait_for_shutdown()
 
 
+def join_cluster(join: str, cookie: str, bind_to: str | None = None) -> int:
+    """Dial in to the ElasticManager at `join` (``"HOST:PORT"``) and serve as its worker
+    until the master goes away; returns the exit code (1, with a message on stderr, when
+    the master cannot be reached, refuses the cookie or does not admit us).
+
+    Listens for peer workers on `bind_to` (``"addr[:port]"``; default: the local address of
+    the connection to the master, on any free port)."""
+    from .managers import elastic  # (only dial-in workers need it)
+
+    host, port = elastic.parse_join(join)
+    where = f"the master at {host}:{port}"
+    init_worker(cookie)
+    _fresh_main()
+    timeout = worker_timeout()
+    try:
+        sock = elastic.dial_master(host, port, PGRP.cookie_bytes(), timeout)
+    except AuthenticationError as e:
+        _say(f"{where} refused this worker: {e}. Give the worker the master's cluster "
+             f"cookie (on its stdin, or in PYDIST_COOKIE).")
+        return 1
+    except (OSError, ProtocolError) as e:
+        _say(f"could not join {where}: {e}")
+        return 1
+    try:
+        if bind_to:
+            addr, lport, hint = parse_bind_to(bind_to)
+        else:
+            addr, lport, hint = elastic.local_address(sock, host), 0, False
+        listener = _listen(addr, lport, hint, timeout)
+    except (OSError, ValueError) as e:
+        sock.close()
+        _say(f"cannot listen for peer workers on {bind_to or addr}: {e}")
+        return 1
+    PGRP.listener = listener
+    listener.start()
+    log.info("worker process %d listening on %s:%d, joining %s", os.getpid(), addr,
+             listener.address[1], where)
+    try:
+        elastic.send_address(sock, addr, listener.address[1])
+        elastic.await_admission(sock, PGRP.cookie_bytes(), timeout)
+    except (OSError, ProtocolError, AuthenticationError) as e:
+        sock.close()
+        listener.close()
+        _say(f"{where} did not admit this worker: {e}")
+        return 1
+    conn = joining.serve_connection(sock, "master")  # the master's JOIN comes first on it
+    deadline = time.monotonic() + timeout
+    while not PGRP.master_connected.wait(0.2):
+        if conn.closed or time.monotonic() > deadline:
+            _say(f"{where} admitted this worker but did not let it join "
+                 + ("(it closed the connection; see the master's log)" if conn.closed
+                    else f"within {timeout} seconds"))
+            listener.close()
+            conn.close()
+            return 1
+    _say(f"joined the cluster of {where} as worker {PGRP.id}")
+    return wait_for_shutdown()
+
+
+def _say(text: str) -> None:
+    print(f"pydist worker: {text}", file=sys.stderr, flush=True)
+
+
+def _join_cookie(given: str | None) -> str | None:
+    """A dial-in worker's cookie: `--cookie`, else PYDIST_COOKIE, else stdin's first line
+    (stdin is then replaced by /dev/null, as for any worker); None if there is none."""
+    cookie = given or os.environ.get("PYDIST_COOKIE", "").strip()
+    if not cookie:
+        try:
+            cookie = sys.stdin.readline().strip() if sys.stdin is not None else ""
+        except (OSError, ValueError):
+            cookie = ""
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+    return cookie or None
+
+
 def wait_for_shutdown() -> int:
     """Block until the master tells this worker to exit or goes away; close every connection
     and return the exit code (0 when told to exit). A custom-transport worker calls this
@@ -230,13 +311,30 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Run a pydist worker (the cookie is read from stdin).")
     parser.add_argument("--bind-to", default=None, metavar="ADDR[:PORT]",
                         help="address to listen on (default: the address ssh reached this "
-                             "host at, else the first non-loopback interface)")
+                             "host at, else the first non-loopback interface; with --join, "
+                             "the address this host reaches the master from)")
     parser.add_argument("--cookie", default=None,
                         help="the cluster cookie (default: read from the first line of stdin)")
     parser.add_argument("--exit-on-eof", action="store_true",
                         help="exit when stdin closes (the launching ssh session is gone)")
+    parser.add_argument("--join", default=None, metavar="HOST:PORT",
+                        help="dial in to the ElasticManager listening at HOST:PORT (the "
+                             "cookie from --cookie, else PYDIST_COOKIE, else stdin)")
     args = parser.parse_args(argv)
     configure_logging()
+    if args.join is not None:
+        cookie = _join_cookie(args.cookie)
+        if cookie is None:
+            _say("no cluster cookie: give it on stdin (first line) or in PYDIST_COOKIE")
+            sys.exit(2)
+        try:
+            code = join_cluster(args.join, cookie, args.bind_to)
+        except ValueError as e:  # a bad --join or --bind-to
+            _say(str(e))
+            code = 2
+        sys.stdout.flush()
+        _force_exit_later(code)
+        sys.exit(code)
     cookie = args.cookie
     if args.exit_on_eof:
         if cookie is None:

@@ -18,7 +18,7 @@ from collections import deque
 from typing import Any, Callable, Iterable
 
 from .calls import call_fetch
-from .cluster import procs
+from .cluster import procs, workers as all_workers
 from .group import PGRP
 from .exceptions import InvalidStateError, SerializationError
 from .refs import _ERROR, RemoteChannel
@@ -470,10 +470,28 @@ def set_default_worker_pool(pool: AbstractWorkerPool) -> None:
         _default_pool = pool
 
 
+# Pools that take in every worker that joins, as the default pool does: the pool a pmap
+# makes when given none (so that a running map uses workers added meanwhile).
+_joining_pools: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
+
+
+def pool_of_all_workers() -> "CachingPool":
+    """A CachingPool of every worker, which (on the master) also takes in the workers that
+    join while it lives: the pool of a map given none."""
+    pool = CachingPool()
+    _joining_pools.add(pool)  # first, so that a worker joining meanwhile is not missed
+    for w in all_workers():
+        pool.push(w)
+    return pool
+
+
 def worker_added(pid: int) -> None:
-    """A new worker joins the default pool (a listener, registered by `runtime`)."""
+    """A new worker joins the default pool, and the pools that take in joining workers (a
+    listener, registered by `runtime`)."""
     if _default_pool is not None and isinstance(_default_pool, WorkerPool) and _default_pool._default:
         _default_pool.push(pid)
+    for pool in list(_joining_pools):
+        pool.push(pid)
 
 
 def worker_removed(pid: int, state: Any) -> None:
