@@ -50,3 +50,10 @@ def square(x):
 
 def add(x, y):
     return x + y
+
+
+def put_items(q, n):
+    """Put 0..n-1 on queue `q` (a multiprocessing Manager's queue proxy); return n."""
+    for i in range(n):
+        q.put(i)
+    return n

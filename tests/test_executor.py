@@ -287,3 +287,17 @@ def test_unpicklable_call_fails_its_future_only(two_workers):
         with pytest.raises(pydist.SerializationError):
             fut.result(30)
         assert ex.submit(H.square, 4).result(30) == 16
+
+
+@pytest.mark.timeout(120)
+def test_a_multiprocessing_manager_queue_works_on_the_workers(pool1):
+    """ProcessPoolExecutor code passes a `multiprocessing.Manager().Queue()` to its calls:
+    the master's Manager proxies authenticate from pydist workers too, as from its children."""
+    import multiprocessing
+
+    with multiprocessing.Manager() as manager, Executor(pool=pool1) as ex:
+        q = manager.Queue()
+        assert ex.submit(H.put_items, q, 3).result(60) == 3
+        assert sorted(q.get(timeout=30) for _ in range(3)) == [0, 1, 2]
+        assert pydist.remotecall_fetch(H.put_items, pool1.workers()[0], q, 1) == 1
+        assert q.get(timeout=30) == 0

@@ -561,6 +561,8 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
         conn.set_heartbeat(params["heartbeat_timeout"])
         conn.start()
         other = _join_list(w, config, timeout)
+        from multiprocessing import process as mp_process  # (here: not at `import pydist`)
+
         join_params = {
             "self_pid": pid,
             "other_workers": other,
@@ -569,6 +571,10 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
             "enable_threaded_blas": bool(params.get("enable_threaded_blas", False)),
             "sys_path": [p for p in sys.path if p],
             "heartbeat_timeout": params["heartbeat_timeout"],
+            # multiprocessing's authkey: the proxies of our `multiprocessing.Manager()` (a
+            # Manager().Queue() passed to a call, as ProcessPoolExecutor code does) then
+            # authenticate from the worker too, as from a child process.
+            "mp_authkey": bytes(mp_process.current_process().authkey),
         }
         sid, slot = new_slot(pid)
         joining = True

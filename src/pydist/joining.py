@@ -191,6 +191,10 @@ def _join(conn: transport.Connection, params: dict) -> dict:
     for path in reversed(params.get("sys_path", [])):
         if path not in sys.path:
             sys.path.insert(0, path)
+    if params.get("mp_authkey"):  # the master's: its Manager proxies work here (see cluster)
+        from multiprocessing import process as mp_process
+
+        mp_process.current_process().authkey = params["mp_authkey"]
     if not params.get("enable_threaded_blas", False):
         _limit_blas_threads()
     master = Worker(1)
