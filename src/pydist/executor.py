@@ -5,7 +5,7 @@ changing the line that makes the executor. `submit` returns a pydist `Future`, w
 `concurrent.futures.Future` (`wait`, `as_completed`, `asyncio.wrap_future` work on it).
 
 How calls reach workers: the executor holds workers taken from its pool (given back once it
-has nothing for them) and keeps calls in flight on each: one, as a ProcessPoolExecutor's
+has nothing for them; the workers it started itself, with `max_workers`, it keeps) and keeps calls in flight on each: one, as a ProcessPoolExecutor's
 process runs one, and more when that worker's calls are short: its *window* is about
 BUDGET seconds of work (the average time between two of its completions, which is a call's
 duration when calls wait there, a round trip plus a call when none do). So tiny calls are
@@ -125,6 +125,9 @@ class Executor(_cf.Executor):
             self._own = addprocs(max_workers)
             pool = WorkerPool(self._own)
         self._pool: AbstractWorkerPool = pool if pool is not None else default_worker_pool()
+        # Workers of a shared pool are given back LINGER s after their last call; those the
+        # executor started itself are nobody else's: it keeps them (and nothing polls).
+        self._keep = bool(self._own)
         self._local_pool = isinstance(self._pool, WorkerPool)
         self._key = PGRP.id << 32 | next(_ids)  # names this executor's lanes on the workers
         self._lock = threading.Lock()
@@ -329,7 +332,8 @@ class Executor(_cf.Executor):
                 lane = self._lanes[w] = _Lane(w, self._windows.get(w, 1))
                 lane.last = time.monotonic()
                 held = True
-                self._start_feeder()  # (it gives the worker back once idle)
+                if not self._keep:
+                    self._start_feeder()  # (it gives the worker back once idle)
         if not held:
             self._pool.put(w)
         return held
@@ -350,14 +354,15 @@ class Executor(_cf.Executor):
             while True:
                 with self._lock:
                     now = time.monotonic()
-                    expired = [lane.w for lane in self._lanes.values()
-                               if not lane.inflight and now - lane.last >= LINGER]
+                    expired = [] if self._keep else [
+                        lane.w for lane in self._lanes.values()
+                        if not lane.inflight and now - lane.last >= LINGER]
                     for w in expired:
                         del self._lanes[w]
                     if expired:
                         self._recent = expired[-1]
                     if not self._queue:
-                        if not self._lanes:
+                        if not self._lanes or self._keep:
                             self._feeder = None
                         else:
                             idle = [lane.last for lane in self._lanes.values() if not lane.inflight]
@@ -426,8 +431,8 @@ class Executor(_cf.Executor):
                     if self._closed:
                         del self._lanes[lane.w]
                         give_back = self._recent = lane.w
-                    else:  # kept a moment for the next call; the feeder gives it back
-                        self._start_feeder()
+                    elif not self._keep:  # kept a moment for the next call; the feeder
+                        self._start_feeder()  # gives it back
             if not self._live and self._closed:
                 self._idle.notify_all()
             # Refill a worker once half its window is free: calls go in batches, one write.
