@@ -78,15 +78,17 @@ def test_output_relay(method, fresh_workers, capsys):
     wait_until(relayed, timeout=30, what="the worker's output relayed")
 
 
-def _sleeper():
+def _sleeper(started):
+    started.put("sleeping")
     time.sleep(60)
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_interrupt(method, fresh_workers):
     (w,) = fresh_workers(1, start_method=method)
-    fut = pydist.remotecall(_sleeper, w)
-    time.sleep(0.3)  # (the call must be running; an idle interrupt is harmless either way)
+    started = pydist.RemoteChannel(lambda: pydist.Channel(1), w)
+    fut = pydist.remotecall(_sleeper, w, started)
+    assert started.take(timeout=30) == "sleeping"
     pydist.interrupt(w)
     with pytest.raises(RemoteException) as info:
         fut.fetch(timeout=30)
