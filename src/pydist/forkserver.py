@@ -114,7 +114,7 @@ def serve(fd: int) -> int:
     gc.freeze()  # the children share the template's pages instead of copying them
     while True:
         try:
-            ready, _, _ = select.select([sock, wake_r], [], [])
+            ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         except InterruptedError:
             continue
         if wake_r in ready:
@@ -124,7 +124,7 @@ def serve(fd: int) -> int:
             except BlockingIOError:
                 pass
         _reap(sock)
-        if sock not in ready:
+        if sock.fileno() not in ready:
             continue
         try:
             data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
