@@ -1,7 +1,7 @@
 """The master's side of the fork server (`start_method="forkserver"` of LocalManager).
 
 One template process per master (`python -m pydist.forkserver`, see that module), started on
-first use; the master itself never forks. `fork_worker` asks it for a worker and returns a
+first use; the master itself never forks. `fork_workers` asks it for workers and returns a
 `ForkedProcess`: the part of `subprocess.Popen` that managers use (`pid`, `poll`, `wait`,
 `returncode`, `send_signal`, `terminate`, `kill`). The template reports each child's exit
 status; a reader thread ("pydist-forkserver") files them, and ends when the template does.
@@ -20,11 +20,11 @@ import subprocess
 import sys
 import threading
 import time
-from typing import IO, Any
+from typing import IO, Iterator
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ForkedProcess", "fork_worker", "unsuitable", "stop"]
+__all__ = ["ForkedProcess", "fork_workers", "unsuitable", "running", "stop"]
 
 START_TIMEOUT = 30.0  # seconds for the template to start and answer a request
 MAX_MESSAGE = 1 << 20
@@ -133,13 +133,17 @@ class _Server:
                 self.closed = True
                 self.changed.notify_all()
 
-    def fork(self, request: dict, out_fd: int) -> int:
-        """Have the template fork a worker; its pid. OSError if the template cannot."""
+    def submit(self, request: dict, out_fd: int) -> int:
+        """Ask the template to fork a worker; the request's number, for `result`."""
         with self.send_lock:
             self.next_req += 1
             req = self.next_req
             data = json.dumps(dict(request, req=req)).encode()
             socket.send_fds(self.sock, [data], [out_fd])
+        return req
+
+    def result(self, req: int) -> int:
+        """The pid of the worker forked for request `req`; OSError if the template could not."""
         deadline = time.monotonic() + START_TIMEOUT
         with self.changed:
             while req not in self.replies:
@@ -234,24 +238,38 @@ def _get_server(env: dict[str, str]) -> _Server:
         return _server
 
 
-def fork_worker(cookie: str, bind: str, cwd: str, env: dict[str, str]) -> ForkedProcess:
-    """A worker forked by the fork server (started on first use with `env`), its stdout and
-    stderr on a pipe (`.stdout`). OSError when the fork server cannot provide one; a caller
-    then starts a fresh interpreter (check `unsuitable` first)."""
+def fork_workers(n: int, cookie: str, bind: str, cwd: str,
+                 env: dict[str, str]) -> Iterator[ForkedProcess]:
+    """`n` workers forked by the fork server (started on first use with `env`), each with
+    its stdout and stderr on a pipe (`.stdout`), yielded as they come. The requests go out
+    at once, so the template forks while the master reads the answers. OSError when the
+    fork server cannot provide them (check `unsuitable` first); a caller then starts fresh
+    interpreters for the rest."""
     server = _get_server(env)
     differ = sorted(k for k in set(server.startup) | set(_startup_vars(env))
                     if server.startup.get(k) != env.get(k))
     if differ:  # (our environment changed since the template started)
         raise OSError(f"environment variables {', '.join(differ)} differ from the fork server's")
-    r, w = os.pipe()
+    pending: list[tuple[int, int]] = []  # (request, read end of its output pipe)
     try:
-        pid = server.fork({"cookie": cookie, "bind": bind, "dir": cwd, "env": env}, w)
-    except BaseException:
-        os.close(r)
-        raise
+        for _ in range(n):
+            r, w = os.pipe()
+            try:
+                pending.append((server.submit({"cookie": cookie, "bind": bind, "dir": cwd,
+                                               "env": env}, w), r))
+            except BaseException:
+                os.close(r)
+                raise
+            finally:
+                os.close(w)
+        while pending:
+            req, r = pending[0]
+            pid = server.result(req)
+            pending.pop(0)
+            yield ForkedProcess(server, pid, os.fdopen(r, "rb"))
     finally:
-        os.close(w)
-    return ForkedProcess(server, pid, os.fdopen(r, "rb"))
+        for _, r in pending:  # (a worker forked for one of these exits: its pipe is gone)
+            os.close(r)
 
 
 def running() -> bool:

@@ -92,14 +92,15 @@ class LocalManager(ClusterManager):
                 fork = False
         log.debug("starting %d local workers: %s", self.np,
                   "forked by the fork server" if fork else " ".join(cmd))
+        forked = forkserver.fork_workers(self.np, cookie, bind, params["dir"], env) if fork else None
         for _ in range(self.np):
             proc: Any = None
-            if fork:
+            if forked is not None:
                 try:
-                    proc = forkserver.fork_worker(cookie, bind, params["dir"], env)
+                    proc = next(forked)
                 except OSError as e:
                     log.debug("starting fresh interpreters, not forking: %s", e)
-                    fork = False
+                    forked = None
             if proc is None:
                 proc = self._spawn(cmd, params["dir"], env, cookie)
             else:
