@@ -139,9 +139,52 @@ def test_fallback_to_spawn(kw, why, fresh_workers, caplog):
                for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
-def test_bad_start_method():
+def test_fallback_when_the_fork_server_fails(fresh_workers, tmp_path, monkeypatch, caplog):
+    """A template that dies at start: the workers are spawned, with a DEBUG log saying why."""
+    from pydist.managers import forkserver
+
+    forkserver.stop()  # (a running template would be used)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\n[ "$2" = pydist.forkserver ] && exit 3\n'
+                      f'exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(python))
+    caplog.set_level(logging.DEBUG, logger="pydist.managers.local")
+    (w,) = fresh_workers(1, start_method="forkserver")
+    _started_by("spawn", pydist.remotecall_fetch(_facts, w))
+    assert any("not forking: the fork server exited" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    monkeypatch.undo()
+    forkserver.stop()
+
+
+def test_fork_server_death_is_survived(fresh_workers):
+    """Killing the template leaves its workers serving; the next addprocs starts a new one,
+    and removing the orphaned workers still ends in bounded time."""
+    old = fresh_workers(2, start_method="forkserver")
+    server = pydist.remotecall_fetch(os.getppid, old[0])
+    os.kill(server, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(server), timeout=10, what="the fork server killed")
+    assert pydist.pmap(lambda _: pydist.myid(), old) == old
+    (new,) = fresh_workers(1, start_method="forkserver")
+    facts = pydist.remotecall_fetch(_facts, new)
+    _started_by("forkserver", facts)
+    assert facts["ppid"] != server
+    procs = [PGRP.workers[w].config.process for w in old]
+    t0 = time.monotonic()
+    pydist.rmprocs(old, waitfor=30)
+    for proc in procs:
+        proc.wait(20)
+        wait_until(lambda: not pid_alive(proc.pid), timeout=10, what="orphaned worker gone")
+    assert time.monotonic() - t0 < 20
+
+
+def test_bad_start_method(monkeypatch):
     with pytest.raises(ValueError, match="start_method"):
         LocalManager(1, start_method="fork")
+    monkeypatch.setenv("PYDIST_START_METHOD", "threads")
+    with pytest.raises(ValueError, match="PYDIST_START_METHOD"):
+        pydist.addprocs(1)
     with pytest.raises(TypeError):
         pydist.addprocs(1, start_methods="spawn")  # type: ignore[call-overload]
 

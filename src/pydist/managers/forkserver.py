@@ -139,7 +139,12 @@ class _Server:
             self.next_req += 1
             req = self.next_req
             data = json.dumps(dict(request, req=req)).encode()
-            socket.send_fds(self.sock, [data], [out_fd])
+            try:
+                socket.send_fds(self.sock, [data], [out_fd])
+            except OSError as e:
+                code = self.proc.poll()
+                raise OSError("the fork server exited" + (
+                    f" with code {code}" if code is not None else f" ({e})")) from e
         return req
 
     def result(self, req: int) -> int:
@@ -165,13 +170,9 @@ class _Server:
                 return
             if not self.closed:
                 return
-        # The template is gone: our child was adopted by init, which reaps it.
-        try:
-            os.kill(proc.pid, 0)
-        except ProcessLookupError:
+        # The template is gone: our child was adopted by init, which may be slow to reap it.
+        if not _exists(proc.pid):
             proc.returncode = 255  # its status is unknown
-        except OSError:
-            pass
 
     def wait_change(self, timeout: float) -> None:
         with self.changed:
@@ -194,6 +195,21 @@ class _Server:
         self.reader.join(timeout)
         self.sock.close()
         log.debug("fork server stopped")
+
+
+def _exists(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 _lock = threading.Lock()
