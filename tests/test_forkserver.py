@@ -244,3 +244,9 @@ def test_no_process_left_behind(method, how, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_missing_dir_is_a_launch_error(method, fresh_workers, tmp_path):
+    with pytest.raises(pydist.LaunchWorkerError, match="missing"):
+        fresh_workers(1, start_method=method, dir=str(tmp_path / "missing"))

@@ -25,6 +25,7 @@ import signal
 import socket
 import sys
 import threading
+from typing import NoReturn
 
 from . import worker
 
@@ -37,7 +38,7 @@ def _send(sock: socket.socket, message: dict) -> None:
     sock.send(json.dumps(message).encode())
 
 
-def _child(request: dict, out_fd: int) -> None:
+def _child(request: dict, out_fd: int) -> NoReturn:
     """In the forked child: become a worker as `python -m pydist.worker` would. Never returns."""
     code = 1
     try:
@@ -51,15 +52,20 @@ def _child(request: dict, out_fd: int) -> None:
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
-        os.chdir(request["dir"])
-        os.environ.clear()
-        os.environ.update(request["env"])
         # As PYTHONUNBUFFERED does for a fresh interpreter: output reaches the relay at once.
         sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True,
                                       line_buffering=True, errors="backslashreplace")
         sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True,
                                       line_buffering=True, errors="backslashreplace")
         sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+        try:
+            os.chdir(request["dir"])
+        except OSError as e:
+            print(f"pydist worker: cannot work in directory {request['dir']!r}: {e}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(1)
+        os.environ.clear()
+        os.environ.update(request["env"])
         random.seed()  # (also done by `random`'s at-fork hook; other state is per process)
         multiprocessing.process.current_process().authkey = os.urandom(32)
         worker.configure_logging()
@@ -77,13 +83,11 @@ def _child(request: dict, out_fd: int) -> None:
 
         traceback.print_exc()
     finally:
-        with_flush = getattr(sys.stdout, "flush", None)
-        if with_flush is not None:
-            try:
-                with_flush()
-            except (OSError, ValueError):
-                pass
-        os._exit(code)
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        os._exit(code)  # never back into the template's loop
 
 
 def _reap(sock: socket.socket) -> None:
