@@ -49,6 +49,8 @@ class ForkedProcess:
         self.stdout = stdout
         self.args = ["pydist.forkserver", str(pid)]
         self.returncode: int | None = None
+        self._ended = threading.Event()  # set once `returncode` is known
+        server.register(self)
 
     def __repr__(self) -> str:
         return f"<ForkedProcess pid={self.pid} returncode={self.returncode}>"
@@ -66,7 +68,8 @@ class ForkedProcess:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
-            self._server.wait_change(0.5 if left is None else min(left, 0.5))
+            step = 0.05 if self._server.closed else 0.5  # (an orphan: polled)
+            self._ended.wait(step if left is None else min(left, step))
         assert self.returncode is not None
         return self.returncode
 
@@ -107,7 +110,8 @@ class _Server:
         self.send_lock = threading.Lock()
         self.next_req = 0
         self.replies: dict[int, dict] = {}
-        self.exits: dict[int, int] = {}
+        self.procs: dict[int, ForkedProcess] = {}  # running, by pid
+        self.exits: dict[int, int] = {}  # exit codes of children not registered yet
         self.closed = False
         self.reader = threading.Thread(target=self._read, name="pydist-forkserver", daemon=True)
         self.reader.start()
@@ -122,10 +126,15 @@ class _Server:
                 msg = json.loads(data)
                 with self.changed:
                     if "exit" in msg:
-                        self.exits[msg["exit"]] = msg["status"]
+                        proc = self.procs.pop(msg["exit"], None)
+                        if proc is None:
+                            self.exits[msg["exit"]] = msg["status"]
+                        else:
+                            proc.returncode = msg["status"]
+                            proc._ended.set()  # (wakes only who waits for this one)
                     else:
                         self.replies[msg["req"]] = msg
-                    self.changed.notify_all()
+                        self.changed.notify_all()
         except (OSError, ValueError):
             pass
         finally:
@@ -162,24 +171,25 @@ class _Server:
             raise OSError(f"the fork server could not fork: {reply['error']}")
         return int(reply["pid"])
 
-    def refresh(self, proc: ForkedProcess) -> None:
+    def register(self, proc: ForkedProcess) -> None:
+        """File `proc`, to be told its exit status."""
         with self.changed:
             code = self.exits.pop(proc.pid, None)
-            if code is not None:
-                proc.returncode = code
+            if code is None:
+                self.procs[proc.pid] = proc
                 return
-            if not self.closed:
+            proc.returncode = code
+            proc._ended.set()
+
+    def refresh(self, proc: ForkedProcess) -> None:
+        with self.changed:
+            if proc.returncode is not None or not self.closed:
                 return
+            self.procs.pop(proc.pid, None)
         # The template is gone: our child was adopted by init, which may be slow to reap it.
         if not _exists(proc.pid):
             proc.returncode = 255  # its status is unknown
-
-    def wait_change(self, timeout: float) -> None:
-        with self.changed:
-            if not self.closed:
-                self.changed.wait(timeout)
-                return
-        time.sleep(min(timeout, 0.05))
+            proc._ended.set()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the control socket: the template exits; reap it."""
