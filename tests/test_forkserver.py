@@ -250,3 +250,17 @@ def test_no_process_left_behind(method, how, tmp_path):
 def test_missing_dir_is_a_launch_error(method, fresh_workers, tmp_path):
     with pytest.raises(pydist.LaunchWorkerError, match="missing"):
         fresh_workers(1, start_method=method, dir=str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_enable_threaded_blas(method, fresh_workers):
+    def blas_env(_=None):
+        return os.environ.get("OPENBLAS_NUM_THREADS")
+
+    single, threaded = fresh_workers(1, start_method=method)[0], fresh_workers(
+        1, start_method=method, enable_threaded_blas=True)[0]
+    assert pydist.remotecall_fetch(blas_env, single) == "1"
+    assert pydist.remotecall_fetch(blas_env, threaded) == os.environ.get("OPENBLAS_NUM_THREADS")
+    if method == "forkserver":
+        for w in (single, threaded):
+            _started_by(method, pydist.remotecall_fetch(_facts, w))
