@@ -229,7 +229,7 @@ _failed: str | None = None  # why the template could not start (then: fresh inte
 
 def unsuitable(exename: str, exeflags: list[str], env: dict[str, str]) -> str | None:
     """Why a worker with these settings cannot be forked from the template (None: it can)."""
-    if os.path.realpath(exename) != os.path.realpath(sys.executable) and exename != sys.executable:
+    if exename != sys.executable:  # (a symlink to the same binary may be another venv)
         return f"exename {exename!r} is not this interpreter ({sys.executable})"
     if exeflags:
         return f"exeflags {exeflags!r} apply at interpreter start-up"
