@@ -194,7 +194,17 @@ MASTER = textwrap.dedent("""
     ws = pydist.addprocs(3)
     pids = [pydist.remotecall_fetch(os.getpid, w) for w in ws]
     server = pydist.remotecall_fetch(os.getppid, ws[0])
-    print(json.dumps({"workers": pids, "server": server}), flush=True)
+    child = None
+    if sys.argv[1] == "forked":  # user code forks the master: the child must not hold on
+        child = os.fork()       # to the fork server
+        if child == 0:
+            import time
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):  # (the test reads the master's output until its end)
+                os.dup2(null, fd)
+            time.sleep(30)
+            os._exit(0)
+    print(json.dumps({"workers": pids, "server": server, "child": child}), flush=True)
     if sys.argv[1] == "shutdown":
         pydist.rmprocs(ws[0])
         pydist.shutdown()
@@ -223,13 +233,15 @@ def _run_master(tmp_path, method: str, how: str) -> tuple[subprocess.Popen, dict
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("how", ["shutdown", "sigkill"])
+@pytest.mark.parametrize("how", ["shutdown", "sigkill", "forked"])
 def test_no_process_left_behind(method, how, tmp_path):
+    if how == "forked" and method == "spawn":
+        pytest.skip("only the fork server's control socket is dropped in a fork of the master")
     proc, pids = _run_master(tmp_path, method, how)
     try:
         if method == "forkserver":
             assert "pydist.forkserver" in _cmdline(pids["server"])
-        if how == "sigkill":
+        if how in ("sigkill", "forked"):
             proc.kill()
         out, err = proc.communicate(timeout=60)
         if how == "shutdown":
@@ -237,10 +249,14 @@ def test_no_process_left_behind(method, how, tmp_path):
             assert "shut down" in out
             if method == "forkserver":  # stopped by shutdown(), not only at exit
                 assert "after shutdown: server gone" in out, out
+        if pids["child"]:
+            assert pid_alive(pids["child"])  # (still holding what it inherited)
         for ospid in pids["workers"] + ([pids["server"]] if method == "forkserver" else []):
             wait_until(lambda: not pid_alive(ospid), timeout=30,
                        what=f"process {ospid} ({_cmdline(ospid)}) gone")
     finally:
+        if pids.get("child") and pid_alive(pids["child"]):
+            os.kill(pids["child"], signal.SIGKILL)
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
@@ -264,3 +280,40 @@ def test_enable_threaded_blas(method, fresh_workers):
     if method == "forkserver":
         for w in (single, threaded):
             _started_by(method, pydist.remotecall_fetch(_facts, w))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_enable_threaded_blas(method, fresh_workers):
+    def blas_env(_=None):
+        return os.environ.get("OPENBLAS_NUM_THREADS")
+
+    single, threaded = fresh_workers(1, start_method=method)[0], fresh_workers(
+        1, start_method=method, enable_threaded_blas=True)[0]
+    assert pydist.remotecall_fetch(blas_env, single) == "1"
+    assert pydist.remotecall_fetch(blas_env, threaded) == os.environ.get("OPENBLAS_NUM_THREADS")
+    if method == "forkserver":
+        for w in (single, threaded):
+            _started_by(method, pydist.remotecall_fetch(_facts, w))
+
+
+def test_a_fork_of_the_master_does_not_hold_the_fork_server(fresh_workers):
+    """A child forked from the master (user code) drops its copy of the control socket, so
+    the template still exits when the master closes it."""
+    from pydist.managers import forkserver
+
+    (w,) = fresh_workers(1, start_method="forkserver")
+    server = pydist.remotecall_fetch(os.getppid, w)
+    r, wr = os.pipe()
+    child = os.fork()
+    if child == 0:  # hold on until the test is done with us
+        os.close(wr)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        pydist.rmprocs(w, waitfor=30)
+        forkserver.stop()
+        wait_until(lambda: not pid_alive(server), timeout=10, what="the fork server gone")
+    finally:
+        os.close(wr)
+        os.waitpid(child, 0)

@@ -101,7 +101,8 @@ class _Server:
         try:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pydist.forkserver", str(theirs.fileno())],
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=env,
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, env=env,  # (stderr: ours, for its own failures)
                 start_new_session=True,  # a terminal's ^C is for the master only
             )
         finally:
@@ -296,6 +297,23 @@ def fork_workers(n: int, cookie: str, bind: str, cwd: str,
     finally:
         for _, r in pending:  # (a worker forked for one of these exits: its pipe is gone)
             os.close(r)
+
+
+def _forget_in_child() -> None:
+    """After a fork of the master (user code): the child has no fork server of its own;
+    its copy of the control socket must not keep the master's template alive."""
+    global _lock, _server, _failed
+    _lock = threading.Lock()
+    if _server is not None:
+        try:
+            os.close(_server.sock.detach())
+        except OSError:
+            pass
+    _server, _failed = None, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def running() -> bool:
