@@ -30,6 +30,7 @@ LAYERS: list[tuple[set[str], bool]] = [
     ({"group"}, False),  # membership: PGRP, Worker records and states, deregister
     ({"dispatch"}, False),  # frames to handlers by kind; a connection's loss
     ({"managers"}, False),  # the ClusterManager interface, WorkerConfig, helpers
+    ({"managers.forkserver"}, False),  # the master's side of the fork server (LocalManager)
     ({"managers.local", "managers.ssh", "managers.slurm", "managers.mpi"}, False),  # Local-, SSH-, Slurm-, MPIManager
     ({"joining"}, False),  # connection setup: dialling, accepting, JOIN / IDENTIFY / EXIT
     ({"calls"}, False),  # reply slots, request/reply, running calls, interrupts
@@ -39,7 +40,7 @@ LAYERS: list[tuple[set[str], bool]] = [
     ({"pmap", "executor"}, False),  # pmap; the concurrent.futures Executor
     ({"pgenerate"}, False),  # the streaming pmap, built on pmap's helpers
     ({"macros", "joblib"}, False),  # sugar; the joblib backend (imported only by users)
-    ({"runtime", "worker", ROOT, "__main__", "cli", "mpi"}, True),  # wiring, shutdown, entry points
+    ({"runtime", "worker", ROOT, "__main__", "cli", "mpi", "forkserver"}, True),  # wiring, shutdown, entry points
 ]
 
 

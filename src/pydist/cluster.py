@@ -218,7 +218,7 @@ _COMMON_KEYWORDS = {
     "exename", "exeflags", "dir", "env", "topology", "lazy", "enable_threaded_blas", "timeout",
     "callback_warning_interval", "heartbeat_timeout",
 }
-_LOCAL_KEYWORDS = _COMMON_KEYWORDS | {"restrict"}
+_LOCAL_KEYWORDS = _COMMON_KEYWORDS | {"restrict", "start_method"}
 _SSH_KEYWORDS = _COMMON_KEYWORDS | {
     "tunnel", "multiplex", "sshflags", "max_parallel", "shell", "ssh", "cmdline_cookie",
 }
@@ -243,6 +243,7 @@ Topology = Literal["all_to_all", "master_worker", "custom"]
 
 @overload
 def addprocs(np: int | None = None, /, *, restrict: bool = True,
+             start_method: Literal["spawn", "forkserver"] | None = None,
              exename: str | None = None, exeflags: str | Sequence[str] = (),
              dir: str | None = None, env: Mapping[str, str] | None = None,
              topology: Topology = "all_to_all", lazy: bool = True,
@@ -266,7 +267,11 @@ def addprocs(target: int | Sequence[Machine] | ClusterManager | None = None, /, 
     """Start workers and return their ids (sorted); they join every process's cluster.
 
     - ``addprocs(n)`` starts `n` workers on this machine (default: `os.cpu_count()`), with a
-      `LocalManager`; ``restrict=True`` makes them listen on 127.0.0.1 only.
+      `LocalManager`; ``restrict=True`` makes them listen on 127.0.0.1 only;
+      ``start_method="forkserver"`` forks them from a template process (fast, light),
+      ``"spawn"`` starts fresh interpreters (default: `PYDIST_START_METHOD`, else
+      ``"spawn"``; a worker whose `exename`, `exeflags` or start-up `env` (PYTHON*, LD_*)
+      differ is spawned anyway).
     - ``addprocs(machines)`` starts workers over SSH (an `SSHManager`): see the SSH guide for
       machine strings and `tunnel`, `multiplex`, `sshflags` (default `PYDIST_SSHFLAGS`),
       `max_parallel` (ssh sessions at once), `shell` (the remote shell's quoting), `ssh`
@@ -296,7 +301,8 @@ def addprocs(target: int | Sequence[Machine] | ClusterManager | None = None, /, 
         n = (os.cpu_count() or 1) if target is None else target
         if n < 0:
             raise ValueError(f"addprocs: number of workers must be >= 0, got {n}")
-        manager: ClusterManager = LocalManager(n, restrict=kw.pop("restrict", True))
+        manager: ClusterManager = LocalManager(n, restrict=kw.pop("restrict", True),
+                                               start_method=kw.pop("start_method", None))
     elif isinstance(target, ClusterManager):
         manager = target
     elif isinstance(target, str):

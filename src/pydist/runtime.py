@@ -16,6 +16,7 @@ from .dispatch import HANDLERS, register_handler
 from .remotecall import on_call  # (`pydist.remotecall` is the function, not the module)
 from .group import PGRP
 from .managers import ClusterManager, WorkerOutput, request_exit
+from .managers import forkserver
 from .managers.local import LocalManager
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ def _remove_all_workers(left, at_exit: bool) -> None:
                 manager.cleanup()
         except Exception:
             log.exception("pydist: %r failed to clean up", manager)
+    forkserver.stop()  # after its workers are reaped; a later addprocs starts it again
 
 
 def _is_builtin(manager) -> bool:

@@ -318,8 +318,10 @@ def exit_reason(manager: Any, pid: int, config: WorkerConfig) -> str | None:
 
 
 def describe_exit(proc: Any, wait: float) -> str | None:
-    """How process `proc` (a Popen) ended, waiting up to `wait` seconds; None if unknown."""
-    if not isinstance(proc, subprocess.Popen):
+    """How process `proc` (a Popen, or a handle like it: a `ForkedProcess`) ended, waiting up
+    to `wait` seconds; None if unknown."""
+    if not isinstance(proc, subprocess.Popen) and not (
+            callable(getattr(proc, "wait", None)) and hasattr(proc, "returncode")):
         return None
     try:
         code = proc.wait(wait)
@@ -432,9 +434,9 @@ def worker_env(params: dict, base: dict | None = None) -> dict:
     return env
 
 
-def signal_group(proc: subprocess.Popen, sig: int) -> None:
-    """Send `sig` to the process group that `proc` leads (started with
-    `start_new_session=True`), so that a wrapper's children get it too; to `proc` alone if
+def signal_group(proc: Any, sig: int) -> None:
+    """Send `sig` to the process group that `proc` (a Popen or a `ForkedProcess`) leads
+    (started with `start_new_session=True`, or forked into a new session), so that a wrapper's children get it too; to `proc` alone if
     it leads none."""
     try:
         os.killpg(proc.pid, sig)

@@ -15,11 +15,21 @@ from typing import Any
 from ..exceptions import LaunchWorkerError
 from ..group import PGRP
 from ..transport import default_bind_addr
-from . import ClusterManager, WorkerConfig, reap, signal_group, worker_env
+from . import ClusterManager, WorkerConfig, forkserver, reap, signal_group, worker_env
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalManager", "default_addprocs_params"]
+__all__ = ["LocalManager", "default_addprocs_params", "START_METHODS"]
+
+START_METHODS = ("spawn", "forkserver")
+
+
+def default_start_method() -> str:
+    """`PYDIST_START_METHOD` (``"spawn"`` or ``"forkserver"``), else ``"spawn"``."""
+    value = os.environ.get("PYDIST_START_METHOD", "").strip().lower() or "spawn"
+    if value not in START_METHODS:
+        raise ValueError(f"PYDIST_START_METHOD must be one of {START_METHODS}, got {value!r}")
+    return value
 
 
 def default_addprocs_params(manager: ClusterManager | None = None) -> dict[str, Any]:
@@ -34,21 +44,34 @@ def _pydist_import_root() -> str:
 
 
 class LocalManager(ClusterManager):
-    """Workers on this machine: `python -m pydist.worker`, listening on 127.0.0.1 unless
-    `restrict=False`. Removal asks politely, then sends SIGTERM after `exit_timeout` seconds
-    and SIGKILL after `term_timeout` more. Written on the public interface only."""
+    """Workers on this machine, listening on 127.0.0.1 unless `restrict=False`. Removal asks
+    politely, then sends SIGTERM after `exit_timeout` seconds and SIGKILL after
+    `term_timeout` more. Written on the public interface only.
+
+    `start_method` (default `PYDIST_START_METHOD`, else ``"spawn"``): ``"spawn"`` starts
+    each worker as a fresh interpreter (`python -m pydist.worker`); ``"forkserver"`` forks
+    it from a template process started once per master (`pydist.forkserver`), which is
+    much faster and lighter. A worker that needs another `exename`, `exeflags`, or an
+    `env` entry read at interpreter start-up (PYTHON*, LD_*...) is spawned anyway."""
 
     def __init__(self, np: int, restrict: bool = True, exit_timeout: float = 5.0,
-                 term_timeout: float = 5.0):
+                 term_timeout: float = 5.0, start_method: str | None = None):
+        if start_method is None:
+            start_method = default_start_method()
+        elif start_method not in START_METHODS:
+            raise ValueError(f"LocalManager: start_method must be one of {START_METHODS}, "
+                             f"got {start_method!r}")
         self.np = np
         self.restrict = restrict
         self.exit_timeout = exit_timeout
         self.term_timeout = term_timeout
-        self._procs: set[subprocess.Popen] = set()  # started and not yet reaped
+        self.start_method = start_method
+        self._procs: set[Any] = set()  # started and not yet reaped (Popen or ForkedProcess)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"LocalManager(np={self.np}, restrict={self.restrict})"
+        return (f"LocalManager(np={self.np}, restrict={self.restrict}, "
+                f"start_method={self.start_method!r})")
 
     def default_addprocs_params(self) -> dict:
         return dict(super().default_addprocs_params(), restrict=self.restrict)
@@ -61,23 +84,29 @@ class LocalManager(ClusterManager):
         paths = [root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
         env["PYTHONPATH"] = os.pathsep.join(paths)
         cookie = PGRP.cookie
-        log.debug("starting %d local workers: %s", self.np, " ".join(cmd))
+        fork = self.start_method == "forkserver"
+        if fork:
+            why = forkserver.unsuitable(params["exename"], params["exeflags"], env)
+            if why is not None:
+                log.debug("starting fresh interpreters, not forking: %s", why)
+                fork = False
+        log.debug("starting %d local workers: %s", self.np,
+                  "forked by the fork server" if fork else " ".join(cmd))
+        forked = forkserver.fork_workers(self.np, cookie, bind, params["dir"], env) if fork else None
         for _ in range(self.np):
-            try:
-                proc = subprocess.Popen(
-                    cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                    cwd=params["dir"], env=env, start_new_session=True,
-                )
-            except OSError as e:
-                raise LaunchWorkerError(f"could not start worker process {cmd}: {e}") from e
-            with self._lock:
-                self._procs.add(proc)
-            log.info("started a local worker process: os pid %d", proc.pid)
-            try:
-                proc.stdin.write(cookie.encode() + b"\n")  # type: ignore[union-attr]
-                proc.stdin.close()  # type: ignore[union-attr]
-            except OSError:
-                pass  # it died at once; the address reader will say so
+            proc: Any = None
+            if forked is not None:
+                try:
+                    proc = next(forked)
+                except OSError as e:
+                    log.debug("starting fresh interpreters, not forking: %s", e)
+                    forked = None
+            if proc is None:
+                proc = self._spawn(cmd, params["dir"], env, cookie)
+            else:
+                with self._lock:
+                    self._procs.add(proc)
+                log.info("forked a local worker process: os pid %d", proc.pid)
             config = WorkerConfig(
                 process=proc, io=proc.stdout, ospid=proc.pid, exename=params["exename"],
                 exeflags=params["exeflags"],
@@ -86,6 +115,25 @@ class LocalManager(ClusterManager):
             with launch_ntfy:
                 launched.append(config)
                 launch_ntfy.notify_all()
+
+    def _spawn(self, cmd: list[str], cwd: str, env: dict, cookie: str) -> subprocess.Popen:
+        """A worker as a fresh interpreter, the cookie on its stdin."""
+        try:
+            proc = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                cwd=cwd, env=env, start_new_session=True,
+            )
+        except OSError as e:
+            raise LaunchWorkerError(f"could not start worker process {cmd}: {e}") from e
+        with self._lock:
+            self._procs.add(proc)
+        log.info("started a local worker process: os pid %d", proc.pid)
+        try:
+            proc.stdin.write(cookie.encode() + b"\n")  # type: ignore[union-attr]
+            proc.stdin.close()  # type: ignore[union-attr]
+        except OSError:
+            pass  # it died at once; the address reader will say so
+        return proc
 
     def kill(self, pid: int, config: WorkerConfig) -> None:
         try:
@@ -98,7 +146,7 @@ class LocalManager(ClusterManager):
                 threading.Thread(target=self._escalate, args=(pid, proc), name="pydist-reaper",
                                  daemon=True).start()
 
-    def _escalate(self, pid: int, proc: subprocess.Popen) -> None:
+    def _escalate(self, pid: int, proc: Any) -> None:
         try:
             proc.wait(self.exit_timeout)
         except subprocess.TimeoutExpired:
@@ -121,7 +169,7 @@ class LocalManager(ClusterManager):
         reap(procs, grace)
 
 
-def _wait_group(proc: subprocess.Popen, timeout: float) -> bool:
+def _wait_group(proc: Any, timeout: float) -> bool:
     """Wait up to `timeout` seconds until `proc` and every process of its group are gone
     (a wrapper shell may die at once and leave its child behind)."""
     deadline = time.monotonic() + timeout
@@ -138,7 +186,7 @@ def _wait_group(proc: subprocess.Popen, timeout: float) -> bool:
         time.sleep(0.05)
 
 
-def _wait_leader(proc: subprocess.Popen, deadline: float) -> bool:
+def _wait_leader(proc: Any, deadline: float) -> bool:
     try:
         proc.wait(max(0.0, deadline - time.monotonic()))
         return True

@@ -1,0 +1,168 @@
+"""The fork server: `python -m pydist.forkserver FD`, a template that forks local workers.
+
+A master that asks for ``start_method="forkserver"`` starts one such process (see
+`managers.forkserver`). It imports what a worker needs, starts no thread, and waits on the
+control socket FD (a SOCK_SEQPACKET socket inherited from the master) for requests: a JSON
+message (cookie, bind address, working directory, environment) with the write end of a pipe
+attached (SCM_RIGHTS). For each it forks a worker: a new session, the directory and
+environment asked for, the pipe as stdout and stderr, every other descriptor closed, fresh
+random state, then the normal worker path (`worker.start_worker`). It answers with the
+child's pid, reaps its children and reports each one's exit status. It exits when the
+master closes the control socket (or dies: end of file).
+"""
+
+from __future__ import annotations
+
+import atexit
+import gc
+import io
+import json
+import multiprocessing.process  # workers import it at JOIN: have it in the template
+import os
+import random
+import select
+import signal
+import socket
+import sys
+import threading
+from typing import NoReturn
+
+from . import worker
+
+__all__ = ["serve", "main"]
+
+MAX_MESSAGE = 1 << 20  # a request carries an environment: bounded by the socket buffer
+
+
+def _send(sock: socket.socket, message: dict) -> None:
+    sock.send(json.dumps(message).encode())
+
+
+def _child(request: dict, out_fd: int) -> NoReturn:
+    """In the forked child: become a worker as `python -m pydist.worker` would. Never returns."""
+    code = 1
+    try:
+        os.setsid()
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.dup2(out_fd, 1)
+        os.dup2(out_fd, 2)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
+        # As PYTHONUNBUFFERED does for a fresh interpreter: output reaches the relay at once.
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True,
+                                      line_buffering=True, errors="backslashreplace")
+        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True,
+                                      line_buffering=True, errors="backslashreplace")
+        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+        try:
+            os.chdir(request["dir"])
+        except OSError as e:
+            print(f"pydist worker: cannot work in directory {request['dir']!r}: {e}",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(1)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        random.seed()  # (also done by `random`'s at-fork hook; other state is per process)
+        multiprocessing.process.current_process().authkey = os.urandom(32)
+        worker.configure_logging()
+        code = worker.start_worker(cookie=request["cookie"], close_stdin=False,
+                                   stderr_to_stdout=False, bind_to=request["bind"])
+        sys.stdout.flush()
+        worker._force_exit_later(code)  # user threads must not keep an orphan alive
+        # What the interpreter does at exit: wait for user threads, run the atexit hooks.
+        threading._shutdown()  # type: ignore[attr-defined]
+        atexit._run_exitfuncs()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+        os._exit(code)  # never back into the template's loop
+
+
+def _reap(sock: socket.socket) -> None:
+    """Report every child that ended."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        try:
+            _send(sock, {"exit": pid, "status": os.waitstatus_to_exitcode(status)})
+        except OSError:
+            pass  # the master is gone
+
+
+def serve(fd: int) -> int:
+    """Serve fork requests on control socket `fd` until the master closes it."""
+    sock = socket.socket(fileno=fd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master's ^C is not for us
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    gc.collect()
+    gc.freeze()  # the children share the template's pages instead of copying them
+    while True:
+        try:
+            ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in ready:
+            try:
+                while os.read(wake_r, 512):
+                    pass
+            except BlockingIOError:
+                pass
+        _reap(sock)
+        if sock.fileno() not in ready:
+            continue
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            return 0  # the master is gone: our children notice that on their own
+        try:
+            request = json.loads(data)
+            if len(fds) != 1:
+                raise ValueError("a request needs the output pipe attached")
+            pid = os.fork()
+        except Exception as e:
+            for f in fds:
+                os.close(f)
+            _send(sock, {"req": request.get("req") if isinstance(request, dict) else None,
+                         "error": f"{type(e).__name__}: {e}"})
+            continue
+        if pid == 0:
+            _child(request, fds[0])
+        os.close(fds[0])
+        try:
+            _send(sock, {"req": request["req"], "pid": pid})
+        except OSError:
+            return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not args[0].isdigit():
+        print("usage: python -m pydist.forkserver FD (started by the master)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(serve(int(args[0])))
+
+
+if __name__ == "__main__":
+    main()

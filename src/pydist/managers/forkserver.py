@@ -1,0 +1,331 @@
+"""The master's side of the fork server (`start_method="forkserver"` of LocalManager).
+
+One template process per master (`python -m pydist.forkserver`, see that module), started on
+first use; the master itself never forks. `fork_workers` asks it for workers and returns a
+`ForkedProcess`: the part of `subprocess.Popen` that managers use (`pid`, `poll`, `wait`,
+`returncode`, `send_signal`, `terminate`, `kill`). The template reports each child's exit
+status; a reader thread ("pydist-forkserver") files them, and ends when the template does.
+`stop()` closes the control socket: the template exits (its children, the workers, keep
+running until their master connection ends, as any worker).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import IO, Iterator
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ForkedProcess", "fork_workers", "unsuitable", "running", "stop"]
+
+START_TIMEOUT = 30.0  # seconds for the template to start and answer a request
+MAX_MESSAGE = 1 << 20
+
+# Environment variables read while the interpreter starts (or by the C library at load):
+# a worker that needs a value other than the template's must be a fresh interpreter.
+_STARTUP_PREFIXES = ("PYTHON", "LD_", "MALLOC_", "GLIBC_TUNABLES", "DYLD_")
+_RUNTIME_PYTHON = {"PYTHONUNBUFFERED"}  # the fork server applies this one in the child
+
+
+def _startup_vars(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items()
+            if k.startswith(_STARTUP_PREFIXES) and k not in _RUNTIME_PYTHON}
+
+
+class ForkedProcess:
+    """A worker forked by the fork server: the subset of `subprocess.Popen` managers use."""
+
+    def __init__(self, server: "_Server", pid: int, stdout: IO[bytes]):
+        self._server = server
+        self.pid = pid
+        self.stdout = stdout
+        self.args = ["pydist.forkserver", str(pid)]
+        self.returncode: int | None = None
+        self._ended = threading.Event()  # set once `returncode` is known
+        server.register(self)
+
+    def __repr__(self) -> str:
+        return f"<ForkedProcess pid={self.pid} returncode={self.returncode}>"
+
+    def poll(self) -> int | None:
+        """The exit code once the process ended (negative: killed by that signal), else None."""
+        if self.returncode is None:
+            self._server.refresh(self)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the process to end; `subprocess.TimeoutExpired` after `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+            step = 0.05 if self._server.closed else 0.5  # (an orphan: polled)
+            self._ended.wait(step if left is None else min(left, step))
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Send `sig` to the process unless it has ended."""
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        """SIGTERM."""
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL."""
+        self.send_signal(signal.SIGKILL)
+
+
+class _Server:
+    """One running template process and the reader of its reports."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+        self.startup = _startup_vars(env)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock = ours
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pydist.forkserver", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, env=env,  # (stderr: ours, for its own failures)
+                start_new_session=True,  # a terminal's ^C is for the master only
+            )
+        finally:
+            theirs.close()
+        self.changed = threading.Condition()
+        self.send_lock = threading.Lock()
+        self.next_req = 0
+        self.replies: dict[int, dict] = {}
+        self.procs: dict[int, ForkedProcess] = {}  # running, by pid
+        self.exits: dict[int, int] = {}  # exit codes of children not registered yet
+        self.closed = False
+        self.reader = threading.Thread(target=self._read, name="pydist-forkserver", daemon=True)
+        self.reader.start()
+        log.debug("fork server started: os pid %d", self.proc.pid)
+
+    def _read(self) -> None:
+        try:
+            while True:
+                data = self.sock.recv(MAX_MESSAGE)
+                if not data:
+                    break
+                msg = json.loads(data)
+                with self.changed:
+                    if "exit" in msg:
+                        proc = self.procs.pop(msg["exit"], None)
+                        if proc is None:
+                            self.exits[msg["exit"]] = msg["status"]
+                        else:
+                            proc.returncode = msg["status"]
+                            proc._ended.set()  # (wakes only who waits for this one)
+                    else:
+                        self.replies[msg["req"]] = msg
+                        self.changed.notify_all()
+        except (OSError, ValueError):
+            pass
+        finally:
+            with self.changed:
+                self.closed = True
+                self.changed.notify_all()
+
+    def submit(self, request: dict, out_fd: int) -> int:
+        """Ask the template to fork a worker; the request's number, for `result`."""
+        with self.send_lock:
+            self.next_req += 1
+            req = self.next_req
+            data = json.dumps(dict(request, req=req)).encode()
+            try:
+                socket.send_fds(self.sock, [data], [out_fd])
+            except OSError as e:
+                code = self.proc.poll()
+                raise OSError("the fork server exited" + (
+                    f" with code {code}" if code is not None else f" ({e})")) from e
+        return req
+
+    def result(self, req: int) -> int:
+        """The pid of the worker forked for request `req`; OSError if the template could not."""
+        deadline = time.monotonic() + START_TIMEOUT
+        with self.changed:
+            while req not in self.replies:
+                left = deadline - time.monotonic()
+                if self.closed or left <= 0:
+                    raise OSError("the fork server " + ("exited" if self.closed else
+                                  f"did not answer within {START_TIMEOUT:g} s"))
+                self.changed.wait(left)
+            reply = self.replies.pop(req)
+        if "error" in reply:
+            raise OSError(f"the fork server could not fork: {reply['error']}")
+        return int(reply["pid"])
+
+    def register(self, proc: ForkedProcess) -> None:
+        """File `proc`, to be told its exit status."""
+        with self.changed:
+            code = self.exits.pop(proc.pid, None)
+            if code is None:
+                self.procs[proc.pid] = proc
+                return
+            proc.returncode = code
+            proc._ended.set()
+
+    def refresh(self, proc: ForkedProcess) -> None:
+        with self.changed:
+            if proc.returncode is not None or not self.closed:
+                return
+            self.procs.pop(proc.pid, None)
+        # The template is gone: our child was adopted by init, which may be slow to reap it.
+        if not _exists(proc.pid):
+            proc.returncode = 255  # its status is unknown
+            proc._ended.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the control socket: the template exits; reap it."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.reader.join(timeout)
+        self.sock.close()
+        log.debug("fork server stopped")
+
+
+def _exists(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+_lock = threading.Lock()
+_server: _Server | None = None
+_failed: str | None = None  # why the template could not start (then: fresh interpreters)
+
+
+def unsuitable(exename: str, exeflags: list[str], env: dict[str, str]) -> str | None:
+    """Why a worker with these settings cannot be forked from the template (None: it can)."""
+    if exename != sys.executable:  # (a symlink to the same binary may be another venv)
+        return f"exename {exename!r} is not this interpreter ({sys.executable})"
+    if exeflags:
+        return f"exeflags {exeflags!r} apply at interpreter start-up"
+    if not hasattr(os, "fork") or not hasattr(socket, "send_fds"):
+        return "this platform has no fork or fd passing"
+    with _lock:
+        if _failed is not None:
+            return _failed
+        server = _server
+    if server is not None and not server.closed:
+        differ = sorted(k for k in set(server.startup) | set(_startup_vars(env))
+                        if server.startup.get(k) != env.get(k))
+        if differ:
+            return (f"environment variables {', '.join(differ)} differ from the fork server's "
+                    f"and apply at interpreter start-up")
+    return None
+
+
+def _get_server(env: dict[str, str]) -> _Server:
+    global _server, _failed
+    with _lock:
+        if _server is not None and not _server.closed:
+            return _server
+        if _server is not None:
+            _server.stop(1.0)
+            _server = None
+        try:
+            _server = _Server(env)
+        except OSError as e:
+            _failed = f"the fork server failed to start: {e}"
+            raise
+        return _server
+
+
+def fork_workers(n: int, cookie: str, bind: str, cwd: str,
+                 env: dict[str, str]) -> Iterator[ForkedProcess]:
+    """`n` workers forked by the fork server (started on first use with `env`), each with
+    its stdout and stderr on a pipe (`.stdout`), yielded as they come. The requests go out
+    at once, so the template forks while the master reads the answers. OSError when the
+    fork server cannot provide them (check `unsuitable` first); a caller then starts fresh
+    interpreters for the rest."""
+    server = _get_server(env)
+    differ = sorted(k for k in set(server.startup) | set(_startup_vars(env))
+                    if server.startup.get(k) != env.get(k))
+    if differ:  # (our environment changed since the template started)
+        raise OSError(f"environment variables {', '.join(differ)} differ from the fork server's")
+    pending: list[tuple[int, int]] = []  # (request, read end of its output pipe)
+    try:
+        for _ in range(n):
+            r, w = os.pipe()
+            try:
+                pending.append((server.submit({"cookie": cookie, "bind": bind, "dir": cwd,
+                                               "env": env}, w), r))
+            except BaseException:
+                os.close(r)
+                raise
+            finally:
+                os.close(w)
+        while pending:
+            req, r = pending[0]
+            pid = server.result(req)
+            pending.pop(0)
+            yield ForkedProcess(server, pid, os.fdopen(r, "rb"))
+    finally:
+        for _, r in pending:  # (a worker forked for one of these exits: its pipe is gone)
+            os.close(r)
+
+
+def _forget_in_child() -> None:
+    """After a fork of the master (user code): the child has no fork server of its own;
+    its copy of the control socket must not keep the master's template alive."""
+    global _lock, _server, _failed
+    _lock = threading.Lock()
+    if _server is not None:
+        try:
+            os.close(_server.sock.detach())
+        except OSError:
+            pass
+    _server, _failed = None, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+def running() -> bool:
+    """Whether a fork server is running."""
+    with _lock:
+        return _server is not None and not _server.closed
+
+
+def stop() -> None:
+    """Stop the fork server, if one runs (it starts again on next use)."""
+    global _server, _failed
+    with _lock:
+        server, _server, _failed = _server, None, None
+    if server is not None:
+        server.stop()

@@ -1,0 +1,322 @@
+"""Local workers started both ways, `start_method="spawn"` (fresh interpreters) and
+`"forkserver"` (forked from a template process): the same behaviour, real processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import pydist
+from pydist import RemoteException
+from pydist.group import PGRP
+from pydist.managers.local import LocalManager
+
+from conftest import pid_alive, stop_process, wait_until
+
+METHODS = ["spawn", "forkserver"]
+
+
+def _cmdline(ospid: int) -> str:
+    try:
+        with open(f"/proc/{ospid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _facts(_=None) -> dict:
+    return {"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0),
+            "sid": os.getsid(0), "cwd": os.getcwd(), "env": os.environ.get("PYDIST_FS_TEST"),
+            "random": random.random(), "id": pydist.myid()}
+
+
+def _started_by(method: str, facts: dict) -> None:
+    """Spawned workers are our children; forked ones the fork server's."""
+    if method == "spawn":
+        assert facts["ppid"] == os.getpid()
+    else:
+        assert "pydist.forkserver" in _cmdline(facts["ppid"]), facts
+    assert facts["pgid"] == facts["sid"] == facts["pid"]  # its own session and group
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_ids_dir_env_and_distinct_processes(method, fresh_workers, tmp_path):
+    ws = fresh_workers(3, start_method=method, dir=str(tmp_path), env={"PYDIST_FS_TEST": "yes"})
+    facts = pydist.pmap(_facts, ws)
+    assert [f["id"] for f in facts] == ws
+    for f in facts:
+        _started_by(method, f)
+        assert f["cwd"] == str(tmp_path)
+        assert f["env"] == "yes"
+    assert len({f["pid"] for f in facts}) == 3
+    assert len({f["random"] for f in facts}) == 3  # re-seeded in each child
+    assert pydist.remotecall_fetch(lambda a, b: a * b, ws[1], 6, 7) == 42
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_output_relay(method, fresh_workers, capsys):
+    (w,) = fresh_workers(1, start_method=method)
+    pydist.remotecall_fetch(lambda: print("hello from the worker") or
+                            print("and its stderr", file=sys.stderr), w)
+    seen = []
+
+    def relayed() -> bool:
+        seen.append(capsys.readouterr().out)
+        text = "".join(seen)
+        return (f"From worker {w}:\thello from the worker" in text
+                and f"From worker {w}:\tand its stderr" in text)
+
+    wait_until(relayed, timeout=30, what="the worker's output relayed")
+
+
+def _sleeper(started):
+    started.put("sleeping")
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_interrupt(method, fresh_workers):
+    (w,) = fresh_workers(1, start_method=method)
+    started = pydist.RemoteChannel(lambda: pydist.Channel(1), w)
+    fut = pydist.remotecall(_sleeper, w, started)
+    assert started.take(timeout=30) == "sleeping"
+    pydist.interrupt(w)
+    with pytest.raises(RemoteException) as info:
+        fut.fetch(timeout=30)
+    assert isinstance(info.value.captured.ex, KeyboardInterrupt)
+    assert pydist.remotecall_fetch(pydist.myid, w) == w
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rmprocs_escalates_to_sigkill(method, request):
+    manager = LocalManager(1, exit_timeout=0.5, term_timeout=0.5, start_method=method)
+    (w,) = pydist.addprocs(manager)
+    proc = PGRP.workers[w].config.process
+    ospid = proc.pid
+    request.addfinalizer(lambda: pid_alive(ospid) and os.kill(ospid, signal.SIGKILL))
+    stop_process(ospid)  # it will not obey EXIT; SIGTERM stays pending
+    pydist.rmprocs(w, waitfor=30)
+    assert proc.wait(30) == -signal.SIGKILL
+    assert proc.poll() == proc.returncode == -signal.SIGKILL
+    wait_until(lambda: not pid_alive(ospid), timeout=10, what="the stopped worker gone")
+
+
+def test_forked_process_handle_reports_exit_codes(fresh_workers):
+    (w,) = fresh_workers(1, start_method="forkserver")
+    proc = PGRP.workers[w].config.process
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(0.1)
+    assert proc.poll() is None
+    pydist.remote_do(os._exit, w, 7)
+    assert proc.wait(30) == 7
+    wait_until(lambda: w not in pydist.procs(), timeout=30, what="the worker removed")
+
+
+@pytest.mark.parametrize("kw, why", [
+    ({"exeflags": ["-X", "dev"]}, "exeflags"),
+    ({"env": {"PYTHONHASHSEED": "3"}}, "PYTHONHASHSEED"),
+    ({"exename": os.path.join(os.path.dirname(sys.executable), "python3.11-missing")},
+     "exename"),
+])
+def test_fallback_to_spawn(kw, why, fresh_workers, caplog):
+    caplog.set_level(logging.DEBUG, logger="pydist.managers.local")
+    if "exename" in kw:
+        with pytest.raises(pydist.LaunchWorkerError):
+            fresh_workers(1, start_method="forkserver", **kw)  # spawned: the file is not there
+    else:
+        (w,) = fresh_workers(1, start_method="forkserver", **kw)
+        _started_by("spawn", pydist.remotecall_fetch(_facts, w))
+    assert any("not forking" in r.getMessage() and why in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_fallback_when_the_fork_server_fails(fresh_workers, tmp_path, monkeypatch, caplog):
+    """A template that dies at start: the workers are spawned, with a DEBUG log saying why."""
+    from pydist.managers import forkserver
+
+    forkserver.stop()  # (a running template would be used)
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\n[ "$2" = pydist.forkserver ] && exit 3\n'
+                      f'exec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(python))
+    caplog.set_level(logging.DEBUG, logger="pydist.managers.local")
+    (w,) = fresh_workers(1, start_method="forkserver")
+    _started_by("spawn", pydist.remotecall_fetch(_facts, w))
+    assert any("not forking: the fork server exited" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    monkeypatch.undo()
+    forkserver.stop()
+
+
+def test_fork_server_death_is_survived(fresh_workers):
+    """Killing the template leaves its workers serving; the next addprocs starts a new one,
+    and removing the orphaned workers still ends in bounded time."""
+    old = fresh_workers(2, start_method="forkserver")
+    server = pydist.remotecall_fetch(os.getppid, old[0])
+    os.kill(server, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(server), timeout=10, what="the fork server killed")
+    assert pydist.pmap(lambda _: pydist.myid(), old) == old
+    (new,) = fresh_workers(1, start_method="forkserver")
+    facts = pydist.remotecall_fetch(_facts, new)
+    _started_by("forkserver", facts)
+    assert facts["ppid"] != server
+    procs = [PGRP.workers[w].config.process for w in old]
+    t0 = time.monotonic()
+    pydist.rmprocs(old, waitfor=30)
+    for proc in procs:
+        proc.wait(20)
+        wait_until(lambda: not pid_alive(proc.pid), timeout=10, what="orphaned worker gone")
+    assert time.monotonic() - t0 < 20
+
+
+def test_bad_start_method(monkeypatch):
+    with pytest.raises(ValueError, match="start_method"):
+        LocalManager(1, start_method="fork")
+    monkeypatch.setenv("PYDIST_START_METHOD", "threads")
+    with pytest.raises(ValueError, match="PYDIST_START_METHOD"):
+        pydist.addprocs(1)
+    with pytest.raises(TypeError):
+        pydist.addprocs(1, start_methods="spawn")  # type: ignore[call-overload]
+
+
+MASTER = textwrap.dedent("""
+    import json, os, sys, time, pydist
+    ws = pydist.addprocs(3)
+    pids = [pydist.remotecall_fetch(os.getpid, w) for w in ws]
+    server = pydist.remotecall_fetch(os.getppid, ws[0])
+    child = None
+    if sys.argv[1] == "forked":  # user code forks the master: the child must not hold on
+        child = os.fork()       # to the fork server
+        if child == 0:  # (no import here: another thread may hold the import lock)
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):  # (the test reads the master's output until its end)
+                os.dup2(null, fd)
+            time.sleep(30)
+            os._exit(0)
+    print(json.dumps({"workers": pids, "server": server, "child": child}), flush=True)
+    if sys.argv[1] == "shutdown":
+        pydist.rmprocs(ws[0])
+        pydist.shutdown()
+        try:
+            os.kill(server, 0)
+            print("after shutdown: server", "alive" if server != os.getpid() else "none")
+        except ProcessLookupError:
+            print("after shutdown: server gone")
+        print("shut down", flush=True)
+    else:
+        sys.stdin.readline()  # until killed
+""")
+
+
+def _run_master(tmp_path, method: str, how: str) -> tuple[subprocess.Popen, dict]:
+    script = tmp_path / "master.py"
+    script.write_text(MASTER)
+    env = dict(os.environ, PYDIST_START_METHOD=method)
+    proc = subprocess.Popen([sys.executable, str(script), how], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()  # type: ignore[union-attr]
+    if not line:
+        proc.wait(30)
+        pytest.fail(f"the master failed: {proc.stderr.read()}")  # type: ignore[union-attr]
+    return proc, json.loads(line)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("how", ["shutdown", "sigkill", "forked"])
+def test_no_process_left_behind(method, how, tmp_path):
+    if how == "forked" and method == "spawn":
+        pytest.skip("about the fork server's control socket in a fork of the master")
+    proc, pids = _run_master(tmp_path, method, how)
+    try:
+        if method == "forkserver":
+            assert "pydist.forkserver" in _cmdline(pids["server"])
+        if how in ("sigkill", "forked"):
+            proc.kill()
+        out, err = proc.communicate(timeout=60)
+        if how == "shutdown":
+            assert proc.returncode == 0, err
+            assert "shut down" in out
+            if method == "forkserver":  # stopped by shutdown(), not only at exit
+                assert "after shutdown: server gone" in out, out
+        if pids["child"]:  # the fork server ends while the master's fork still runs
+            wait_until(lambda: not pid_alive(pids["server"]), timeout=10,
+                       what="the fork server gone")
+            assert pid_alive(pids["child"])
+            # (the fork holds the master's connections: the workers end with it)
+            os.kill(pids["child"], signal.SIGKILL)
+        for ospid in pids["workers"] + ([pids["server"]] if method == "forkserver" else []):
+            wait_until(lambda: not pid_alive(ospid), timeout=30,
+                       what=f"process {ospid} ({_cmdline(ospid)}) gone")
+    finally:
+        if pids.get("child") and pid_alive(pids["child"]):
+            os.kill(pids["child"], signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_missing_dir_is_a_launch_error(method, fresh_workers, tmp_path):
+    with pytest.raises(pydist.LaunchWorkerError, match="missing"):
+        fresh_workers(1, start_method=method, dir=str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_enable_threaded_blas(method, fresh_workers):
+    def blas_env(_=None):
+        return os.environ.get("OPENBLAS_NUM_THREADS")
+
+    single, threaded = fresh_workers(1, start_method=method)[0], fresh_workers(
+        1, start_method=method, enable_threaded_blas=True)[0]
+    assert pydist.remotecall_fetch(blas_env, single) == "1"
+    assert pydist.remotecall_fetch(blas_env, threaded) == os.environ.get("OPENBLAS_NUM_THREADS")
+    if method == "forkserver":
+        for w in (single, threaded):
+            _started_by(method, pydist.remotecall_fetch(_facts, w))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_enable_threaded_blas(method, fresh_workers):
+    def blas_env(_=None):
+        return os.environ.get("OPENBLAS_NUM_THREADS")
+
+    single, threaded = fresh_workers(1, start_method=method)[0], fresh_workers(
+        1, start_method=method, enable_threaded_blas=True)[0]
+    assert pydist.remotecall_fetch(blas_env, single) == "1"
+    assert pydist.remotecall_fetch(blas_env, threaded) == os.environ.get("OPENBLAS_NUM_THREADS")
+    if method == "forkserver":
+        for w in (single, threaded):
+            _started_by(method, pydist.remotecall_fetch(_facts, w))
+
+
+def test_a_fork_of_the_master_does_not_hold_the_fork_server(fresh_workers):
+    """A child forked from the master (user code) drops its copy of the control socket, so
+    the template still exits when the master closes it."""
+    from pydist.managers import forkserver
+
+    (w,) = fresh_workers(1, start_method="forkserver")
+    server = pydist.remotecall_fetch(os.getppid, w)
+    r, wr = os.pipe()
+    child = os.fork()
+    if child == 0:  # hold on until the test is done with us
+        os.close(wr)
+        os.read(r, 1)
+        os._exit(0)
+    os.close(r)
+    try:
+        pydist.rmprocs(w, waitfor=30)
+        forkserver.stop()
+        wait_until(lambda: not pid_alive(server), timeout=10, what="the fork server gone")
+    finally:
+        os.close(wr)
+        os.waitpid(child, 0)
