@@ -5,8 +5,9 @@ changing the line that makes the executor. `submit` returns a pydist `Future`, w
 `concurrent.futures.Future` (`wait`, `as_completed`, `asyncio.wrap_future` work on it).
 
 How calls reach workers: the executor holds workers taken from its pool (given back once it
-has nothing for them; the workers it started itself, with `max_workers`, it keeps) and keeps calls in flight on each: one, as a ProcessPoolExecutor's
-process runs one, and more when that worker's calls are short: its *window* is about
+has nothing for them; the workers it started itself, with `max_workers`, it keeps) and keeps
+calls in flight on each: one, as a ProcessPoolExecutor's process runs one, and more when
+that worker's calls are short: its *window* is about
 BUDGET seconds of work (the average time between two of its completions, which is a call's
 duration when calls wait there, a round trip plus a call when none do). So tiny calls are
 pipelined, and what waits on a worker behind its running call (while another worker may
