@@ -436,8 +436,8 @@ def worker_env(params: dict, base: dict | None = None) -> dict:
 
 def signal_group(proc: Any, sig: int) -> None:
     """Send `sig` to the process group that `proc` (a Popen or a `ForkedProcess`) leads
-    (started with `start_new_session=True`, or forked into a new session), so that a wrapper's children get it too; to `proc` alone if
-    it leads none."""
+    (started with `start_new_session=True`, or forked into a new session), so that a
+    wrapper's children get it too; to `proc` alone if it leads none."""
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:  # the group is gone (the process may be a zombie)
