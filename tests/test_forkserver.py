@@ -285,20 +285,6 @@ def test_enable_threaded_blas(method, fresh_workers):
             _started_by(method, pydist.remotecall_fetch(_facts, w))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_enable_threaded_blas(method, fresh_workers):
-    def blas_env(_=None):
-        return os.environ.get("OPENBLAS_NUM_THREADS")
-
-    single, threaded = fresh_workers(1, start_method=method)[0], fresh_workers(
-        1, start_method=method, enable_threaded_blas=True)[0]
-    assert pydist.remotecall_fetch(blas_env, single) == "1"
-    assert pydist.remotecall_fetch(blas_env, threaded) == os.environ.get("OPENBLAS_NUM_THREADS")
-    if method == "forkserver":
-        for w in (single, threaded):
-            _started_by(method, pydist.remotecall_fetch(_facts, w))
-
-
 def test_a_fork_of_the_master_does_not_hold_the_fork_server(fresh_workers):
     """A child forked from the master (user code) drops its copy of the control socket, so
     the template still exits when the master closes it."""

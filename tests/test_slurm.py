@@ -26,6 +26,7 @@ from pydist.exceptions import LaunchWorkerError, RemoteException
 from pydist.group import PGRP
 
 from conftest import pid_alive, stop_process, wait_until
+from hosthelpers import call_other, config_of, hostname_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INFRA = os.environ.get("PYDIST_INFRA_DIR", "/tmp/infra")
@@ -103,18 +104,6 @@ def manager(ntasks: int = 3, **kw) -> pydist.SlurmManager:
     if ntasks == 3:
         kw.setdefault("ntasks_per_node", 1)
     return pydist.SlurmManager(ntasks, **kw)
-
-
-def hostname_of(pid: int) -> str:
-    return pydist.remotecall_fetch(socket.gethostname, pid)
-
-
-def config_of(pid: int) -> pydist.WorkerConfig:
-    return PGRP.workers[pid].config
-
-
-def call_other(target: int) -> str:
-    return pydist.remotecall_fetch(socket.gethostname, target)
 
 
 # ==================================================================== from outside

@@ -23,6 +23,7 @@ from pydist.group import PGRP
 from pydist.exceptions import LaunchWorkerError, RemoteException
 
 from conftest import pid_alive, wait_until
+from hosthelpers import call_other, config_of, hostname_of
 
 INFRA = os.environ.get("PYDIST_INFRA_DIR", "/tmp/infra")
 SSH_CONFIG = os.path.join(INFRA, "ssh-client", "config")
@@ -99,19 +100,6 @@ def no_ssh_worker_left_behind():
     yield
     wait_until(lambda: not set(ssh_worker_processes()) - before, timeout=60,
                what="every SSH worker started by these tests to exit")
-
-
-def hostname_of(pid: int) -> str:
-    return pydist.remotecall_fetch(socket.gethostname, pid)
-
-
-def config_of(pid: int) -> pydist.WorkerConfig:
-    return PGRP.workers[pid].config
-
-
-def call_other(target: int) -> str:
-    """Run on a worker: call `target` (another worker) directly."""
-    return pydist.remotecall_fetch(socket.gethostname, target)
 
 
 def put_into(channel, value) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "connect_tcp",
     "worker_env",
     "worker_timeout",
+    "process_ended",
 ]
 
 _timeout_override: contextvars.ContextVar[float | None] = contextvars.ContextVar(
@@ -432,6 +433,21 @@ def worker_env(params: dict, base: dict | None = None) -> dict:
             env[var] = "1"
     env.update(params.get("env") or {})
     return env
+
+
+def process_ended(ospid: int) -> bool:
+    """Whether process `ospid` (of this PID namespace) has ended: gone, or a zombie."""
+    try:
+        with open(f"/proc/{ospid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(ospid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
 
 
 def signal_group(proc: Any, sig: int) -> None:

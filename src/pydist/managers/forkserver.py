@@ -22,6 +22,8 @@ import threading
 import time
 from typing import IO, Iterator
 
+from . import process_ended
+
 log = logging.getLogger(__name__)
 
 __all__ = ["ForkedProcess", "fork_workers", "unsuitable", "running", "stop"]
@@ -188,7 +190,7 @@ class _Server:
                 return
             self.procs.pop(proc.pid, None)
         # The template is gone: our child was adopted by init, which may be slow to reap it.
-        if not _exists(proc.pid):
+        if process_ended(proc.pid):
             proc.returncode = 255  # its status is unknown
             proc._ended.set()
 
@@ -206,21 +208,6 @@ class _Server:
         self.reader.join(timeout)
         self.sock.close()
         log.debug("fork server stopped")
-
-
-def _exists(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 _lock = threading.Lock()

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 from .. import transport
 from ..exceptions import LaunchWorkerError
-from . import ClusterManager, WorkerConfig, connect_tcp, read_worker_address
+from . import ClusterManager, WorkerConfig, connect_tcp, process_ended, read_worker_address
 
 log = logging.getLogger(__name__)
 
@@ -81,21 +81,6 @@ def _namespace(kind: str) -> str:
     except OSError:
         return f"host:{socket.gethostname()}"
     return f"{boot}/{kind}:{inode}"
-
-
-def _process_gone(ospid: int) -> bool:
-    """Whether process `ospid` (of this PID namespace) has ended: gone, or a zombie."""
-    try:
-        with open(f"/proc/{ospid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] == "Z"
-    except (OSError, IndexError):
-        try:
-            os.kill(ospid, 0)
-        except ProcessLookupError:
-            return True
-        except OSError:
-            pass
-        return False
 
 
 def _route_source(addr: str) -> str | None:
@@ -305,7 +290,7 @@ class MPIManager(ClusterManager):
         if data.get("machine") == self._machine and config.ospid:
             deadline = time.monotonic() + 1.0
             while True:
-                if _process_gone(config.ospid):
+                if process_ended(config.ospid):
                     return f"ended ({self._where(config)}, OS pid {config.ospid})"
                 if time.monotonic() > deadline:
                     break
