@@ -622,6 +622,36 @@ def put_value(ch, value):
     ch.put(value)
 
 
+def watchdog_awake() -> bool:
+    from pydist.threads import WATCHDOG
+    return WATCHDOG.awake
+
+
+def take_noting_the_watchdog(ch):
+    """Runs on a worker: whether its watchdog ticked as this call began, and what it took."""
+    return watchdog_awake(), ch.take()
+
+
+def test_a_call_lent_the_role_while_the_watchdog_sleeps_lets_the_next_message_in(two_workers):
+    """A worker whose watchdog sleeps lends the reading role to a call without waking it;
+    the poller then watches the socket, and a frame that arrives while the call runs (here
+    the call it waits for) is read: the watchdog is woken to take the role back."""
+    w = two_workers[0]
+    ch = pydist.RemoteChannel(lambda: pydist.Channel(1), w)
+    asleep_runs = 0
+    for i in range(10):
+        wait_until(lambda: not pydist.remotecall_fetch(watchdog_awake, w), timeout=30,
+                   what="the worker's watchdog to sleep")
+        time.sleep(0.05)  # (the call that asked may have woken it for one more tick)
+        fut = pydist.remotecall(take_noting_the_watchdog, w, ch)
+        time.sleep(0.02)  # the call has begun and waits
+        pydist.remote_do(put_value, w, ch, i)
+        awake, got = fut.fetch(timeout=30)
+        assert got == i
+        asleep_runs += not awake
+    assert asleep_runs > 0, "the watchdog never slept as a call began: the path is untested"
+
+
 @pytest.mark.slow
 def test_a_reply_queued_behind_a_long_call_is_not_held_by_it(fresh_workers):
     """A worker that has received several calls at once lets their replies leave together

@@ -230,25 +230,34 @@ class _Watchdog:
     """Takes the reading role back from calls that run long (see `Connection._serve`); any
     watched object's `_watchdog_tick(now)` runs every tick (a long pmap batch uses it too).
 
-    It polls every millisecond while some call holds a lent role, and for a moment after
-    (so that a steady stream of short calls never has to wake it), then sleeps until the
-    next lend. Taking a role back never blocks (it writes without blocking).
+    It polls every millisecond while something is watched, and one tick more if anything was
+    watched meanwhile (so that a steady stream of short calls never has to wake it), then
+    sleeps until the next `watch`. A call lent the role while it sleeps does not wake it: the
+    poller watches that connection instead (`Connection._serve`), so that a worker that
+    gets a call now and then does not poll a thousand times a second. Taking a role back
+    never blocks (it writes without blocking).
     """
 
     PROMOTE_AFTER = LEND_SECONDS
-    LINGER = 0.05
 
     def __init__(self) -> None:
         self._watched: set[Any] = set()
+        self._watches = 0  # `watch` calls so far (a tick with none since the last: sleep)
         self._wake = threading.Event()
         self._sleeping = True
         self._stopping = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
+    @property
+    def awake(self) -> bool:
+        """Ticking now: watching one more thing costs nothing."""
+        return not self._sleeping
+
     def watch(self, conn: Any) -> None:
         """Called with the connection's lend lock held."""
         self._watched.add(conn)
+        self._watches += 1
         if self._sleeping:
             with self._lock:
                 if self._thread is None and not self._stopping:
@@ -274,20 +283,16 @@ class _Watchdog:
             self._stopping = False
 
     def _run(self) -> None:
-        idle_since = time.monotonic()
+        seen = -1
         while not self._stopping:
-            if self._watched:
-                idle_since = None  # type: ignore[assignment]
-            elif idle_since is None:
-                idle_since = time.monotonic()
-            elif time.monotonic() - idle_since > self.LINGER:
+            if not self._watched and self._watches == seen:
                 self._sleeping = True
                 self._wake.clear()
                 if not self._watched and not self._stopping:
                     self._wake.wait()
                 self._sleeping = False
-                idle_since = None  # type: ignore[assignment]
                 continue
+            seen = self._watches
             _sleep(self.PROMOTE_AFTER)
             now = time.monotonic()
             for conn in list(self._watched):

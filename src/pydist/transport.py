@@ -428,6 +428,7 @@ class Connection:
         self._arm_lock = threading.Lock()
         self._want_read = False
         self._want_write = False
+        self._lent_watch = False  # readable wanted while the role is lent (_watch_while_lent)
         self._armed = 0  # what the kernel watches (0 once a one-shot event has fired)
         self._poller = _get_poller() if isinstance(sock, socket.socket) else None
         self.fd = sock.fileno() if self._poller is not None else -1  # type: ignore[union-attr]
@@ -462,7 +463,8 @@ class Connection:
         """Tell epoll what we wait for (arm lock held); no system call if unchanged."""
         if self._closed_reported:  # the descriptor is closed and may already be reused
             return
-        want = (_READ_EVENTS if self._want_read else 0) | (_WRITE_EVENTS if self._want_write else 0)
+        reading = self._want_read or self._lent_watch
+        want = (_READ_EVENTS if reading else 0) | (_WRITE_EVENTS if self._want_write else 0)
         if want != self._armed:
             self._armed = want
             self._poller.modify(self.fd, want | _ONESHOT)  # type: ignore[union-attr]
@@ -471,7 +473,9 @@ class Connection:
         """Poller thread: the socket is readable or writable (or failed)."""
         with self._arm_lock:
             self._armed = 0  # one-shot: the kernel stopped watching
-            readable = self._want_read and ev & (_READ_EVENTS | _FAULT_EVENTS)
+            readable = (self._want_read or self._lent_watch) and ev & (_READ_EVENTS | _FAULT_EVENTS)
+            if readable:
+                self._lent_watch = False  # once: then the watchdog takes over (_on_readable)
             writable = self._want_write and ev & (_WRITE_EVENTS | _FAULT_EVENTS)
             if writable:
                 self._want_write = False
@@ -838,9 +842,26 @@ class Connection:
             POOL.submit(self._read_on)
 
     def _on_readable(self) -> None:
-        """Poller thread: data arrived while nobody was reading. Read what is there."""
+        """Poller thread: data arrived while nobody was reading, or while the reading role
+        is lent to a running call (`_watch_while_lent`). Read what is there, or have the
+        watchdog take the lent role back if the call runs long."""
         if self._take_role():
             self._drain_taken()
+        else:  # lent: take it back now if the call has run long, else at the deadline
+            self._take_back(time.monotonic(), early=WATCHDOG.watch)
+
+    def _watch_while_lent(self, on: bool) -> None:
+        """While a call runs with the lent role and no frame waits behind it, the poller
+        watches the socket instead of the watchdog polling every tick: a short call that no
+        frame interrupts then costs two epoll changes and wakes no thread."""
+        if self._poller is None:
+            if on:
+                with self._lend_lock:
+                    WATCHDOG.watch(self)
+            return
+        with self._arm_lock:
+            self._lent_watch = on
+            self._apply_interest()
 
     def _drain(self) -> None:
         if self._take_role():
@@ -909,11 +930,18 @@ class Connection:
                 if task is None:
                     self._release_role()
                     return
+            queued = self._decoder.has_message()
             with self._lend_lock:  # lend and watch at once (see _watchdog_tick)
                 self._lent_at = time.monotonic()
-                WATCHDOG.watch(self)
-            if self._decoder.has_message():  # more calls wait: the reply may wait with them
+                # Calls wait behind this one, or the watchdog ticks anyway: it takes the role
+                # back if the call runs long. Else the poller watches for a frame to arrive.
+                watched = queued or WATCHDOG.awake
+                if watched:
+                    WATCHDOG.watch(self)
+            if queued:  # the reply may wait with those of the calls behind it
                 self._deferring = threading.get_ident()
+            elif not watched:
+                self._watch_while_lent(True)
             try:
                 task()
             except BaseException:
@@ -923,6 +951,8 @@ class Connection:
             with self._lend_lock:
                 still_ours = self._lent_at != 0.0
                 self._lent_at = 0.0
+            if still_ours and not watched:
+                self._watch_while_lent(False)
             if not still_ours:  # taken back while the call ran: read again if it is free
                 self.flush()
                 if not self._take_role():
@@ -931,11 +961,18 @@ class Connection:
     def _watchdog_tick(self, now: float) -> None:
         """Watchdog: give the role lent to a long call back to the others; stop watching
         once the call is not lent any more."""
+        self._take_back(now)
+
+    def _take_back(self, now: float, early: Callable[[Connection], None] | None = None) -> None:
+        """Give the role lent to a call running since `PROMOTE_AFTER` or longer back to the
+        others; `early(self)` if the call is younger (unwatch if the call is not lent)."""
         with self._lend_lock:  # so that a new lend cannot slip between check and unwatch
             if self._lent_at == 0.0:
                 WATCHDOG.unwatch(self)
                 return
             if now - self._lent_at < _Watchdog.PROMOTE_AFTER:
+                if early is not None:
+                    early(self)
                 return
             self._lent_at = 0.0
             self._deferring = 0  # the call may go on replying (a pmap lane): not deferred
