@@ -150,6 +150,23 @@ def test_batch_size_auto(two_workers):
     assert pmap(square, xs, batch_size="auto") == [x * x for x in xs]
 
 
+def args_of(*args):
+    return args
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, "auto"])
+def test_elements_reach_f_as_given_whatever_the_batching(two_workers, batch_size):
+    """Batches of one iterable carry the values themselves (no 1-tuples): a tuple, a list or
+    None is still one argument, and several iterables are still several arguments."""
+    xs = [(1, 2), [3], None, (), "ab", (4,), 5]
+    assert pmap(args_of, xs, batch_size=batch_size) == [(x,) for x in xs]
+    assert pmap(args_of, xs, range(7), batch_size=batch_size) == list(zip(xs, range(7)))
+    # A failure captured by on_error and a retried one keep the element's own arguments.
+    out = pmap(lambda x: 1 / x[0], [(1,), (0,), (2,)], batch_size=batch_size,
+               on_error=lambda e: type(e).__name__)
+    assert out == [1.0, "ZeroDivisionError", 0.5]
+
+
 def test_progress_bar(two_workers, capsys):
     pytest.importorskip("tqdm")
     assert pmap(square, range(30), progress=True) == [x * x for x in range(30)]

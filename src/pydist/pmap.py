@@ -130,11 +130,11 @@ class _BatchRun:
     shared iterator (claiming is atomic: a range iterator's `next` holds the GIL), so each
     element runs once whichever thread takes it."""
 
-    __slots__ = ("fn", "batch", "capture", "out", "claims", "error", "lock", "ended",
+    __slots__ = ("fn", "batch", "capture", "star", "out", "claims", "error", "lock", "ended",
                  "helpers", "limit", "finished", "seen", "since", "cpu_since", "threads")
 
-    def __init__(self, fn: Callable, batch: list, capture: bool) -> None:
-        self.fn, self.batch, self.capture = fn, batch, capture
+    def __init__(self, fn: Callable, batch: list, capture: bool, star: bool = True) -> None:
+        self.fn, self.batch, self.capture, self.star = fn, batch, capture, star
         self.out: list = [None] * len(batch)
         self.claims = iter(range(len(batch)))
         self.error: BaseException | None = None  # the first, without `capture`
@@ -150,16 +150,16 @@ class _BatchRun:
 
     def work(self) -> None:
         """Run elements until none is left to claim (or one failed, without `capture`)."""
-        fn, batch, out = self.fn, self.batch, self.out
+        fn, batch, out, star = self.fn, self.batch, self.out, self.star
         self.threads.add(threading.get_native_id())
         try:
             for i in self.claims:
                 try:
-                    out[i] = fn(*batch[i])
+                    out[i] = fn(*batch[i]) if star else fn(batch[i])
                 except Exception as e:
                     if not self.capture:
                         raise
-                    out[i] = _Failed(batch[i], e)
+                    out[i] = _Failed(batch[i] if star else (batch[i],), e)
         except BaseException as e:
             with self.lock:
                 if self.error is None:
@@ -222,13 +222,15 @@ class _BatchRun:
         return self.out
 
 
-def _run_batch(fn: Callable, batch: list, capture: bool) -> list:
-    """On the worker: the results of one batch; failures become `_Failed` if `capture`. A
-    blocking element lets the next ones start in other threads (see `_BatchRun`)."""
+def _run_batch(fn: Callable, batch: list, capture: bool, star: bool = True) -> list:
+    """On the worker: the results of one batch, of argument tuples (`star`) or of single
+    arguments; failures become `_Failed` if `capture`. A blocking element lets the next ones
+    start in other threads (see `_BatchRun`)."""
     if len(batch) > 1:
-        return _BatchRun(fn, batch, capture).run()
+        return _BatchRun(fn, batch, capture, star).run()
     out = []
-    for args in batch:
+    for x in batch:
+        args = x if star else (x,)
         try:
             out.append(fn(*args))
         except Exception as e:
@@ -239,16 +241,19 @@ def _run_batch(fn: Callable, batch: list, capture: bool) -> list:
 
 
 class _Batch:
-    """On the worker: the results of `fn` over one batch of argument tuples; failures become
-    `_Failed` if `capture`. One per map (as Julia's batch closure), so that a CachingPool
-    sends it, and `fn` with it, once per worker rather than with every batch."""
+    """On the worker: the results of `fn` over one batch of argument tuples (`star`) or of
+    single arguments (a map over one iterable: no tuple per element to build, pickle and
+    unpack); failures become `_Failed` if `capture`. One per map (as Julia's batch
+    closure), so that a CachingPool sends it, and `fn` with it, once per worker rather than
+    with every batch."""
 
-    def __init__(self, fn: Callable, capture: bool):
+    def __init__(self, fn: Callable, capture: bool, star: bool = True):
         self.fn = fn
         self.capture = capture
+        self.star = star
 
     def __call__(self, batch: list) -> list:
-        return _run_batch(self.fn, batch, self.capture)
+        return _run_batch(self.fn, batch, self.capture, self.star)
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -937,17 +942,19 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
     (tqdm's if tqdm is installed, else a plain text one).
     """
     pool, iterables = _split_pool("pmap", pool, iterables)
-    items = [(x,) for x in iterables[0]] if len(iterables) == 1 else list(zip(*iterables))
+    star = len(iterables) > 1  # else batches carry the values themselves, not 1-tuples
+    values = list(zip(*iterables)) if star else list(iterables[0])
     pool, nworkers, distributed, batch_size = _plan("pmap", pool, distributed, batch_size,
-                                                    len(items))
+                                                    len(values))
     delays = list(retry_delays)
-    progress_bar = _Progress(progress, len(items))
+    progress_bar = _Progress(progress, len(values))
     lend = in_remote_call()  # decided here: the map's helper threads act for this thread
     try:
         if batch_size == 1:
+            items = values if star else [(x,) for x in values]
             return _map_elements(f, items, pool, distributed, on_error, delays, retry_check,
                                  nworkers, progress_bar, lend)
-        return _map_batches(f, items, pool, batch_size, on_error, delays, retry_check,
+        return _map_batches(f, values, star, pool, batch_size, on_error, delays, retry_check,
                             nworkers, progress_bar, lend)
     finally:
         progress_bar.close()
@@ -1010,17 +1017,19 @@ def _element_runner(f: Callable, pool: AbstractWorkerPool, distributed: bool,
     return run
 
 
-def _map_batches(f, items, pool, batch_size, on_error, delays, check, nworkers, progress,
-                 lend):
+def _map_batches(f, items, star, pool, batch_size, on_error, delays, check, nworkers,
+                 progress, lend):
+    """`items`: argument tuples (`star`) or single arguments."""
     capture = on_error is not None or bool(delays)
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
 
     def failed_batch(batch: list, e: BaseException) -> list:
         if not capture or not isinstance(e, Exception):
             raise e
-        return [_Failed(args, _unwrap(e)) for args in batch]  # the whole batch failed
+        exc = _unwrap(e)  # the whole batch failed
+        return [_Failed(args if star else (args,), exc) for args in batch]
 
-    run_batch = _Batch(f, capture)
+    run_batch = _Batch(f, capture, star)
 
     def run(batch: list) -> list:
         try:
@@ -1034,7 +1043,9 @@ def _map_batches(f, items, pool, batch_size, on_error, delays, check, nworkers, 
         chunks = _pipelined_map(pool, run_batch, [(batch,) for batch in batches],
                                 progress, weight=lambda call: len(call[0]),
                                 on_failure=lambda call, e: failed_batch(call[0], e))
-    results = [r for chunk in chunks for r in chunk]
+    results = list(itertools.chain.from_iterable(chunks))
+    if not capture:  # (a failure raised)
+        return results
     failed = [i for i, r in enumerate(results) if isinstance(r, _Failed)]
     if not failed:
         return results
