@@ -4,6 +4,7 @@
     python bench/bench_peers.py                    # full run (~10 min on 2 cores) -> bench/RESULTS.md
     python bench/bench_peers.py --quick --out /tmp/peers.md      # tiny sizes (~1.5 min), to test the harness
     python bench/bench_peers.py --only W1,W3 --systems pydist,loky
+    python bench/bench_peers.py --scale            # cost against 2..128 workers, beside mp.Pool (peers_scale.py)
 
 Systems (columns): a raw socket+pickle floor (forked echo servers, see peers_systems.Raw),
 pydist, pydist.Executor (pydist's concurrent.futures interface: beside pydist, not a peer),
@@ -361,9 +362,9 @@ class Runner:
             env.setdefault("DASK_CONFIG", os.path.join(self.scratch, key, "config"))
         return env
 
-    def run_child(self, key, workloads, total, per_workload):
-        """Run one child; returns (state or None, status, wall seconds). status is 'ok',
-        'timeout (...)', 'aborted: ...' or 'crashed (...): ...'."""
+    def run_child(self, key, workloads, total, per_workload, extra=()):
+        """Run one child (`extra`: more arguments for it); returns (state or None, status, wall
+        seconds). status is 'ok', 'timeout (...)', 'aborted: ...' or 'crashed (...): ...'."""
         import psutil
 
         self.count += 1
@@ -371,6 +372,7 @@ class Runner:
         log_path = os.path.join(self.scratch, f"{self.count:03d}-{key}-{'-'.join(workloads)}.log")
         cmd = [sys.executable, os.path.abspath(__file__), "--child", "--system", key,
                "--only", ",".join(workloads), "--json", state_path] + (["--quick"] if self.opts.quick else [])
+        cmd += list(extra)
         shm_before = shm_names()
         start = time.perf_counter()
         with open(log_path, "wb") as log:
@@ -683,17 +685,32 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 repetition: for testing the harness")
     p.add_argument("--only", default=",".join(ALL_WORKLOADS), help="workloads, e.g. W1,W3")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="e.g. pydist,loky (the raw floor is a system: raw)")
-    p.add_argument("--out", default=os.path.join(BENCH, "RESULTS.md"), help="Markdown report (also printed)")
+    p.add_argument("--systems", default=None, help="e.g. pydist,loky (the raw floor is a system: raw); --scale: "
+                   "pydist,pool,ssh (ssh: W1 to the namespace hosts)")
+    p.add_argument("--out", default=None, help="Markdown report (also printed); default bench/RESULTS.md, "
+                   "--scale: bench/SCALE.md, its plot beside it (.png)")
     p.add_argument("--json", default=None, help="also write every figure (with per-repetition detail) here")
     p.add_argument("--system-timeout", type=float, default=300, help="bound on W1-W4+W7 of one system (s)")
     p.add_argument("--workload-timeout", type=float, default=150, help="bound on one of W1-W4, W7 (s)")
     p.add_argument("--w5-timeout", type=float, default=60, help="bound on each W5 process (s)")
     p.add_argument("--w6-timeout", type=float, default=120, help="bound on W6 (s)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (children's logs)")
+    p.add_argument("--scale", action="store_true", help="how per-task cost grows with the number of workers "
+                   "(2, 8, 32, 128; --quick: 2, 8, 16), pydist beside mp.Pool: see bench/peers_scale.py")
+    p.add_argument("--scale-workers", default=None, help="--scale: the worker counts, e.g. 2,8 (default 2,8,32,128;"
+                   " --quick: 2,8,16)")
+    p.add_argument("--start-method", default="auto", choices=("auto", "spawn", "forkserver"),
+                   help="--scale: how pydist starts its workers (auto: spawn up to 8, forkserver above)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--system", help=argparse.SUPPRESS)
+    p.add_argument("--workers", type=int, help=argparse.SUPPRESS)  # --scale --child
     opts = p.parse_args(argv)
+    if opts.scale:
+        import peers_scale
+
+        return peers_scale.finish_options(p, opts)
+    opts.out = opts.out or os.path.join(BENCH, "RESULTS.md")
+    opts.systems = opts.systems or ",".join(SYSTEMS)
     opts.only = [w.strip().upper() for w in opts.only.split(",") if w.strip()]
     bad = [w for w in opts.only if w not in WORKLOADS]
     if bad:
@@ -709,12 +726,20 @@ def parse(argv=None):
 
 def main(argv=None):
     opts = parse(argv)
+    if opts.scale and opts.child:
+        import peers_scale
+
+        return peers_scale.child_main(opts)
     if opts.child:
         return child_main(opts)
     import importlib.util
 
     if importlib.util.find_spec("psutil") is None:
         sys.exit("bench_peers.py needs psutil (pip install -e '.[bench]')")
+    if opts.scale:
+        import peers_scale
+
+        return peers_scale.main(opts)
     order = [k for k in SYSTEMS if k in opts.systems]
     bounds = Bounds(opts.system_timeout, opts.workload_timeout, opts.w5_timeout, opts.w6_timeout)
     runner = Runner(opts)
