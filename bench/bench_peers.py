@@ -362,6 +362,17 @@ class Runner:
             env.setdefault("DASK_CONFIG", os.path.join(self.scratch, key, "config"))
         return env
 
+    def finish(self):
+        """At the end of a run: report and kill what still carries the marker, then remove the
+        scratch directory (unless --keep)."""
+        for p in marked_processes(self.token):
+            self.leftovers.append(f"at the end: {describe(p)}")
+        terminate_then_kill(marked_processes(self.token))
+        if self.opts.keep:
+            self.log(f"logs kept in {self.scratch}")
+        else:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
     def run_child(self, key, workloads, total, per_workload, extra=()):
         """Run one child (`extra`: more arguments for it); returns (state or None, status, wall
         seconds). status is 'ok', 'timeout (...)', 'aborted: ...' or 'crashed (...): ...'."""
@@ -753,13 +764,7 @@ def main(argv=None):
                 continue
             results[k] = runner.run_system(k, opts.only, bounds)
     finally:
-        for p in marked_processes(runner.token):
-            runner.leftovers.append(f"at the end: {describe(p)}")
-        terminate_then_kill(marked_processes(runner.token))
-        if opts.keep:
-            runner.log(f"logs kept in {runner.scratch}")
-        else:
-            shutil.rmtree(runner.scratch, ignore_errors=True)
+        runner.finish()
     wall = time.perf_counter() - runner.t0
     report = render(opts, info, order, status, results, wall, runner.leftovers)
     print(report)

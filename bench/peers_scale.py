@@ -39,14 +39,12 @@ import ctypes.util
 import itertools
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 
-from peers_common import descendants, describe, marked_processes, median, p99, repeat, short_error
-from peers_common import default_chunksize, terminate_then_kill, time_calls, timed
+from peers_common import default_chunksize, descendants, median, p99, repeat, short_error, time_calls, timed
 from peers_systems import Pool, Pydist
 import peers_tasks as T
 
@@ -362,13 +360,7 @@ def main(opts):
                 runner.log(f"ssh: {st} after {wall:.1f} s")
                 ssh = {"status": st, "results": (state or {}).get("results", {}).get("ssh", {})}
     finally:
-        for p in marked_processes(runner.token):
-            runner.leftovers.append(f"at the end: {describe(p)}")
-        terminate_then_kill(marked_processes(runner.token))
-        if opts.keep:
-            runner.log(f"logs kept in {runner.scratch}")
-        else:
-            shutil.rmtree(runner.scratch, ignore_errors=True)
+        runner.finish()
     info["load_end"] = os.getloadavg()
     wall = time.perf_counter() - runner.t0
     png = os.path.splitext(opts.out)[0] + ".png"
