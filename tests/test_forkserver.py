@@ -158,6 +158,32 @@ def test_fallback_when_the_fork_server_fails(fresh_workers, tmp_path, monkeypatc
     forkserver.stop()
 
 
+def _env_of(*names: str) -> dict:
+    return {n: os.environ.get(n) for n in names}
+
+
+def test_each_forked_worker_has_the_environment_of_its_addprocs(fresh_workers, monkeypatch):
+    """The template keeps the environment it started with; a child changes only what its
+    `addprocs` wants otherwise: variables removed, changed or added since."""
+    from pydist.managers import forkserver
+
+    forkserver.stop()  # the template starts with PYDIST_FS_GONE and PYDIST_FS_CHANGED
+    monkeypatch.setenv("PYDIST_FS_GONE", "1")
+    monkeypatch.setenv("PYDIST_FS_CHANGED", "before")
+    names = ("PYDIST_FS_GONE", "PYDIST_FS_CHANGED", "PYDIST_FS_NEW")
+    (a,) = fresh_workers(1, start_method="forkserver")
+    monkeypatch.delenv("PYDIST_FS_GONE")
+    monkeypatch.setenv("PYDIST_FS_CHANGED", "after")
+    monkeypatch.setenv("PYDIST_FS_NEW", "new")
+    (b,) = fresh_workers(1, start_method="forkserver")
+    assert pydist.remotecall_fetch(os.getppid, a) == pydist.remotecall_fetch(os.getppid, b)
+    _started_by("forkserver", pydist.remotecall_fetch(_facts, b))
+    assert pydist.remotecall_fetch(_env_of, a, *names) == {
+        "PYDIST_FS_GONE": "1", "PYDIST_FS_CHANGED": "before", "PYDIST_FS_NEW": None}
+    assert pydist.remotecall_fetch(_env_of, b, *names) == {
+        "PYDIST_FS_GONE": None, "PYDIST_FS_CHANGED": "after", "PYDIST_FS_NEW": "new"}
+
+
 def test_fork_server_death_is_survived(fresh_workers):
     """Killing the template leaves its workers serving; the next addprocs starts a new one,
     and removing the orphaned workers still ends in bounded time."""

@@ -106,6 +106,20 @@ def signal_then_take(started, ch):
     return ch.take()
 
 
+def forget_address_of(pid):
+    """On a worker: forget where peer `pid` listens, as if it had joined after us."""
+    from pydist.group import PGRP
+
+    PGRP.workers[pid].connect_at = None
+
+
+def knows_address_of(pid):
+    from pydist.group import PGRP
+
+    w = PGRP.workers.get(pid)
+    return w is not None and w.connect_at is not None
+
+
 def has_live_connection(pid):
     from pydist.group import PGRP
 
@@ -807,6 +821,28 @@ class TestTopologies:
         # a call that goes a -> b -> a, with arguments and keywords
         assert pydist.remotecall_fetch(call_on, a, b, call_on, a, pydist.myid) == a
         assert pydist.remotecall_fetch(call_on, b, a, f_args, 1, kw1=2) == 3
+
+    @pytest.mark.parametrize("method", ["spawn", "forkserver"])
+    def test_all_to_all_lazy_workers_join_together_and_learn_every_address(self, method,
+                                                                           fresh_workers):
+        # lazy workers of one addprocs join in parallel (none waits for the lower pids):
+        # each learns every member's address by the time addprocs returns
+        ws = fresh_workers(6, start_method=method)
+        unknown = [(w, o) for w in ws for o in ws
+                   if o != w and not pydist.remotecall_fetch(knows_address_of, w, o)]
+        assert unknown == []
+        assert _unreachable_pairs(ws) == []
+
+    def test_a_worker_that_lacks_a_peers_address_gets_it_from_the_master(self, fresh_workers):
+        lo, hi = fresh_workers(2)
+        pydist.remotecall_fetch(forget_address_of, hi, lo)
+        # higher calls lower: the higher pid dials, and first asks the master where to
+        assert pydist.remotecall_fetch(call_on, hi, lo, pydist.myid) == lo
+        lo2, hi2 = fresh_workers(2)
+        pydist.remotecall_fetch(forget_address_of, hi2, lo2)
+        # lower calls higher: the master tells the higher pid where to dial
+        assert pydist.remotecall_fetch(call_on, lo2, hi2, pydist.myid) == hi2
+        assert pydist.remotecall_fetch(has_live_connection, hi2, lo2)
 
     def test_all_to_all_lazy_across_separate_addprocs(self, fresh_workers):
         (a,) = fresh_workers(1)

@@ -103,7 +103,10 @@ def worker_lost(pid: int, w: Worker) -> None:
                 w.manager.manage(pid, w.config, "deregister")
             except Exception:
                 log.exception("pydist: manage(deregister) failed for worker %d", pid)
-        for other in list(PGRP.workers):
+        with PGRP.lock:  # (those being removed need not know: `rmprocs` of many is O(n))
+            others = [o.pid for o in PGRP.workers.values()
+                      if o.state not in (WorkerState.terminating, WorkerState.terminated)]
+        for other in others:
             try:
                 remote_do_internal(other, _forget_worker, (pid, w.lost_reason))
             except Exception:
@@ -128,12 +131,18 @@ def _forget_worker(pid: int, reason: str | None = None) -> None:
     PGRP.deregister(pid, reason)
 
 
-def _set_valid_processes(pids: list[int]) -> None:
-    """Run on workers after addprocs: learn every member (connections stay lazy)."""
+def _set_valid_processes(members: list[tuple[int, list | None]]) -> None:
+    """Run on workers after addprocs: learn every member and its address (connections
+    stay lazy)."""
     with PGRP.lock:
-        for pid in pids:
-            if pid != PGRP.id and pid not in PGRP.workers and pid not in PGRP.deleted:
-                PGRP.workers[pid] = Worker(pid)
+        for pid, at in members:
+            if pid == PGRP.id or pid in PGRP.deleted:
+                continue
+            w = PGRP.workers.get(pid)
+            if w is None:
+                w = PGRP.workers[pid] = Worker(pid)
+            if w.connect_at is None and at:
+                w.connect_at = tuple(at)
 
 
 # ==================================================================== public membership API
@@ -460,10 +469,10 @@ def _addprocs_locked(manager: ClusterManager, params: dict) -> tuple[list[int], 
     if launch_error and not new_pids:
         raise launch_error[0]
     errors[:0] = launch_error
-    all_workers = workers()
-    for pid in [p for p in all_workers if p != 1]:  # everyone learns the new membership
+    everyone = _member_addresses()
+    for pid, _ in everyone:  # everyone learns the new membership, and where to find it
         try:
-            remote_do_internal(pid, _set_valid_processes, (all_workers,))
+            remote_do_internal(pid, _set_valid_processes, (everyone,))
         except ProcessExitedException:
             pass
     for pid in sorted(new_pids):
@@ -627,15 +636,19 @@ def _address(at: Any) -> str:
 
 
 def _join_list(w: Worker, config: WorkerConfig, timeout: float) -> list:
-    """The earlier workers a new worker should know (and, unless lazy, dial)."""
+    """The earlier workers a new worker should know (and, unless lazy, dial).
+
+    Lazy all-to-all links need no wait: the worker learns the members still joining at the
+    end of `addprocs` (`_set_valid_processes`), or from the master when it first needs one
+    (`calls.connection`), so workers join in parallel. Otherwise, as Julia, wait for the
+    lower pids of the same `addprocs` to join, so that the new worker dials every one."""
     pg = PGRP
     if pg.topology == "master_worker":
         return []
     deadline = time.monotonic() + timeout
     with pg.lock:
-        # Lower pids of the same addprocs may still be joining: wait for them (as Julia does),
-        # so that the new worker learns every earlier worker's address.
-        while any(o.pid < w.pid and o.state is WorkerState.created for o in pg.workers.values()):
+        while not (pg.lazy and pg.topology == "all_to_all") and any(
+                o.pid < w.pid and o.state is WorkerState.created for o in pg.workers.values()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise LaunchWorkerError(f"peer workers did not connect within {timeout} seconds")
@@ -646,6 +659,13 @@ def _join_list(w: Worker, config: WorkerConfig, timeout: float) -> list:
         idents = set(config.connect_idents or [])
         others = [o for o in others if o.config is not None and o.config.ident in idents]
     return [(o.pid, list(o.connect_at)) for o in others]  # type: ignore[arg-type]
+
+
+def _member_addresses() -> list[tuple[int, list | None]]:
+    """Run on the master: (pid, address) of every worker, for `_set_valid_processes`."""
+    with PGRP.lock:
+        return [(w.pid, list(w.connect_at) if w.connect_at else None)
+                for w in PGRP.workers.values() if w.state is WorkerState.connected]
 
 
 # ==================================================================== rmprocs / interrupt
@@ -688,15 +708,16 @@ def rmprocs(*pids: int | Iterable[int], waitfor: float | None = None,
     log.info("rmprocs: removing workers %s", targets)
     callbacks.run_exiting([p for p in targets if p != 1 and p in PGRP.workers], callback_timeout)
     with PGRP.launch_lock:
-        to_wait = []
-        for pid in targets:
+        to_kill = []
+        for pid in targets:  # all first: none of them need hear that another one left
             if pid == 1:
                 log.warning("rmprocs: process 1 not removed")
                 continue
             w = PGRP.mark_terminating(pid)
-            if w is None:
-                continue
-            to_wait.append(pid)
+            if w is not None:
+                to_kill.append((pid, w))
+        to_wait = [pid for pid, _ in to_kill]
+        for pid, w in to_kill:
             try:
                 w.manager.kill(pid, w.config)
             except Exception:
