@@ -206,6 +206,25 @@ def test_back_to_back_frames_in_one_feed():
     assert dec.next_message() is None and dec.feed(b"") == []
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+def test_an_idle_decoder_commits_no_memory_for_its_staging_buffer():
+    """Every connection has a decoder with a 256 KB receive buffer: it costs memory only as
+    data reaches it (1,000 connections of small frames must not hold 256 MB)."""
+    before = _resident_bytes()
+    decoders = [protocol.FrameDecoder() for _ in range(200)]
+    grown = _resident_bytes() - before
+    assert grown < 200 * 256 * 1024 // 4, f"{grown / 2**20:.1f} MB for 200 idle decoders"
+    frame = frame_bytes(protocol.CALL, b"small", a=1)
+    for dec in decoders[:3]:  # and they decode as before
+        assert [as_tuple(m) for m in dec.feed(frame * 3)] == [
+            spec_tuple(kind=protocol.CALL, body=b"small", a=1)] * 3
+
+
 def test_frame_with_many_zero_length_buffers_round_trips():
     """A frame may carry many empty out-of-band buffers (well under max_buffers=65536)."""
     n = 5000

@@ -227,6 +227,18 @@ def populate(buf, start: int, end: int) -> None:
             _can_populate = False
 
 
+def _staging_buffer(n: int):
+    """A decoder's receive buffer: an anonymous mapping, whose pages the kernel provides as
+    data first reaches them (a `bytearray` is zero-filled at once: 256 KB of page faults
+    per connection, which a connection that only ever sees small frames never uses)."""
+    if n >= 65536:
+        try:
+            return mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except (OSError, AttributeError):
+            pass
+    return bytearray(n)
+
+
 @dataclass(slots=True)
 class Message:
     """One decoded frame; `body` is still pickled (the caller decides when to unpickle)."""
@@ -274,7 +286,7 @@ class FrameDecoder:
     ):
         self.max_message = max_frame() if max_message is None else max_message
         self.max_buffers = max_buffers
-        self._staging = bytearray(max(staging_size, 4 * HEADER_LEN))
+        self._staging = _staging_buffer(max(staging_size, 4 * HEADER_LEN))
         self._view = memoryview(self._staging)
         self._start = 0
         self._end = 0
