@@ -22,6 +22,8 @@ import pytest
 import pydist
 from pydist.managers.mpi import _choose_binds
 
+from conftest import wait_until
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(pydist.__file__)))
 INFRA = os.environ.get("PYDIST_INFRA_DIR", "/tmp/infra")
@@ -276,9 +278,13 @@ def test_srun_dead_master_ends_every_rank(srun):
             in done.stderr, done.stdout + done.stderr
     killed = [line for line in done.stderr.splitlines() if line.endswith("Killed")]
     assert len(killed) == 1 and killed[0].endswith("task 0: Killed")  # workers: exited
-    left = subprocess.run(["squeue", "-h", "--name", name], capture_output=True, text=True,
-                          timeout=60)
-    assert left.stdout.strip() == ""
+
+    def job_gone() -> bool:  # (it may show as completing, CG, for a moment)
+        left = subprocess.run(["squeue", "-h", "--name", name], capture_output=True,
+                              text=True, timeout=60)
+        return left.stdout.strip() == ""
+
+    wait_until(job_gone, timeout=30, interval=0.2, what=f"job {name} gone from squeue")
 
 
 def test_srun_script_error_status(srun):
