@@ -205,6 +205,17 @@ def test_fork_server_death_is_survived(fresh_workers):
     assert time.monotonic() - t0 < 20
 
 
+def test_the_fork_server_is_the_default_and_spawn_an_opt_out(fresh_workers, monkeypatch):
+    monkeypatch.delenv("PYDIST_START_METHOD", raising=False)
+    assert LocalManager(1).start_method == "forkserver"
+    (w,) = fresh_workers(1)
+    _started_by("forkserver", pydist.remotecall_fetch(_facts, w))
+    monkeypatch.setenv("PYDIST_START_METHOD", "spawn")
+    assert LocalManager(1).start_method == "spawn"
+    (w,) = fresh_workers(1)
+    _started_by("spawn", pydist.remotecall_fetch(_facts, w))
+
+
 def test_bad_start_method(monkeypatch):
     with pytest.raises(ValueError, match="start_method"):
         LocalManager(1, start_method="fork")

@@ -279,8 +279,8 @@ def addprocs(target: int | Sequence[Machine] | ClusterManager | None = None, /, 
       `LocalManager`; ``restrict=True`` makes them listen on 127.0.0.1 only;
       ``start_method="forkserver"`` forks them from a template process (fast, light),
       ``"spawn"`` starts fresh interpreters (default: `PYDIST_START_METHOD`, else
-      ``"spawn"``; a worker whose `exename`, `exeflags` or start-up `env` (PYTHON*, LD_*)
-      differ is spawned anyway).
+      ``"forkserver"``; a worker whose `exename`, `exeflags` or start-up `env` (PYTHON*,
+      LD_*) differ is spawned anyway).
     - ``addprocs(machines)`` starts workers over SSH (an `SSHManager`): see the SSH guide for
       machine strings and `tunnel`, `multiplex`, `sshflags` (default `PYDIST_SSHFLAGS`),
       `max_parallel` (ssh sessions at once), `shell` (the remote shell's quoting), `ssh`

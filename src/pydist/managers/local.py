@@ -25,8 +25,8 @@ START_METHODS = ("spawn", "forkserver")
 
 
 def default_start_method() -> str:
-    """`PYDIST_START_METHOD` (``"spawn"`` or ``"forkserver"``), else ``"spawn"``."""
-    value = os.environ.get("PYDIST_START_METHOD", "").strip().lower() or "spawn"
+    """`PYDIST_START_METHOD` (``"spawn"`` or ``"forkserver"``), else ``"forkserver"``."""
+    value = os.environ.get("PYDIST_START_METHOD", "").strip().lower() or "forkserver"
     if value not in START_METHODS:
         raise ValueError(f"PYDIST_START_METHOD must be one of {START_METHODS}, got {value!r}")
     return value
@@ -48,11 +48,12 @@ class LocalManager(ClusterManager):
     politely, then sends SIGTERM after `exit_timeout` seconds and SIGKILL after
     `term_timeout` more. Written on the public interface only.
 
-    `start_method` (default `PYDIST_START_METHOD`, else ``"spawn"``): ``"spawn"`` starts
-    each worker as a fresh interpreter (`python -m pydist.worker`); ``"forkserver"`` forks
-    it from a template process started once per master (`pydist.forkserver`), which is
-    much faster and lighter. A worker that needs another `exename`, `exeflags`, or an
-    `env` entry read at interpreter start-up (PYTHON*, LD_*...) is spawned anyway."""
+    `start_method` (default `PYDIST_START_METHOD`, else ``"forkserver"``): ``"forkserver"``
+    forks each worker from a template process started once per master
+    (`pydist.forkserver`), which is much faster and lighter; ``"spawn"`` starts it as a
+    fresh interpreter (`python -m pydist.worker`). A worker that needs another `exename`,
+    `exeflags`, or an `env` entry read at interpreter start-up (PYTHON*, LD_*...), or a
+    platform without fork, gets a fresh interpreter anyway."""
 
     def __init__(self, np: int, restrict: bool = True, exit_timeout: float = 5.0,
                  term_timeout: float = 5.0, start_method: str | None = None):
