@@ -165,8 +165,14 @@ def test_tunnel_reaches_a_worker_listening_on_its_hosts_loopback(hosts, ssh_work
 
 
 # ==================================================================== several workers per host
-def parent_ospid() -> int:
-    return os.getppid()
+def lineage() -> tuple[int, str, int]:
+    """(os pid of our parent, its command line, os pid of its parent)."""
+    ppid = os.getppid()
+    with open(f"/proc/{ppid}/cmdline", "rb") as f:
+        cmdline = f.read().replace(b"\0", b" ").decode()
+    with open(f"/proc/{ppid}/stat") as f:
+        grandparent = int(f.read().rsplit(")", 1)[1].split()[1])
+    return ppid, cmdline, grandparent
 
 
 def family_to(pid: int) -> str:
@@ -183,8 +189,11 @@ def test_count_and_auto_start_siblings_through_the_first_worker(hosts, ssh_worke
                    key=lambda p: config_of(p).process is None)
     first, sibling = on_h1
     assert config_of(first).process is not None and config_of(sibling).process is None
-    # The sibling was started by the first worker on its host, not by its own ssh.
-    assert pydist.remotecall_fetch(parent_ospid, sibling) == config_of(first).ospid
+    # The sibling was started by the first worker on its host, not by its own ssh: forked
+    # by a fork server that the first worker started there.
+    parent, cmdline, grandparent = pydist.remotecall_fetch(lineage, sibling)
+    assert "pydist.forkserver" in cmdline and grandparent == config_of(first).ospid, \
+        (parent, cmdline, grandparent, config_of(first).ospid)
     # Its output reaches us through the first worker, prefixed with its own id.
     pydist.remotecall_fetch(print, sibling, "hello from the sibling")
     wait_until(lambda: f"From worker {sibling}:\thello from the sibling"
@@ -199,6 +208,14 @@ def test_count_and_auto_start_siblings_through_the_first_worker(hosts, ssh_worke
     assert family_to(sibling) == family_to(first) == "AF_INET"
     # procs(pid) groups processes by host.
     assert pydist.procs(sibling) == sorted(on_h1)
+
+
+def test_siblings_are_fresh_interpreters_where_the_host_says_spawn(hosts, ssh_workers):
+    pids = ssh_workers([("h1", 2)], env={"PYDIST_START_METHOD": "spawn"})
+    first, sibling = sorted(pids, key=lambda p: config_of(p).process is None)
+    parent, cmdline, _ = pydist.remotecall_fetch(lineage, sibling)
+    assert parent == config_of(first).ospid and "pydist.worker" in cmdline, (parent, cmdline)
+    assert pydist.remotecall_fetch(call_other, sibling, first) == "h1"
 
 
 # ==================================================================== failures

@@ -510,14 +510,18 @@ def launch_additional(n: int, exename: str, exeflags: list[str], bind_addr: str)
     free port), like Julia's `launch_additional`; return each one's (addr, port, ospid). Their output is relayed
     through ours; `name_additional` tells a relay which pid its worker got."""
     cmd = [exename, *exeflags, "-m", "pydist.worker", "--bind-to", bind_addr]
-    procs = []
+    procs: list[Any] = []
     try:
+        forked = _fork_siblings(n, exename, exeflags, bind_addr)
         for _ in range(n):
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = next(forked, None) if forked is not None else None
+            if proc is None:
+                forked = None
+                proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+                proc.stdin.write(PGRP.cookie.encode() + b"\n")  # type: ignore[union-attr]
+                proc.stdin.close()  # type: ignore[union-attr]
             procs.append(proc)
-            proc.stdin.write(PGRP.cookie.encode() + b"\n")  # type: ignore[union-attr]
-            proc.stdin.close()  # type: ignore[union-attr]
         relays = [WorkerOutput(p.stdout) for p in procs]  # type: ignore[arg-type]
         result = []
         for proc, relay in zip(procs, relays):
@@ -537,7 +541,31 @@ def launch_additional(n: int, exename: str, exeflags: list[str], bind_addr: str)
     return result
 
 
-def _reap(proc: subprocess.Popen) -> None:
+def _fork_siblings(n: int, exename: str, exeflags: list[str], bind_addr: str):
+    """On a worker: an iterator of `n` workers forked by a fork server of this host (as
+    `LocalManager` does), or None where this host's `PYDIST_START_METHOD` says spawn or a
+    fork cannot give what was asked for. It ends early if forking fails: the caller spawns
+    the rest."""
+    from .managers import forkserver
+    from .managers.local import default_start_method
+
+    env = dict(os.environ)
+    why = ("PYDIST_START_METHOD says spawn" if default_start_method() != "forkserver"
+           else forkserver.unsuitable(exename, exeflags, env))
+    if why is not None:
+        log.debug("starting %d more workers as fresh interpreters: %s", n, why)
+        return None
+
+    def forks():
+        try:
+            yield from forkserver.fork_workers(n, PGRP.cookie, bind_addr, os.getcwd(), env)
+        except OSError as e:
+            log.debug("starting more workers as fresh interpreters, not forking: %s", e)
+
+    return forks()
+
+
+def _reap(proc: Any) -> None:
     proc.wait()
     _siblings.pop(proc.pid, None)
 
