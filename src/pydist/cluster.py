@@ -522,7 +522,7 @@ def launch_additional(n: int, exename: str, exeflags: list[str], bind_addr: str)
                 proc.stdin.write(PGRP.cookie.encode() + b"\n")  # type: ignore[union-attr]
                 proc.stdin.close()  # type: ignore[union-attr]
             procs.append(proc)
-        relays = [WorkerOutput(p.stdout) for p in procs]  # type: ignore[arg-type]
+        relays = [WorkerOutput(p.stdout) for p in procs]
         result = []
         for proc, relay in zip(procs, relays):
             addr, port = relay.wait_address(worker_timeout(), proc)
