@@ -710,8 +710,9 @@ def parse(argv=None):
                    "(2, 8, 32, 128; --quick: 2, 8, 16), pydist beside mp.Pool: see bench/peers_scale.py")
     p.add_argument("--scale-workers", default=None, help="--scale: the worker counts, e.g. 2,8 (default 2,8,32,128;"
                    " --quick: 2,8,16)")
-    p.add_argument("--start-method", default="auto", choices=("auto", "spawn", "forkserver"),
-                   help="--scale: how pydist starts its workers (auto: spawn up to 8, forkserver above)")
+    p.add_argument("--start-method", default="forkserver", choices=("auto", "spawn", "forkserver"),
+                   help="--scale: how pydist starts its workers (default: forkserver, pydist's default;"
+                   " auto: spawn up to 8, forkserver above)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--system", help=argparse.SUPPRESS)
     p.add_argument("--workers", type=int, help=argparse.SUPPRESS)  # --scale --child

@@ -26,8 +26,9 @@ Then, if the namespace hosts of `.ci/infra/up.sh` answer over ssh, one pydist ch
 W1 to a local worker, to a worker on h1 over plain TCP and to one on h2 through an ssh tunnel
 (as tests/test_ssh.py adds them); otherwise that table says "n/a: no namespace hosts".
 
-pydist starts workers with start_method="spawn" up to 8 and "forkserver" above (fresh
-interpreters are very slow to start by the hundred on 2 cores); `--start-method` forces one.
+pydist starts workers with its default start method, the fork server (`--start-method
+spawn` for fresh interpreters, which are very slow to start by the hundred on 2 cores;
+`auto`: spawn up to 8 workers and the fork server above).
 mp.Pool uses the platform's default start method (fork on Linux). Each measure is bounded
 by --workload-timeout and each child by --system-timeout, as in bench_peers.
 """

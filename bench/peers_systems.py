@@ -256,7 +256,9 @@ class Pydist(System):
         "W1": "`remotecall_fetch(identity, w, 1)`",
         "W2": "`remotecall` round-robin then `fetch` all; batched: `pmap(f, xs, batch_size=\"auto\")`",
         "W4": "`pmap(sleep, xs)` (batch_size=1)",
-        "W6": "`addprocs(n)`, `remotecall(myid, w)` to every worker, `rmprocs(ws)`",
+        "W6": "`addprocs(n)`, `remotecall(myid, w)` to every worker, `rmprocs(ws)`; W5 and W6: "
+              "workers forked by the fork server (the default start method; "
+              "`PYDIST_START_METHOD=spawn` for fresh interpreters)",
         "W7": "each worker owns the RemoteChannel it takes from; puts go worker to worker",
     }
 
