@@ -313,7 +313,9 @@ def test_dialled_in_worker_killed_mid_map(em, dialler):
 
     def run() -> None:
         try:
-            out["r"] = pydist.pmap(sleepy_id, range(30), retry_delays=pydist.ExponentialBackOff(n=3))
+            # (on these two only: workers other tests share may also be running)
+            out["r"] = pydist.pmap(sleepy_id, range(30), pool=pydist.WorkerPool(pids),
+                                   retry_delays=pydist.ExponentialBackOff(n=3))
         except BaseException as e:
             out["e"] = e
 

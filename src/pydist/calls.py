@@ -75,9 +75,7 @@ def _connect_peer_lazily(w: Worker) -> Connection:
         )
     if pg.id > w.pid:
         if w.connect_at is None:  # (it joined with us, or after us: the master knows)
-            at = call_fetch(1, _address_of, (w.pid,))
-            if at is not None and w.connect_at is None:
-                w.connect_at = tuple(at)
+            pg.learn(w.pid, call_fetch(1, address_of, (w.pid,)))
         dial_peer(w.pid)
     else:
         # The higher pid dials: ask the master to have `w` connect to us.
@@ -91,10 +89,10 @@ def _connect_peer_lazily(w: Worker) -> Connection:
 
 def _ask_peer_to_connect(target: int, requester: int) -> None:
     """Run on the master: have worker `target` (> requester) dial worker `requester`."""
-    call_fetch(target, _dial_peer_at, (requester, _address_of(requester)))
+    call_fetch(target, _dial_peer_at, (requester, address_of(requester)))
 
 
-def _address_of(pid: int) -> list | None:
+def address_of(pid: int) -> list | None:
     """Run on the master: where worker `pid` listens for its peers (None: not known)."""
     w = PGRP.workers.get(pid)
     return list(w.connect_at) if w is not None and w.connect_at else None
@@ -102,13 +100,7 @@ def _address_of(pid: int) -> list | None:
 
 def _dial_peer_at(pid: int, at: list | None) -> None:
     """Run on a worker: dial peer `pid`, at `at` if we did not know where it listens."""
-    if at is not None:
-        with PGRP.lock:
-            w = PGRP.workers.get(pid)
-            if w is None and pid not in PGRP.deleted:
-                w = PGRP.workers[pid] = Worker(pid)
-            if w is not None and w.connect_at is None:
-                w.connect_at = tuple(at)
+    PGRP.learn(pid, at)
     dial_peer(pid)
 
 

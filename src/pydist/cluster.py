@@ -20,7 +20,7 @@ import time
 from typing import Any, Iterable, Literal, Mapping, Sequence, Union, overload
 
 from . import callbacks, protocol, serialization, transport
-from .calls import call_fetch, fail_slots_of, new_slot, remote_do_internal, SLOTS
+from .calls import address_of, call_fetch, fail_slots_of, new_slot, remote_do_internal, SLOTS
 from .dispatch import HANDLER
 from .exceptions import (
     AuthenticationError,
@@ -134,15 +134,8 @@ def _forget_worker(pid: int, reason: str | None = None) -> None:
 def _set_valid_processes(members: list[tuple[int, list | None]]) -> None:
     """Run on workers after addprocs: learn every member and its address (connections
     stay lazy)."""
-    with PGRP.lock:
-        for pid, at in members:
-            if pid == PGRP.id or pid in PGRP.deleted:
-                continue
-            w = PGRP.workers.get(pid)
-            if w is None:
-                w = PGRP.workers[pid] = Worker(pid)
-            if w.connect_at is None and at:
-                w.connect_at = tuple(at)
+    for pid, at in members:
+        PGRP.learn(pid, at)
 
 
 # ==================================================================== public membership API
@@ -673,10 +666,11 @@ def _join_list(w: Worker, config: WorkerConfig, timeout: float) -> list:
     pg = PGRP
     if pg.topology == "master_worker":
         return []
+    wait = not (pg.lazy and pg.topology == "all_to_all")
     deadline = time.monotonic() + timeout
     with pg.lock:
-        while not (pg.lazy and pg.topology == "all_to_all") and any(
-                o.pid < w.pid and o.state is WorkerState.created for o in pg.workers.values()):
+        while wait and any(o.pid < w.pid and o.state is WorkerState.created
+                           for o in pg.workers.values()):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise LaunchWorkerError(f"peer workers did not connect within {timeout} seconds")
@@ -692,8 +686,8 @@ def _join_list(w: Worker, config: WorkerConfig, timeout: float) -> list:
 def _member_addresses() -> list[tuple[int, list | None]]:
     """Run on the master: (pid, address) of every worker, for `_set_valid_processes`."""
     with PGRP.lock:
-        return [(w.pid, list(w.connect_at) if w.connect_at else None)
-                for w in PGRP.workers.values() if w.state is WorkerState.connected]
+        return [(w.pid, address_of(w.pid)) for w in PGRP.workers.values()
+                if w.state is WorkerState.connected]
 
 
 # ==================================================================== rmprocs / interrupt

@@ -115,6 +115,18 @@ class ProcessGroup:
             self.changed.notify_all()
         w.connected.set()
 
+    def learn(self, pid: int, at: Any = None) -> None:
+        """On a worker: `pid` is a member, listening for its peers at `at` (host, port) if
+        given and not known yet. Nothing for ourselves or a removed pid."""
+        with self.lock:
+            if pid == self.id or pid in self.deleted:
+                return
+            w = self.workers.get(pid)
+            if w is None:
+                w = self.workers[pid] = Worker(pid)
+            if w.connect_at is None and at:
+                w.connect_at = tuple(at)
+
     def new_pid(self) -> int:
         """The id for a worker being set up: the lowest one a failed launch gave back, else
         the next new one. (Ids of workers that joined are never reused.)"""
