@@ -646,12 +646,38 @@ def take_noting_the_watchdog(ch):
     return watchdog_awake(), ch.take()
 
 
+def note_who_wakes_the_watchdog():
+    """Runs on a worker: from now on, count the callers of its watchdog's `watch` by name."""
+    import collections
+
+    from pydist import threads
+
+    wd = threads.WATCHDOG
+    if not hasattr(wd, "callers"):
+        wd.callers = collections.Counter()
+        watch = wd.watch
+
+        def counting(conn):
+            wd.callers[sys._getframe(1).f_code.co_name] += 1
+            return watch(conn)
+
+        wd.watch = counting
+    wd.callers.clear()
+
+
+def who_woke_the_watchdog() -> dict:
+    from pydist import threads
+
+    return dict(threads.WATCHDOG.callers)
+
+
 def test_a_call_lent_the_role_while_the_watchdog_sleeps_lets_the_next_message_in(two_workers):
     """A worker whose watchdog sleeps lends the reading role to a call without waking it;
     the poller then watches the socket, and a frame that arrives while the call runs (here
-    the call it waits for) is read: the watchdog is woken to take the role back."""
+    the call it waits for) is read: the poller takes the role back, without the watchdog."""
     w = two_workers[0]
     ch = pydist.RemoteChannel(lambda: pydist.Channel(1), w)
+    pydist.remotecall_fetch(note_who_wakes_the_watchdog, w)
     asleep_runs = 0
     for i in range(10):
         wait_until(lambda: not pydist.remotecall_fetch(watchdog_awake, w), timeout=30,
@@ -664,6 +690,131 @@ def test_a_call_lent_the_role_while_the_watchdog_sleeps_lets_the_next_message_in
         assert got == i
         asleep_runs += not awake
     assert asleep_runs > 0, "the watchdog never slept as a call began: the path is untested"
+    callers = pydist.remotecall_fetch(who_woke_the_watchdog, w)
+    assert "_take_back" not in callers and "_on_readable" not in callers, callers
+
+
+def set_promote_after(seconds: float) -> None:
+    from pydist.threads import _Watchdog
+
+    _Watchdog.PROMOTE_AFTER = seconds
+
+
+def test_a_frame_behind_a_young_lent_call_waits_for_the_poller_timer(fresh_workers):
+    """A frame that arrives while a lent call is younger than PROMOTE_AFTER (stretched to
+    1 s here) is left to that call's thread; the poller looks again when the call reaches
+    that age, and takes the role back then, without waking the watchdog."""
+    w = fresh_workers(1)[0]
+    pydist.remotecall_fetch(set_promote_after, w, 1.0)
+    pydist.remotecall_fetch(note_who_wakes_the_watchdog, w)
+    wait_until(lambda: not pydist.remotecall_fetch(watchdog_awake, w), timeout=30,
+               what="the worker's watchdog to sleep")
+    time.sleep(0.05)
+    slow = pydist.remotecall(time.sleep, w, 4)
+    time.sleep(0.2)  # the slow call runs, lent the role; then a quick call arrives
+    t0 = time.monotonic()
+    assert pydist.remotecall_fetch(pydist.myid, w) == w
+    waited = time.monotonic() - t0
+    assert 0.5 < waited < 3.0, f"the quick call was answered after {waited:.2f} s"
+    assert slow.fetch(timeout=30) is None
+    callers = pydist.remotecall_fetch(who_woke_the_watchdog, w)
+    assert "_take_back" not in callers and "_on_readable" not in callers, callers
+
+
+def count_reference_count_frames() -> None:
+    """Runs on a worker: count the REFS frames it receives from now on."""
+    from pydist import dispatch, protocol
+
+    if not hasattr(dispatch, "refs_frames"):
+        handle = dispatch.HANDLERS[protocol.REFS]
+
+        def counting(conn, msg):
+            dispatch.refs_frames += 1
+            return handle(conn, msg)
+
+        dispatch.HANDLERS[protocol.REFS] = counting
+    dispatch.refs_frames = 0
+
+
+def reference_count_frames() -> int:
+    from pydist import dispatch
+
+    return dispatch.refs_frames
+
+
+def stored_values() -> int:
+    from pydist.refs import STORE
+
+    return len(STORE)
+
+
+def test_results_streaming_from_a_worker_cost_it_few_count_messages(fresh_workers):
+    """Each pushed result gives its count back to the worker; those give-backs reach one
+    worker at most once per OWNER_INTERVAL (a message wakes the worker), and none is lost:
+    the worker frees every value."""
+    from pydist import refs
+
+    w = fresh_workers(1)[0]
+    pydist.remotecall_fetch(count_reference_count_frames, w)
+    t0 = time.monotonic()
+    n = 0
+    while time.monotonic() - t0 < 1.0:
+        assert pydist.remotecall(pydist.myid, w).fetch(timeout=30) == w
+        n += 1
+    elapsed = time.monotonic() - t0
+    wait_until(lambda: pydist.remotecall_fetch(stored_values, w) == 0, timeout=30,
+               what="the worker to free every result")
+    frames = pydist.remotecall_fetch(reference_count_frames, w)
+    assert n > 50, f"only {n} calls in {elapsed:.1f} s"
+    assert 1 <= frames <= elapsed / refs.OWNER_INTERVAL + 3, f"{frames} REFS frames for {n} results"
+
+
+def test_a_caller_reads_its_own_reply_and_the_poller_never_wakes_for_it(two_workers):
+    """`remotecall_fetch` takes the connection's reading role before its request leaves, so
+    the poller (which watches the socket while nobody reads it) never wakes for the reply."""
+    w = two_workers[0]
+    conn = connection(w)
+    for _ in range(20):
+        pydist.remotecall_fetch(pydist.myid, w)
+    wakes = []
+    conn._on_events = lambda ev, on_events=conn._on_events: (wakes.append(ev), on_events(ev))
+    try:
+        for _ in range(300):
+            assert pydist.remotecall_fetch(pydist.myid, w) == w
+    finally:
+        del conn._on_events
+    assert wakes == []
+
+
+def call_back_with(payload: bytes) -> int:
+    """Runs on a worker: send `payload` back to the master in a call, return what it saw."""
+    return pydist.remotecall_fetch(len, 1, payload) + len(payload)
+
+
+def test_requests_that_fill_the_socket_buffer_from_many_threads_both_ways(two_workers):
+    """Requests up to REQUEST_READ_FIRST are sent by a thread that already reads the
+    connection: what the socket does not take (every write, with PYDIST_SOCKET_BUFFER=4096)
+    is written by the poller while that thread reads. Many threads, both directions."""
+    from pydist.transport import REQUEST_READ_FIRST
+
+    w = two_workers[0]
+    errors: list = []
+
+    def hammer(k: int) -> None:
+        try:
+            for i in range(30):
+                payload = bytes([k]) * (REQUEST_READ_FIRST - 4096 * (i % 8) - 200)
+                assert pydist.remotecall_fetch(call_back_with, w, payload) == 2 * len(payload)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=hammer, args=(k,), daemon=True) for k in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=120)
+    assert not any(th.is_alive() for th in threads), "a caller hung"
+    assert errors == []
 
 
 @pytest.mark.slow

@@ -414,16 +414,17 @@ def interruptible_sleep(seconds: float) -> None:
         raise KeyboardInterrupt
 
 
-def wait_reply(conn: Connection, is_done: Callable[[], bool], timeout: float | None = None) -> None:
+def wait_reply(conn: Connection, is_done: Callable[[], bool], timeout: float | None = None,
+               held: bool = False) -> None:
     """`conn.wait_reply(...)` that an interrupt reaches: inside a remote call, the call's
     record names the connection this thread reads, and `interrupt` pokes it (the peer's
     answer wakes the blocked `recv`, and the KeyboardInterrupt fires)."""
     rec = _running.get(threading.get_ident())
     if rec is None:
-        return conn.wait_reply(is_done, timeout)
+        return conn.wait_reply(is_done, timeout, held)
     rec.reading = conn
     try:
-        conn.wait_reply(is_done, timeout)
+        conn.wait_reply(is_done, timeout, held)
     finally:
         rec.reading = None
 
@@ -466,11 +467,11 @@ def call_fetch(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
             return value
         raise value
     deadline = None if timeout is None else time.monotonic() + timeout
-    conn, sid, slot = _send_call(pid, f, args, kwargs, None, timeout)
+    conn, sid, slot, held = _send_call(pid, f, args, kwargs, None, timeout, read_reply=True)
     gave_up = False
     try:
         if conn is not None:  # read the reply here if nobody else reads
-            wait_reply(conn, lambda: slot.done, timeout)
+            wait_reply(conn, lambda: slot.done, timeout, held)
         if not slot.wait(None if deadline is None else deadline - time.monotonic()):
             gave_up = _give_up(sid, slot, late, cancel)
             if gave_up:
@@ -495,23 +496,30 @@ def call_async(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
 
 
 def _send_call(pid: int, f: Callable, args: tuple, kwargs: dict | None, callback,
-               timeout: float | None = None):
-    """(connection or None if it is gone, reply id, reply slot) for a call of `f` sent to
-    `pid`. A frame the socket has not taken after `timeout` seconds stays queued."""
+               timeout: float | None = None, read_reply: bool = False):
+    """(connection or None if it is gone, reply id, reply slot, whether this thread holds
+    the connection's reading role) for a call of `f` sent to `pid`. With `read_reply` this
+    thread will read the reply itself: it may take the role before sending
+    (`Connection.send_request`), and must then call `wait_reply` at once. A frame the
+    socket has not taken after `timeout` seconds stays queued."""
     conn = connection(pid)
     sid, slot = new_slot(pid, callback)
+    held = False
     try:
         chunks = pack(pid, protocol.CALL_FETCH, (f, args, kwargs or _EMPTY), a=sid, what=f)
-        conn.send(chunks, timeout=timeout)
+        if read_reply:
+            held = conn.send_request(chunks, timeout=timeout)
+        else:
+            conn.send(chunks, timeout=timeout)
     except ConnectionClosed:
         fail_slot(sid, exited(pid))
-        return None, sid, slot
+        return None, sid, slot, False
     except SendTimeout:
         pass  # still queued: the caller's wait runs out
     except BaseException:
         SLOTS.pop(sid, None)
         raise
-    return conn, sid, slot
+    return conn, sid, slot, held
 
 
 def remote_do_internal(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = None) -> None:

@@ -268,31 +268,50 @@ def _start_flusher() -> None:
 # Count changes come in bursts (a loop fetching thousands of Futures): after the first one,
 # wait this long so that the burst goes out as a few messages instead of thousands.
 FLUSH_DELAY = 0.002
+# And one owner gets at most one message of counts per this many seconds: each message
+# wakes the owner, and results streaming in from many workers would otherwise cost every
+# worker a wake-up per few results (a give-back only frees memory: later is always safe).
+OWNER_INTERVAL = 0.05
 
 
 _STOP = ("stop",)  # queued by stop_flusher: send what is queued, then end
 
 
 def _flush_loop() -> None:
+    pending: dict[int, list] = {}  # owner -> its count changes not sent yet, in order
+    due: dict[int, float] = {}  # owner -> when they go
+    last: dict[int, float] = {}  # owner -> when the last message went to it
     while True:
-        item = _deltas.get()
-        if item is not _STOP:
-            time.sleep(FLUSH_DELAY)
-        batch = [item]
+        if pending:  # let changes gather until the next owner is due
+            time.sleep(max(0.0, min(due.values()) - time.monotonic()))
+            batch = []
+        else:
+            batch = [_deltas.get()]
+            if batch[0] is not _STOP:
+                time.sleep(FLUSH_DELAY)
         try:
             while True:
                 batch.append(_deltas.get_nowait())
         except queue.Empty:
             pass
-        by_owner: dict[int, list] = {}
+        now = time.monotonic()
         for it in batch:
             if it is not None and it is not _STOP:
                 where, rrid, pid, delta = it
-                by_owner.setdefault(where, []).append((rrid.whence, rrid.id, pid, delta))
-        for where, deltas in by_owner.items():
-            _send_deltas(where, deltas)
-        if _STOP in batch:
+                todo = pending.get(where)
+                if todo is None:
+                    todo = pending[where] = []
+                    due[where] = max(now, last.get(where, 0.0) + OWNER_INTERVAL)
+                todo.append((rrid.whence, rrid.id, pid, delta))
+        stopping = _STOP in batch
+        for where in [w for w, t in due.items() if stopping or t <= now]:
+            del due[where]
+            last[where] = now
+            _send_deltas(where, pending.pop(where))
+        if stopping:
             return
+        if len(last) > 64:  # forget the owners not written to lately
+            last = {w: t for w, t in last.items() if now - t < OWNER_INTERVAL}
 
 
 def stop_flusher(timeout: float) -> bool:

@@ -160,6 +160,8 @@ class _Poller:
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
+        # connection -> when its `_on_timer` runs; set and run by the poller thread only
+        self._timers: dict[Any, float] = {}
 
     def register(self, conn: Any) -> None:
         with self._lock:
@@ -185,6 +187,11 @@ class _Poller:
         except (OSError, ValueError):
             pass  # closed meanwhile
 
+    def call_at(self, conn: Any, when: float) -> None:
+        """Poller thread only: run `conn._on_timer(now)` in this thread at `when` (monotonic
+        seconds), replacing an earlier timer of `conn`."""
+        self._timers[conn] = when
+
     def stop(self, timeout: float) -> bool:
         """Stop and join the poller thread; False if it did not end within `timeout`."""
         return _stop_thread(self, self._wake_thread, timeout)
@@ -207,11 +214,17 @@ class _Poller:
     def _run(self) -> None:
         poll = self._epoll.poll
         wake = self._wake_r
+        timers = self._timers
         while True:
+            timeout = -1.0
+            if timers:
+                timeout = max(0.0, min(timers.values()) - time.monotonic())
             try:
-                events = poll()
+                events = poll(timeout)
             except InterruptedError:
                 continue
+            if timers:
+                self._run_timers(time.monotonic())
             for fd, ev in events:
                 if fd == wake:
                     if self._stopping:
@@ -222,6 +235,15 @@ class _Poller:
                     continue
                 try:
                     conn._on_events(ev)
+                except BaseException:
+                    log.exception("pydist: internal error on %s", conn.name)
+
+    def _run_timers(self, now: float) -> None:
+        for conn, when in list(self._timers.items()):
+            if when <= now:
+                del self._timers[conn]
+                try:
+                    conn._on_timer(now)
                 except BaseException:
                     log.exception("pydist: internal error on %s", conn.name)
 

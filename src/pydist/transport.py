@@ -66,6 +66,9 @@ _IOV_MAX = 512
 _DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
 # At most this many replies wait for the next flush (see `Connection.send_reply`).
 MAX_DEFERRED_REPLIES = 64
+# A request at most this large takes its connection's reading role before it is sent
+# (`Connection.send_request`); a larger one is sent with back-pressure first.
+REQUEST_READ_FIRST = 64 * 1024
 
 
 class ConnectionClosed(ConnectionError):
@@ -843,12 +846,22 @@ class Connection:
 
     def _on_readable(self) -> None:
         """Poller thread: data arrived while nobody was reading, or while the reading role
-        is lent to a running call (`_watch_while_lent`). Read what is there, or have the
-        watchdog take the lent role back if the call runs long."""
+        is lent to a running call (`_watch_while_lent`). Read what is there, or take the
+        lent role back if the call has run long (else look again when it will have: most
+        calls end first, and their thread reads the frame itself)."""
         if self._take_role():
             self._drain_taken()
-        else:  # lent: take it back now if the call has run long, else at the deadline
-            self._take_back(time.monotonic(), early=WATCHDOG.watch)
+        else:
+            self._on_timer(time.monotonic())
+
+    def _on_timer(self, now: float) -> None:
+        """Poller thread: a frame waits behind a call lent the reading role: take the role
+        back if the call has run `PROMOTE_AFTER`, else look again when it will have."""
+        self._take_back(now, early=self._look_again)
+
+    def _look_again(self, _: "Connection") -> None:
+        """(lend lock held, poller thread) See `_on_timer`."""
+        self._poller.call_at(self, self._lent_at + _Watchdog.PROMOTE_AFTER)  # type: ignore[union-attr]
 
     def _watch_while_lent(self, on: bool) -> None:
         """While a call runs with the lent role and no frame waits behind it, the poller
@@ -979,13 +992,38 @@ class Connection:
             WATCHDOG.unwatch(self)
         self._release_role()
 
-    def wait_reply(self, is_done: Callable[[], bool], timeout: float | None = None) -> None:
+    def send_request(self, chunks: list, timeout: float | None = None) -> bool:
+        """Send a request whose reply this thread will then read itself (`wait_reply` with
+        `held=True`). A small request takes the reading role *before* it leaves, so that the
+        poller, watching the socket while nobody reads it, does not wake up for a reply that
+        arrives before this thread could take the role. Returns whether this thread holds
+        the role (it must then call `wait_reply`, which gives it up); False: sent as `send`
+        does (a large request, or another thread reads)."""
+        if (self._poller is None or sum(map(len, chunks)) > REQUEST_READ_FIRST
+                or not self._take_role()):
+            self.send(chunks, timeout=timeout)
+            return False
+        tls = _tls
+        was_reading = getattr(tls, "reading", False)
+        tls.reading = True  # what the socket does not take now, the poller writes
+        try:
+            self.send(chunks)
+        except BaseException:
+            self._release_role()
+            raise
+        finally:
+            tls.reading = was_reading
+        return True
+
+    def wait_reply(self, is_done: Callable[[], bool], timeout: float | None = None,
+                   held: bool = False) -> None:
         """Read this connection in the calling thread until `is_done()`, if nobody else is
         reading it (then there is no thread hand-off for the reply). Returns early, leaving
         the caller to wait as usual, when another thread reads or the connection is dead,
         and after `timeout` seconds (then it waits in `poll` and reads without blocking). A
-        thread blocked here wakes up when anything arrives: `poke` makes the peer send."""
-        if self._poller is None or is_done() or not self._take_role():
+        thread blocked here wakes up when anything arrives: `poke` makes the peer send.
+        `held`: this thread already holds the reading role (`send_request`)."""
+        if not held and (self._poller is None or is_done() or not self._take_role()):
             return
         try:
             if timeout is None:
