@@ -256,10 +256,12 @@ def encode_frame(
     kind: int, body: bytes = b"", buffers=(), a: int = 0, b: int = 0, c: int = 0, flags: int = 0
 ) -> list:
     """The byte chunks of one frame, ready for `socket.sendmsg` (buffers are not copied)."""
+    if not buffers:  # (most frames)
+        head = _HEADER.pack(FRAME_MAGIC, kind, flags, 0, len(body), a, b, c)
+        return [head + body] if len(body) < 16384 else [head, body]
     views = [buf if isinstance(buf, bytes) else memoryview(buf).cast("B") for buf in buffers]
     head = _HEADER.pack(FRAME_MAGIC, kind, flags, len(views), len(body), a, b, c)
-    if views:
-        head += b"".join([_LEN.pack(len(v)) for v in views])
+    head += b"".join([_LEN.pack(len(v)) for v in views])
     if len(body) < 16384:
         return [head + body, *views]
     return [head, body, *views]

@@ -175,7 +175,7 @@ def _finish(conn: Connection, rrid: RRID, cell: _Cell, ok: bool, value: Any) -> 
         if buffers or len(body) > PUSH_LIMIT:
             serialization.discard(context)  # kept here: references in it are not sent
             flags, body = protocol.FLAG_NOVALUE, b""
-        else:
+        elif context:
             serialization.run_after(context)
     except Exception:
         # Not picklable: say "done"; a fetch will then report why it cannot be sent.

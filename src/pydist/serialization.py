@@ -358,9 +358,16 @@ def _dump(pickler_cls: Any, obj: Any, dest: int | None, oob: bool):
     return body, buffers, context
 
 
+# Values that pickle to a few bytes with no reducer of ours involved: `dumps` pickles them
+# directly (most results of small tasks), skipping the pickler slots.
+_SCALARS = frozenset({int, float, bool, type(None), complex})
+
+
 def dumps(obj: Any, dest: int | None = None, oob: bool = True) -> tuple[bytes, list[memoryview], dict]:
     """Pickle `obj` for process `dest`: (in-band bytes, out-of-band buffers, reducer context).
     Run `run_after(context)` once the message is certain to be sent."""
+    if type(obj) in _SCALARS:
+        return pickle.dumps(obj, PROTOCOL), [], {}
     try:
         return _dump(_FastPickler, obj, dest, oob)
     except _NeedsCloudpickle:

@@ -160,6 +160,9 @@ class _Poller:
         self._stopping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
+        # modify(fd, mask): change what epoll watches for a registered descriptor (raises
+        # OSError or ValueError if it was closed meanwhile); called on the hot path
+        self.modify = self._epoll.modify
         # connection -> when its `_on_timer` runs; set and run by the poller thread only
         self._timers: dict[Any, float] = {}
 
@@ -181,11 +184,6 @@ class _Poller:
                 except (OSError, ValueError):
                     pass
 
-    def modify(self, fd: int, mask: int) -> None:
-        try:
-            self._epoll.modify(fd, mask)
-        except (OSError, ValueError):
-            pass  # closed meanwhile
 
     def call_at(self, conn: Any, when: float) -> None:
         """Poller thread only: run `conn._on_timer(now)` in this thread at `when` (monotonic

@@ -435,6 +435,7 @@ class Connection:
         self._armed = 0  # what the kernel watches (0 once a one-shot event has fired)
         self._poller = _get_poller() if isinstance(sock, socket.socket) else None
         self.fd = sock.fileno() if self._poller is not None else -1  # type: ignore[union-attr]
+        self._epoll_modify = self._poller.modify if self._poller is not None else None
         # Heartbeats (`set_heartbeat`, `_heartbeat`): reads that returned bytes and writes
         # of queued bytes so far (signs of life), and what the heartbeat thread made of them.
         self.heartbeat_timeout: float | None = None
@@ -470,7 +471,10 @@ class Connection:
         want = (_READ_EVENTS if reading else 0) | (_WRITE_EVENTS if self._want_write else 0)
         if want != self._armed:
             self._armed = want
-            self._poller.modify(self.fd, want | _ONESHOT)  # type: ignore[union-attr]
+            try:
+                self._epoll_modify(self.fd, want | _ONESHOT)  # type: ignore[misc]
+            except (OSError, ValueError):
+                pass  # closed meanwhile
 
     def _on_events(self, ev: int) -> None:
         """Poller thread: the socket is readable or writable (or failed)."""
@@ -948,7 +952,7 @@ class Connection:
                 self._lent_at = time.monotonic()
                 # Calls wait behind this one, or the watchdog ticks anyway: it takes the role
                 # back if the call runs long. Else the poller watches for a frame to arrive.
-                watched = queued or WATCHDOG.awake
+                watched = queued or not WATCHDOG._sleeping
                 if watched:
                     WATCHDOG.watch(self)
             if queued:  # the reply may wait with those of the calls behind it
