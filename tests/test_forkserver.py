@@ -33,19 +33,52 @@ def _cmdline(ospid: int) -> str:
         return ""
 
 
+def _autogroup() -> str | None:
+    """This process's scheduling group, where Linux groups by session (autogroup)."""
+    try:
+        with open("/proc/self/autogroup") as f:
+            return f.read().split()[0]
+    except OSError:
+        return None
+
+
 def _facts(_=None) -> dict:
     return {"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0),
             "sid": os.getsid(0), "cwd": os.getcwd(), "env": os.environ.get("PYDIST_FS_TEST"),
-            "random": random.random(), "id": pydist.myid()}
+            "random": random.random(), "id": pydist.myid(), "autogroup": _autogroup()}
 
 
 def _started_by(method: str, facts: dict) -> None:
-    """Spawned workers are our children; forked ones the fork server's."""
+    """Spawned workers are our children, in our session; forked ones the fork server's, in
+    its session. Each leads its own process group."""
     if method == "spawn":
         assert facts["ppid"] == os.getpid()
+        if sys.version_info >= (3, 11):  # (3.10's Popen has no process_group: a new session)
+            assert facts["sid"] == os.getsid(0)
     else:
         assert "pydist.forkserver" in _cmdline(facts["ppid"]), facts
-    assert facts["pgid"] == facts["sid"] == facts["pid"]  # its own session and group
+        assert facts["sid"] == facts["ppid"] != os.getsid(0)
+    assert facts["pgid"] == facts["pid"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_workers_share_one_scheduling_group(method, fresh_workers):
+    """Not a session (so a scheduling group, with autogroup) per worker: forked workers share
+    the fork server's, spawned ones the master's. A group per worker would give each a full
+    share against the master, which a woken worker would then preempt for every call."""
+    if method == "spawn" and sys.version_info < (3, 11):
+        pytest.skip("Python 3.10's Popen cannot start a process group in our session")
+    ws = fresh_workers(4, start_method=method)
+    facts = [pydist.remotecall_fetch(_facts, w) for w in ws]
+    assert len({f["sid"] for f in facts}) == 1, facts
+    groups = {f["autogroup"] for f in facts}
+    if groups == {None}:
+        pytest.skip("no /proc/self/autogroup here")
+    assert len(groups) == 1, facts
+    if method == "spawn":
+        assert groups == {_autogroup()}
+    else:
+        assert groups != {_autogroup()}
 
 
 @pytest.mark.parametrize("method", METHODS)

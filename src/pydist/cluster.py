@@ -32,6 +32,7 @@ from .exceptions import (
 from .group import PGRP, Worker, WorkerState
 from .joining import process_messages
 from .managers import (
+    OWN_PROCESS_GROUP,
     ClusterManager,
     WorkerConfig,
     WorkerOutput,
@@ -511,7 +512,7 @@ def launch_additional(n: int, exename: str, exeflags: list[str], bind_addr: str)
             if proc is None:
                 forked = None
                 proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+                                        stderr=subprocess.STDOUT, **OWN_PROCESS_GROUP)
                 proc.stdin.write(PGRP.cookie.encode() + b"\n")  # type: ignore[union-attr]
                 proc.stdin.close()  # type: ignore[union-attr]
             procs.append(proc)

@@ -4,7 +4,8 @@ A master that asks for ``start_method="forkserver"`` starts one such process (se
 `managers.forkserver`). It imports what a worker needs, starts no thread, and waits on the
 control socket FD (a SOCK_SEQPACKET socket inherited from the master) for requests: a JSON
 message (cookie, bind address, working directory, environment) with the write end of a pipe
-attached (SCM_RIGHTS). For each it forks a worker: a new session, the directory and
+attached (SCM_RIGHTS). For each it forks a worker: its own process group (in the fork
+server's session, which all its workers share: see `_child`), the directory and
 environment asked for, the pipe as stdout and stderr, every other descriptor closed, fresh
 random state, then the normal worker path (`worker.start_worker`). It answers with the
 child's pid, reaps its children and reports each one's exit status. It exits when the
@@ -42,7 +43,12 @@ def _child(request: dict, out_fd: int, environ: dict[str, str]) -> NoReturn:
     """In the forked child: become a worker as `python -m pydist.worker` would. Never returns."""
     code = 1
     try:
-        os.setsid()
+        # Its own process group (for signals to it and what it starts), but not its own
+        # session: Linux schedules each session as one group (autogroup), and a session per
+        # worker would give every worker a full share against the master, so a woken worker
+        # would preempt the master for each call; the fork server's session keeps all its
+        # workers in one group, as `make -j` is one, and they take calls in batches.
+        os.setpgid(0, 0)
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -450,10 +450,19 @@ def process_ended(ospid: int) -> bool:
         return False
 
 
+# Popen options that start a worker as the leader of its own process group (so that
+# `signal_group` reaches it and what it starts, and a terminal's ^C, sent to the foreground
+# group, only the master), in the master's session: Linux schedules a session as one group
+# (autogroup), and a session per worker would give each worker a full share against the
+# master and the user's other programs. Python 3.10 has no `process_group`: a new session.
+OWN_PROCESS_GROUP: dict[str, Any] = ({"process_group": 0} if sys.version_info >= (3, 11)
+                                     else {"start_new_session": True})
+
+
 def signal_group(proc: Any, sig: int) -> None:
     """Send `sig` to the process group that `proc` (a Popen or a `ForkedProcess`) leads
-    (started with `start_new_session=True`, or forked into a new session), so that a
-    wrapper's children get it too; to `proc` alone if it leads none."""
+    (started with `OWN_PROCESS_GROUP` or `start_new_session=True`, or forked into a group of
+    its own), so that a wrapper's children get it too; to `proc` alone if it leads none."""
     try:
         os.killpg(proc.pid, sig)
     except ProcessLookupError:  # the group is gone (the process may be a zombie)

@@ -105,7 +105,9 @@ class _Server:
                 [sys.executable, "-m", "pydist.forkserver", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, env=env,  # (stderr: ours, for its own failures)
-                start_new_session=True,  # a terminal's ^C is for the master only
+                # its own session (a terminal's ^C is for the master only), which the
+                # workers it forks share: one scheduling group for them all (see forkserver)
+                start_new_session=True,
             )
         finally:
             theirs.close()

@@ -15,7 +15,7 @@ from typing import Any
 from ..exceptions import LaunchWorkerError
 from ..group import PGRP
 from ..transport import default_bind_addr
-from . import ClusterManager, WorkerConfig, forkserver, reap, signal_group, worker_env
+from . import OWN_PROCESS_GROUP, ClusterManager, WorkerConfig, forkserver, reap, signal_group, worker_env
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class LocalManager(ClusterManager):
         try:
             proc = subprocess.Popen(
                 cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                cwd=cwd, env=env, start_new_session=True,
+                cwd=cwd, env=env, **OWN_PROCESS_GROUP,
             )
         except OSError as e:
             raise LaunchWorkerError(f"could not start worker process {cmd}: {e}") from e
