@@ -184,7 +184,6 @@ class _Poller:
                 except (OSError, ValueError):
                     pass
 
-
     def call_at(self, conn: Any, when: float) -> None:
         """Poller thread only: run `conn._on_timer(now)` in this thread at `when` (monotonic
         seconds), replacing an earlier timer of `conn`."""

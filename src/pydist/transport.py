@@ -952,7 +952,7 @@ class Connection:
                 self._lent_at = time.monotonic()
                 # Calls wait behind this one, or the watchdog ticks anyway: it takes the role
                 # back if the call runs long. Else the poller watches for a frame to arrive.
-                watched = queued or not WATCHDOG._sleeping
+                watched = queued or WATCHDOG.awake
                 if watched:
                     WATCHDOG.watch(self)
             if queued:  # the reply may wait with those of the calls behind it
