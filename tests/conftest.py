@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -66,6 +67,30 @@ def wait_until(predicate, timeout: float = 30.0, interval: float = 0.02, what: s
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(interval)
+
+
+def run_threads(targets: list, bound: float = 240.0) -> list:
+    """Run each target in its own thread; return the errors; fail if any is still running
+    after `bound` seconds (a deadlock or a hang)."""
+    errors: list = []
+
+    def wrap(fn):
+        def run():
+            try:
+                fn()
+            except BaseException as e:  # reported below
+                errors.append(e)
+        return run
+
+    threads = [threading.Thread(target=wrap(fn), daemon=True) for fn in targets]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + bound
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = sum(t.is_alive() for t in threads)
+    assert stuck == 0, f"{stuck} of {len(threads)} threads still running after {bound} s: deadlock"
+    return errors
 
 
 def recv_exact(s, n: int) -> bytes:

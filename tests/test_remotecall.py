@@ -17,11 +17,12 @@ import sys
 import textwrap
 import threading
 import time
+from typing import Callable
 
 import pytest
 
 import pydist
-from conftest import wait_until, worker_ospid
+from conftest import run_threads, wait_until, worker_ospid
 from pydist.calls import connection
 
 
@@ -700,7 +701,13 @@ def set_promote_after(seconds: float) -> None:
     _Watchdog.PROMOTE_AFTER = seconds
 
 
-def test_a_frame_behind_a_young_lent_call_waits_for_the_poller_timer(fresh_workers):
+def mark_then_sleep(path: str, seconds: float) -> None:
+    """Runs on a worker: create `path` (the call has started), then sleep."""
+    open(path, "w").close()
+    time.sleep(seconds)
+
+
+def test_a_frame_behind_a_young_lent_call_waits_for_the_poller_timer(fresh_workers, tmp_path):
     """A frame that arrives while a lent call is younger than PROMOTE_AFTER (stretched to
     1 s here) is left to that call's thread; the poller looks again when the call reaches
     that age, and takes the role back then, without waking the watchdog."""
@@ -709,10 +716,10 @@ def test_a_frame_behind_a_young_lent_call_waits_for_the_poller_timer(fresh_worke
     pydist.remotecall_fetch(note_who_wakes_the_watchdog, w)
     wait_until(lambda: not pydist.remotecall_fetch(watchdog_awake, w), timeout=30,
                what="the worker's watchdog to sleep")
-    time.sleep(0.05)
-    slow = pydist.remotecall(time.sleep, w, 4)
-    time.sleep(0.2)  # the slow call runs, lent the role; then a quick call arrives
-    t0 = time.monotonic()
+    started = tmp_path / "started"
+    slow = pydist.remotecall(mark_then_sleep, w, str(started), 4)
+    wait_until(started.exists, timeout=30, what="the slow call to start")
+    t0 = time.monotonic()  # the slow call runs, lent the role; now a quick call arrives
     assert pydist.remotecall_fetch(pydist.myid, w) == w
     waited = time.monotonic() - t0
     assert 0.5 < waited < 3.0, f"the quick call was answered after {waited:.2f} s"
@@ -798,23 +805,15 @@ def test_requests_that_fill_the_socket_buffer_from_many_threads_both_ways(two_wo
     from pydist.transport import REQUEST_READ_FIRST
 
     w = two_workers[0]
-    errors: list = []
 
-    def hammer(k: int) -> None:
-        try:
+    def hammer(k: int) -> Callable[[], None]:
+        def run() -> None:
             for i in range(30):
                 payload = bytes([k]) * (REQUEST_READ_FIRST - 4096 * (i % 8) - 200)
                 assert pydist.remotecall_fetch(call_back_with, w, payload) == 2 * len(payload)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(repr(e))
+        return run
 
-    threads = [threading.Thread(target=hammer, args=(k,), daemon=True) for k in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=120)
-    assert not any(th.is_alive() for th in threads), "a caller hung"
-    assert errors == []
+    assert run_threads([hammer(k) for k in range(8)], bound=120) == []
 
 
 @pytest.mark.slow

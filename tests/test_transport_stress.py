@@ -5,42 +5,15 @@ and `tiny_buffers` below runs them with 4 KiB buffers in any case."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 import numpy as np
 import pytest
 
 import pydist
 
+from conftest import run_threads
 from stresshelpers import identity, make_array, relay
 
 MB = 1 << 20
-BOUND = 240  # seconds for a whole scenario: generous, a hang is the failure we look for
-
-
-def run_threads(targets: list, bound: float = BOUND) -> list:
-    """Run each target in its own thread; return the errors; fail if any is still running
-    after `bound` seconds (a deadlock)."""
-    errors: list = []
-
-    def wrap(fn):
-        def run():
-            try:
-                fn()
-            except BaseException as e:  # reported below
-                errors.append(e)
-        return run
-
-    threads = [threading.Thread(target=wrap(fn), daemon=True) for fn in targets]
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + bound
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    stuck = sum(t.is_alive() for t in threads)
-    assert stuck == 0, f"{stuck} of {len(threads)} threads still running after {bound} s: deadlock"
-    return errors
 
 
 @pytest.fixture(params=["default", "tiny"])
