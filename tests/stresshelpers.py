@@ -57,3 +57,18 @@ def alive_watched(collect: bool = True) -> int:
 
         gc.collect()
     return sum(r() is not None for r in _WATCHED)
+
+
+def scribble(a: np.ndarray) -> float:
+    """Sum `a`, then overwrite it in place (a received array is writable and private)."""
+    total = float(a.sum())
+    a[:] = -1.0
+    return total
+
+
+def master_arena_in_use() -> int:
+    """Bytes of this worker's arena for the master not yet released by the master."""
+    from pydist.group import PGRP
+
+    arena = PGRP.workers[1].conn.arena
+    return -1 if arena is None else arena.in_use()

@@ -178,12 +178,15 @@ def _zeros(n: int):
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_a_transfer_longer_than_the_timeout_is_not_silence(fresh_workers):
+@pytest.mark.parametrize("shared", ["0", "1"], ids=["socket", "shared-memory"])
+def test_a_transfer_longer_than_the_timeout_is_not_silence(fresh_workers, monkeypatch, shared):
     """Arrays that take several heartbeat timeouts to cross (the worker's socket buffers are
     4 KiB), both ways: the side that only writes hears nothing back meanwhile (its PING
     waits behind the array it sends, the PONG behind the one it reads), yet the peer is
-    alive. The arrays travel out of band: no copy holds the GIL for long."""
+    alive. The arrays travel out of band: no copy holds the GIL for long, neither into the
+    socket nor into the shared-memory arena (then the second round goes through it)."""
     numpy = pytest.importorskip("numpy")
+    monkeypatch.setenv("PYDIST_SHARED_MEMORY", shared)
     hb = 0.5
     (w,) = fresh_workers(1, heartbeat_timeout=hb, env={"PYDIST_SOCKET_BUFFER": "4096"})
     n = 400 << 20

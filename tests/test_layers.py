@@ -25,7 +25,7 @@ LAYERS: list[tuple[set[str], bool]] = [
     ({"serialization"}, False),  # pickling; imports no pydist module
     ({"exceptions"}, False),  # the exception types (pickle themselves via serialization)
     ({"protocol", "channel"}, False),  # the bytes on the wire (sans-IO); the local Channel
-    ({"threads"}, False),  # the runtime threads: pool, poller, watchdog
+    ({"threads", "sharedmem"}, False),  # the runtime threads; large buffers via shared memory
     ({"transport"}, False),  # connections, handshakes, listeners
     ({"group"}, False),  # membership: PGRP, Worker records and states, deregister
     ({"dispatch"}, False),  # frames to handlers by kind; a connection's loss

@@ -1,7 +1,9 @@
 """Concurrent large transfers in both directions must never deadlock (issue: both sides
 writing, nobody reading). Payloads are larger than the kernel's socket buffers; the same
 tests run in CI with `PYDIST_SOCKET_BUFFER=4096`, where every large frame is a partial write,
-and `tiny_buffers` below runs them with 4 KiB buffers in any case."""
+and `stress_workers` below runs them with 4 KiB buffers in any case. Large buffers between
+local processes go through shared memory (`pydist.sharedmem`): the socket path is stressed
+with it turned off, and the shared-memory path with it on."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import numpy as np
 import pytest
 
 import pydist
+from pydist import sharedmem
+from pydist.group import PGRP
 
 from conftest import run_threads
 from stresshelpers import identity, make_array, relay
@@ -16,13 +20,24 @@ from stresshelpers import identity, make_array, relay
 MB = 1 << 20
 
 
-@pytest.fixture(params=["default", "tiny"])
+@pytest.fixture(params=["socket", "tiny", "shared", "shared-tiny"])
 def stress_workers(request, fresh_workers, monkeypatch):
     """Two new workers, with the kernel's socket buffers or with 4 KiB ones (the master's
-    connections to them and theirs to each other then all have tiny buffers)."""
-    if request.param == "tiny":
+    connections to them and theirs to each other then all have tiny buffers); large
+    buffers through the sockets or, where the platform allows, through shared memory."""
+    if "tiny" in request.param:
         monkeypatch.setenv("PYDIST_SOCKET_BUFFER", "4096")
-    return fresh_workers(2)
+    shared = request.param.startswith("shared")
+    if not shared:
+        monkeypatch.setenv("PYDIST_SHARED_MEMORY", "0")
+    workers = fresh_workers(2)
+    yield workers
+    conns = [PGRP.workers[w].conn for w in workers]
+    used = [(c.share_state, c.peer_arena is not None) for c in conns]
+    if not shared:
+        assert used == [(-1, False)] * 2, used
+    elif sharedmem.usable(conns[0].sock):  # we sent through it, or the worker did
+        assert any(state == 2 or theirs for state, theirs in used), used
 
 
 @pytest.mark.timeout(600)

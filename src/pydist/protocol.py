@@ -20,6 +20,8 @@ version-1 peer reads it whole and reports the version mismatch.)
 
 Frame: a 40-byte header (magic, kind, flags, buffer count, body length, three int64 ids),
 then one uint64 length per out-of-band buffer, then the pickled body, then the buffers.
+A length with `SHARED` set is a buffer in the sender's shared-memory arena (`sharedmem`):
+its low bits are the buffer's size, and the stream carries 16 bytes (slot, offset) instead.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import os
 import struct
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from .exceptions import AuthenticationError, ProtocolError
 
@@ -145,6 +148,9 @@ EXIT = 8  # master -> worker: exit now
 REFS = 9  # batched reference-count deltas: body = [(whence, id, pid, delta), ...]
 PING = 10  # heartbeat: are you there? (answered at once with PONG, by whoever reads)
 PONG = 11  # heartbeat: the answer to PING (any bytes received count as a sign of life)
+SHARE_OFFER = 12  # large buffers may come through shared memory: a = pid, b = fd, c = size;
+#                   body: the arena's token
+SHARE_ANSWER = 13  # reply to SHARE_OFFER: a = 1 (the arena is open) or 0 (never use it)
 
 KIND_NAMES = {
     CALL: "CALL",
@@ -158,6 +164,8 @@ KIND_NAMES = {
     REFS: "REFS",
     PING: "PING",
     PONG: "PONG",
+    SHARE_OFFER: "SHARE_OFFER",
+    SHARE_ANSWER: "SHARE_ANSWER",
 }
 
 FLAG_ERROR = 1  # the body is a RemoteException
@@ -168,6 +176,8 @@ _KNOWN_FLAGS = FLAG_ERROR | FLAG_NOVALUE
 # corrupt header can make us allocate, not on real data. PYDIST_MAX_FRAME overrides it (bytes).
 DEFAULT_MAX_FRAME = 16 << 30
 DEFAULT_MAX_BUFFERS = 1 << 16
+SHARED = 1 << 63  # in a buffer length: the buffer is in the sender's arena (see above)
+_SHARED_REF = struct.Struct("<QQ")  # what the stream carries for it: slot, offset
 # Receive buffers at least this large are anonymous mappings: a fresh bytearray is zero-filled
 # page by page first, which halves the bandwidth of a 100 MB transfer.
 PREFAULT_THRESHOLD = 1 << 20
@@ -267,6 +277,19 @@ def encode_frame(
     return [head, body, *views]
 
 
+def buffer_count(chunks: list) -> int:
+    """How many out-of-band buffers the frame made by `encode_frame` carries (its last
+    chunks); 0 for a frame in one chunk."""
+    if len(chunks) < 2:
+        return 0
+    return _HEADER.unpack_from(chunks[0])[3]
+
+
+def mark_shared(head: bytearray, i: int, nbytes: int) -> None:
+    """Mark buffer `i` of the frame whose first chunk is `head` as sent through the arena."""
+    _LEN.pack_into(head, HEADER_LEN + 8 * i, SHARED | nbytes)
+
+
 _S_HEADER, _S_LENGTHS, _S_BODY, _S_BUFFER = range(4)
 
 
@@ -302,6 +325,11 @@ class FrameDecoder:
         self._direct = False
         self._ready: deque[Message] = deque()
         self._broken: ProtocolError | None = None
+        # fn(slot, offset, nbytes) -> buffer: where buffers in the peer's arena come from
+        # (set once the peer's SHARE_OFFER is accepted); `_shared` is the size of the one
+        # whose reference is being received.
+        self.resolve_shared: Callable[[int, int, int], Any] | None = None
+        self._shared = 0
 
     # -- buffer interface --
     def get_buffer(self) -> memoryview:
@@ -396,12 +424,14 @@ class FrameDecoder:
                     for i in range(len(self._lengths))
                 ]
                 self._start += need
-                total = self._msg_body_len + sum(lengths)
+                total = self._msg_body_len + sum([n & ~SHARED for n in lengths])
                 if total > self.max_message:
                     raise ProtocolError(
                         f"frame of {total} bytes exceeds the limit of {self.max_message} bytes"
                         " (PYDIST_MAX_FRAME)"
                     )
+                if self.resolve_shared is None and any([n & SHARED for n in lengths]):
+                    raise ProtocolError("frame refers to shared memory the peer never offered")
                 self._lengths = lengths
                 self._begin_body()
             elif self._target is not None:
@@ -471,6 +501,8 @@ class FrameDecoder:
         self._target_view = None
         if self._state == _S_BODY:
             self._msg.body = target  # type: ignore[union-attr]
+        elif self._shared:
+            self._msg.buffers.append(self._map_shared(target))  # type: ignore[union-attr,arg-type]
         else:
             self._msg.buffers.append(target)  # type: ignore[union-attr]
         self._next_buffer()
@@ -483,10 +515,29 @@ class FrameDecoder:
             i += 1
         if i < len(self._lengths):
             self._state = _S_BUFFER
-            self._set_target(allocate(self._lengths[i]))
+            n = self._lengths[i]
+            if n & SHARED:
+                self._shared = n & ~SHARED
+                if not self._shared:
+                    raise ProtocolError("frame refers to an empty buffer in shared memory")
+                self._set_target(bytearray(_SHARED_REF.size))
+            else:
+                self._set_target(allocate(n))
         else:
             self._ready.append(self._msg)  # type: ignore[arg-type]
             self._msg = None
             self._state = _S_HEADER
             if self._start == self._end:
                 self._start = self._end = 0
+
+    def _map_shared(self, ref: bytearray):
+        """The buffer a received (slot, offset) reference names in the peer's arena."""
+        n, self._shared = self._shared, 0
+        if self.resolve_shared is None:
+            raise ProtocolError("frame refers to shared memory the peer never offered")
+        slot, offset = _SHARED_REF.unpack(ref)
+        try:
+            return self.resolve_shared(slot, offset, n)
+        except OSError as e:
+            raise ProtocolError(f"could not read a {n}-byte buffer from the peer's shared "
+                                f"memory: {e}") from e

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 
-from . import callbacks, calls, cluster, joining, protocol, refs, threads, transport, workerpool
+from . import callbacks, calls, cluster, joining, protocol, refs, sharedmem, threads, transport, workerpool
 from .dispatch import HANDLERS, register_handler
 from .remotecall import on_call  # (`pydist.remotecall` is the function, not the module)
 from .group import PGRP
@@ -41,6 +41,8 @@ def wire() -> None:
         register_handler(protocol.EXIT, joining.on_exit)
         register_handler(protocol.PING, transport.on_ping)
         register_handler(protocol.PONG, transport.on_pong)
+        register_handler(protocol.SHARE_OFFER, sharedmem.on_offer)
+        register_handler(protocol.SHARE_ANSWER, sharedmem.on_answer)
         assert set(HANDLERS) == set(protocol.KIND_NAMES), "a message kind has no handler"
         PGRP.removed_listeners.append(refs.worker_lost)
         PGRP.removed_listeners.append(workerpool.worker_removed)

@@ -46,7 +46,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Protocol
 
-from . import protocol
+from . import protocol, sharedmem
 from .exceptions import AuthenticationError, ProtocolError
 from .threads import (
     _FAULT_EVENTS,
@@ -408,6 +408,11 @@ class Connection:
         # next call is then read by the thread that answered the last one.
         self.serve_blocking = False
         self._decoder = protocol.FrameDecoder()
+        # Large buffers through shared memory (`sharedmem`): 0 not offered yet, 1 offered,
+        # 2 accepted by the peer, -1 never; our arena for the peer, the peer's for us.
+        self.share_state = 0 if sharedmem.usable(sock) else -1
+        self.arena: sharedmem.Arena | None = None
+        self.peer_arena: sharedmem.PeerArena | None = None
         # Sending. `_outq` holds frames not fully written, in order; its head may be partly
         # written. Only the holder of `_send_lock` writes or removes (appending needs no
         # lock), and it holds it only for non-blocking work.
@@ -499,6 +504,8 @@ class Connection:
         take at once is queued. Then, with `wait` and unless this thread reads a connection,
         wait until the frame is written (SendTimeout after `timeout` seconds). Raises
         ConnectionClosed if the connection is or gets closed first."""
+        if len(chunks) > 1 and self.share_state >= 0:
+            chunks = sharedmem.outgoing(self, chunks)
         if self._poller is None:
             frame = _Frame(list(chunks))
             self._outq.append(frame)
@@ -674,6 +681,8 @@ class Connection:
         it), with any other frame sent, or when MAX_DEFERRED_REPLIES have queued."""
         me = self._deferring
         if me and me == threading.get_ident() and len(self._outq) < MAX_DEFERRED_REPLIES:
+            if len(chunks) > 1 and self.share_state >= 0:
+                chunks = sharedmem.outgoing(self, chunks)
             self._outq.append(_Frame(chunks))
             if self._deferring != me:  # the role was taken back meanwhile (and flushed)
                 self.flush()
@@ -733,6 +742,9 @@ class Connection:
         timeout = self.heartbeat_timeout
         if self.closed or not timeout:
             return False
+        arena = self.arena
+        if arena is not None:  # regions the peer released: given back if not reused soon
+            arena.trim(now)
         # Signs of life: bytes read, and queued bytes written (the peer drains its socket:
         # our PING may wait behind a large frame it is reading, its PONG behind one it sends).
         life = self._heard + self._wrote
@@ -1076,6 +1088,7 @@ class Connection:
             if self._closed_reported:
                 return
             self._closed_reported = True
+        sharedmem.drop(self)
         if self._poller is not None:
             with self._arm_lock:  # an epoll change in flight ends before the descriptor closes
                 self._poller.unregister(self)
@@ -1095,6 +1108,10 @@ class Connection:
         except Exception:
             log.exception("pydist: error while handling the loss of %s", self.name)
         self._gone.set()
+
+    def set_shared_resolver(self, resolve: Callable) -> None:
+        """Where buffers sent through the peer's shared-memory arena come from (`sharedmem`)."""
+        self._decoder.resolve_shared = resolve
 
     def wait_closed(self, timeout: float | None = None) -> bool:
         """Block until the connection is gone and its loss handled; False on timeout."""
