@@ -35,7 +35,9 @@ def test_arrays_both_ways_arrive_intact_and_writable(fresh_workers):
     a = make_array(8 * MB, 1)
     for _ in range(3):  # the first one makes the offer and goes through the socket
         assert pydist.remotecall_fetch(scribble, w, a) == pytest.approx(a.sum())
-    assert _conn(w).share_state == 2 and _conn(w).arena.in_use() <= 8 * MB
+        # The worker frees a call's arguments before it replies: the region is free again.
+        assert _conn(w).arena is None or _conn(w).arena.in_use() == 0
+    assert _conn(w).share_state == 2
     assert a.min() >= 0.0, "the worker's writes reached the sender's array"
     for seed in range(4):
         b = pydist.remotecall_fetch(make_array, w, 8 * MB, seed)

@@ -581,10 +581,14 @@ def on_call_fetch(conn: Connection, msg: protocol.Message):
     ok, call = unpack_call(msg)
     if not ok:
         return lambda: send_reply(conn, sid, False, call)
-    f, args, kwargs = call
+    box = [call]
 
     def task() -> None:
+        f, args, kwargs = box.pop()
         outcome = run_user_call(f, args, kwargs, functools.partial(send_reply, conn, sid))
+        # The arguments go before the reply does: the caller may reuse their memory as soon
+        # as it has the reply (a large array's shared-memory region, see `sharedmem`).
+        del f, args, kwargs
         if outcome is not None:
             send_reply(conn, sid, *outcome)
 

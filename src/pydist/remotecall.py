@@ -152,11 +152,14 @@ def on_call(conn: Connection, msg: protocol.Message):
     if not ok:
         return lambda: _finish(conn, rrid, cell, False, call)
     _unstarted[rrid] = cell  # until it starts, the caller may cancel it
+    box = [call]
 
     def task() -> None:
+        f, args, kwargs = box.pop()
         if _unstarted.pop(rrid, None) is None:
             return  # cancelled before it started (the cell says so)
-        outcome = run_user_call(*call, functools.partial(_finish, conn, rrid, cell))  # type: ignore[call-arg]
+        outcome = run_user_call(f, args, kwargs, functools.partial(_finish, conn, rrid, cell))
+        del f, args, kwargs  # freed before the reply leaves (as in `calls.on_call_fetch`)
         if outcome is not None:
             _finish(conn, rrid, cell, *outcome)
 
