@@ -391,6 +391,7 @@ class Runner:
                                     env=self.env(key), cwd=self.scratch, start_new_session=True)
         seen: dict[int, psutil.Process] = {}
         status, state = "ok", None
+        ended = None  # when the child exited, to the millisecond (W5's whole-process time)
         while True:
             rc = proc.poll()
             for p in descendants(proc.pid):
@@ -408,8 +409,12 @@ class Runner:
             if psutil.virtual_memory().available < self.LOW_MEMORY:
                 status = "aborted: free memory below 1.5 GB"
                 break
-            time.sleep(0.25)
-        wall = time.perf_counter() - start
+            try:  # (not a sleep: the wall time would be rounded up to the polling step)
+                proc.wait(0.25)
+                ended = time.perf_counter()
+            except subprocess.TimeoutExpired:
+                pass
+        wall = (ended or time.perf_counter()) - start
         self.cleanup(key, proc, seen, forced=status != "ok" and proc.poll() is None, shm_before=shm_before)
         return state, status, wall
 
