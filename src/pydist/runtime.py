@@ -11,7 +11,8 @@ import logging
 import threading
 import time
 
-from . import callbacks, calls, cluster, joining, protocol, refs, sharedmem, threads, transport, workerpool
+from . import (callbacks, calls, cluster, joining, protocol, refs, sharedmem, threads, transport,
+               workerpool)
 from .dispatch import HANDLERS, register_handler
 from .remotecall import on_call  # (`pydist.remotecall` is the function, not the module)
 from .group import PGRP
