@@ -162,6 +162,8 @@ def test_interrupt_output_and_a_killed_worker(slurm, fresh_workers, capsys):
     # Killed on its node: srun's report of the task says why, with the job and the node.
     os.kill(config_of(pid).ospid, signal.SIGKILL)  # (the nodes share our pid namespace)
     wait_until(lambda: pid not in pydist.procs(), timeout=30, what="the master to notice")
+    # (the reason comes from srun's report, learnt just after the worker is forgotten)
+    wait_until(lambda: pid in PGRP.lost_reasons, timeout=30, what="the reason of the loss")
     assert PGRP.lost_reasons[pid] == f"ended (Killed) on node h2 (Slurm job {job}.0, task 0)"
     wait_until(lambda: not job_listed(job), timeout=30, what=f"job {job} to end")
 
@@ -497,6 +499,7 @@ def test_a_dead_node_loses_its_worker_and_pmap_finishes_on_the_others(slurm, fre
                    what="the dead node's worker to be removed")
         with pytest.raises(pydist.ProcessExitedException):
             pydist.remotecall_fetch(socket.gethostname, victim)
+        wait_until(lambda: victim in PGRP.lost_reasons, timeout=30, what="the reason of the loss")
         reason = PGRP.lost_reasons[victim]
         assert "on node h3" in reason and f"Slurm job {job}" in reason
         assert sorted(hostname_of(p) for p in pids if p != victim) == ["h1", "h2"]
