@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import os
-import struct
 import time
 
 import numpy as np
@@ -135,10 +134,9 @@ def test_free_memory_beyond_keep_warm_is_given_back(monkeypatch):
 
 
 def test_shared_buffers_are_checked_before_use(tmp_path):
-    ref = struct.pack("<QQ", 0, 0)
-    head = protocol.encode_frame(protocol.RESULT, b"body", [ref])
+    head = protocol.encode_frame(protocol.RESULT, b"body", [bytes(16)])
     frame = bytearray(head[0])
-    protocol.mark_shared(frame, 0, 4 * MB)
+    ref = protocol.mark_shared(frame, 0, 4 * MB, 0, 0)
     with pytest.raises(ProtocolError, match="never offered"):
         protocol.FrameDecoder().feed(bytes(frame) + ref)
     arena, peer = _arena_pair()

@@ -285,9 +285,11 @@ def buffer_count(chunks: list) -> int:
     return _HEADER.unpack_from(chunks[0])[3]
 
 
-def mark_shared(head: bytearray, i: int, nbytes: int) -> None:
-    """Mark buffer `i` of the frame whose first chunk is `head` as sent through the arena."""
+def mark_shared(head: bytearray, i: int, nbytes: int, slot: int, offset: int) -> bytes:
+    """Mark buffer `i` of the frame whose first chunk is `head` as sent through the arena,
+    in region (`slot`, `offset`); returns the chunk to send in place of its bytes."""
     _LEN.pack_into(head, HEADER_LEN + 8 * i, SHARED | nbytes)
+    return _SHARED_REF.pack(slot, offset)
 
 
 _S_HEADER, _S_LENGTHS, _S_BODY, _S_BUFFER = range(4)

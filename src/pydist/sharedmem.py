@@ -29,7 +29,6 @@ import fcntl
 import mmap
 import os
 import socket
-import struct
 import sys
 import threading
 import time
@@ -200,13 +199,11 @@ class Arena:
     def _alloc(self, size: int) -> int | None:
         """A region of `size` bytes: the smallest warm block that fits, else the first."""
         global _warm_free
-        pick = None
-        for i, (_, s, warm) in enumerate(self._free):
-            if s >= size and (pick is None or (warm and (not self._free[pick][2]
-                                                          or s < self._free[pick][1]))):
-                pick = i
-        if pick is None:
+        fits = [i for i, block in enumerate(self._free) if block[1] >= size]
+        if not fits:
             return None
+        warm = [i for i in fits if self._free[i][2]]
+        pick = min(warm, key=lambda i: self._free[i][1]) if warm else fits[0]
         block = self._free[pick]
         off = block[0]
         if block[1] == size:
@@ -230,18 +227,14 @@ class Arena:
                 self.map.madvise(mmap.MADV_REMOVE, SLOTS + off, size)  # free the memory
             except (OSError, AttributeError):
                 pass
-        free = self._free
         i = 0
-        while i < len(free) and free[i][0] < off:
+        while i < len(self._free) and self._free[i][0] < off:
             i += 1
-        free.insert(i, [off, size, warm])
-        # Merge with the neighbours of the same kind.
-        if i + 1 < len(free) and free[i + 1][2] == warm and off + size == free[i + 1][0]:
-            free[i][1] += free.pop(i + 1)[1]
-        if i > 0 and free[i - 1][2] == warm and free[i - 1][0] + free[i - 1][1] == off:
-            free[i - 1][1] += free.pop(i)[1]
+        self._free.insert(i, [off, size, warm])
+        self._merge_all()
 
     def _merge_all(self) -> None:
+        """Merge adjacent free blocks of the same kind (warm or given back)."""
         merged: list[list] = []
         for block in self._free:
             last = merged[-1] if merged else None
@@ -329,9 +322,6 @@ def _release(slots: mmap.mmap, slot: int, tracked: bool) -> None:
 
 
 # ------------------------------------------------------------------ the connection's side
-_DESCRIPTOR = struct.Struct("<QQ")  # slot, offset
-
-
 def outgoing(conn: Any, chunks: list) -> list:
     """The chunks of a frame for `conn` with its large buffers moved into the arena (once
     the peer has accepted it; the first large buffer makes the offer)."""
@@ -358,8 +348,7 @@ def outgoing(conn: Any, chunks: list) -> list:
         if head is None:
             head = bytearray(chunks[0])
             chunks = list(chunks)
-        protocol.mark_shared(head, i - (len(chunks) - nbufs), view.nbytes)
-        chunks[i] = _DESCRIPTOR.pack(*where)
+        chunks[i] = protocol.mark_shared(head, i - (len(chunks) - nbufs), view.nbytes, *where)
     if head is not None:
         chunks[0] = bytes(head)
     return chunks

@@ -504,8 +504,7 @@ class Connection:
         take at once is queued. Then, with `wait` and unless this thread reads a connection,
         wait until the frame is written (SendTimeout after `timeout` seconds). Raises
         ConnectionClosed if the connection is or gets closed first."""
-        if len(chunks) > 1 and self.share_state >= 0:
-            chunks = sharedmem.outgoing(self, chunks)
+        chunks = self._share(chunks)
         if self._poller is None:
             frame = _Frame(list(chunks))
             self._outq.append(frame)
@@ -533,6 +532,13 @@ class Connection:
             raise ConnectionClosed(f"connection to {self.name} is closed")
         if wait and not _reading():
             self._wait_written(frame, timeout)
+
+    def _share(self, chunks: list) -> list:
+        """The frame's chunks with its large buffers in the shared-memory arena, where the
+        peer takes them from there (`sharedmem`); a frame in one chunk has no buffers."""
+        if len(chunks) > 1 and self.share_state >= 0:
+            return sharedmem.outgoing(self, chunks)
+        return chunks
 
     def _send_now(self, chunks: list) -> _Frame | None:
         """Write a frame into an empty queue (send lock held); the unwritten rest becomes the
@@ -681,9 +687,7 @@ class Connection:
         it), with any other frame sent, or when MAX_DEFERRED_REPLIES have queued."""
         me = self._deferring
         if me and me == threading.get_ident() and len(self._outq) < MAX_DEFERRED_REPLIES:
-            if len(chunks) > 1 and self.share_state >= 0:
-                chunks = sharedmem.outgoing(self, chunks)
-            self._outq.append(_Frame(chunks))
+            self._outq.append(_Frame(self._share(chunks)))
             if self._deferring != me:  # the role was taken back meanwhile (and flushed)
                 self.flush()
             return
