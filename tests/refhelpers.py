@@ -140,3 +140,29 @@ def put_into(chan, value) -> None:
 
 def take_from(chan):
     return chan.take(10)
+
+
+# How often a RemoteChannel operation that arrived here was done in the reading thread (its
+# quick form, `calls.register_quick`) or left to a task: "quick" / "task".
+QUICK_COUNTS: dict = {"quick": 0, "task": 0}
+
+
+def count_quick_forms(on: bool) -> None:
+    """Count (on) or stop counting (off) what the quick form of a channel operation did."""
+    from pydist import calls, refs
+
+    def counted(reply, *args, **kwargs):
+        done = refs.owner_op_now(reply, *args, **kwargs)
+        QUICK_COUNTS["quick" if done else "task"] += 1
+        return done
+
+    QUICK_COUNTS.update(quick=0, task=0)
+    calls.register_quick(refs._owner_op, counted if on else refs.owner_op_now)
+
+
+def quick_counts() -> dict:
+    return dict(QUICK_COUNTS)
+
+
+def put_into(rc, v) -> None:
+    rc.put(v)

@@ -550,6 +550,40 @@ def test_remote_channel_operations(w, owner):
     assert not rc.isopen()
 
 
+def test_remote_channel_puts_that_need_no_wait_are_done_where_they_arrive(w):
+    """A put into a channel with room is done by the owner's reading thread (no task); one
+    that must wait (a full channel, an unbuffered one) runs as a task, and so does every
+    take. Either way the values keep their order and nothing is lost, from the master and
+    from another worker."""
+    owner, other = w
+    rc = RemoteChannel(lambda: Channel(2), owner)
+    on(owner, rh.count_quick_forms, True)
+    try:
+        rc.put(1)
+        rc.put(2)
+        assert on(owner, rh.quick_counts) == {"quick": 2, "task": 0}
+        putter = Runner(rc.put, 3)  # full: waits, as a task
+        assert not putter.done.wait(BLOCKED)
+        assert rc.take() == 1
+        putter.value()
+        assert [rc.take(), rc.take()] == [2, 3]
+        taker = Runner(rc.take)
+        assert not taker.done.wait(BLOCKED)
+        rc.put(4)  # wakes the waiting taker
+        assert taker.value() == 4
+        on(other, rh.put_into, rc, 5)
+        assert rc.take() == 5
+        assert on(owner, rh.quick_counts) == {"quick": 4, "task": 6}
+        unbuffered = RemoteChannel(lambda: Channel(0), owner)
+        putter = Runner(unbuffered.put, 6)  # an unbuffered put waits for its taker
+        assert not putter.done.wait(BLOCKED)
+        assert unbuffered.take() == 6
+        putter.value()
+        assert on(owner, rh.quick_counts) == {"quick": 4, "task": 8}
+    finally:
+        on(owner, rh.count_quick_forms, False)
+
+
 @pytest.mark.parametrize("owner", ["master", "worker"])
 def test_remote_channel_closed(w, owner):
     pid = 1 if owner == "master" else w[0]

@@ -16,6 +16,7 @@ import logging
 import sys
 import threading
 import time
+import types
 from typing import Any, Callable
 
 from . import protocol, serialization
@@ -575,12 +576,41 @@ def unpack_call(msg: protocol.Message) -> tuple[bool, Any]:
         )
 
 
+# Calls that may be done in the reading thread, with no task and no thread hand-off:
+# f -> quick(reply, *args, **kwargs), which either does the whole call without waiting and
+# sends its outcome with `reply(ok, value)` (returning True), or does nothing (False: the call
+# runs as a task, as any other). A RemoteChannel's put into a channel with room is one:
+# the reading thread has unpickled its value already, and its reply carries nothing.
+_QUICK: dict[Callable, Callable[..., bool]] = {}
+
+
+def register_quick(f: Callable, quick: Callable[..., bool]) -> None:
+    """Let calls of `f` be tried in the reading thread first, with `quick` (see `_QUICK`)."""
+    _QUICK[f] = quick
+
+
+def _try_quick(quick: Callable[..., bool], conn: Connection, sid: int, call: tuple) -> bool:
+    """The call done in the reading thread by its quick form, if that needs no wait (then
+    its reply is sent)."""
+    _, args, kwargs = call
+    reply = functools.partial(send_reply, conn, sid)
+    try:
+        return quick(reply, *args, **kwargs)
+    except Exception as e:  # a bug of the quick form: the caller hears it, never waits
+        reply(False, capture(e))
+        return True
+
+
 def on_call_fetch(conn: Connection, msg: protocol.Message):
-    """CALL_FETCH: run the call (as a task) and send its RESULT."""
+    """CALL_FETCH: run the call (as a task) and send its RESULT; a call with a quick form
+    that needs no wait is done here instead (`register_quick`)."""
     sid = msg.a
     ok, call = unpack_call(msg)
     if not ok:
         return lambda: send_reply(conn, sid, False, call)
+    quick = _QUICK.get(call[0]) if type(call[0]) is types.FunctionType else None
+    if quick is not None and _try_quick(quick, conn, sid, call):
+        return None
     box = [call]
 
     def task() -> None:

@@ -42,7 +42,8 @@ class Channel(Generic[T]):
 
     (The `_put`, `_take`, `_fetch`, `_wait` forms also take `abandon`, checked before every
     wait: once it returns true they raise `Abandoned`, having taken or put nothing; `_wake`
-    makes waiters check it again.)
+    makes waiters check it again. `_try_put` never waits: a RemoteChannel's owner does it in
+    its reading thread.)
     """
 
     def __init__(self, sz: int | float = 0):
@@ -100,6 +101,17 @@ class Channel(Generic[T]):
             self._items.append(v)
             self._cond.notify_all()
             return v
+
+    def _try_put(self, v: Any, wake: bool = True) -> bool:
+        """Append `v` if that needs no wait (open, buffered, with room); else do nothing.
+        `wake=False`: waiting takers are not woken yet (`_wake` them)."""
+        with self._cond:
+            if not self._open or self.sz == 0 or len(self._items) >= self.sz:
+                return False
+            self._items.append(v)
+            if wake:
+                self._cond.notify_all()
+            return True
 
     def _wait_item(self, deadline: float | None, what: str, timeout: float | None,
                    abandon: Callable[[], bool] | None) -> None:

@@ -1310,7 +1310,7 @@ def _owner_op_kw(rrid: RRID, op: str, args: tuple, kwargs: dict | None,
         else:
             value = _user_op(chan, op, args, kwargs or {}, timeout, req)
         if op != "take":
-            return value
+            return None if op == "put" else value  # (a put's reply need not carry its value)
     finally:
         _requests.pop(req.key, None)
     # Hand the item over with our reply; if that cannot happen, it goes back.
@@ -1324,6 +1324,23 @@ def _owner_op_kw(rrid: RRID, op: str, args: tuple, kwargs: dict | None,
         raise
     if not reply(True, value):  # the caller's connection is closed
         _give_back(chan, value)
+
+
+def owner_op_now(reply: Callable[[bool, Any], bool], rrid: RRID, op: str, args: tuple,
+                 timeout: float | None, req: _Request | None) -> bool:
+    """The quick form of `_owner_op` (`calls.register_quick`), in the owner's reading thread:
+    a put into a plain Channel with room is done and replied to at once (no thread hand-off;
+    the taker is woken from here). False, having done nothing, for anything else: it runs as
+    a task. (Not a take: its reply pickles a user's value, which may run user code.)"""
+    if req is None or req.cancelled or op != "put" or len(args) != 1:
+        return False
+    chan = STORE.lookup(rrid, _default_channel)
+    if type(chan) is not Channel or not chan._try_put(args[0], wake=False):
+        return False
+    _requests.pop(req.key, None)
+    reply(True, None)  # (first: a woken taker would contend for the GIL with this send)
+    chan._wake()
+    return True
 
 
 _has_timeout: dict[tuple[type, str], bool] = {}

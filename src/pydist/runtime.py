@@ -45,6 +45,7 @@ def wire() -> None:
         register_handler(protocol.SHARE_OFFER, sharedmem.on_offer)
         register_handler(protocol.SHARE_ANSWER, sharedmem.on_answer)
         assert set(HANDLERS) == set(protocol.KIND_NAMES), "a message kind has no handler"
+        calls.register_quick(refs._owner_op, refs.owner_op_now)
         PGRP.removed_listeners.append(refs.worker_lost)
         PGRP.removed_listeners.append(workerpool.worker_removed)
         PGRP.added_listeners.append(workerpool.worker_added)
