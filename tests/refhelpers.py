@@ -4,6 +4,7 @@ the master's sys.path, which conftest extends with this directory)."""
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 
 import pydist
@@ -166,3 +167,74 @@ def quick_counts() -> dict:
 
 def put_into(rc, v) -> None:
     rc.put(v)
+
+
+def heard_from_then_take(other: int, rc):
+    """Read a reply from `other` (so this thread last heard from it), then take from `rc`,
+    a channel this process owns: the take reads `other`'s connection while it waits."""
+    pydist.remotecall_fetch(pydist.myid, other)
+    return rc.take()
+
+
+def heard_from_then_take_after_local_put(other: int, rc, delay: float):
+    """As `heard_from_then_take`, with the value put by a thread of this process."""
+    threading.Timer(delay, rc.put, ("local",)).start()
+    return heard_from_then_take(other, rc)
+
+
+# Which threads did the quick puts here (thread ident -> count) while `record_quick_threads`.
+QUICK_THREADS: dict = {}
+
+
+def record_quick_threads(on: bool) -> None:
+    from pydist import calls, refs
+
+    def recorded(reply, *args, **kwargs):
+        done = refs.owner_op_now(reply, *args, **kwargs)
+        if done:
+            t = threading.get_ident()
+            QUICK_THREADS[t] = QUICK_THREADS.get(t, 0) + 1
+        return done
+
+    QUICK_THREADS.clear()
+    calls.register_quick(refs._owner_op, recorded if on else refs.owner_op_now)
+
+
+def ping_pong_player(inbox, outbox, rounds: int, size: int, first: bool):
+    """Bounce values of `size` bytes `rounds` times; return (the values this side saw are
+    right, this thread's ident, the quick puts by thread)."""
+    ok = True
+    for i in range(rounds):
+        value = bytes([i % 256]) * size
+        if first:
+            outbox.put(value)
+            ok = ok and inbox.take() == value
+        else:
+            got = inbox.take()
+            ok = ok and got == value
+            outbox.put(got)
+    return ok, threading.get_ident(), dict(QUICK_THREADS)
+
+
+# How often a take read a connection while it waited here (`Connection.read_until_woken`
+# that got the connection), while `count_reads_while_taking`.
+READS_WHILE_TAKING = [0]
+
+
+def count_reads_while_taking() -> None:
+    from pydist.transport import Connection
+
+    original = getattr(Connection, "_counted_original", Connection.read_until_woken)
+
+    def counted(self, is_done, wake_fd):
+        got = original(self, is_done, wake_fd)
+        READS_WHILE_TAKING[0] += got
+        return got
+
+    Connection._counted_original = original
+    Connection.read_until_woken = counted
+    READS_WHILE_TAKING[0] = 0
+
+
+def reads_while_taking() -> int:
+    return READS_WHILE_TAKING[0]

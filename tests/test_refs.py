@@ -43,6 +43,10 @@ def on(pid, fn, *args):
     return pydist.remotecall_fetch(fn, pid, *args)
 
 
+def fetch_in_time(fut, timeout=30):
+    return fut.fetch(timeout=timeout)
+
+
 def has_ref(pid, rrid) -> bool:
     return on(pid, rh.has_ref, tuple(rrid))
 
@@ -582,6 +586,66 @@ def test_remote_channel_puts_that_need_no_wait_are_done_where_they_arrive(w):
         assert on(owner, rh.quick_counts) == {"quick": 4, "task": 8}
     finally:
         on(owner, rh.count_quick_forms, False)
+
+
+def _ping_pong(a, b, rounds, size):
+    to_a, to_b = RemoteChannel(lambda: Channel(1), a), RemoteChannel(lambda: Channel(1), b)
+    fa = pydist.remotecall(rh.ping_pong_player, a, to_a, to_b, rounds, size, True)
+    fb = pydist.remotecall(rh.ping_pong_player, b, to_b, to_a, rounds, size, False)
+    return fa.fetch(timeout=240), fb.fetch(timeout=240)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("size", [10, 1_500_000])
+def test_a_take_on_its_own_channel_reads_the_partners_puts_itself(fresh_workers, size):
+    """Two workers bounce values through channels they own (W7's ping-pong): a take that
+    waits reads the connection of the partner it last heard from, so the partner's put is
+    done by the taking thread itself (no other thread woken). Values larger than the socket
+    buffers (and shared-memory ones) arrive intact. Once a thread serves calls on that
+    connection (a call between the two), that thread reads it: the puts are done there and
+    the taker woken, as before, and nothing else changes."""
+    a, b = fresh_workers(2)  # (a new link between them: no thread serves calls on it yet)
+    rounds = 200 if size < 1000 else 30
+    for p in (a, b):
+        on(p, rh.record_quick_threads, True)
+    for ok, player, quick in _ping_pong(a, b, rounds, size):
+        assert ok, "a value arrived changed"
+        assert sum(quick.values()) == rounds, quick
+        assert quick.get(player, 0) >= rounds // 2, (player, quick)
+    on(a, pydist.remotecall_fetch, pydist.myid, b)  # b's thread now serves a's link
+    for p in (a, b):
+        on(p, rh.record_quick_threads, True)
+    for ok, _, quick in _ping_pong(a, b, rounds, size):
+        assert ok, "a value arrived changed"
+        assert sum(quick.values()) == rounds, quick
+
+
+@pytest.mark.timeout(120)
+def test_a_take_that_reads_a_connection_still_wakes_for_others(fresh_workers):
+    """A take reading its last partner's connection returns for a value put through another
+    connection, by another thread of its process, and for a close."""
+    a, b = fresh_workers(2)
+    on(a, rh.count_reads_while_taking)
+    rc = RemoteChannel(lambda: Channel(4), a)
+    fut = pydist.remotecall(rh.heard_from_then_take, a, b, rc)
+    time.sleep(BLOCKED)
+    assert not fut.isready()
+    rc.put("from the master")
+    assert fut.fetch(timeout=30) == "from the master"
+    assert fetch_in_time(pydist.remotecall(rh.heard_from_then_take_after_local_put, a, b, rc,
+                                           0.3)) == "local"
+    fut = pydist.remotecall(rh.heard_from_then_take, a, b, rc)
+    time.sleep(BLOCKED)
+    assert not fut.isready()
+    rc.close()
+    with pytest.raises(RemoteException) as info:
+        fut.fetch(timeout=30)
+    assert isinstance(info.value.captured.ex, InvalidStateError), info.value
+    assert on(a, rh.reads_while_taking) == 3  # each take waited reading b's connection
+    with pytest.raises(RemoteException) as info:  # closed and empty: no wait at all
+        fetch_in_time(pydist.remotecall(rh.heard_from_then_take, a, b, rc))
+    assert isinstance(info.value.captured.ex, InvalidStateError), info.value
+    assert on(a, rh.reads_while_taking) == 3
 
 
 @pytest.mark.parametrize("owner", ["master", "worker"])

@@ -200,8 +200,8 @@ def interruptees():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("kind", ["channel", "remotechannel", "future", "pushed_future",
-                                  "event", "condition"])
+@pytest.mark.parametrize("kind", ["channel", "remotechannel", "own_remotechannel", "future",
+                                  "pushed_future", "event", "condition"])
 def test_interrupt_reaches_a_call_blocked_in_a_wait(interruptees, kind):
     a, b = interruptees
     started = RemoteChannel(lambda: Channel(10))

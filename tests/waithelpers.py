@@ -22,6 +22,8 @@ def blocked_in(kind: str, started, arg=None):
         return pydist.Channel(1).take()
     if kind == "remotechannel":
         return arg.take()
+    if kind == "own_remotechannel":  # ours: the take reads the master's connection (the
+        return pydist.RemoteChannel(pydist.myid()).take()  # reply to `started.put` came there)
     if kind == "future":  # a Future owned by another process: a call on its owner
         return arg.fetch()
     if kind == "pushed_future":  # a remotecall's Future: waits for the result's push

@@ -13,6 +13,7 @@ import ctypes
 import functools
 import itertools
 import logging
+import os
 import sys
 import threading
 import time
@@ -420,6 +421,7 @@ def wait_reply(conn: Connection, is_done: Callable[[], bool], timeout: float | N
     """`conn.wait_reply(...)` that an interrupt reaches: inside a remote call, the call's
     record names the connection this thread reads, and `interrupt` pokes it (the peer's
     answer wakes the blocked `recv`, and the KeyboardInterrupt fires)."""
+    _this_thread.last_read = conn
     rec = _running.get(threading.get_ident())
     if rec is None:
         return conn.wait_reply(is_done, timeout, held)
@@ -428,6 +430,64 @@ def wait_reply(conn: Connection, is_done: Callable[[], bool], timeout: float | N
         conn.wait_reply(is_done, timeout, held)
     finally:
         rec.reading = None
+
+
+class _Waker:
+    """A thread's wake-up signal as a file descriptor (an eventfd), so that a thread reading
+    a connection can be told to look again; closed with its thread."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self) -> None:
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def set(self) -> None:
+        try:
+            os.eventfd_write(self.fd, 1)
+        except OSError:  # (the counter cannot overflow with one writer per wake)
+            pass
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except OSError:  # not set
+            pass
+
+    def __del__(self, _close=os.close) -> None:
+        _close(self.fd)
+
+
+_this_thread = threading.local()  # .last_read: the connection of its last reply; .waker
+
+
+def read_until_woken(is_done: Callable[[], bool], watch: Callable[[Callable[[], None]], None],
+                     unwatch: Callable[[Callable[[], None]], None]) -> None:
+    """Before a wait for something that most likely comes from the peer whose reply this
+    thread last read (a value it puts into a channel here): read that connection in this
+    thread until `is_done()`, so that the peer's message is handled here and no other
+    thread is woken for it. `watch(fn)` must have `fn()` called on anything that may make
+    `is_done()` true (then this returns, for the caller's own wait); `unwatch(fn)` stops
+    that. Returns at once if another thread reads the connection, or it is closed."""
+    conn = getattr(_this_thread, "last_read", None)
+    if conn is None or conn.closed or not hasattr(os, "eventfd"):
+        return
+    waker = getattr(_this_thread, "waker", None)
+    if waker is None:
+        try:
+            waker = _this_thread.waker = _Waker()
+        except OSError:  # out of file descriptors: the caller waits as usual
+            return
+    watch(waker.set)
+    rec = _running.get(threading.get_ident())
+    if rec is not None:
+        rec.reading = conn
+    try:
+        conn.read_until_woken(is_done, waker.fd)
+    finally:
+        if rec is not None:
+            rec.reading = None
+        unwatch(waker.set)
+        waker.clear()
 
 
 # ==================================================================== sending

@@ -54,6 +54,9 @@ class Channel(Generic[T]):
         self._cond = threading.Condition(threading.Lock())
         self._open = True
         self._close_exc: BaseException | None = None
+        # Called (lock held) wherever a value may have arrived or the channel closed: a
+        # thread that waits by reading a connection instead of on `_cond` (`_watch`).
+        self._watchers: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         state = "open" if self._open else "closed"
@@ -76,7 +79,7 @@ class Channel(Generic[T]):
             if self.sz == 0:
                 entry = [v, False]
                 self._items.append(entry)
-                self._cond.notify_all()
+                self._notify()
                 while not entry[1]:
                     given_up = abandon is not None and abandon()
                     if given_up or not self._open or not self._cond.wait(_remaining(deadline)):
@@ -99,7 +102,7 @@ class Channel(Generic[T]):
             if not self._open:
                 raise self._closed_error("put")
             self._items.append(v)
-            self._cond.notify_all()
+            self._notify()
             return v
 
     def _try_put(self, v: Any, wake: bool = True) -> bool:
@@ -110,8 +113,23 @@ class Channel(Generic[T]):
                 return False
             self._items.append(v)
             if wake:
-                self._cond.notify_all()
+                self._notify()
             return True
+
+    def _notify(self) -> None:
+        """(Lock held) Wake the waiters: a value may be there, or the channel closed."""
+        self._cond.notify_all()
+        for fn in self._watchers:
+            fn()
+
+    def _watch(self, fn: Callable[[], None]) -> None:
+        """Have `fn()` (which must not block) called with every `_notify`, until `_unwatch`."""
+        with self._cond:
+            self._watchers.append(fn)
+
+    def _unwatch(self, fn: Callable[[], None]) -> None:
+        with self._cond:
+            self._watchers.remove(fn)
 
     def _wait_item(self, deadline: float | None, what: str, timeout: float | None,
                    abandon: Callable[[], bool] | None) -> None:
@@ -133,7 +151,7 @@ class Channel(Generic[T]):
         with self._cond:
             self._wait_item(deadline, "take", timeout, abandon)
             item = self._items.popleft()
-            self._cond.notify_all()
+            self._cond.notify_all()  # (putters waiting for room)
             if self.sz == 0:
                 item[1] = True
                 return item[0]
@@ -164,12 +182,16 @@ class Channel(Generic[T]):
         was taken but could not be delivered goes back where it was."""
         with self._cond:
             self._items.appendleft([v, True] if self.sz == 0 else v)
-            self._cond.notify_all()
+            self._notify()
 
     def _wake(self) -> None:
         """Have every waiter look again (at its `abandon`)."""
         with self._cond:
-            self._cond.notify_all()
+            self._notify()
+
+    def _take_is_due(self) -> bool:
+        """A take would not wait: a value is there, or the channel is closed."""
+        return bool(self._items) or not self._open
 
     def isready(self) -> bool:
         """True if a `take` would not block."""
@@ -185,7 +207,7 @@ class Channel(Generic[T]):
         with self._cond:
             self._open = False
             self._close_exc = exc
-            self._cond.notify_all()
+            self._notify()
 
     def isopen(self) -> bool:
         """False once the channel is closed."""

@@ -55,6 +55,7 @@ from .calls import (
     connection,
     exited,
     pack,
+    read_until_woken,
     remote_do_internal,
     take_reply,
     wait_reply,
@@ -1298,6 +1299,10 @@ def _owner_op_kw(rrid: RRID, op: str, args: tuple, kwargs: dict | None,
     if req is None:
         chan = STORE.lookup(rrid, _default_channel)
         if plain and isinstance(chan, Channel):
+            if op == "take" and timeout is None and not chan._take_is_due():
+                # Its value most likely comes from the peer this thread last heard from (a
+                # pipeline, a ping-pong): read that connection here until it does.
+                read_until_woken(chan._take_is_due, chan._watch, chan._unwatch)
             return getattr(chan, op)(*args, timeout)
         return _user_op(chan, op, args, kwargs or {}, timeout, None)
     try:

@@ -1069,6 +1069,28 @@ class Connection:
         finally:
             self._release_role()
 
+    def read_until_woken(self, is_done: Callable[[], bool], wake_fd: int) -> bool:
+        """Read this connection in the calling thread until `is_done()`, or until `wake_fd`
+        is readable (another thread's signal: look again), if nobody else reads it; calls
+        read meanwhile go to the pool. False at once if another thread reads it or it is
+        dead. Bounded by the signal, as a condition wait is; `poke` wakes it as well."""
+        if self._poller is None or self.closed or not self._take_role():
+            return False
+        try:
+            watch = select.poll()
+            watch.register(self.fd, select.POLLIN | select.POLLRDHUP)
+            watch.register(wake_fd, select.POLLIN)
+            while not is_done() and not self.closed:
+                if not self._decoder.has_message():
+                    if any(fd == wake_fd for fd, _ in watch.poll()):
+                        break
+                task = self._read(blocking=False, until=is_done)
+                if task is not None:
+                    POOL.submit(self._task_runner(task))  # never run calls while waiting
+            return True
+        finally:
+            self._release_role()
+
     def poke(self) -> None:
         """Have the peer send us something soon (a PING, answered at once), so that a thread
         blocked reading this connection returns to Python (where an interrupt raised in it
