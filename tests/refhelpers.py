@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import weakref
 
 import pydist
@@ -143,22 +144,28 @@ def take_from(chan):
     return chan.take(10)
 
 
-# How often a RemoteChannel operation that arrived here was done in the reading thread (its
-# quick form, `calls.register_quick`) or left to a task: "quick" / "task".
+# What the quick form of a RemoteChannel operation (`calls.register_quick`) did here while
+# `spy_quick_forms` is on: how often it did the call ("quick") or left it to a task ("task"),
+# and which threads did the quick ones (thread ident -> count).
 QUICK_COUNTS: dict = {"quick": 0, "task": 0}
+QUICK_THREADS: dict = {}
 
 
-def count_quick_forms(on: bool) -> None:
-    """Count (on) or stop counting (off) what the quick form of a channel operation did."""
+def spy_quick_forms(on: bool) -> None:
+    """Start (on, from zero) or stop (off) recording what the quick form does."""
     from pydist import calls, refs
 
-    def counted(reply, *args, **kwargs):
+    def recorded(reply, *args, **kwargs):
         done = refs.owner_op_now(reply, *args, **kwargs)
         QUICK_COUNTS["quick" if done else "task"] += 1
+        if done:
+            t = threading.get_ident()
+            QUICK_THREADS[t] = QUICK_THREADS.get(t, 0) + 1
         return done
 
     QUICK_COUNTS.update(quick=0, task=0)
-    calls.register_quick(refs._owner_op, counted if on else refs.owner_op_now)
+    QUICK_THREADS.clear()
+    calls.register_quick(refs._owner_op, recorded if on else refs.owner_op_now)
 
 
 def quick_counts() -> dict:
@@ -169,6 +176,36 @@ def put_into(rc, v) -> None:
     rc.put(v)
 
 
+# Takes that read a connection while they waited here (`Connection.read_until_woken`), while
+# `count_reads_while_taking`: [begun, got the connection].
+READS_WHILE_TAKING = [0, 0]
+
+
+def count_reads_while_taking() -> None:
+    from pydist.transport import Connection
+
+    original = getattr(Connection, "_counted_original", Connection.read_until_woken)
+
+    def counted(self, is_done, wake_fd):
+        READS_WHILE_TAKING[0] += 1
+        got = original(self, is_done, wake_fd)
+        READS_WHILE_TAKING[1] += got
+        return got
+
+    Connection._counted_original = original
+    Connection.read_until_woken = counted
+    READS_WHILE_TAKING[:] = [0, 0]
+
+
+def reads_while_taking() -> int:
+    """Takes that got the connection to read while they waited."""
+    return READS_WHILE_TAKING[1]
+
+
+def reads_begun() -> int:
+    return READS_WHILE_TAKING[0]
+
+
 def heard_from_then_take(other: int, rc):
     """Read a reply from `other` (so this thread last heard from it), then take from `rc`,
     a channel this process owns: the take reads `other`'s connection while it waits."""
@@ -176,28 +213,20 @@ def heard_from_then_take(other: int, rc):
     return rc.take()
 
 
-def heard_from_then_take_after_local_put(other: int, rc, delay: float):
-    """As `heard_from_then_take`, with the value put by a thread of this process."""
-    threading.Timer(delay, rc.put, ("local",)).start()
+def _put_once_reading(rc, value, begun: int, timeout: float = 30.0) -> None:
+    """Put `value` into `rc` once a take here has begun reading (or after `timeout`)."""
+    deadline = time.monotonic() + timeout
+    while READS_WHILE_TAKING[0] <= begun and time.monotonic() < deadline:
+        time.sleep(0.005)
+    rc.put(value)
+
+
+def heard_from_then_take_local_put(other: int, rc):
+    """As `heard_from_then_take`, with the value put by another thread of this process once
+    the take reads (`count_reads_while_taking` on)."""
+    threading.Thread(target=_put_once_reading, args=(rc, "local", READS_WHILE_TAKING[0]),
+                     daemon=True).start()
     return heard_from_then_take(other, rc)
-
-
-# Which threads did the quick puts here (thread ident -> count) while `record_quick_threads`.
-QUICK_THREADS: dict = {}
-
-
-def record_quick_threads(on: bool) -> None:
-    from pydist import calls, refs
-
-    def recorded(reply, *args, **kwargs):
-        done = refs.owner_op_now(reply, *args, **kwargs)
-        if done:
-            t = threading.get_ident()
-            QUICK_THREADS[t] = QUICK_THREADS.get(t, 0) + 1
-        return done
-
-    QUICK_THREADS.clear()
-    calls.register_quick(refs._owner_op, recorded if on else refs.owner_op_now)
 
 
 def ping_pong_player(inbox, outbox, rounds: int, size: int, first: bool):
@@ -214,27 +243,3 @@ def ping_pong_player(inbox, outbox, rounds: int, size: int, first: bool):
             ok = ok and got == value
             outbox.put(got)
     return ok, threading.get_ident(), dict(QUICK_THREADS)
-
-
-# How often a take read a connection while it waited here (`Connection.read_until_woken`
-# that got the connection), while `count_reads_while_taking`.
-READS_WHILE_TAKING = [0]
-
-
-def count_reads_while_taking() -> None:
-    from pydist.transport import Connection
-
-    original = getattr(Connection, "_counted_original", Connection.read_until_woken)
-
-    def counted(self, is_done, wake_fd):
-        got = original(self, is_done, wake_fd)
-        READS_WHILE_TAKING[0] += got
-        return got
-
-    Connection._counted_original = original
-    Connection.read_until_woken = counted
-    READS_WHILE_TAKING[0] = 0
-
-
-def reads_while_taking() -> int:
-    return READS_WHILE_TAKING[0]

@@ -561,7 +561,7 @@ def test_remote_channel_puts_that_need_no_wait_are_done_where_they_arrive(w):
     from another worker."""
     owner, other = w
     rc = RemoteChannel(lambda: Channel(2), owner)
-    on(owner, rh.count_quick_forms, True)
+    on(owner, rh.spy_quick_forms, True)
     try:
         rc.put(1)
         rc.put(2)
@@ -585,7 +585,7 @@ def test_remote_channel_puts_that_need_no_wait_are_done_where_they_arrive(w):
         putter.value()
         assert on(owner, rh.quick_counts) == {"quick": 4, "task": 8}
     finally:
-        on(owner, rh.count_quick_forms, False)
+        on(owner, rh.spy_quick_forms, False)
 
 
 def _ping_pong(a, b, rounds, size):
@@ -607,14 +607,14 @@ def test_a_take_on_its_own_channel_reads_the_partners_puts_itself(fresh_workers,
     a, b = fresh_workers(2)  # (a new link between them: no thread serves calls on it yet)
     rounds = 200 if size < 1000 else 30
     for p in (a, b):
-        on(p, rh.record_quick_threads, True)
+        on(p, rh.spy_quick_forms, True)
     for ok, player, quick in _ping_pong(a, b, rounds, size):
         assert ok, "a value arrived changed"
         assert sum(quick.values()) == rounds, quick
         assert quick.get(player, 0) >= rounds // 2, (player, quick)
     on(a, pydist.remotecall_fetch, pydist.myid, b)  # b's thread now serves a's link
     for p in (a, b):
-        on(p, rh.record_quick_threads, True)
+        on(p, rh.spy_quick_forms, True)
     for ok, _, quick in _ping_pong(a, b, rounds, size):
         assert ok, "a value arrived changed"
         assert sum(quick.values()) == rounds, quick
@@ -628,14 +628,13 @@ def test_a_take_that_reads_a_connection_still_wakes_for_others(fresh_workers):
     on(a, rh.count_reads_while_taking)
     rc = RemoteChannel(lambda: Channel(4), a)
     fut = pydist.remotecall(rh.heard_from_then_take, a, b, rc)
-    time.sleep(BLOCKED)
+    wait_until(lambda: on(a, rh.reads_begun) == 1, what="the take to read")
     assert not fut.isready()
     rc.put("from the master")
     assert fut.fetch(timeout=30) == "from the master"
-    assert fetch_in_time(pydist.remotecall(rh.heard_from_then_take_after_local_put, a, b, rc,
-                                           0.3)) == "local"
+    assert fetch_in_time(pydist.remotecall(rh.heard_from_then_take_local_put, a, b, rc)) == "local"
     fut = pydist.remotecall(rh.heard_from_then_take, a, b, rc)
-    time.sleep(BLOCKED)
+    wait_until(lambda: on(a, rh.reads_begun) == 3, what="the take to read")
     assert not fut.isready()
     rc.close()
     with pytest.raises(RemoteException) as info:

@@ -105,15 +105,13 @@ class Channel(Generic[T]):
             self._notify()
             return v
 
-    def _try_put(self, v: Any, wake: bool = True) -> bool:
+    def _try_put(self, v: Any) -> bool:
         """Append `v` if that needs no wait (open, buffered, with room); else do nothing.
-        `wake=False`: waiting takers are not woken yet (`_wake` them)."""
+        Waiting takers are not woken yet: `_wake` them (after the put's reply has left)."""
         with self._cond:
             if not self._open or self.sz == 0 or len(self._items) >= self.sz:
                 return False
             self._items.append(v)
-            if wake:
-                self._notify()
             return True
 
     def _notify(self) -> None:
@@ -185,7 +183,7 @@ class Channel(Generic[T]):
             self._notify()
 
     def _wake(self) -> None:
-        """Have every waiter look again (at its `abandon`)."""
+        """Have every waiter look again (at the items, at its `abandon`)."""
         with self._cond:
             self._notify()
 

@@ -1340,7 +1340,7 @@ def owner_op_now(reply: Callable[[bool, Any], bool], rrid: RRID, op: str, args: 
     if req is None or req.cancelled or op != "put" or len(args) != 1:
         return False
     chan = STORE.lookup(rrid, _default_channel)
-    if type(chan) is not Channel or not chan._try_put(args[0], wake=False):
+    if type(chan) is not Channel or not chan._try_put(args[0]):
         return False
     _requests.pop(req.key, None)
     reply(True, None)  # (first: a woken taker would contend for the GIL with this send)

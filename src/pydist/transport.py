@@ -1054,20 +1054,35 @@ class Connection:
                     elif self.closed:
                         break
                 return
-            deadline = time.monotonic() + timeout
-            readable = select.poll()
-            readable.register(self.fd, select.POLLIN | select.POLLRDHUP)
-            while not is_done() and not self.closed:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                if not self._decoder.has_message() and not readable.poll(left * 1000):
-                    continue
-                task = self._read(blocking=False, until=is_done)
-                if task is not None:
-                    POOL.submit(self._task_runner(task))
+            self._poll_read(is_done, time.monotonic() + timeout, None)
         finally:
             self._release_role()
+
+    def _poll_read(self, is_done: Callable[[], bool], deadline: float | None,
+                   wake_fd: int | None) -> None:
+        """(Reading role held) Wait in `poll` and read without blocking until `is_done()`, the
+        connection is dead, `deadline` has passed, or `wake_fd` is readable; calls read
+        meanwhile go to the pool (never run while waiting)."""
+        watch = select.poll()
+        watch.register(self.fd, select.POLLIN | select.POLLRDHUP)
+        if wake_fd is not None:
+            watch.register(wake_fd, select.POLLIN)
+        while not is_done() and not self.closed:
+            if deadline is None:
+                left = None
+            else:
+                left = (deadline - time.monotonic()) * 1000
+                if left <= 0:
+                    break
+            if not self._decoder.has_message():
+                events = watch.poll(left)
+                if not events:
+                    continue
+                if wake_fd is not None and any(fd == wake_fd for fd, _ in events):
+                    break
+            task = self._read(blocking=False, until=is_done)
+            if task is not None:
+                POOL.submit(self._task_runner(task))
 
     def read_until_woken(self, is_done: Callable[[], bool], wake_fd: int) -> bool:
         """Read this connection in the calling thread until `is_done()`, or until `wake_fd`
@@ -1077,16 +1092,7 @@ class Connection:
         if self._poller is None or self.closed or not self._take_role():
             return False
         try:
-            watch = select.poll()
-            watch.register(self.fd, select.POLLIN | select.POLLRDHUP)
-            watch.register(wake_fd, select.POLLIN)
-            while not is_done() and not self.closed:
-                if not self._decoder.has_message():
-                    if any(fd == wake_fd for fd, _ in watch.poll()):
-                        break
-                task = self._read(blocking=False, until=is_done)
-                if task is not None:
-                    POOL.submit(self._task_runner(task))  # never run calls while waiting
+            self._poll_read(is_done, None, wake_fd)
             return True
         finally:
             self._release_role()
