@@ -23,3 +23,33 @@ class Counted:
 
 def unpickled():
     return UNPICKLED
+
+
+# Frames this process has read, by kind name, while `count_frames` is on (a spy on the
+# message dispatch: it counts and passes each frame on unchanged).
+FRAMES: dict = {}
+
+
+def count_frames(on: bool) -> None:
+    """Start (on, from zero) or stop (off) counting the frames read here."""
+    from pydist import dispatch, protocol
+
+    handler = dispatch._Handler
+    real = handler.__dict__.get("_real_on_message") or handler.on_message
+    handler._real_on_message = real
+
+    def counted(self, conn, msg):
+        name = protocol.KIND_NAMES.get(msg.kind, str(msg.kind))
+        FRAMES[name] = FRAMES.get(name, 0) + 1
+        return real(self, conn, msg)
+
+    FRAMES.clear()
+    handler.on_message = counted if on else real
+
+
+def frames_counted() -> dict:
+    return dict(FRAMES)
+
+
+def blob(n: int) -> bytes:
+    return bytes(n)

@@ -172,10 +172,6 @@ def quick_counts() -> dict:
     return dict(QUICK_COUNTS)
 
 
-def put_into(rc, v) -> None:
-    rc.put(v)
-
-
 # Takes that read a connection while they waited here (`Connection.read_until_woken`), while
 # `count_reads_while_taking`: [begun, got the connection].
 READS_WHILE_TAKING = [0, 0]

@@ -148,12 +148,79 @@ def test_caching_pool_ships_each_function_once(two_workers):
     f = lambda i: len(big) + i  # noqa: E731
     assert [pydist.remotecall_fetch(f, pool, i) for i in range(3)] == [200_000, 200_001, 200_002]
     assert len(pool._cache) == 1
-    rc = next(iter(pool._cache.values()))[1]
-    # The worker holds the function in its cache channel; later calls send only that channel.
+    rc = next(iter(pool._cache.values()))[1].rc
+    # The worker holds the function in its cache channel; later calls send only its id.
     assert pydist.remotecall_fetch(lambda c: c.isready(), a, rc)
     assert pydist.remotecall(f, pool, 10).fetch() == 200_010
     pydist.clear(pool)
     assert pool._cache == {}
+
+
+@pytest.mark.timeout(120)
+def test_caching_pool_calls_after_the_first_carry_no_reference(fresh_workers):
+    """Calls after the first name the worker's cache by its id: no reference goes with them,
+    so no count message goes before each; the cache is freed once the pool lets it go."""
+    import gc
+
+    import poolhelpers
+    import refhelpers
+
+    (w,) = fresh_workers(1)
+    before = pydist.remotecall_fetch(refhelpers.store_len, w)
+    pydist.remotecall_fetch(poolhelpers.count_frames, w, True)
+    pool = CachingPool([w])
+    assert [pydist.remotecall_fetch(square, pool, i) for i in range(40)] == [i * i for i in range(40)]
+    assert pydist.pmap(square, pool, range(40)) == [i * i for i in range(40)]
+    frames = pydist.remotecall_fetch(poolhelpers.frames_counted, w)
+    pydist.remotecall_fetch(poolhelpers.count_frames, w, False)
+    assert frames.get("CALL_FETCH", 0) >= 80  # (the spy saw the calls)
+    assert frames.get("REFS", 0) <= 2, frames  # the first call's count, not one per call
+    assert pydist.remotecall_fetch(refhelpers.store_len, w) == before + 1  # the cache
+    del pool
+    gc.collect()
+    wait_until(lambda: pydist.remotecall_fetch(refhelpers.store_len, w) == before,
+               what="the cache to be freed on the worker")
+
+
+@pytest.mark.timeout(120)
+def test_a_cached_call_may_arrive_before_the_call_that_brings_the_function(fresh_workers):
+    """Two threads of the caller may send the first call of a function (which brings it) and
+    a later one (which names the cache) in either order: the later one then waits for the
+    function, and the counts stay right (the cache is freed when the caller lets it go)."""
+    import gc
+
+    import refhelpers
+    from pydist.workerpool import _CacheRef, _exec_and_cache, _exec_from_cache
+
+    (w,) = fresh_workers(1)
+    before = pydist.remotecall_fetch(refhelpers.store_len, w)
+    rc = pydist.RemoteChannel(w)
+    early = pydist.remotecall(_exec_from_cache, w, _CacheRef(rc), 6)
+    with pytest.raises(TimeoutError):
+        early.wait(0.3)  # the function is not there yet
+    assert pydist.remotecall_fetch(_exec_and_cache, w, square, rc, 7) == 49
+    assert early.fetch() == 36
+    del early, rc
+    gc.collect()
+    wait_until(lambda: pydist.remotecall_fetch(refhelpers.store_len, w) == before,
+               what="the cache to be freed on the worker")
+
+
+@pytest.mark.timeout(120)
+def test_pmap_gets_each_result_in_the_reply_to_its_call(fresh_workers):
+    """A map's call is answered with its result, small or large: nothing waits on the worker
+    for a Future (no fetch afterwards, no count message to release it)."""
+    import poolhelpers
+
+    (w,) = fresh_workers(1)
+    sizes = [10, 300_000, 20, 500_000]
+    pydist.remotecall_fetch(poolhelpers.count_frames, w, True)
+    got = pydist.pmap(poolhelpers.blob, WorkerPool([w]), sizes)
+    frames = pydist.remotecall_fetch(poolhelpers.frames_counted, w)
+    pydist.remotecall_fetch(poolhelpers.count_frames, w, False)
+    assert [len(b) for b in got] == sizes
+    assert frames.get("CALL_FETCH", 0) >= len(sizes), frames
+    assert frames.get("CALL", 0) == 0 and frames.get("REFS", 0) == 0, frames
 
 
 def test_caching_pool_is_not_serializable(two_workers):

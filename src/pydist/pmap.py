@@ -36,9 +36,10 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-from .calls import in_remote_call, run_user_call, take_reply
+from .calls import call_async, in_remote_call, run_user_call, take_reply
 from .cluster import myid
 from .exceptions import ProcessExitedException, RemoteException, SerializationError
+from .refs import Future
 from .remotecall import remote_do, remotecall, remotecall_fetch
 from .threads import LEND_SECONDS, POOL, WATCHDOG
 from .workerpool import AbstractWorkerPool, pool_of_all_workers
@@ -628,15 +629,38 @@ _lane_ids = itertools.count()
 
 
 class _Slot:
-    """An element in flight: its index, the worker and lane sequence number, its Future, and
-    what the pool prepared for it (`_prepare`'s lead)."""
+    """An element in flight: its index, the worker and lane sequence number, what the pool
+    prepared for it (`_prepare`'s lead), and where its outcome lands (`_call_lane`)."""
 
-    __slots__ = ("index", "worker", "seq", "future", "lead", "stolen")
+    __slots__ = ("index", "worker", "seq", "lead", "reply", "stolen")
 
-    def __init__(self, index: int, worker: int, seq: int, future: Any, lead: tuple) -> None:
-        self.index, self.worker, self.seq, self.future = index, worker, seq, future
-        self.lead = lead
+    def __init__(self, index: int, worker: int, seq: int, lead: tuple) -> None:
+        self.index, self.worker, self.seq, self.lead = index, worker, seq, lead
+        self.reply: Any = None
         self.stolen = False
+
+    def outcome(self) -> Any:
+        """The element's value; raises its failure."""
+        reply = self.reply
+        if isinstance(reply, Future):
+            return reply.fetch()
+        if reply.ok:
+            return reply.value
+        raise reply.value
+
+
+def _call_lane(w: int, args: tuple, landed: Callable[[_Slot], None], slot: _Slot) -> Any:
+    """Send `_lane_run(*args)` to worker `w`; `landed(slot)` runs once its outcome is there.
+
+    A call to another process waits for its reply in a reply slot (`calls.call_async`): the
+    outcome comes back in the reply, and nothing is kept on the worker for a Future (no
+    reference to release afterwards, a large result in the same message). A call to this
+    process runs in a thread of its own, through a Future (`remotecall`)."""
+    if w != myid():
+        return call_async(w, _lane_run, args, None, lambda _: landed(slot))
+    fut = remotecall(_lane_run, w, *args)
+    fut.add_done_callback(lambda _: landed(slot))
+    return fut
 
 
 def _worker_died(exc: BaseException) -> bool:
@@ -692,8 +716,9 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
         nonlocal pending
         seq = next_seq.get(w, 0)
         g, lead = pool._prepare(w, fn)
+        slot = _Slot(index, w, seq, lead)
         try:
-            fut = remotecall(_lane_run, w, key, seq, g, (*lead, *items[index]))
+            slot.reply = _call_lane(w, (key, seq, g, (*lead, *items[index])), done.put, slot)
         except SerializationError:
             pool._unprepare(w, fn)  # nothing was sent
             raise
@@ -703,10 +728,8 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
             lose(w)
             return
         next_seq[w] = seq + 1  # only once sent: a lane waits for every number handed out
-        slot = _Slot(index, w, seq, fut, lead)
         inflight[w].append(slot)
         pending += 1
-        fut.add_done_callback(lambda _: done.put(slot))
 
     def live() -> list[int]:
         return [w for w in inflight if w not in lost]
@@ -873,7 +896,7 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
             calls = inflight[slot.worker]
             calls.remove(slot)
             try:
-                results[slot.index] = slot.future.fetch()
+                results[slot.index] = slot.outcome()
                 progress.update(weight(items[slot.index]))
             except BaseException as e:
                 failed(slot, e)

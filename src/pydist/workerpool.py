@@ -21,7 +21,7 @@ from .calls import call_fetch
 from .cluster import procs, workers as all_workers
 from .group import PGRP
 from .exceptions import InvalidStateError, SerializationError
-from .refs import _ERROR, RemoteChannel
+from .refs import _ERROR, RRID, STORE, RemoteChannel, _default_channel
 from .remotecall import remote_do, remotecall, remotecall_fetch, remotecall_wait
 
 __all__ = [
@@ -363,7 +363,7 @@ class CachingPool(WorkerPool):
 
     def __init__(self, workers: Iterable[int] = ()):
         super().__init__(workers)
-        self._cache: dict[tuple[int, int], tuple[Any, RemoteChannel]] = {}
+        self._cache: dict[tuple[int, int], tuple[Any, _CacheRef]] = {}
         self._cache_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -387,9 +387,9 @@ class CachingPool(WorkerPool):
             entry = self._cache.get(key)
             if entry is not None and entry[0] is f:
                 return _exec_from_cache, (entry[1],)
-            rc: RemoteChannel[Any] = RemoteChannel(w)
-            self._cache[key] = (f, rc)
-        return _exec_and_cache, (f, rc)
+            cache = _CacheRef(RemoteChannel(w))
+            self._cache[key] = (f, cache)
+        return _exec_and_cache, (f, cache.rc)
 
 
     def _unprepare(self, w: int, f: Callable) -> None:
@@ -403,13 +403,13 @@ class CachingPool(WorkerPool):
         not run (it could not be unpickled there, its worker died, it was taken back), so
         that the next call sends `f` again. A failed call that only used the channel forgets
         it too (it may have found it empty); one taken back before it ran does not."""
-        if not lead or not isinstance(lead[-1], RemoteChannel):
+        if not lead or not isinstance(lead[-1], (RemoteChannel, _CacheRef)):
             return  # `f` was not cached (a call to this process)
         if not started and len(lead) == 1:
-            return  # (rc,): it would only have used the channel
+            return  # (cache,): it would only have used the channel
         with self._cache_lock:
             entry = self._cache.get((w, id(f)))
-            if entry is not None and entry[0] is f and entry[1] is lead[-1]:
+            if entry is not None and entry[0] is f and (lead[-1] is entry[1] or lead[-1] is entry[1].rc):
                 del self._cache[(w, id(f))]
         if len(lead) > 1:
             # The call that was to fill the channel failed: close it, so that calls already
@@ -427,7 +427,35 @@ def _exec_and_cache(f: Callable, rc: RemoteChannel, *args: Any, **kwargs: Any) -
     return f(*args, **kwargs)
 
 
-def _exec_from_cache(rc: RemoteChannel, *args: Any, **kwargs: Any) -> Any:
+class _CacheRef:
+    """The caller's handle on the cache channel of a function on a worker, as the calls after
+    the first carry it. It pickles to the channel's id alone, so a call sends no reference
+    and no count message goes before it: it is unpickled on the worker, in frame order, as
+    the channel itself (`_cache_channel`). The caller holds the channel meanwhile, and gives
+    its count back only after the call has gone, through the same connection: so the channel
+    is always there when the call arrives."""
+
+    __slots__ = ("rc",)
+
+    def __init__(self, rc: RemoteChannel) -> None:
+        self.rc = rc
+
+    def __reduce__(self):
+        rc = self.rc
+        return _cache_channel, (rc.where, rc.whence, rc.id)
+
+
+def _cache_channel(where: int, whence: int, id_: int) -> Any:
+    """On the worker, as a call is unpickled: the cache channel of `_CacheRef`. It may not
+    have been made yet (the call that brings the function may come second, from another
+    thread of the caller): it is made now, as that call would make it."""
+    if where != PGRP.id:
+        raise ValueError(f"CachingPool: a function cache of process {where} reached process "
+                         f"{PGRP.id}")
+    return STORE.lookup(RRID(whence, id_), _default_channel)
+
+
+def _exec_from_cache(rc: Any, *args: Any, **kwargs: Any) -> Any:
     """On the worker: run the cached function (a local peek, no message). It may wait for
     the call that brings it (calls run concurrently here); if that call failed before
     caching it (it could not be unpickled here), the pool closes the channel and this fails
