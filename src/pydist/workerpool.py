@@ -403,20 +403,22 @@ class CachingPool(WorkerPool):
         not run (it could not be unpickled there, its worker died, it was taken back), so
         that the next call sends `f` again. A failed call that only used the channel forgets
         it too (it may have found it empty); one taken back before it ran does not."""
-        if not lead or not isinstance(lead[-1], (RemoteChannel, _CacheRef)):
+        if not lead:
             return  # `f` was not cached (a call to this process)
-        if not started and len(lead) == 1:
-            return  # (cache,): it would only have used the channel
+        first = len(lead) > 1  # (f, rc): the call that was to fill the channel; else (cache,)
+        if not started and not first:
+            return  # it would only have used the channel
+        rc: RemoteChannel = lead[-1] if first else lead[-1].rc
         with self._cache_lock:
             entry = self._cache.get((w, id(f)))
-            if entry is not None and entry[0] is f and (lead[-1] is entry[1] or lead[-1] is entry[1].rc):
+            if entry is not None and entry[0] is f and entry[1].rc is rc:
                 del self._cache[(w, id(f))]
-        if len(lead) > 1:
+        if first:
             # The call that was to fill the channel failed: close it, so that calls already
             # sent that wait on it there fail now (if `f` did arrive, they still read it).
             # Without waiting: this may run in a connection's reading thread.
             try:
-                remote_do(RemoteChannel.close, w, lead[-1])
+                remote_do(RemoteChannel.close, w, rc)
             except Exception:
                 pass  # the worker is gone: so are the calls waiting there
 
