@@ -155,6 +155,34 @@ def test_a_blocking_element_does_not_hold_back_the_rest_of_its_batch(four_worker
     assert all(end < blocking_end - 1.0 for _, _, end, _ in out[1:])
 
 
+def fails_blocks_or_computes(x):
+    """(x, end): elements 0 and 150 fail at once, element 1 blocks for 2 s, the others
+    compute a little."""
+    import time
+
+    if x in (0, 150):
+        raise ValueError(f"element {x} fails")
+    if x == 1:
+        time.sleep(2.0)
+    else:
+        sum(range(100))
+    return x, time.time()
+
+
+@pytest.mark.timeout(120)
+def test_a_batch_split_at_a_blocking_element_keeps_order_and_failures(four_workers):
+    """The elements before a blocking one run in one go; those after it are split off and
+    run while it blocks. Every element runs once, failures before and after the split land
+    at their own places, and the results keep the input's order."""
+    out = pmap(fails_blocks_or_computes, range(200), pool=WorkerPool(four_workers[:1]),
+               batch_size=200, on_error=lambda e: str(e))
+    assert out[0] == "element 0 fails" and out[150] == "element 150 fails"
+    assert [r[0] for i, r in enumerate(out) if i not in (0, 150)] == [
+        x for x in range(200) if x not in (0, 150)]
+    blocking_end = out[1][1]
+    assert all(r[1] < blocking_end - 1.0 for i, r in enumerate(out) if i > 1 and i != 150)
+
+
 def busy(x):
     """(thread ident, x): computes for about 30 ms, never blocking."""
     import threading

@@ -127,56 +127,99 @@ def _runnable(native_id: int) -> bool:
 
 
 class _BatchRun:
-    """One batch running on this process: the threads running it claim its elements from one
-    shared iterator (claiming is atomic: a range iterator's `next` holds the GIL), so each
-    element runs once whichever thread takes it."""
+    """One batch running on this process. The calling thread maps `fn` over the batch at C
+    speed (`map`, no Python code per element but `fn`). If an element blocks, the watchdog
+    takes the rest of the batch from that map at once (`_split`) and the threads that run it
+    from then on (the calling thread too, once its element ends) claim its elements one by
+    one from a shared iterator of indices (claiming is atomic: a range iterator's `next`
+    holds the GIL), so each element runs once whichever thread takes it."""
 
-    __slots__ = ("fn", "batch", "capture", "star", "out", "claims", "error", "lock", "ended",
-                 "helpers", "limit", "finished", "seen", "since", "cpu_since", "threads")
+    __slots__ = ("fn", "batch", "capture", "star", "out", "unmapped", "rest", "claims",
+                 "error", "lock", "ended", "helpers", "limit", "finished", "seen", "since",
+                 "cpu_since", "threads")
 
     def __init__(self, fn: Callable, batch: list, capture: bool, star: bool = True) -> None:
         self.fn, self.batch, self.capture, self.star = fn, batch, capture, star
-        self.out: list = [None] * len(batch)
-        self.claims = iter(range(len(batch)))
+        self.out: list = []  # the outcomes of the mapped elements, in order
+        self.unmapped = iter(batch)  # what the calling thread's map has not reached yet
+        self.rest: list = []  # the outcomes of the elements split off (from `len(out)` on)
+        self.claims: Iterator[int] | None = None  # their indices, not claimed yet
         self.error: BaseException | None = None  # the first, without `capture`
         self.lock = threading.Lock()
         self.ended: threading.Condition | None = None  # a helper ended (made with the first)
         self.helpers = 0  # helper threads started and not yet ended
         self.limit = min(BATCH_TASKS, len(batch)) - 1
-        self.finished = False  # the calling thread is done claiming: no more helpers
-        self.seen = -1  # elements claimed at the last tick ...
+        self.finished = False  # the calling thread is done with its part: no more helpers
+        self.seen = -1  # elements started at the last tick ...
         self.since = 0.0  # ... since when ...
         self.cpu_since = 0.0  # ... and the process's CPU time then
         self.threads: set[int] = set()  # native ids of the threads that ran elements
 
-    def work(self) -> None:
-        """Run elements until none is left to claim (or one failed, without `capture`)."""
-        fn, batch, out, star = self.fn, self.batch, self.out, self.star
-        self.threads.add(threading.get_native_id())
-        try:
-            for i in self.claims:
-                try:
-                    out[i] = fn(*batch[i]) if star else fn(batch[i])
-                except Exception as e:
-                    if not self.capture:
-                        raise
-                    out[i] = _Failed(batch[i] if star else (batch[i],), e)
-        except BaseException as e:
-            with self.lock:
-                if self.error is None:
-                    self.error = e
-            collections.deque(self.claims, maxlen=0)  # claim the rest: nothing more starts
+    def _map(self) -> None:
+        """In the calling thread: the elements in order, until none is left to map (the
+        batch ended, or the watchdog split the rest off) or one failed without `capture`."""
+        fn, batch, out = self.fn, self.batch, self.out
+        mapped = itertools.starmap(fn, self.unmapped) if self.star else map(fn, self.unmapped)
+        while True:
+            try:
+                out.extend(mapped)  # (what `extend` appended stays if an element raises)
+                return
+            except Exception as e:
+                if not self.capture:
+                    raise
+                i = len(out)  # the element that failed: the last one the map took
+                out.append(_Failed(batch[i] if self.star else (batch[i],), e))
+
+    def _claim(self) -> None:
+        """Run elements of the split-off rest until none is left to claim."""
+        fn, batch, star = self.fn, self.batch, self.star
+        rest, first = self.rest, len(batch) - len(self.rest)
+        for i in self.claims:  # type: ignore[union-attr]
+            try:
+                rest[i - first] = fn(*batch[i]) if star else fn(batch[i])
+            except Exception as e:
+                if not self.capture:
+                    raise
+                rest[i - first] = _Failed(batch[i] if star else (batch[i],), e)
+
+    def _stop(self, e: BaseException) -> None:
+        """An element failed (without `capture`) or the run was interrupted: nothing more
+        starts."""
+        with self.lock:
+            if self.error is None:
+                self.error = e
+            collections.deque(self.unmapped, maxlen=0)
+            if self.claims is not None:
+                collections.deque(self.claims, maxlen=0)
+
+    def _split(self) -> bool:
+        """Lock held: take the elements the calling thread's map has not reached yet from
+        it, to be claimed one by one; False if none is left. The map's iterator is emptied
+        in one C call, so the map gets no element after the split, and the split gets every
+        element the map did not take."""
+        left = list(self.unmapped)
+        if not left:
+            return False
+        first = len(self.batch) - len(left)
+        self.rest = [None] * len(left)
+        self.claims = iter(range(first, len(self.batch)))
+        return True
+
+    def _started(self) -> int:
+        """How many elements have started so far."""
+        left = self.claims if self.claims is not None else self.unmapped
+        return len(self.batch) - operator.length_hint(left)
 
     def _watchdog_tick(self, now: float) -> None:
         """The watchdog's tick (every LEND_SECONDS while watched): if the element running
         has been blocked for OVERLAP_AFTER seconds and elements are left, start a helper on
         them. Never blocks."""
-        claimed = len(self.batch) - operator.length_hint(self.claims)
-        if claimed != self.seen:
-            self.seen, self.since, self.cpu_since = claimed, now, time.process_time()
+        started = self._started()
+        if started != self.seen:
+            self.seen, self.since, self.cpu_since = started, now, time.process_time()
             return
         waited = now - self.since
-        if claimed >= len(self.batch) or waited < OVERLAP_AFTER:
+        if started >= len(self.batch) or waited < OVERLAP_AFTER:
             return
         cpu = time.process_time()
         if (cpu - self.cpu_since >= BLOCKED_CPU * waited
@@ -185,6 +228,8 @@ class _BatchRun:
             return
         with self.lock:
             if self.finished or self.helpers >= self.limit:
+                return
+            if self.claims is None and not self._split():
                 return
             if self.ended is None:
                 self.ended = threading.Condition(self.lock)
@@ -197,9 +242,16 @@ class _BatchRun:
         """In a pool thread: run elements as a remote call would (so that `interrupt` and the
         interruptible waits reach them)."""
         try:
-            run_user_call(self.work, (), _NO_KWARGS)
+            run_user_call(self._work_claimed, (), _NO_KWARGS)
         finally:
             self._helper_ended()
+
+    def _work_claimed(self) -> None:
+        self.threads.add(threading.get_native_id())
+        try:
+            self._claim()
+        except BaseException as e:
+            self._stop(e)
 
     def _helper_ended(self) -> None:
         with self.lock:
@@ -208,18 +260,28 @@ class _BatchRun:
                 self.ended.notify_all()
 
     def run(self) -> list:
+        self.threads.add(threading.get_native_id())
         WATCHDOG.watch(self)
         try:
-            self.work()
+            try:
+                self._map()
+            except BaseException as e:
+                self._stop(e)
+            with self.lock:
+                split = self.claims is not None
+            if split and self.error is None:
+                self._work_claimed()
         finally:
             WATCHDOG.unwatch(self)
-            collections.deque(self.claims, maxlen=0)  # (interrupted: stop the helpers)
             with self.lock:
                 self.finished = True
+                if self.claims is not None:  # (interrupted: stop the helpers)
+                    collections.deque(self.claims, maxlen=0)
                 while self.helpers and self.ended is not None:  # each ends with its element
                     self.ended.wait()
         if self.error is not None:
             raise self.error
+        self.out.extend(self.rest)
         return self.out
 
 
