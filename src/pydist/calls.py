@@ -9,7 +9,6 @@ The CALL_FETCH, REMOTE_DO and RESULT handlers are here; `runtime` registers them
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import itertools
 import logging
@@ -258,6 +257,8 @@ _running: dict[int, _Running] = {}
 
 def _set_async_exc(tid: int, exc: type[BaseException] | None) -> None:
     """Raise `exc` in thread `tid` at its next bytecode (None: cancel a pending one)."""
+    import ctypes  # (here: only an interrupt needs it)
+
     ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_ulong(tid), None if exc is None else ctypes.py_object(exc)
     )

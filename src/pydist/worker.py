@@ -17,7 +17,6 @@ even if nothing else imported `runtime`.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -307,6 +306,8 @@ def _force_exit_later(code: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import argparse  # (here: a forked worker never parses arguments)
+
     parser = argparse.ArgumentParser(prog="python -m pydist.worker",
                                      description="Run a pydist worker (the cookie is read from stdin).")
     parser.add_argument("--bind-to", default=None, metavar="ADDR[:PORT]",
