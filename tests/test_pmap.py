@@ -318,3 +318,40 @@ def test_elements_queued_in_a_lane_are_answered_when_it_closes(two_workers):
     assert [f.fetch() for f in queued] == [lanes._CANCELLED] * 2
     assert not running.isready()  # answered at once, not after the running one
     assert running.fetch()[3] == 0  # the running one finishes normally
+
+
+def _cyclic_garbage(run) -> list:
+    """What `run()` leaves that only the cyclic garbage collector could free."""
+    import gc
+
+    run()  # warm: caches and pools made once are not garbage
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        run()
+        gc.collect()
+        return list(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+
+
+@pytest.mark.timeout(120)
+def test_maps_and_calls_leave_no_reference_cycles(two_workers):
+    """A map's replies, results and batches are freed when the map returns, not later by the
+    cyclic collector: garbage in cycles made the master's heap grow map after map (page
+    faults) and its collections take milliseconds in the middle of a map."""
+    a, b = two_workers
+    xs = list(range(3000))
+    runs = {
+        "pmap": lambda: pmap(square, xs[:300]),
+        "pmap batched": lambda: pmap(square, xs, batch_size="auto"),
+        "pmap on a CachingPool": lambda: pmap(square, pydist.CachingPool([a, b]), xs[:300]),
+        "remotecall, fetch": lambda: [f.fetch() for f in [pydist.remotecall(square, a, x) for x in xs[:200]]],
+        "remotecall_fetch": lambda: [pydist.remotecall_fetch(square, b, x) for x in xs[:200]],
+    }
+    for what, run in runs.items():
+        garbage = _cyclic_garbage(run)
+        ours = sorted({type(o).__qualname__ for o in garbage if type(o).__module__.startswith("pydist")})
+        big = [len(o) for o in garbage if isinstance(o, list) and len(o) >= 100]
+        assert not ours and not big, f"{what} left {len(garbage)} objects in cycles: {ours}, lists of {big}"

@@ -123,9 +123,10 @@ class _Slot:
         self.value = value
         self.done = True
         self._latch.release()
-        if self.callback is not None:
+        callback, self.callback = self.callback, None  # run once; a closure over its slot is no cycle
+        if callback is not None:
             try:
-                self.callback(self)
+                callback(self)
             except Exception:
                 log.exception("pydist: error in a reply callback")
 
