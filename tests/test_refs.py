@@ -1300,3 +1300,63 @@ def test_await_pending_future_of_dead_owner(fresh_workers):
 
 async def _await(f):
     return await f
+
+
+def _fail(x):
+    raise ValueError(f"bad {x}")
+
+
+def _dropped_after_raising(method: str, times: int) -> tuple[bool, tuple]:
+    """Make a failing call's Future, call its `method` `times` times (each raises the call's
+    error), drop it; whether the Future was freed at once (by reference counting alone, the
+    cyclic collector being off), and its reference. (A frame of one's own that holds the
+    Future while the error passes through it, such as a lambda's, would make a cycle.)"""
+    import weakref
+
+    fut = pydist.remotecall(_fail, pydist.workers()[0], 1)
+    rrid = tuple(fut.rrid)
+    gone = weakref.ref(fut)
+    for _ in range(times):
+        try:
+            getattr(fut, method)()
+        except Exception:
+            pass
+    del fut
+    return gone() is None, rrid
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_futures_error_holds_no_cycle_so_dropping_it_frees_the_owners_copy(two_workers):
+    """Raising a Future's stored error puts pydist's frames, which hold the Future, into the
+    error's traceback. They let go of it (as concurrent.futures does), so the Future is freed
+    as soon as it is dropped, and its owner frees the error then, not whenever the cyclic
+    collector happens to run."""
+    w = pydist.workers()[0]
+    gc.disable()
+    try:
+        for method, times in (("fetch", 1), ("wait", 1), ("result", 1), ("fetch", 3)):
+            freed, rrid = _dropped_after_raising(method, times)
+            assert freed, f"after {method}() x{times}, the failed Future is still alive (in a cycle)"
+            wait_until(lambda: not pydist.remotecall_fetch(rh.has_ref, w, rrid),
+                       what=f"worker {w} to free the error of the Future ({method})")
+    finally:
+        gc.enable()
+
+
+@pytest.mark.timeout(60)
+def test_a_failed_remotecall_fetch_leaves_no_cycle(two_workers):
+    """The reply slot of a call that failed is not kept alive by the error it raised."""
+    w = pydist.workers()[0]
+    pydist.remotecall_fetch(abs, w, -1)
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for i in range(5):
+            with pytest.raises(ValueError):
+                pydist.remotecall_fetch(_fail, w, i)
+        gc.collect()
+        ours = sorted({type(o).__qualname__ for o in gc.garbage if type(o).__module__.startswith("pydist")})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert not ours, f"a failed remotecall_fetch left {ours} in reference cycles"

@@ -528,7 +528,10 @@ def call_fetch(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
         ok, value = run_user_call(f, args, kwargs)  # type: ignore[misc]
         if ok:
             return value
-        raise value
+        try:
+            raise value
+        finally:
+            del value  # its traceback holds this frame: no cycle through it
     deadline = None if timeout is None else time.monotonic() + timeout
     conn, sid, slot, held = _send_call(pid, f, args, kwargs, None, timeout, read_reply=True)
     gave_up = False
@@ -548,7 +551,10 @@ def call_fetch(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = No
         raise
     if slot.ok:
         return slot.value
-    raise slot.value
+    try:
+        raise slot.value
+    finally:
+        del slot  # the error's traceback holds this frame: no cycle through the slot
 
 
 def call_async(pid: int, f: Callable, args: tuple = (), kwargs: dict | None = None,

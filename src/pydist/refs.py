@@ -714,7 +714,13 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
 
     def _outcome(self) -> Any:
         if self._st == _ERROR:
-            raise self._value
+            try:
+                raise self._value
+            finally:
+                # The error's traceback keeps the frames it passes through: without `self`
+                # in them it makes no cycle with this Future, which is then freed as soon as
+                # it is dropped, and its owner's copy with it (as concurrent.futures does).
+                del self
         return self._value
 
     # -- public API --
@@ -732,10 +738,13 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
     def wait(self, timeout: float | None = None) -> "Future[T]":
         """Wait until the value is there and return the Future; raise the RemoteException of
         a failed call, `TimeoutError` after about `timeout` seconds."""
-        self._wait_done(timeout)
-        if self._st == _ERROR:
-            raise self._value
-        return self
+        try:
+            self._wait_done(timeout)
+            if self._st == _ERROR:
+                raise self._value
+            return self
+        finally:
+            del self  # (see `_outcome`)
 
     def _wait_done(self, timeout: float | None) -> None:
         if self._st != _PENDING:
@@ -763,14 +772,18 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
         """The value (waiting for it); raises the RemoteException of a failed call,
         `ProcessExitedException` if the owner is lost, `TimeoutError` after about `timeout`
         seconds (the Future stays usable)."""
-        if self._st in (_VALUE, _ERROR):
+        try:
+            if self._st in (_VALUE, _ERROR):
+                return self._outcome()
+            self._wait_done(timeout)
+            if self._st in (_VALUE, _ERROR):
+                return self._outcome()
+            ok, value = _ask_owner(self, "Future.fetch", _fetch_ref, (), timeout)
+            self._complete(_VALUE if ok else _ERROR, value)
+            del value
             return self._outcome()
-        self._wait_done(timeout)
-        if self._st in (_VALUE, _ERROR):
-            return self._outcome()
-        ok, value = _ask_owner(self, "Future.fetch", _fetch_ref, (), timeout)
-        self._complete(_VALUE if ok else _ERROR, value)
-        return self._outcome()
+        finally:
+            del self  # (see `_outcome`)
 
     def put(self, value: T) -> "Future[T]":
         """Set the value; a Future can be set only once (InvalidStateError)."""
@@ -795,6 +808,8 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
             return self.fetch(timeout)
         except TimeoutError as e:
             raise self._timeout_error(e) from None
+        finally:
+            del self  # (see `_outcome`)
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The exception `result` would raise, or None once it succeeded (waiting up to
@@ -809,7 +824,10 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
                 return e
         if self._st == _ERROR:
             if type(self._value) is _CancelledCall:
-                raise self._value
+                try:
+                    raise self._value
+                finally:
+                    del self  # (see `_outcome`)
             return self._value
         return None
 
@@ -928,10 +946,13 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
 
             self.add_done_callback(wake)
             yield from waiter.__await__()
-        if self._st in (_VALUE, _ERROR):
-            return self._outcome()
-        loop = asyncio.get_running_loop()
-        return (yield from loop.run_in_executor(None, self.fetch).__await__())
+        try:
+            if self._st in (_VALUE, _ERROR):
+                return self._outcome()
+            loop = asyncio.get_running_loop()
+            return (yield from loop.run_in_executor(None, self.fetch).__await__())
+        finally:
+            del self  # (see `_outcome`)
 
     def __getitem__(self, key: Any) -> Any:
         return self.fetch()[key]  # type: ignore[index]
