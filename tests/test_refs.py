@@ -1360,3 +1360,28 @@ def test_a_failed_remotecall_fetch_leaves_no_cycle(two_workers):
         gc.set_debug(0)
         gc.garbage.clear()
     assert not ours, f"a failed remotecall_fetch left {ours} in reference cycles"
+
+
+def _take_then(rc, tag):
+    return (rc.take(), tag)
+
+
+@pytest.mark.timeout(60)
+def test_many_threads_wait_for_one_calls_future(two_workers):
+    """Threads that wait for a call's Future before its outcome lands (fetch, wait, result,
+    one with a timeout that runs out) and after it landed: each gets the outcome, once."""
+    w = two_workers[0]
+    gate = RemoteChannel(lambda: Channel(1), w)
+    fut = pydist.remotecall(_take_then, w, gate, "done")
+    waiters = [Runner(fut.fetch), Runner(fut.fetch), Runner(fut.result), Runner(fut.wait),
+               Runner(fut.fetch, timeout=60)]
+    early = Runner(fut.fetch, timeout=0.2)
+    assert isinstance(early.error(), TimeoutError)
+    for r in waiters:
+        assert not r.done.is_set()
+    assert not fut.isready() and not fut.done()
+    gate.put("go")
+    got = [r.value() for r in waiters]
+    assert got[:3] + got[4:] == [("go", "done")] * 4 and got[3] is fut
+    assert fut.fetch(timeout=0) == ("go", "done") and fut.isready()
+    assert Runner(fut.wait).value() is fut

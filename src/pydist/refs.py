@@ -586,8 +586,8 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
         f.fetch()                              # "x"
     """
 
-    __slots__ = ("_st", "_value", "_latch", "_callbacks", "_watching", "_pins", "_phase",
-                 "_cancel_hook", "_cond", "_wlist")
+    __slots__ = ("_st", "_value", "_pushed", "_latch", "_callbacks", "_watching", "_pins",
+                 "_phase", "_cancel_hook", "_cond", "_wlist")
 
     def __init__(self, pid: int | None = None):
         rrid = _new_rrid()
@@ -608,10 +608,11 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
         self._cancel_hook: Callable[[Future], bool] | None = None
         self._cond: threading.Condition | None = None  # concurrent.futures' view, made on demand
         self._wlist: list | None = None
+        # A call's Future: its outcome comes to us (a push, a reply), no need to ask the
+        # owner. Who waits before it lands waits on the latch, made by the first such waiter
+        # (most Futures are fetched after their outcome landed: no lock for them).
+        self._pushed = push and state == _PENDING
         self._latch: threading.Lock | None = None
-        if push and state == _PENDING:
-            self._latch = threading.Lock()
-            self._latch.acquire()
         self._callbacks: list | None = None
         self._watching = False
         self._pins = 0  # messages being pickled that send this Future as a reference
@@ -731,7 +732,7 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
         if self.where == PGRP.id:
             cell = STORE.get(self.rrid)
             return cell is not None and cell.done
-        if self._latch is not None:
+        if self._pushed:
             return False
         return _on_owner(self, _isready_ref)
 
@@ -755,12 +756,18 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
                 raise TimeoutError(f"Future not ready after {timeout} seconds")
             self._complete(_VALUE if cell.ok else _ERROR, cell.value)
             return
-        if self._latch is not None:
+        if self._pushed:
             # Read the push here if nobody else reads that connection.
             w = PGRP.workers.get(self.where)
             if w is not None and w.conn is not None:
                 wait_reply(w.conn, lambda: self._st != _PENDING, timeout)
-            latch = self._latch
+            with self._lock:  # (`_complete` reads the latch under this lock)
+                if self._st != _PENDING:
+                    return
+                latch = self._latch
+                if latch is None:
+                    latch = self._latch = threading.Lock()
+                    latch.acquire()
             if not acquire(latch, timeout):
                 raise TimeoutError(f"Future not ready after {timeout} seconds (process {self.where})")
             latch.release()
@@ -905,7 +912,7 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
                 if self._callbacks is None:
                     self._callbacks = []
                 self._callbacks.append(fn)
-                start_watch = not self._watching and self._latch is None
+                start_watch = not self._watching and not self._pushed
                 self._watching = True
         if not pending:
             try:
@@ -1009,7 +1016,7 @@ def _reduce_future(fut: Future, pickler: Any):
     with fut._lock:  # decide and pin at once: `_complete` then keeps our count (see _pin)
         if fut._st in (_VALUE, _ERROR):
             return (_rebuild_future, (fut.where, fut.whence, fut.id, fut._st, fut._value))
-        if fut._latch is not None and fut._held.count == 0:  # an Executor's, see `sending`
+        if fut._pushed and fut._held.count == 0:  # an Executor's, see `sending`
             raise TypeError(f"{fut!r} is an Executor's and not done: it cannot be sent yet")
         if pickler.dest is not None:
             fut._pins += 1
