@@ -158,7 +158,7 @@ class _BatchRun:
     def _map(self) -> None:
         """In the calling thread: the elements in order, until none is left to map (the
         batch ended, or the watchdog split the rest off) or one failed without `capture`."""
-        fn, batch, out = self.fn, self.batch, self.out
+        fn, out = self.fn, self.out
         mapped = itertools.starmap(fn, self.unmapped) if self.star else map(fn, self.unmapped)
         while True:
             try:
@@ -167,8 +167,7 @@ class _BatchRun:
             except Exception as e:
                 if not self.capture:
                     raise
-                i = len(out)  # the element that failed: the last one the map took
-                out.append(_Failed(batch[i] if self.star else (batch[i],), e))
+                out.append(self._failed(len(out), e))  # (the last element the map took)
 
     def _claim(self) -> None:
         """Run elements of the split-off rest until none is left to claim."""
@@ -180,7 +179,11 @@ class _BatchRun:
             except Exception as e:
                 if not self.capture:
                     raise
-                rest[i - first] = _Failed(batch[i] if star else (batch[i],), e)
+                rest[i - first] = self._failed(i, e)
+
+    def _failed(self, i: int, e: Exception) -> _Failed:
+        """Element `i` raised `e` (with `capture`)."""
+        return _Failed(self.batch[i] if self.star else (self.batch[i],), e)
 
     def _stop(self, e: BaseException) -> None:
         """An element failed (without `capture`) or the run was interrupted: nothing more

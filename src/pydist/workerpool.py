@@ -457,13 +457,14 @@ def _cache_channel(where: int, whence: int, id_: int) -> Any:
     return STORE.lookup(RRID(whence, id_), _default_channel)
 
 
-def _exec_from_cache(rc: Any, *args: Any, **kwargs: Any) -> Any:
-    """On the worker: run the cached function (a local peek, no message). It may wait for
+def _exec_from_cache(cache: Any, *args: Any, **kwargs: Any) -> Any:
+    """On the worker: run the cached function from `cache`, this worker's channel for it
+    (unpickled from a `_CacheRef`; a local peek, no message). It may wait for
     the call that brings it (calls run concurrently here); if that call failed before
     caching it (it could not be unpickled here), the pool closes the channel and this fails
     rather than wait for a function that never comes (the pool's next call sends it again)."""
     try:
-        f = rc.fetch()
+        f = cache.fetch()
     except InvalidStateError:
         raise RuntimeError(f"CachingPool: the function never reached the cache of worker "
                            f"{PGRP.id}: the call that was to bring it failed") from None
