@@ -224,7 +224,10 @@ MASTER = textwrap.dedent("""
             out = [pydist.remotecall_fetch(lambda: pydist.myid() * 10, w) for w in alive]
         except Exception as e:
             out = type(e).__name__
-        print("result", alive, out, flush=True)
+        # One write: the relay of a worker's output (a line of its own) can come between
+        # the pieces a `print` of several arguments writes.
+        sys.stdout.write(f"result {alive} {out}\n")
+        sys.stdout.flush()
 """)
 
 
