@@ -226,7 +226,7 @@ MASTER = textwrap.dedent("""
             out = type(e).__name__
         # One write: the relay of a worker's output (a line of its own) can come between
         # the pieces a `print` of several arguments writes.
-        sys.stdout.write(f"result {alive} {out}\n")
+        sys.stdout.write(f"result {alive} {out}\\n")
         sys.stdout.flush()
 """)
 
