@@ -19,6 +19,7 @@ import pydist
 from pydist import Executor
 
 import futurehelpers as H
+from conftest import wait_until
 
 
 @pytest.fixture
@@ -139,11 +140,12 @@ def test_cancel_a_call_waiting_on_its_worker(pool1):
             list(ex.map(H.square, range(300)))
         pydist.remotecall_fetch(H.forget, w)
         first = ex.submit(H.record, "first")
-        busy = ex.submit(H.sleep_then, 1.0, "busy")
+        busy = ex.submit(H.sleep_then, 3.0, "busy")
         behind = ex.submit(H.record, "behind")
         assert first.result(30) == "first"
-        time.sleep(0.2)
-        assert behind.running()  # sent to the worker, waiting there behind busy
+        # sent to the worker, waiting there behind busy (a loaded machine may take a while)
+        wait_until(behind.running, timeout=2.5, what="the call behind busy to reach the worker")
+        assert not busy.done()
         assert behind.cancel() is True
         assert behind.cancelled() and behind.done()
         with pytest.raises(cf.CancelledError):
