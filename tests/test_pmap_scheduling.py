@@ -8,6 +8,7 @@ workers ran them and on which elements overlapped, never on tight durations."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -74,6 +75,43 @@ def test_many_short_elements_never_wait_behind_a_long_one(four_workers):
     assert {pid for pid, _, _ in out} == set(four_workers)
     for pid, _, end in out[1:]:
         assert pid != long_pid and end < long_end - 1.0
+
+
+@pytest.fixture
+def move_after(monkeypatch):
+    """Set how much longer a running call must be expected to run for the call queued
+    behind it to move to an idle worker (pmap's _MOVE_AFTER)."""
+    lanes = importlib.import_module("pydist.pmap")  # (pydist.pmap is the function)
+    return lambda seconds: monkeypatch.setattr(lanes, "_MOVE_AFTER", seconds)
+
+
+@pytest.mark.timeout(120)
+def test_a_queued_element_stays_behind_a_call_not_expected_to_run_long(four_workers, move_after):
+    """A call queued behind a running one moves only if the running one will likely run
+    _MOVE_AFTER longer (the move costs a round trip): with _MOVE_AFTER far beyond the map,
+    the element queued behind the long one waits for it on its worker."""
+    move_after(600.0)
+    out = pmap(span, [3.0] + [0.5] * 5, pool=WorkerPool(four_workers))
+    long_pid, _, long_end = out[0]
+    behind = [(start, end) for pid, start, end in out[1:] if pid == long_pid]
+    assert len(behind) == 1, f"expected one element queued behind the long one: {out}"
+    assert behind[0][0] >= long_end - 0.05, "the element behind the long one moved"
+
+
+@pytest.mark.timeout(120)
+def test_a_queued_element_moves_once_the_call_ahead_outlives_move_after(four_workers, move_after):
+    """The 0.5 s elements end first, the long one has run as long as they did, not yet
+    _MOVE_AFTER (1 s): the element behind it stays; once the long one has run 1 s, it moves
+    to an idle worker."""
+    move_after(1.0)
+    pool = WorkerPool(four_workers)
+    pmap(span, [0.0] * 8, pool=pool)  # the workers have imported this module: calls start at once
+    out = pmap(span, [3.0] + [0.5] * 5, pool=pool)
+    long_pid, long_start, long_end = out[0]
+    assert all(pid != long_pid for pid, _, _ in out[1:]), out
+    last_start = max(start for _, start, _ in out[1:])
+    assert long_start + 0.7 <= last_start, f"moved before the long call ran _MOVE_AFTER: {out}"
+    assert all(end < long_end - 1.0 for _, _, end in out[1:]), out
 
 
 @pytest.mark.timeout(120)

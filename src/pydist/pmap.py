@@ -523,6 +523,10 @@ _CANCELLED = "pydist-pmap-cancelled"
 _NO_KWARGS: dict = {}
 _LANE_LINGER = 0.005  # how long a lane's runner waits for the next element after a long one (s)
 _POOL_POLL = 0.02  # how often a map looks for a worker given back to a shared pool (s)
+# A call queued behind a running one moves to an idle worker only if the running one will
+# likely run at least this much longer (s): taking a call back costs a round trip, which
+# waits behind the running call if it computes (see `_pipelined_map.worth_moving`).
+_MOVE_AFTER = 0.005
 _GROW_POLL = 0.1  # how often a running map looks for workers that joined its pool (s)
 
 
@@ -757,6 +761,11 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
     unsent: collections.deque[int] = collections.deque()  # to send again: their worker died
     pending = 0  # calls whose Future has not been handled yet
     errors: list[BaseException] = []
+    # When each held worker's running call started (about: when its previous one ended), and
+    # how long the map's calls have run so far: to tell a long call from a usual one.
+    started: dict[int, float] = {}
+    ran, ran_count = 0.0, 0
+    look_again_at: float | None = None  # a move declined for now (see `worth_moving`)
 
     def has_work() -> bool:
         return todo < len(items) or bool(unsent)
@@ -793,6 +802,8 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
             lose(w)
             return
         next_seq[w] = seq + 1  # only once sent: a lane waits for every number handed out
+        if not inflight[w]:
+            started[w] = time.monotonic()
         inflight[w].append(slot)
         pending += 1
 
@@ -874,11 +885,28 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
             pool._call_failed(slot.worker, fn, slot.lead, started=False)
         return taken
 
+    def worth_moving(w: int) -> bool:
+        """A call queued behind the one running on `w` would likely wait _MOVE_AFTER or
+        longer. The running call is expected to run the map's mean so far, or (once past it)
+        about as long again as it has; with no call ended yet, there is nothing to tell by.
+        If not worth it now, look again when it may be (`look_again_at`)."""
+        nonlocal look_again_at
+        if not ran_count:
+            return True
+        began = started.get(w, 0.0)
+        age = time.monotonic() - began
+        if max(ran / ran_count - age, age) >= _MOVE_AFTER:
+            return True
+        at = began + _MOVE_AFTER
+        look_again_at = at if look_again_at is None else min(look_again_at, at)
+        return False
+
     def move_queued_call_to(idle: int) -> bool:
-        """The input is used up: give `idle` a call still queued behind a running one."""
-        queues = [calls for w, calls in inflight.items() if w not in lost]
-        victim = max(queues, key=len)
-        if len(victim) < 2:
+        """The input is used up: give `idle` a call still queued behind a running one, if
+        it would wait there long enough to be worth the move."""
+        queues = [(w, calls) for w, calls in inflight.items() if w not in lost]
+        w, victim = max(queues, key=lambda q: len(q[1]))
+        if len(victim) < 2 or not worth_moving(w):
             return False
         slot = victim[-1]
         if not take_back(slot):
@@ -950,9 +978,13 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                     wait: float | None = _POOL_POLL
                 else:
                     wait = max(grow_at - now, 0.001) if waiting else None
+                if look_again_at is not None:  # a move declined: look again then
+                    until = max(look_again_at - now, 0.0005)
+                    wait = until if wait is None else min(wait, until)
                 slot = done.get(timeout=wait)
             except queue.Empty:
                 if not has_work():
+                    look_again_at = None
                     spread()
                 continue
             pending -= 1
@@ -960,6 +992,10 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                 continue  # it did not run: it was sent elsewhere, or the map failed
             calls = inflight[slot.worker]
             calls.remove(slot)
+            ended = time.monotonic()
+            ran += ended - started.get(slot.worker, ended)
+            ran_count += 1
+            started[slot.worker] = ended  # the next call queued there starts about now
             try:
                 results[slot.index] = slot.outcome()
                 progress.update(weight(items[slot.index]))
@@ -968,6 +1004,7 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
             if slot.worker in lost and not calls:
                 inflight.pop(slot.worker, None)
             if not has_work():
+                look_again_at = None
                 spread()
     finally:
         for w in list(inflight):
