@@ -252,6 +252,33 @@ def test_caching_pool_resends_a_function_whose_first_call_was_never_sent(two_wor
     assert pydist.remotecall_fetch(f, pool, 3) == ("ok", 3)
 
 
+@pytest.mark.timeout(120)
+def test_a_map_given_no_pool_caches_only_a_function_sent_by_value(fresh_workers):
+    """pmap's own pool keeps `f` in a cache on each worker (a CachingPool) only when `f`
+    travels by value (a closure): a module-level function is found there by name anyway, so
+    its calls carry no cache channel, and no count message follows them."""
+    import poolhelpers
+    import refhelpers
+
+    (w,) = fresh_workers(1)
+    rf = pydist.remotecall_fetch
+    before = rf(refhelpers.store_len, w)
+    rf(poolhelpers.count_frames, w, True)
+    xs = list(range(300))
+    assert pmap(square, xs) == [x * x for x in xs]
+    assert pmap(square, xs, batch_size="auto") == [x * x for x in xs]
+    assert pmap(abs, [-x for x in xs], batch_size=7) == xs
+    frames = rf(poolhelpers.frames_counted, w)
+    assert frames.get("REFS", 0) == 0, frames
+    assert rf(refhelpers.store_len, w) == before
+    k = 3
+    rf(poolhelpers.count_frames, w, True)
+    assert pmap(lambda x: x + k, xs) == [x + 3 for x in xs]
+    wait_until(lambda: rf(poolhelpers.frames_counted, w).get("REFS", 0) >= 1,
+               what="the closure's cache on the worker to be counted")
+    rf(poolhelpers.count_frames, w, False)
+
+
 def _lane_exists(key):
     import sys
 

@@ -44,7 +44,7 @@ def prepend_path(directory: str) -> None:
 
 
 POOLS = {
-    "default": lambda ws: None,  # pmap's own CachingPool of every worker
+    "default": lambda ws: None,  # pmap's own pool of every worker (mod.f ships by name)
     "WorkerPool": WorkerPool,
     "CachingPool": CachingPool,
 }

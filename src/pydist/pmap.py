@@ -41,6 +41,7 @@ from .cluster import myid
 from .exceptions import ProcessExitedException, RemoteException, SerializationError
 from .refs import Future
 from .remotecall import remote_do, remotecall, remotecall_fetch
+from .serialization import ships_by_name
 from .threads import LEND_SECONDS, POOL, WATCHDOG
 from .workerpool import AbstractWorkerPool, pool_of_all_workers
 
@@ -311,7 +312,8 @@ class _Batch:
     single arguments (a map over one iterable: no tuple per element to build, pickle and
     unpack); failures become `_Failed` if `capture`. One per map (as Julia's batch
     closure), so that a CachingPool sends it, and `fn` with it, once per worker rather than
-    with every batch."""
+    with every batch (a map given no pool uses none if `fn` ships by name: then the batch
+    costs its name each time)."""
 
     def __init__(self, fn: Callable, capture: bool, star: bool = True):
         self.fn = fn
@@ -1034,12 +1036,15 @@ def _split_pool(name: str, pool: AbstractWorkerPool | None,
 
 
 def _plan(name: str, pool: AbstractWorkerPool | None, distributed: bool, batch_size: Any,
-          count: int) -> tuple[AbstractWorkerPool, int, bool, int]:
+          count: int, sent: tuple = ()) -> tuple[AbstractWorkerPool, int, bool, int]:
     """(pool, nworkers, distributed, batch_size) of a map over about `count` elements: the
-    default pool is a CachingPool of all workers (and of those that join during the map); a
-    pool of no worker but this process runs here; "auto" makes about 4 batches per worker."""
+    default pool is a CachingPool of all workers (and of those that join during the map),
+    or a plain WorkerPool if every function of `sent` (what goes to the workers: `f`,
+    `on_error`) ships by name, so that caching it would cost and save nothing; a pool of no
+    worker but this process runs here; "auto" makes about 4 batches per worker."""
     if pool is None:
-        pool = pool_of_all_workers()  # it takes in workers that join during the map
+        by_name = bool(sent) and all(g is None or ships_by_name(g) for g in sent)
+        pool = pool_of_all_workers(cache=not by_name)  # takes in workers joining meanwhile
     nworkers = max(1, pool.nworkers())
     if distributed and (len(pool) == 0 or pool.workers() == [myid()]):
         distributed = False
@@ -1057,7 +1062,8 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
          retry_delays: Iterable[float] = (), retry_check: Callable | None = None,
          progress: bool = False) -> list:
     """Map `f` over `iterables` (zipped, like `map`) on the workers of `pool` (default: a fresh
-    CachingPool of all workers, which takes in workers added during the map), returning the
+    CachingPool of all workers, which takes in workers added during the map; a WorkerPool if
+    `f` and `on_error` are module-level functions, sent by name anyway), returning the
     results in order. Workers that join the pool while the map runs get elements too.
 
     `pool` may also come first after `f`. `batch_size` (an int or "auto") groups elements into
@@ -1070,7 +1076,7 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
     star = len(iterables) > 1  # else batches carry the values themselves, not 1-tuples
     values = list(zip(*iterables)) if star else list(iterables[0])
     pool, nworkers, distributed, batch_size = _plan("pmap", pool, distributed, batch_size,
-                                                    len(values))
+                                                    len(values), sent=(f, on_error))
     delays = list(retry_delays)
     progress_bar = _Progress(progress, len(values))
     lend = in_remote_call()  # decided here: the map's helper threads act for this thread

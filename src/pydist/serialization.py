@@ -60,6 +60,15 @@ def _is_importable(obj: Any) -> bool:
     return False
 
 
+def ships_by_name(obj: Any) -> bool:
+    """Pickling `obj` sends only its name: a function, builtin or class that the other side
+    finds again by module and qualified name (nothing sent by value). Caching such a thing on a
+    worker saves nothing."""
+    if type(obj) in (types.FunctionType, types.BuiltinFunctionType) or isinstance(obj, type):
+        return _is_importable(obj)
+    return False
+
+
 def _find_by_name(obj: Any) -> bool:
     mod_name = getattr(obj, "__module__", None)
     qualname = getattr(obj, "__qualname__", None)

@@ -506,10 +506,10 @@ def set_default_worker_pool(pool: AbstractWorkerPool) -> None:
 _joining_pools: "weakref.WeakSet[WorkerPool]" = weakref.WeakSet()
 
 
-def pool_of_all_workers() -> "CachingPool":
-    """A CachingPool of every worker, which (on the master) also takes in the workers that
-    join while it lives: the pool of a map given none."""
-    pool = CachingPool()
+def pool_of_all_workers(cache: bool = True) -> WorkerPool:
+    """A CachingPool (`cache`; else a WorkerPool) of every worker, which (on the master) also
+    takes in the workers that join while it lives: the pool of a map given none."""
+    pool = CachingPool() if cache else WorkerPool()
     _joining_pools.add(pool)  # first, so that a worker joining meanwhile is not missed
     for w in all_workers():
         pool.push(w)
