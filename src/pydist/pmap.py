@@ -514,13 +514,19 @@ def _parallel_map(run: Callable[[Any], Any], items: list, ntasks: int, progress:
 
 # ==================================================================== pipelined maps
 # A worker runs one element of a map at a time, but the next one is already there when it
-# finishes: the caller keeps PIPELINE_DEPTH calls in flight per worker, and the worker runs
+# finishes: the caller keeps PIPELINE_DEPTH calls in flight per worker (BATCH_PIPELINE_DEPTH
+# for batches), and the worker runs
 # them in the order sent (a *lane*). A second call goes to a worker only when every free
 # worker of the pool has one. At the end of the input (or when a shared pool gives a worker
 # back), an element still queued behind a running one is taken back (if it has not started)
 # and given to a worker that is idle, so no element waits behind a long one while a worker
 # has nothing to do.
 PIPELINE_DEPTH = 2
+# Batches keep one more in flight: a batch is a good share of its worker's part of the map
+# ("auto": a quarter), so a reply's round trip between two of them idles the worker for a
+# larger share of the map than between two elements; the tail moves (`worth_moving`) still
+# rebalance a batch that runs long.
+BATCH_PIPELINE_DEPTH = 3
 _CANCELLED = "pydist-pmap-cancelled"
 _NO_KWARGS: dict = {}
 _LANE_LINGER = 0.005  # how long a lane's runner waits for the next element after a long one (s)
@@ -741,9 +747,10 @@ def _worker_died(exc: BaseException) -> bool:
 
 def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress: _Progress,
                    weight: Callable[[Any], int] = lambda _: 1,
-                   on_failure: Callable[[Any, BaseException], Any] | None = None) -> list:
+                   on_failure: Callable[[Any, BaseException], Any] | None = None,
+                   depth: int = PIPELINE_DEPTH) -> list:
     """Results of `fn(*item)` for each item, in order, run on the pool's workers with
-    PIPELINE_DEPTH calls in flight per worker (see `_Lane`). A failure becomes
+    `depth` calls in flight per worker (see `_Lane`). A failure becomes
     `on_failure(item, exc)`, or (without it, or if that raises) stops the map: calls not yet
     started are taken back, and the error is raised once the others have finished. A worker
     goes back to the pool as soon as it has nothing left to do; one that dies is never sent
@@ -831,11 +838,11 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
             if not hold(pool.try_take() if held or pending else pool.take()):
                 break
             held = len(live())
-        for depth in range(1, PIPELINE_DEPTH + 1):
+        for level in range(1, depth + 1):
             for w in live():
                 if not has_work():
                     return
-                if len(inflight[w]) < depth:
+                if len(inflight[w]) < level:
                     send(w, next_index())
 
     def grow() -> None:
@@ -1173,7 +1180,8 @@ def _map_batches(f, items, star, pool, batch_size, on_error, delays, check, nwor
     else:
         chunks = _pipelined_map(pool, run_batch, [(batch,) for batch in batches],
                                 progress, weight=lambda call: len(call[0]),
-                                on_failure=lambda call, e: failed_batch(call[0], e))
+                                on_failure=lambda call, e: failed_batch(call[0], e),
+                                depth=BATCH_PIPELINE_DEPTH)
     results = list(itertools.chain.from_iterable(chunks))
     if not capture:  # (a failure raised)
         return results
