@@ -701,23 +701,26 @@ def set_promote_after(seconds: float) -> None:
     _Watchdog.PROMOTE_AFTER = seconds
 
 
-def mark_then_sleep(path: str, seconds: float) -> None:
-    """Runs on a worker: create `path` (the call has started), then sleep."""
+def mark_then_spin(path: str, seconds: float) -> None:
+    """Runs on a worker: create `path` (the call has started), then compute for `seconds`
+    (a call that waits would give its reading role back at once)."""
     open(path, "w").close()
-    time.sleep(seconds)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
 
 
 def test_a_frame_behind_a_young_lent_call_waits_for_the_poller_timer(fresh_workers, tmp_path):
-    """A frame that arrives while a lent call is younger than PROMOTE_AFTER (stretched to
-    1 s here) is left to that call's thread; the poller looks again when the call reaches
-    that age, and takes the role back then, without waking the watchdog."""
+    """A frame that arrives while a lent call (computing) is younger than PROMOTE_AFTER
+    (stretched to 1 s here) is left to that call's thread; the poller looks again when the
+    call reaches that age, and takes the role back then, without waking the watchdog."""
     w = fresh_workers(1)[0]
     pydist.remotecall_fetch(set_promote_after, w, 1.0)
     pydist.remotecall_fetch(note_who_wakes_the_watchdog, w)
     wait_until(lambda: not pydist.remotecall_fetch(watchdog_awake, w), timeout=30,
                what="the worker's watchdog to sleep")
     started = tmp_path / "started"
-    slow = pydist.remotecall(mark_then_sleep, w, str(started), 4)
+    slow = pydist.remotecall(mark_then_spin, w, str(started), 4)
     wait_until(started.exists, timeout=30, what="the slow call to start")
     t0 = time.monotonic()  # the slow call runs, lent the role; now a quick call arrives
     assert pydist.remotecall_fetch(pydist.myid, w) == w
@@ -726,6 +729,58 @@ def test_a_frame_behind_a_young_lent_call_waits_for_the_poller_timer(fresh_worke
     assert slow.fetch(timeout=30) is None
     callers = pydist.remotecall_fetch(who_woke_the_watchdog, w)
     assert "_take_back" not in callers and "_on_readable" not in callers, callers
+
+
+_GATE: dict = {}
+
+
+def _gate():
+    """Runs on a worker: this process's gate (an Event and a Queue), made once."""
+    import queue
+
+    if not _GATE:
+        _GATE["event"], _GATE["queue"] = threading.Event(), queue.Queue()
+    return _GATE
+
+
+def wait_at_the_gate(kind: str, path: str) -> str:
+    """Runs on a worker: create `path` (the call has started), then wait until `open_the_gate`
+    runs, in one of the ways a call waits: a sleep, an Event, a Queue, another process's reply."""
+    gate = _gate()
+    open(path, "w").close()
+    if kind == "sleep":
+        while not gate["event"].is_set():
+            time.sleep(0.01)
+    elif kind == "event":
+        assert gate["event"].wait(120)
+    elif kind == "queue":
+        gate["queue"].get(timeout=120)
+    elif kind == "reply":
+        while not gate["event"].is_set():
+            pydist.remotecall_fetch(time.sleep, 1, 0.01)
+    return kind
+
+
+def open_the_gate() -> None:
+    gate = _gate()
+    gate["event"].set()
+    gate["queue"].put(None)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["sleep", "event", "queue", "reply"])
+def test_a_call_that_waits_gives_its_reading_role_back_at_once(fresh_workers, tmp_path, kind):
+    """A call that waits (here for a call sent behind it on the same connection) gives the
+    reading role lent to it back as it begins to wait, so the frame behind it is read now: not
+    once the watchdog or the poller takes the role back (stretched to 60 s here, beyond the
+    bounds below)."""
+    w = fresh_workers(1)[0]
+    pydist.remotecall_fetch(set_promote_after, w, 60.0)
+    started = tmp_path / "started"
+    waiting = pydist.remotecall(wait_at_the_gate, w, kind, str(started))
+    wait_until(started.exists, timeout=30, what="the waiting call to start")
+    pydist.remotecall(open_the_gate, w).fetch(timeout=30)  # behind it: read only if given back
+    assert waiting.fetch(timeout=30) == kind
 
 
 def count_reference_count_frames() -> None:

@@ -30,7 +30,7 @@ from .exceptions import (
 from .group import PGRP, Worker
 from .joining import dial_peer
 from .managers import worker_timeout
-from .transport import ConnectionClosed, Connection, SendTimeout
+from .transport import ConnectionClosed, Connection, SendTimeout, give_back_lent_role
 
 log = logging.getLogger(__name__)
 
@@ -364,6 +364,11 @@ def acquire(lock: Any, timeout: float | None = None) -> bool:
     remote call it waits in slices of WAIT_SLICE; elsewhere it is a plain acquire."""
     if threading.get_ident() not in _running:
         return lock.acquire(True, -1 if timeout is None else max(timeout, 0))
+    if lock.acquire(False):
+        return True
+    if timeout is not None and timeout <= 0:
+        return False
+    give_back_lent_role()  # about to wait: the frames behind this call need not
     return _sliced(lambda t: lock.acquire(True, t), timeout)
 
 
@@ -394,6 +399,8 @@ def interruptible_condition_wait(self: threading.Condition, timeout: float | Non
     Between slices this thread holds the condition's lock, so no notify is missed."""
     if threading.get_ident() not in _running:
         return _original_condition_wait(self, timeout)
+    if timeout is None or timeout > 0:
+        give_back_lent_role()  # about to wait: the frames behind this call need not
     return _sliced(lambda t: _original_condition_wait(self, t), timeout)
 
 
@@ -407,6 +414,8 @@ def interruptible_sleep(seconds: float) -> None:
         return _original_sleep(seconds)
     if seconds < 0:
         raise ValueError("sleep length must be non-negative")
+    if seconds > 0:
+        give_back_lent_role()  # the frames behind this call need not wait for it
     with rec.lock:
         if rec.interrupted:
             raise KeyboardInterrupt
@@ -427,6 +436,7 @@ def wait_reply(conn: Connection, is_done: Callable[[], bool], timeout: float | N
     rec = _running.get(threading.get_ident())
     if rec is None:
         return conn.wait_reply(is_done, timeout, held)
+    give_back_lent_role()  # the frames behind this call need not wait for the reply
     rec.reading = conn
     try:
         conn.wait_reply(is_done, timeout, held)

@@ -22,8 +22,11 @@ log = logging.getLogger(__name__)
 # An idle pool thread exits after this many seconds.
 IDLE_THREAD_SECONDS = 30.0
 # A call runs this long with its connection's reading role lent to it before the watchdog
-# takes the role back for others (see `transport.Connection._serve`).
-LEND_SECONDS = 0.001
+# takes the role back for others (see `transport.Connection._serve`): about the GIL's switch
+# interval, since a thread that took the role from a call that computes would wait about that
+# long for the GIL anyway. A call that waits (a sleep, a condition, a lock, another process's
+# reply) gives the role back at once (`transport.give_back_lent_role`).
+LEND_SECONDS = 0.005
 
 
 class _ThreadPool:
@@ -249,7 +252,7 @@ class _Watchdog:
     """Takes the reading role back from calls that run long (see `Connection._serve`); any
     watched object's `_watchdog_tick(now)` runs every tick (a long pmap batch uses it too).
 
-    It polls every millisecond while something is watched, and one tick more if anything was
+    It polls every LEND_SECONDS while something is watched, and one tick more if anything was
     watched meanwhile (so that a steady stream of short calls never has to wake it), then
     sleeps until the next `watch`. A call lent the role while it sleeps does not wake it: the
     poller watches that connection instead (`Connection._serve`), so that a worker that

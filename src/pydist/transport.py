@@ -341,6 +341,16 @@ def handshake_acceptor(sock: "socket.socket | StreamPair", cookie: bytes, timeou
 
 # ==================================================================== connections
 _tls = threading.local()  # .reading: this thread is inside Connection._read
+# .serving: the connection whose calls this thread last ran (`Connection._serve`)
+
+
+def give_back_lent_role() -> None:
+    """In a call that `Connection._serve` runs with the reading role lent to it: the call is
+    about to wait (a sleep, a condition, a lock, another process's reply), so the frames behind
+    it are read by another thread now rather than once the watchdog takes the role back."""
+    conn = getattr(_tls, "serving", None)
+    if conn is not None and conn._lent_at != 0.0 and not getattr(_tls, "send_waiting", False):
+        conn._give_back_lent()  # (not while holding a connection's `_sent`: see `_sent_wait`)
 
 
 def _reading() -> bool:
@@ -429,6 +439,7 @@ class Connection:
         self._gone = threading.Event()
         self._lend_lock = threading.Lock()
         self._lent_at = 0.0  # when the reading role was lent to a running call (0: not lent)
+        self._lent_thread = 0  # the thread running that call
         # The serving thread while calls it has already received wait behind the one it runs:
         # its replies may wait in `_outq` for the next flush (see `send_reply`).
         self._deferring = 0
@@ -652,9 +663,19 @@ class Connection:
             self._send_waiters += 1
             try:
                 while not frame.done:
-                    self._sent.wait(self._time_left(deadline, timeout))
+                    self._sent_wait(self._time_left(deadline, timeout))
             finally:
                 self._send_waiters -= 1
+
+    def _sent_wait(self, timeout: float | None) -> None:
+        """Wait on `_sent` (its lock held). The wait gives no lent reading role back
+        (`give_back_lent_role`): that would flush, taking a send lock, in the opposite order
+        to a writer that holds the send lock and notifies `_sent`."""
+        _tls.send_waiting = True
+        try:
+            self._sent.wait(timeout)
+        finally:
+            _tls.send_waiting = False
 
     def wait_sent(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds until every queued frame is written; False if some
@@ -667,7 +688,7 @@ class Connection:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         return False
-                    self._sent.wait(remaining)
+                    self._sent_wait(remaining)
             finally:
                 self._send_waiters -= 1
         return True
@@ -683,8 +704,9 @@ class Connection:
         already received, its replies queue up and leave together (one system call for many,
         and one wake-up of the reader on the other side). They leave before this thread
         blocks to read, when it gives up the reading role (the watchdog takes it back from
-        a call that runs long, so a queued reply waits at most about a millisecond behind
-        it), with any other frame sent, or when MAX_DEFERRED_REPLIES have queued."""
+        a call that runs long, so a queued reply waits at most about LEND_SECONDS behind
+        it; a call that waits gives it up at once), with any other frame sent, or when
+        MAX_DEFERRED_REPLIES have queued."""
         me = self._deferring
         if me and me == threading.get_ident() and len(self._outq) < MAX_DEFERRED_REPLIES:
             self._outq.append(_Frame(self._share(chunks)))
@@ -953,6 +975,8 @@ class Connection:
         task = box.pop() if box else None
         if task is None and not self._take_role():
             return
+        me = threading.get_ident()
+        _tls.serving = self
         while True:
             if task is None:
                 try:
@@ -966,13 +990,14 @@ class Connection:
             queued = self._decoder.has_message()
             with self._lend_lock:  # lend and watch at once (see _watchdog_tick)
                 self._lent_at = time.monotonic()
+                self._lent_thread = me
                 # Calls wait behind this one, or the watchdog ticks anyway: it takes the role
                 # back if the call runs long. Else the poller watches for a frame to arrive.
                 watched = queued or WATCHDOG.awake
                 if watched:
                     WATCHDOG.watch(self)
             if queued:  # the reply may wait with those of the calls behind it
-                self._deferring = threading.get_ident()
+                self._deferring = me
             elif not watched:
                 self._watch_while_lent(True)
             try:
@@ -990,6 +1015,19 @@ class Connection:
                 self.flush()
                 if not self._take_role():
                     return
+
+    def _give_back_lent(self) -> None:
+        """See `give_back_lent_role`: as `_take_back` does, if the role is lent to this
+        thread's call."""
+        with self._lend_lock:
+            if self._lent_at == 0.0 or self._lent_thread != threading.get_ident():
+                return
+            self._lent_at = 0.0
+            self._deferring = 0
+            WATCHDOG.unwatch(self)
+        if self._lent_watch:  # the poller watched for a frame during the call: no more
+            self._watch_while_lent(False)
+        self._release_role()
 
     def _watchdog_tick(self, now: float) -> None:
         """Watchdog: give the role lent to a long call back to the others; stop watching
