@@ -515,12 +515,12 @@ def _parallel_map(run: Callable[[Any], Any], items: list, ntasks: int, progress:
 # ==================================================================== pipelined maps
 # A worker runs one element of a map at a time, but the next one is already there when it
 # finishes: the caller keeps PIPELINE_DEPTH calls in flight per worker (BATCH_PIPELINE_DEPTH
-# for batches), and the worker runs
-# them in the order sent (a *lane*). A second call goes to a worker only when every free
-# worker of the pool has one. At the end of the input (or when a shared pool gives a worker
-# back), an element still queued behind a running one is taken back (if it has not started)
-# and given to a worker that is idle, so no element waits behind a long one while a worker
-# has nothing to do.
+# for batches), and the worker runs them in the order sent (a *lane*). A second call goes to
+# a worker only when every free worker of the pool has one. At the end of the input (or when
+# a shared pool gives a worker back), an element still queued behind a running one is taken
+# back (if it has not started) and given to a worker that is idle, so no element waits
+# behind a long one while a worker has nothing to do (if the wait would be long enough to
+# be worth the round trip, see `worth_moving`).
 PIPELINE_DEPTH = 2
 # Batches keep one more in flight: a batch is a good share of its worker's part of the map
 # ("auto": a quarter), so a reply's round trip between two of them idles the worker for a

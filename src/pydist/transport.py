@@ -341,7 +341,8 @@ def handshake_acceptor(sock: "socket.socket | StreamPair", cookie: bytes, timeou
 
 # ==================================================================== connections
 _tls = threading.local()  # .reading: this thread is inside Connection._read
-# .serving: the connection whose calls this thread last ran (`Connection._serve`)
+# .serving: the connection whose calls this thread last ran (`Connection._serve`);
+# .send_waiting: this thread waits on a connection's `_sent` (`Connection._sent_wait`)
 
 
 def give_back_lent_role() -> None:
