@@ -968,16 +968,27 @@ class Connection:
         holding a task, the role is already held and that call runs first (boxed, so that
         nothing keeps it alive once it has run).
 
-        A call runs with the role *lent* to it: if it is still running after
-        `_Watchdog.PROMOTE_AFTER`, the watchdog takes the role back for others (so a call
-        that waits for another message never blocks the connection); if it finishes first,
-        this thread simply reads on, with no system call and no other thread involved.
+        A call runs with the role *lent* to it: if it begins to wait, it gives the role back
+        (`give_back_lent_role`); if it is still running after `_Watchdog.PROMOTE_AFTER`, the
+        watchdog takes the role back for others (so a call that waits for another message
+        never blocks the connection); if it finishes first, this thread simply reads on,
+        with no system call and no other thread involved.
         """
-        task = box.pop() if box else None
-        if task is None and not self._take_role():
+        first = [box.pop()] if box else []
+        if not first and not self._take_role():
             return
-        me = threading.get_ident()
+        outer = getattr(_tls, "serving", None)
         _tls.serving = self
+        try:
+            self._serve_taken(first)
+        finally:
+            _tls.serving = outer  # (an idle pool thread keeps no closed connection alive)
+
+    def _serve_taken(self, first: list) -> None:
+        """`_serve` with the role held: the task boxed in `first` (if any), then what this
+        thread reads."""
+        task = first.pop() if first else None
+        me = threading.get_ident()
         while True:
             if task is None:
                 try:
