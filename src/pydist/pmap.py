@@ -867,7 +867,10 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
 
     def spread() -> None:
         """The input is used up: give each idle worker (held, or free in the pool) a call
-        still queued behind a running one; give back those left with nothing to do."""
+        still queued behind a running one; give back those left with nothing to do. (Moves
+        it declines set `look_again_at` afresh.)"""
+        nonlocal look_again_at
+        look_again_at = None
         for w in [w for w, calls in inflight.items() if not calls]:
             if errors or not move_queued_call_to(w):
                 del inflight[w]
@@ -993,7 +996,6 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                 slot = done.get(timeout=wait)
             except queue.Empty:
                 if not has_work():
-                    look_again_at = None
                     spread()
                 continue
             pending -= 1
@@ -1013,7 +1015,6 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
             if slot.worker in lost and not calls:
                 inflight.pop(slot.worker, None)
             if not has_work():
-                look_again_at = None
                 spread()
     finally:
         for w in list(inflight):

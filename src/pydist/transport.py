@@ -1034,9 +1034,7 @@ class Connection:
         with self._lend_lock:
             if self._lent_at == 0.0 or self._lent_thread != threading.get_ident():
                 return
-            self._lent_at = 0.0
-            self._deferring = 0
-            WATCHDOG.unwatch(self)
+            self._unlend()
         if self._lent_watch:  # the poller watched for a frame during the call: no more
             self._watch_while_lent(False)
         self._release_role()
@@ -1057,10 +1055,15 @@ class Connection:
                 if early is not None:
                     early(self)
                 return
-            self._lent_at = 0.0
-            self._deferring = 0  # the call may go on replying (a pmap lane): not deferred
-            WATCHDOG.unwatch(self)
+            self._unlend()
         self._release_role()
+
+    def _unlend(self) -> None:
+        """(lend lock held) The role lent to a running call is taken from it: the watchdog
+        stops watching, and the call's later replies (a pmap lane's) are not deferred."""
+        self._lent_at = 0.0
+        self._deferring = 0
+        WATCHDOG.unwatch(self)
 
     def send_request(self, chunks: list, timeout: float | None = None) -> bool:
         """Send a request whose reply this thread will then read itself (`wait_reply` with
