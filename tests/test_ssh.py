@@ -278,7 +278,12 @@ def test_master_killed_remote_workers_exit(hosts, tmp_path):
     master = subprocess.Popen([sys.executable, str(script), "h1", "h2", "h3"],
                               stdout=subprocess.PIPE, text=True)
     try:
-        info = json.loads(master.stdout.readline())
+        # The workers' output is relayed to the master's stdout too (a line of its own, a tab
+        # first: a remote shell may say something as a worker starts): the script's is JSON.
+        line = master.stdout.readline()
+        while line.startswith("\t"):
+            line = master.stdout.readline()
+        info = json.loads(line)
         assert len(info["ospids"]) == 3 and all(pid_alive(p) for p in info["ospids"])
     finally:
         master.kill()
