@@ -126,6 +126,7 @@ class ElasticManager(ClusterManager):
         self._arrivals = 0
         self._busy = False  # the manager's thread is adding workers
         self._closed = False
+        self._escalations: set[threading.Thread] = set()  # `kill`s waiting for their worker
         try:
             self._listener = transport.Listener(addr, port, PGRP.cookie_bytes, self._dialled,
                                                 worker_timeout())
@@ -318,23 +319,33 @@ class ElasticManager(ClusterManager):
                 config.io.close()  # a worker not admitted yet exits on end of file
             return
         request_exit(pid)
-        with contextlib.suppress(RuntimeError):  # at interpreter exit, exit closes it
-            threading.Thread(target=self._escalate, args=(pid, w.conn), daemon=True,
-                             name="pydist-elastic-kill").start()
+        thread = threading.Thread(target=self._escalate, args=(pid, w.conn), daemon=True,
+                                  name="pydist-elastic-kill")
+        with self._cond:
+            self._escalations.add(thread)
+        try:
+            thread.start()
+        except RuntimeError:  # at interpreter exit, exit closes it
+            with self._cond:
+                self._escalations.discard(thread)
 
     def _escalate(self, pid: int, conn: Any) -> None:
-        deadline = time.monotonic() + self.exit_timeout
-        with PGRP.lock:
-            while pid not in PGRP.gone:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                PGRP.changed.wait(min(remaining, 0.5))
-            else:
-                return
-        log.warning("Worker %d did not exit within %g s: closing its connection", pid,
-                    self.exit_timeout)
-        conn.close()
+        try:
+            deadline = time.monotonic() + self.exit_timeout
+            with PGRP.lock:
+                while pid not in PGRP.gone:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    PGRP.changed.wait(min(remaining, 0.5))
+                else:
+                    return
+            log.warning("Worker %d did not exit within %g s: closing its connection", pid,
+                        self.exit_timeout)
+            conn.close()
+        finally:
+            with self._cond:
+                self._escalations.discard(threading.current_thread())
 
     def cleanup(self) -> None:
         """At `shutdown` and exit: `close()`."""
@@ -342,7 +353,14 @@ class ElasticManager(ClusterManager):
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop listening and adding workers (those that dialled in and were not added yet
-        are refused); the workers already added stay. Idempotent."""
+        are refused); the workers already added stay. Idempotent; each call also waits (within
+        `timeout`) for the `kill`s still waiting for their worker to exit."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            escalations = list(self._escalations)
+        for thread in escalations:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
         with self._cond:
             if self._closed:
                 return
