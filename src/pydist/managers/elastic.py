@@ -354,7 +354,7 @@ class ElasticManager(ClusterManager):
     def close(self, timeout: float = 5.0) -> None:
         """Stop listening and adding workers (those that dialled in and were not added yet
         are refused); the workers already added stay. Idempotent; each call also waits (within
-        `timeout`) for the `kill`s still waiting for their worker to exit."""
+        `timeout`) for the threads of `kill` still waiting for their worker to exit."""
         deadline = time.monotonic() + timeout
         with self._cond:
             escalations = list(self._escalations)
