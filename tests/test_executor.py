@@ -130,18 +130,21 @@ def test_cancel_a_call_queued_in_the_executor(pool1):
 
 
 @pytest.mark.timeout(60)
-def test_cancel_a_call_waiting_on_its_worker(pool1):
-    """Tiny calls open the worker's window: a call sent behind a long one waits there (not
-    started) and can still be cancelled; the worker never runs it. (The first call of a
-    burst goes alone; the calls behind it are sent together once it is done.)"""
+def test_cancel_a_call_waiting_on_its_worker(pool1, monkeypatch):
+    """A call sent behind a long one waits on the worker (not started) and can still be
+    cancelled; the worker never runs it. The first call of a burst goes alone (bare); the
+    calls queued behind it are sent together once it is done, as many as the worker's window
+    allows. The window follows the machine's speed (BUDGET seconds of work): a large BUDGET
+    keeps it open however slow the machine, and `first` runs long enough that `busy` and
+    `behind` are both queued behind it."""
+    monkeypatch.setattr(pydist.executor, "BUDGET", 60.0)
     w = pool1.workers()[0]
     with Executor(pool=pool1) as ex:
-        for _ in range(5):
-            list(ex.map(H.square, range(300)))
         pydist.remotecall_fetch(H.forget, w)
-        first = ex.submit(H.record, "first")
+        first = ex.submit(H.sleep_then, 0.5, "first")
         busy = ex.submit(H.sleep_then, 3.0, "busy")
         behind = ex.submit(H.record, "behind")
+        assert not busy.running() and not behind.running()  # queued here behind `first`
         assert first.result(30) == "first"
         # sent to the worker, waiting there behind busy (a loaded machine may take a while)
         wait_until(behind.running, timeout=2.5, what="the call behind busy to reach the worker")
