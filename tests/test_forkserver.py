@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -144,6 +145,34 @@ def test_rmprocs_escalates_to_sigkill(method, request):
     assert proc.wait(30) == -signal.SIGKILL
     assert proc.poll() == proc.returncode == -signal.SIGKILL
     wait_until(lambda: not pid_alive(ospid), timeout=10, what="the stopped worker gone")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", METHODS)
+def test_rmprocs_of_many_workers_escalates_for_each_in_one_thread(method, request):
+    """Four workers removed at once, two of them stopped (they obey neither the exit request
+    nor SIGTERM): one reaper thread waits for all four, each stopped one gets SIGKILL, not
+    before exit_timeout + term_timeout, and the reaper ends once all are gone."""
+    manager = LocalManager(4, exit_timeout=1.0, term_timeout=1.0, start_method=method)
+    ws = pydist.addprocs(manager)
+    procs = [PGRP.workers[w].config.process for w in ws]
+    stuck = procs[:2]
+    for proc in stuck:
+        request.addfinalizer(lambda p=proc.pid: pid_alive(p) and os.kill(p, signal.SIGKILL))
+        stop_process(proc.pid)
+    t0 = time.monotonic()
+    pydist.rmprocs(ws, waitfor=0)
+    reapers = [t for t in threading.enumerate() if t.name == "pydist-reaper"]
+    assert len(reapers) == 1, reapers
+    for proc in stuck:
+        assert proc.wait(30) == -signal.SIGKILL
+    took = time.monotonic() - t0
+    assert 2.0 <= took < 30, took
+    for proc in procs[2:]:
+        assert proc.wait(30) == 0
+    wait_until(lambda: not any(t.name == "pydist-reaper" for t in threading.enumerate()),
+               timeout=10, what="the reaper thread to end")
+    wait_until(lambda: not set(ws) & set(pydist.procs()), timeout=30, what="the workers removed")
 
 
 def test_forked_process_handle_reports_exit_codes(fresh_workers):
