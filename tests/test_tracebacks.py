@@ -191,3 +191,27 @@ def test_main_script_function_error_shows_file_line_and_source(tmp_path, how):
     assert "AttributeError" in second
     assert_frame(second, script, calls_line, "calls_a_lambda")
     assert_frame(second, script, lambda_line, "<lambda>")
+
+
+def test_a_failed_future_fetched_again_shows_its_frames_once(two_workers):
+    """Each fetch of a failed Future raises its error with that fetch's frames on top of the
+    error's own, not on top of every earlier fetch's (raising one exception object again
+    keeps the frames of the raise before); the remote traceback stays as it was."""
+    import traceback
+
+    f = pydist.remotecall(int, two_workers[0], "not a number")
+    seen = []
+    for _ in range(3):
+        try:
+            f.fetch()
+        except pydist.RemoteException as e:
+            frames = traceback.extract_tb(e.__traceback__)
+            seen.append(([fr.name for fr in frames], str(e)))
+    assert len(seen) == 3 and seen[0] == seen[1] == seen[2], seen
+    assert seen[0][0].count("fetch") == 1, seen[0]
+    assert "invalid literal for int()" in seen[0][1]
+    for _ in range(2):
+        with pytest.raises(pydist.RemoteException) as info:
+            f.result()
+        assert [fr.name for fr in traceback.extract_tb(info.value.__traceback__)].count("result") == 1
+    assert f.exception() is info.value

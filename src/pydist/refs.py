@@ -471,6 +471,7 @@ def _ask_owner(ref: "Future | RemoteChannel", what: str, f: Callable, args: tupl
 
 # ==================================================================== Future
 _PENDING, _VALUE, _ERROR, _REMOTE_DONE = 0, 1, 2, 3
+_NO_TRACEBACK_YET = object()  # a Future's `_error_tb` before its error is first raised
 
 # What a Future is for cancel() and running() (its `_phase`): an empty `Future(pid)`; a call
 # still queued in an Executor (not sent yet); a call sent to its worker; anything else (a
@@ -587,7 +588,7 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
     """
 
     __slots__ = ("_st", "_value", "_pushed", "_latch", "_callbacks", "_watching", "_pins",
-                 "_phase", "_cancel_hook", "_cond", "_wlist")
+                 "_phase", "_cancel_hook", "_cond", "_wlist", "_error_tb")
 
     def __init__(self, pid: int | None = None):
         rrid = _new_rrid()
@@ -604,6 +605,7 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
                push: bool, phase: int = _PH_PLAIN) -> None:
         self._st = state
         self._value = value
+        self._error_tb: Any = _NO_TRACEBACK_YET  # see `_error`
         self._phase = phase
         self._cancel_hook: Callable[[Future], bool] | None = None
         self._cond: threading.Condition | None = None  # concurrent.futures' view, made on demand
@@ -713,10 +715,19 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
         if release and not isinstance(self._value, ProcessExitedException):
             _queue_delta(self.where, self.rrid, PGRP.id, -release)
 
+    def _error(self) -> BaseException:
+        """The error, with the traceback it had when it was first raised from here: raising
+        one exception object again would add each raise's frames to the last one's, and a
+        Future fetched n times would show its frames n times."""
+        exc = self._value
+        if self._error_tb is _NO_TRACEBACK_YET:
+            self._error_tb = exc.__traceback__
+        return exc.with_traceback(self._error_tb)
+
     def _outcome(self) -> Any:
         if self._st == _ERROR:
             try:
-                raise self._value
+                raise self._error()
             finally:
                 # The error's traceback keeps the frames it passes through: without `self`
                 # in them it makes no cycle with this Future, which is then freed as soon as
@@ -742,7 +753,7 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
         try:
             self._wait_done(timeout)
             if self._st == _ERROR:
-                raise self._value
+                raise self._error()
             return self
         finally:
             del self  # (see `_outcome`)
@@ -832,10 +843,10 @@ class Future(AbstractRemoteRef, _cf.Future[T]):
         if self._st == _ERROR:
             if type(self._value) is _CancelledCall:
                 try:
-                    raise self._value
+                    raise self._error()
                 finally:
                     del self  # (see `_outcome`)
-            return self._value
+            return self._error()
         return None
 
     def _timeout_error(self, e: TimeoutError) -> BaseException:
