@@ -266,3 +266,35 @@ def test_a_lane_runs_what_waits_behind_an_element_that_never_arrives(two_workers
     pydist.remote_do(lanes._lane_cancel, w, "gap-lane", 0)
     assert queued.fetch(timeout=30) == 40
     pydist.remote_do(lanes._lane_close, w, "gap-lane")
+
+
+class _Input:
+    """A map input that can be watched with a weak reference."""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("batch_size", [1, "auto"])
+def test_a_failed_map_frees_its_inputs_without_the_garbage_collector(two_workers, batch_size):
+    """Once the error of a failed pmap is dropped, the map's inputs are freed at once: no
+    reference cycle through the error's traceback keeps them until a collection."""
+    import gc
+    import weakref
+
+    inputs = [_Input() for _ in range(20)]
+    watched = [weakref.ref(x) for x in inputs]
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.raises(RemoteException):
+            pydist.pmap(_fails_on_none, inputs + [None], batch_size=batch_size)
+        del inputs
+        alive = sum(ref() is not None for ref in watched)
+    finally:
+        gc.enable()
+    assert alive == 0, f"{alive} of 20 inputs still alive"
+
+
+def _fails_on_none(x):
+    if x is None:
+        raise ValueError("no input")
+    return 0

@@ -28,6 +28,7 @@ import itertools
 import logging
 import math
 import operator
+import os
 import queue
 import random
 import reprlib
@@ -1026,7 +1027,12 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
             except Exception:
                 pass  # gone: nothing to clean up there
     if errors:
-        raise errors[0]
+        error = errors[0]
+        errors.clear()  # (closures hold the list, the frames in the error's traceback them)
+        try:
+            raise error
+        finally:
+            del error
     return results
 
 
@@ -1095,8 +1101,29 @@ def pmap(f: Callable, *iterables: Any, pool: AbstractWorkerPool | None = None,
                                  nworkers, progress_bar, lend)
         return _map_batches(f, values, star, pool, batch_size, on_error, delays, retry_check,
                             nworkers, progress_bar, lend)
+    except BaseException as e:
+        _clear_own_frames(e.__traceback__)
+        raise
     finally:
         progress_bar.close()
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _clear_own_frames(tb: Any) -> None:
+    """Drop the locals of pydist's finished frames in a failed map's traceback. They hold
+    the map's state, which holds the error, whose traceback holds them: a cycle that kept
+    the map's inputs and results alive until the next garbage collection. The frames still
+    print; the user's own frames keep their locals (for a post-mortem debugger)."""
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            try:
+                frame.clear()
+            except RuntimeError:  # still running: pmap's own frame
+                pass
+        tb = tb.tb_next
 
 
 def _map_elements(f, items, pool, distributed, on_error, delays, check, nworkers, progress,
