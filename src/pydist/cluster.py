@@ -638,7 +638,7 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
                 pg.changed.notify_all()
         else:
             pg.give_back_pid(pid)
-        w.connected.set()
+        w.set_connected()
         if w.conn is not None:
             w.conn.close()
         try:
