@@ -200,6 +200,24 @@ def test_a_worker_with_pydist_log_level_relays_its_records(fresh_workers, capsys
     assert not any("DEBUG" in line for line in lines), lines
 
 
+def _log(level: int, message: str) -> None:
+    logging.getLogger("pydist.test_logging").log(level, message)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_worker_relays_its_warnings_at_the_default_level(fresh_workers, capsys, method):
+    """With no PYDIST_LOG_LEVEL a worker relays pydist's warnings and drops its INFO records
+    (a forked worker uses the handler its fork server prepared)."""
+    (pid,) = fresh_workers(1, start_method=method)
+    pydist.remotecall_fetch(_log, pid, logging.INFO, "an info record")
+    pydist.remotecall_fetch(_log, pid, logging.WARNING, "a warning record")
+    out, _ = _relayed(capsys, lambda out: "a warning record" in out)
+    lines = [line for line in out.splitlines() if f"From worker {pid}:" in line]
+    assert any("WARNING pydist.test_logging: a warning record" in line for line in lines), lines
+    assert not any("an info record" in line for line in lines), lines
+
+
 @pytest.mark.timeout(120)
 def test_remote_calls_log_nothing(two_workers, caplog):
     """The hot path: 200 calls, each way, at DEBUG, and at most a few records in all."""

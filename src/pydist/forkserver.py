@@ -40,7 +40,8 @@ def _send(sock: socket.socket, message: dict) -> None:
     sock.send(json.dumps(message).encode())
 
 
-def _child(request: dict, out_fd: int, environ: dict[str, str]) -> NoReturn:
+def _child(request: dict, out_fd: int, environ: dict[str, str],
+           logging_prepared: tuple) -> NoReturn:
     """In the forked child: become a worker as `python -m pydist.worker` would. Never returns."""
     code = 1
     try:
@@ -74,7 +75,7 @@ def _child(request: dict, out_fd: int, environ: dict[str, str]) -> NoReturn:
         _set_environ(request["env"], environ)
         random.seed()  # (also done by `random`'s at-fork hook; other state is per process)
         multiprocessing.process.current_process().authkey = os.urandom(32)
-        worker.configure_logging()
+        worker.configure_logging(prepared=logging_prepared)
         code = worker.start_worker(cookie=request["cookie"], close_stdin=False,
                                    stderr_to_stdout=False, bind_to=request["bind"])
         sys.stdout.flush()
@@ -151,6 +152,7 @@ def serve(fd: int) -> int:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     environ = dict(os.environ)  # (a plain copy: cheap to compare in each child)
+    logging_prepared = worker.prepare_logging(environ)
     gc.collect()
     gc.freeze()  # the children share the template's pages instead of copying them
     idle_after: float | None = IDLE_BEFORE_WARMING
@@ -190,7 +192,7 @@ def serve(fd: int) -> int:
                          "error": f"{type(e).__name__}: {e}"})
             continue
         if pid == 0:
-            _child(request, fds[0], environ)
+            _child(request, fds[0], environ, logging_prepared)
         os.close(fds[0])
         try:
             _send(sock, {"req": request["req"], "pid": pid})
