@@ -46,7 +46,7 @@ log = logging.getLogger("pydist.worker")  # (run as a script, __name__ is "__mai
 EXIT_GRACE_SECONDS = 2.0
 
 
-def configure_logging(environ=os.environ, prepared: tuple[logging.Handler, str] | None = None
+def configure_logging(environ=os.environ, prepared: tuple[logging.StreamHandler, str] | None = None
                       ) -> None:
     """A worker process's own logging: pydist's records at `PYDIST_LOG_LEVEL` (a level name
     or number; default WARNING) go to stderr, which the master relays ("From worker N:").
@@ -69,7 +69,7 @@ def configure_logging(environ=os.environ, prepared: tuple[logging.Handler, str] 
     logger.setLevel(handler.level)
 
 
-def prepare_logging(environ=os.environ) -> tuple[logging.Handler, str]:
+def prepare_logging(environ=os.environ) -> tuple[logging.StreamHandler, str]:
     """The fork server's share of `configure_logging`, done once before it forks: the
     handler made and pydist's logger set to its level; each forked worker only attaches the
     handler (making it, and setting the level, which visits every logger, cost each worker
@@ -88,7 +88,7 @@ def _log_level(spec: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _handler(level: int | None) -> logging.Handler:
+def _handler(level: int | None) -> logging.StreamHandler:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.WARNING if level is None else level)
