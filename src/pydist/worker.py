@@ -46,8 +46,8 @@ log = logging.getLogger("pydist.worker")  # (run as a script, __name__ is "__mai
 EXIT_GRACE_SECONDS = 2.0
 
 
-def configure_logging(environ=os.environ, prepared: tuple[logging.StreamHandler, str] | None = None
-                      ) -> None:
+def configure_logging(environ=os.environ,
+                      prepared: tuple[logging.StreamHandler, str] | None = None) -> None:
     """A worker process's own logging: pydist's records at `PYDIST_LOG_LEVEL` (a level name
     or number; default WARNING) go to stderr, which the master relays ("From worker N:").
     Only `python -m pydist.worker` calls this: there pydist is the application. `prepared`:
