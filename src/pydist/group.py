@@ -59,15 +59,12 @@ class Worker:
     @property
     def connected(self) -> threading.Event:
         """Set once the worker is connected, or gone (waiters then look at `conn`)."""
-        event = self._connected
-        if event is None:
-            with _RECORD_LOCK:
-                event = self._connected
-                if event is None:
-                    event = threading.Event()
-                    if self._is_connected:
-                        event.set()
-                    self._connected = event
+        return self._made("_connected", self._new_connected_event)
+
+    def _new_connected_event(self) -> threading.Event:
+        event = threading.Event()
+        if self._is_connected:
+            event.set()
         return event
 
     def set_connected(self) -> None:
@@ -81,13 +78,19 @@ class Worker:
     @property
     def connect_lock(self) -> threading.Lock:
         """Held while dialling the worker (one dial at a time)."""
-        lock = self._connect_lock
-        if lock is None:
+        return self._made("_connect_lock", threading.Lock)
+
+    def _made(self, attr: str, make: Callable[[], Any]) -> Any:
+        """The object in attribute `attr`, made by `make()` (once, under _RECORD_LOCK) if
+        there is none yet."""
+        value = getattr(self, attr)
+        if value is None:
             with _RECORD_LOCK:
-                lock = self._connect_lock
-                if lock is None:
-                    lock = self._connect_lock = threading.Lock()
-        return lock
+                value = getattr(self, attr)
+                if value is None:
+                    value = make()
+                    setattr(self, attr, value)
+        return value
 
 
 _RECORD_LOCK = threading.Lock()  # makes a Worker's Event and Lock on first use
