@@ -295,6 +295,7 @@ def test_unpicklable_call_fails_its_future_only(two_workers):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_multiprocessing_manager_queue_works_on_the_workers(pool1):
     """ProcessPoolExecutor code passes a `multiprocessing.Manager().Queue()` to its calls:
     the master's Manager proxies authenticate from pydist workers too, as from its children."""

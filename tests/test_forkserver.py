@@ -412,6 +412,7 @@ def test_enable_threaded_blas(method, fresh_workers):
             _started_by(method, pydist.remotecall_fetch(_facts, w))
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_fork_of_the_master_does_not_hold_the_fork_server(fresh_workers):
     """A child forked from the master (user code) drops its copy of the control socket, so
     the template still exits when the master closes it."""
