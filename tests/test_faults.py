@@ -307,13 +307,48 @@ def _take_from(channel):
     return channel.take()
 
 
+def _dial_a_peer_that_is_gone():
+    """On a worker: dial a peer whose address has no listener (as a killed worker's, before
+    the master says so); what it raises."""
+    import socket
+
+    from pydist.group import PGRP, Worker
+    from pydist.joining import dial_peer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # (closed, never listened: connections are refused)
+    gone = 10_000
+    w = PGRP.workers[gone] = Worker(gone)
+    w.connect_at = ("127.0.0.1", port)
+    try:
+        dial_peer(gone)
+    except Exception as e:
+        return type(e).__name__, getattr(e, "worker_id", None), str(e)
+    finally:
+        del PGRP.workers[gone]
+    return None
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_that_refuses_the_connection_has_exited(fresh_workers):
+    """A worker that dials a peer killed before the master could tell it gets the typed
+    error (ProcessExitedException naming the peer), not a RuntimeError about a socket."""
+    (w,) = fresh_workers(1)
+    kind, who, text = pydist.remotecall_fetch(_dial_a_peer_that_is_gone, w)
+    assert (kind, who) == ("ProcessExitedException", 10_000), text
+    assert "connection refused" in text and f"worker {w}" in text
+
+
 @pytest.mark.timeout(120)
 def test_killing_the_owner_of_a_channel_fails_every_taker_at_once(fresh_workers):
     owner, taker = fresh_workers(2)
     channel = pydist.RemoteChannel(lambda: pydist.Channel(1), owner)
     remote_take = pydist.remotecall(_take_from, taker, channel)
     local_take = pydist.remotecall(_take_from, 1, channel)  # a take blocked on the master
-    time.sleep(0.5)  # let both takes reach the owner (a slow start only makes it easier)
+    # Let both takes reach the owner; a taker still dialling it when it dies (a slow
+    # start) is refused, which is the same typed error.
+    time.sleep(0.5)
     assert not remote_take.isready() and not local_take.isready()
     ospid = worker_ospid(owner)
     start = time.monotonic()

@@ -49,6 +49,15 @@ def dial_peer(pid: int) -> None:
             raise RuntimeError(f"process {pg.id} does not know the address of peer {pid}")
         try:
             sock = _open_peer(pid, w.connect_at)
+        except ConnectionRefusedError as e:
+            if pg.manager is not None:  # (a custom transport's refusal may be its own)
+                raise RuntimeError(f"Error on {pg.id} while connecting to peer {pid}: {e}") from e
+            # A worker listens from its start to its end: nobody there means it is gone,
+            # which the master may not have told us yet. Say so, with the typed error.
+            reason = pg.lost_reasons.get(pid) or (
+                f"is no longer running: nothing listens at its address "
+                f"{w.connect_at[0]}:{w.connect_at[1]} (connection refused to worker {pg.id})")
+            raise ProcessExitedException(pid, reason) from e
         except (OSError, ProtocolError, LaunchWorkerError) as e:
             raise RuntimeError(f"Error on {pg.id} while connecting to peer {pid}: {e}") from e
         log.debug("worker %d: connected to worker %d at %s", pg.id, pid, w.connect_at)
