@@ -307,37 +307,46 @@ def _take_from(channel):
     return channel.take()
 
 
-def _dial_a_peer_that_is_gone():
-    """On a worker: dial a peer whose address has no listener (as a killed worker's, before
-    the master says so); what it raises."""
+def _dial_refused(pid):
+    """On a worker: dial lower-numbered process `pid` (not connected yet) at an address where
+    nothing listens, as a killed worker's is before the master says so; what it raises."""
     import socket
 
+    from pydist.calls import _connect_peer_lazily
     from pydist.group import PGRP, Worker
-    from pydist.joining import dial_peer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # (closed, never listened: connections are refused)
-    gone = 10_000
-    w = PGRP.workers[gone] = Worker(gone)
+    known = PGRP.workers.get(pid)
+    assert known is None or known.conn is None, "already connected"
+    w = PGRP.workers[pid] = Worker(pid)
     w.connect_at = ("127.0.0.1", port)
     try:
-        dial_peer(gone)
+        _connect_peer_lazily(w)
     except Exception as e:
         return type(e).__name__, getattr(e, "worker_id", None), str(e)
     finally:
-        del PGRP.workers[gone]
+        if known is None:
+            del PGRP.workers[pid]
+        else:
+            PGRP.workers[pid] = known
     return None
 
 
 @pytest.mark.timeout(60)
-def test_a_peer_that_refuses_the_connection_has_exited(fresh_workers):
+def test_a_refused_peer_is_an_exited_one_if_the_master_says_so(fresh_workers):
     """A worker that dials a peer killed before the master could tell it gets the typed
-    error (ProcessExitedException naming the peer), not a RuntimeError about a socket."""
-    (w,) = fresh_workers(1)
-    kind, who, text = pydist.remotecall_fetch(_dial_a_peer_that_is_gone, w)
-    assert (kind, who) == ("ProcessExitedException", 10_000), text
-    assert "connection refused" in text and f"worker {w}" in text
+    error (ProcessExitedException naming the peer); a live peer at an address wrong from
+    here stays an error about the connection."""
+    (gone,) = fresh_workers(1)
+    pydist.rmprocs(gone, waitfor=30)
+    alive, dialler = fresh_workers(2)  # (the dialler never heard of `gone`: it came later)
+    kind, who, text = pydist.remotecall_fetch(_dial_refused, dialler, gone)
+    assert (kind, who) == ("ProcessExitedException", gone), text
+    kind, who, text = pydist.remotecall_fetch(_dial_refused, dialler, alive)
+    assert kind == "PeerRefused" and "connection refused" in text and f"peer {alive}" in text
+    assert pydist.remotecall_fetch(_me, dialler) == dialler
 
 
 @pytest.mark.timeout(120)

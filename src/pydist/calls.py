@@ -28,7 +28,7 @@ from .exceptions import (
     make_remote_exception,
 )
 from .group import PGRP, Worker
-from .joining import dial_peer
+from .joining import PeerRefused, dial_peer
 from .managers import worker_timeout
 from .transport import ConnectionClosed, Connection, SendTimeout, give_back_lent_role
 
@@ -77,7 +77,15 @@ def _connect_peer_lazily(w: Worker) -> Connection:
     if pg.id > w.pid:
         if w.connect_at is None:  # (it joined with us, or after us: the master knows)
             pg.learn(w.pid, call_fetch(1, address_of, (w.pid,)))
-        dial_peer(w.pid)
+        try:
+            dial_peer(w.pid)
+        except PeerRefused as e:
+            # Killed before the master could tell us, or an address wrong from here: the
+            # master knows which (a lost worker's connection to it ends at once).
+            reason = call_fetch(1, _lost_reason, (w.pid, REFUSED_GRACE))
+            if reason is None:
+                raise
+            raise ProcessExitedException(w.pid, reason) from e
     else:
         # The higher pid dials: ask the master to have `w` connect to us.
         call_fetch(1, _ask_peer_to_connect, (w.pid, pg.id))
@@ -86,6 +94,23 @@ def _connect_peer_lazily(w: Worker) -> Connection:
     if w.conn is None or w.conn.closed:
         raise exited(w.pid)
     return w.conn
+
+
+# How long the master waits to notice the loss of a worker whose peer was refused (s).
+REFUSED_GRACE = 2.0
+
+
+def _lost_reason(pid: int, within: float) -> str | None:
+    """Run on the master: why worker `pid` was lost, waiting up to `within` seconds for its
+    loss to be noticed; None if it is still a member then."""
+    deadline = time.monotonic() + within
+    while True:
+        with PGRP.lock:
+            if pid in PGRP.deleted or pid not in PGRP.workers:
+                return PGRP.lost_reasons.get(pid) or "has exited"
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.02)
 
 
 def _ask_peer_to_connect(target: int, requester: int) -> None:

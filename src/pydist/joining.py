@@ -28,11 +28,17 @@ from .managers import WorkerConfig, worker_timeout
 
 log = logging.getLogger(__name__)
 
-__all__ = ["dial_peer", "accept_connection", "serve_connection", "process_messages",
+__all__ = ["PeerRefused", "dial_peer", "accept_connection", "serve_connection", "process_messages",
            "init_worker", "on_identify", "on_exit", "on_join"]
 
 
 # ==================================================================== dialling a peer
+class PeerRefused(RuntimeError):
+    """Dialling a peer over TCP was refused: nothing listens at its address. A worker listens
+    from its start to its end, so it has exited, unless that address is wrong from here
+    (`calls` asks the master which)."""
+
+
 def dial_peer(pid: int) -> None:
     """Connect to worker `pid` (lower than ours) and identify ourselves."""
     pg = PGRP
@@ -52,12 +58,9 @@ def dial_peer(pid: int) -> None:
         except ConnectionRefusedError as e:
             if pg.manager is not None:  # (a custom transport's refusal may be its own)
                 raise RuntimeError(f"Error on {pg.id} while connecting to peer {pid}: {e}") from e
-            # A worker listens from its start to its end: nobody there means it is gone,
-            # which the master may not have told us yet. Say so, with the typed error.
-            reason = pg.lost_reasons.get(pid) or (
-                f"is no longer running: nothing listens at its address "
-                f"{w.connect_at[0]}:{w.connect_at[1]} (connection refused to worker {pg.id})")
-            raise ProcessExitedException(pid, reason) from e
+            raise PeerRefused(f"Error on {pg.id} while connecting to peer {pid}: nothing "
+                              f"listens at its address {w.connect_at[0]}:{w.connect_at[1]} "
+                              f"(connection refused)") from e
         except (OSError, ProtocolError, LaunchWorkerError) as e:
             raise RuntimeError(f"Error on {pg.id} while connecting to peer {pid}: {e}") from e
         log.debug("worker %d: connected to worker %d at %s", pg.id, pid, w.connect_at)
