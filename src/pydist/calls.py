@@ -103,14 +103,10 @@ REFUSED_GRACE = 2.0
 def _lost_reason(pid: int, within: float) -> str | None:
     """Run on the master: why worker `pid` was lost, waiting up to `within` seconds for its
     loss to be noticed; None if it is still a member then."""
-    deadline = time.monotonic() + within
-    while True:
-        with PGRP.lock:
-            if pid in PGRP.deleted or pid not in PGRP.workers:
-                return PGRP.lost_reasons.get(pid) or "has exited"
-        if time.monotonic() >= deadline:
+    with PGRP.changed:  # (deregister pops the record and notifies)
+        if not PGRP.changed.wait_for(lambda: pid not in PGRP.workers, within):
             return None
-        time.sleep(0.02)
+        return PGRP.lost_reasons.get(pid) or "has exited"
 
 
 def _ask_peer_to_connect(target: int, requester: int) -> None:

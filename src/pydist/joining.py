@@ -55,14 +55,13 @@ def dial_peer(pid: int) -> None:
             raise RuntimeError(f"process {pg.id} does not know the address of peer {pid}")
         try:
             sock = _open_peer(pid, w.connect_at)
-        except ConnectionRefusedError as e:
-            if pg.manager is not None:  # (a custom transport's refusal may be its own)
-                raise RuntimeError(f"Error on {pg.id} while connecting to peer {pid}: {e}") from e
-            raise PeerRefused(f"Error on {pg.id} while connecting to peer {pid}: nothing "
-                              f"listens at its address {w.connect_at[0]}:{w.connect_at[1]} "
-                              f"(connection refused)") from e
         except (OSError, ProtocolError, LaunchWorkerError) as e:
-            raise RuntimeError(f"Error on {pg.id} while connecting to peer {pid}: {e}") from e
+            what = f"Error on {pg.id} while connecting to peer {pid}"
+            if isinstance(e, ConnectionRefusedError) and pg.manager is None:
+                # (through a custom transport, a refusal may be the transport's own)
+                raise PeerRefused(f"{what}: nothing listens at its address {w.connect_at[0]}:"
+                                  f"{w.connect_at[1]} (connection refused)") from e
+            raise RuntimeError(f"{what}: {e}") from e
         log.debug("worker %d: connected to worker %d at %s", pg.id, pid, w.connect_at)
         conn = transport.Connection(sock, HANDLER, f"worker {pid}")
         conn.peer_pid = pid
