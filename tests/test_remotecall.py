@@ -10,6 +10,7 @@ whole cluster: it removes every worker first and leaves none behind. It must sta
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import signal
@@ -977,6 +978,172 @@ def test_take_reply_outside_a_remote_call_is_a_runtime_error():
 
     with pytest.raises(RuntimeError, match="take_reply"):
         take_reply()
+
+
+# ==================================================================== 7b. calls sent in a burst
+_RECORDS: dict = {}
+
+
+def record(key, item, payload=b"") -> None:
+    """Runs on a worker: note `item` under `key` (calls run concurrently: in any order)."""
+    _RECORDS.setdefault(key, []).append(item)
+
+
+def recorded(key) -> list:
+    return _RECORDS.get(key, [])
+
+
+def note_arrivals() -> None:
+    """Runs on a worker: from now on, note the (key, item) of every `record` call as its frame
+    arrives (in the reading thread, in frame order, before any of them runs): calls keep
+    their order on the way, though Julia's rule holds here too: they may run in any order."""
+    from pydist import protocol, serialization
+    from pydist.dispatch import HANDLERS
+
+    def noting(handle):
+        def on_frame(conn, msg):
+            f, args, _ = serialization.loads(msg.body, msg.buffers)
+            if f is record:
+                _RECORDS.setdefault(("arrived", args[0]), []).append(args[1])
+            return handle(conn, msg)
+        return on_frame
+
+    for kind in (protocol.CALL, protocol.REMOTE_DO):
+        HANDLERS[kind] = noting(HANDLERS[kind])
+
+
+def touch(path: str) -> None:
+    open(path, "w").close()
+
+
+def _burst_until_one_waits(conn, first, second) -> int:
+    """Call `first()` then `second(k)` (try k) until the second call is left waiting in
+    `conn`'s queue (it is, unless this thread was descheduled for BURST_GAP between the two:
+    then try again); returns k."""
+    for k in range(200):
+        first()
+        second(k)
+        if conn._soon:
+            return k
+        time.sleep(0.01)
+    raise AssertionError("no call was left waiting in 200 bursts")
+
+
+def test_calls_sent_in_a_burst_leave_together_and_in_order(fresh_workers):
+    """remotecall and remote_do sent in a tight loop wait in the queue to leave together (up
+    to MAX_SOON per connection); a large one (never held) leaves behind those before it."""
+    from pydist.transport import MAX_SOON
+
+    w = fresh_workers(1)[0]
+    pydist.remotecall_fetch(note_arrivals, w)
+    conn = connection(w)
+    most = 0
+    futures = []
+    for i in range(600):
+        payload = bytes(300_000) if i % 100 == 50 else b""
+        if i % 2:
+            pydist.remote_do(record, w, "burst", i, payload)
+        else:
+            futures.append(pydist.remotecall(record, w, "burst", i, payload))
+        most = max(most, conn._soon)
+    for f in futures:
+        assert f.fetch(timeout=60) is None
+    assert pydist.remotecall_fetch(recorded, w, ("arrived", "burst")) == list(range(600))
+    assert sorted(pydist.remotecall_fetch(recorded, w, "burst")) == list(range(600))
+    assert 2 <= most <= MAX_SOON, f"at most {most} calls waited together"
+
+
+@pytest.mark.timeout(120)
+def test_a_call_left_waiting_leaves_on_the_tick_though_nobody_here_waits(fresh_workers, tmp_path):
+    """remote_do expects no answer, so no reply makes anyone read (and write) here: the call
+    left waiting is written by the poller's tick, though this thread never waits on pydist."""
+    w = fresh_workers(1)[0]
+    conn = connection(w)
+    paths = [tmp_path / f"arrived-{k}" for k in range(200)]
+    k = _burst_until_one_waits(conn, lambda: pydist.remote_do(len, w, b""),
+                               lambda k: pydist.remote_do(touch, w, str(paths[k])))
+    deadline = time.monotonic() + 30
+    while not paths[k].exists():  # (a plain sleep: nothing of pydist's runs in this thread)
+        assert time.monotonic() < deadline, "the call left waiting never left"
+        time.sleep(0.005)
+    assert conn._soon == 0
+
+
+@pytest.mark.timeout(120)
+def test_waiting_for_a_reply_first_sends_the_calls_left_waiting(fresh_workers, monkeypatch):
+    """With the tick held off, a call left waiting leaves when this thread waits for a reply,
+    from that worker or any other. (The first call of each burst is a remote_do: it gets no
+    answer, whose reading would send what waits behind it.)"""
+    from pydist import transport
+
+    w, v = fresh_workers(2)
+    conn = connection(w)
+    wait_until(lambda: not transport._SOON._ticking, timeout=30, what="the tick to stop")
+    monkeypatch.setattr(transport._SOON, "_ticking", True)  # no tick is set while this holds
+    # a reply from another worker
+    sent = itertools.count()
+    _burst_until_one_waits(conn, lambda: pydist.remote_do(record, w, "wait", next(sent)),
+                           lambda k: pydist.remote_do(record, w, "wait", next(sent)))
+    assert pydist.remotecall_fetch(identity, v, 1) == 1
+    assert conn._soon == 0
+    n = next(sent)
+    assert sorted(pydist.remotecall_fetch(recorded, w, "wait")) == list(range(n))
+    # the Future's own fetch
+    futures: dict = {}
+    k = _burst_until_one_waits(conn, lambda: pydist.remote_do(len, w, b""),
+                               lambda k: futures.__setitem__(k, pydist.remotecall(identity, w, k)))
+    assert futures[k].fetch(timeout=30) == k
+    assert conn._soon == 0
+def test_a_call_left_waiting_for_a_worker_that_died_fails_its_future(fresh_workers):
+    w = fresh_workers(1)[0]
+    conn = connection(w)
+    os.kill(worker_ospid(w), signal.SIGKILL)
+    futures: list = []
+    for _ in range(50):
+        try:
+            futures.append(pydist.remotecall(identity, w, 1))
+        except pydist.ProcessExitedException:
+            break
+    for f in futures:
+        with pytest.raises(pydist.ProcessExitedException):
+            f.fetch(timeout=60)
+    assert conn.closed
+
+
+@pytest.mark.timeout(300)
+def test_bursts_from_many_threads_both_ways_keep_each_threads_order(fresh_workers):
+    """Eight threads send bursts of small and large calls to two workers (whose calls to
+    each other go the other way meanwhile); each thread's calls arrive in order. With
+    PYDIST_SOCKET_BUFFER=4096 (CI), the large ones fill the socket: a call sent then is
+    queued behind them, never left waiting."""
+    a, b = fresh_workers(2)
+    for w in (a, b):
+        pydist.remotecall_fetch(note_arrivals, w)
+
+    def burst(k: int) -> Callable[[], None]:
+        def run() -> None:
+            futures = []
+            for i in range(150):
+                payload = bytes(200_000) if i % 25 == 7 else b""
+                for w in (a, b):
+                    if i % 3:
+                        pydist.remote_do(record, w, ("threads", k), i, payload)
+                    else:
+                        futures.append(pydist.remotecall(record, w, ("threads", k), i, payload))
+            for f in futures:
+                assert f.fetch(timeout=120) is None
+            for w in (a, b):
+                assert pydist.remotecall_fetch(recorded, w, ("arrived", ("threads", k))) == list(range(150))
+                assert sorted(pydist.remotecall_fetch(recorded, w, ("threads", k))) == list(range(150))
+        return run
+
+    def across(src: int, dst: int) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(20):
+                assert pydist.remotecall_fetch(call_on, src, dst, len, bytes(100_000)) == 100_000
+        return run
+
+    assert run_threads([burst(k) for k in range(8)] + [across(a, b), across(b, a)], bound=240) == []
 
 
 # ==================================================================== 8. many round trips

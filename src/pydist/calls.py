@@ -30,7 +30,7 @@ from .exceptions import (
 from .group import PGRP, Worker
 from .joining import PeerRefused, dial_peer
 from .managers import worker_timeout
-from .transport import ConnectionClosed, Connection, SendTimeout, give_back_lent_role
+from .transport import ConnectionClosed, Connection, SendTimeout, flush_soon, give_back_lent_role
 
 log = logging.getLogger(__name__)
 
@@ -383,12 +383,13 @@ WAIT_SLICE = 0.1
 def acquire(lock: Any, timeout: float | None = None) -> bool:
     """`lock.acquire(timeout=timeout)` (None: no bound) that an interrupt reaches: inside a
     remote call it waits in slices of WAIT_SLICE; elsewhere it is a plain acquire."""
-    if threading.get_ident() not in _running:
-        return lock.acquire(True, -1 if timeout is None else max(timeout, 0))
     if lock.acquire(False):
         return True
     if timeout is not None and timeout <= 0:
         return False
+    flush_soon()  # about to wait: what it waits for may follow a call still queued here
+    if threading.get_ident() not in _running:
+        return lock.acquire(True, -1 if timeout is None else timeout)
     give_back_lent_role()  # about to wait: the frames behind this call need not
     return _sliced(lambda t: lock.acquire(True, t), timeout)
 
@@ -630,7 +631,7 @@ def remote_do_internal(pid: int, f: Callable, args: tuple = (), kwargs: dict | N
     conn = connection(pid)
     chunks = pack(pid, protocol.REMOTE_DO, (f, args, kwargs or _EMPTY), what=f)
     try:
-        conn.send(chunks)
+        conn.send_soon(chunks)
     except ConnectionClosed:
         raise exited(pid) from None
 

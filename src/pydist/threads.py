@@ -168,6 +168,7 @@ class _Poller:
         self.modify = self._epoll.modify
         # connection -> when its `_on_timer` runs; set and run by the poller thread only
         self._timers: dict[Any, float] = {}
+        self._incoming: list[tuple[Any, float]] = []  # timers set by other threads (`call_soon`)
 
     def register(self, conn: Any) -> None:
         with self._lock:
@@ -191,6 +192,13 @@ class _Poller:
         """Poller thread only: run `conn._on_timer(now)` in this thread at `when` (monotonic
         seconds), replacing an earlier timer of `conn`."""
         self._timers[conn] = when
+
+    def call_soon(self, owner: Any, when: float) -> None:
+        """Any thread: run `owner._on_timer(now)` in the poller thread at `when` (as
+        `call_at`; it wakes the poller thread)."""
+        with self._lock:
+            self._incoming.append((owner, when))
+        self._wake_thread()
 
     def stop(self, timeout: float) -> bool:
         """Stop and join the poller thread; False if it did not end within `timeout`."""
@@ -229,6 +237,7 @@ class _Poller:
                 if fd == wake:
                     if self._stopping:
                         return
+                    self._take_incoming()
                     continue
                 conn = self._conns.get(fd)
                 if conn is None:
@@ -237,6 +246,17 @@ class _Poller:
                     conn._on_events(ev)
                 except BaseException:
                     log.exception("pydist: internal error on %s", conn.name)
+
+    def _take_incoming(self) -> None:
+        """Poller thread: the wake pipe was written: empty it, and adopt the timers that
+        other threads set (`call_soon`)."""
+        with contextlib.suppress(OSError):
+            while os.read(self._wake_r, 512):
+                pass
+        with self._lock:
+            for owner, when in self._incoming:
+                self._timers[owner] = min(when, self._timers.get(owner, when))
+            self._incoming.clear()
 
     def _run_timers(self, now: float) -> None:
         for conn, when in list(self._timers.items()):

@@ -69,6 +69,13 @@ MAX_DEFERRED_REPLIES = 64
 # A request at most this large takes its connection's reading role before it is sent
 # (`Connection.send_request`); a larger one is sent with back-pressure first.
 REQUEST_READ_FIRST = 64 * 1024
+# Calls that nobody waits for yet, sent in a burst (`Connection.send_soon`): one sent within
+# BURST_GAP seconds of the last such call of this process may wait in its connection's queue,
+# up to MAX_SOON of them per connection and SOON_TICK seconds (frames up to SOON_MAX_BYTES).
+BURST_GAP = 200e-6
+MAX_SOON = 16
+SOON_TICK = 0.002
+SOON_MAX_BYTES = 16 * 1024
 
 
 class ConnectionClosed(ConnectionError):
@@ -359,6 +366,66 @@ def _reading() -> bool:
     return getattr(_tls, "reading", False)
 
 
+class _SoonFrames:
+    """The connections holding calls that `Connection.send_soon` let wait, and their bound:
+    the poller thread writes them every SOON_TICK seconds while there are any."""
+
+    name = "calls sent in a burst"  # (for the poller's log)
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._lock = threading.Lock()
+        self._conns: set[Connection] = set()
+        self._ticking = False  # a poller timer is set
+        self._last = 0.0  # when this process last sent a call nobody waits for
+
+    def in_burst(self, now: float) -> bool:
+        """Whether a call sent `now` follows the last one closely (and note it)."""
+        last, self._last = self._last, now
+        return now - last < BURST_GAP
+
+    def add(self, conn: "Connection") -> None:
+        """`conn` holds calls that wait: have the poller write them within SOON_TICK."""
+        with self._lock:
+            self._conns.add(conn)
+            if self._ticking:
+                return
+            self._ticking = True
+        conn._poller.call_soon(self, time.monotonic() + SOON_TICK)  # type: ignore[union-attr]
+
+    def flush(self) -> None:
+        """Write every waiting call now."""
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for conn in conns:
+            conn.flush()
+
+    def _on_timer(self, now: float) -> None:
+        """Poller thread: write what waits; look again in SOON_TICK while bursts go on."""
+        with self._lock:
+            conns, self._conns = self._conns, set()
+            if not conns:
+                self._ticking = False
+        for conn in conns:
+            conn.flush()
+        if conns:
+            conns.pop()._poller.call_at(self, now + SOON_TICK)  # type: ignore[union-attr]
+
+
+_SOON = _SoonFrames()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_SOON._reset)  # (its lock may be held in the parent)
+
+
+def flush_soon() -> None:
+    """Write the calls `Connection.send_soon` let wait: a thread about to wait for a reply
+    calls this (the call it waits for may be among them)."""
+    if _SOON._conns:
+        _SOON.flush()
+
+
 class _Frame:
     """A frame in a connection's send queue: the byte chunks not written yet."""
 
@@ -432,6 +499,7 @@ class Connection:
         self._sent = threading.Condition(threading.Lock())  # senders waiting for their frame
         self._send_waiters = 0
         self._writers = 0  # senders writing the queue themselves (`_wait_written`)
+        self._soon = 0  # the queue holds only calls that `send_soon` let wait: how many
         self._broken: BaseException | None = None  # the write error that lost the stream
         # Receiving.
         self._role = threading.Lock()
@@ -545,6 +613,32 @@ class Connection:
         if wait and not _reading():
             self._wait_written(frame, timeout)
 
+    def send_soon(self, chunks: list) -> None:
+        """Send a call that nobody waits for yet (`remotecall`, `remote_do`): as `send`, but
+        while this process sends such calls in a burst (each within BURST_GAP of the last),
+        a small one may wait in the queue to leave with the next ones to the same peer, so
+        that up to MAX_SOON calls cost one system call here and one wake-up there. They
+        leave with any other frame to that peer, when any thread here is about to wait for
+        a reply (`flush_soon`), and at the latest about SOON_TICK seconds later (the
+        poller). Calls to one peer keep their order."""
+        if (_SOON.in_burst(time.monotonic()) and self._poller is not None and len(chunks) == 1
+                and len(chunks[0]) <= SOON_MAX_BYTES and not _reading()):
+            with self._send_lock:
+                if self.closed:
+                    raise ConnectionClosed(f"connection to {self.name} is closed")
+                waiting = self._soon
+                if len(self._outq) == waiting < MAX_SOON:  # (not behind a full socket)
+                    self._outq.append(_Frame(chunks))
+                    self._soon = waiting + 1
+                    if waiting:
+                        return
+                else:
+                    waiting = -1
+            if waiting == 0:
+                _SOON.add(self)
+                return
+        self.send(chunks)
+
     def _share(self, chunks: list) -> list:
         """The frame's chunks with its large buffers in the shared-memory arena, where the
         peer takes them from there (`sharedmem`); a frame in one chunk has no buffers."""
@@ -590,6 +684,7 @@ class Connection:
         take stays queued and the poller is asked to write it when the socket drains."""
         queue = self._outq
         finished = False
+        self._soon = 0
         while queue:
             if self.closed or self._broken is not None:
                 queue.clear()
@@ -1096,6 +1191,7 @@ class Connection:
         and after `timeout` seconds (then it waits in `poll` and reads without blocking). A
         thread blocked here wakes up when anything arrives: `poke` makes the peer send.
         `held`: this thread already holds the reading role (`send_request`)."""
+        flush_soon()
         if not held and (self._poller is None or is_done() or not self._take_role()):
             return
         try:
@@ -1142,6 +1238,7 @@ class Connection:
         is readable (another thread's signal: look again), if nobody else reads it; calls
         read meanwhile go to the pool. False at once if another thread reads it or it is
         dead. Bounded by the signal, as a condition wait is; `poke` wakes it as well."""
+        flush_soon()
         if self._poller is None or self.closed or not self._take_role():
             return False
         try:
