@@ -620,20 +620,22 @@ class Connection:
         that up to MAX_SOON calls cost one system call here and one wake-up there. They
         leave with any other frame to that peer, when any thread here is about to wait for
         a reply (`flush_soon`), and at the latest about SOON_TICK seconds later (the
-        poller). Calls to one peer keep their order."""
+        poller). Calls to one peer keep their order. (With the send lock busy, another
+        thread writes: the call goes as `send` sends it.)"""
+        lock = self._send_lock
         if (_SOON.in_burst(time.monotonic()) and self._poller is not None and len(chunks) == 1
-                and len(chunks[0]) <= SOON_MAX_BYTES and not _reading()):
-            with self._send_lock:
-                if self.closed:
-                    raise ConnectionClosed(f"connection to {self.name} is closed")
+                and len(chunks[0]) <= SOON_MAX_BYTES and not _reading() and lock.acquire(False)):
+            try:
                 waiting = self._soon
-                if len(self._outq) == waiting < MAX_SOON:  # (not behind a full socket)
+                if self.closed or not len(self._outq) == waiting < MAX_SOON:
+                    waiting = -1  # (closed, behind a full socket, or enough waiting: send)
+                else:
                     self._outq.append(_Frame(chunks))
                     self._soon = waiting + 1
-                    if waiting:
-                        return
-                else:
-                    waiting = -1
+            finally:
+                lock.release()
+            if waiting > 0:
+                return
             if waiting == 0:
                 _SOON.add(self)
                 return
