@@ -393,7 +393,7 @@ class _SoonFrames:
             if self._ticking:
                 return
             self._ticking = True
-        conn._poller.call_soon(self, time.monotonic() + SOON_TICK)  # type: ignore[union-attr]
+        _get_poller().call_soon(self, time.monotonic() + SOON_TICK)  # type: ignore[union-attr]
 
     def flush(self) -> None:
         """Write every waiting call now."""
@@ -411,7 +411,7 @@ class _SoonFrames:
         for conn in conns:
             conn.flush()
         if conns:
-            conns.pop()._poller.call_at(self, now + SOON_TICK)  # type: ignore[union-attr]
+            _get_poller().call_at(self, now + SOON_TICK)  # type: ignore[union-attr]
 
 
 _SOON = _SoonFrames()
