@@ -1094,7 +1094,12 @@ def test_waiting_for_a_reply_first_sends_the_calls_left_waiting(fresh_workers, m
                                lambda k: futures.__setitem__(k, pydist.remotecall(identity, w, k)))
     assert futures[k].fetch(timeout=30) == k
     assert conn._soon == 0
+
+
+@pytest.mark.timeout(120)
 def test_a_call_left_waiting_for_a_worker_that_died_fails_its_future(fresh_workers):
+    """Calls sent in a burst to a worker just killed (some left waiting, as the loss is not
+    known yet) all fail with ProcessExitedException; none hangs."""
     w = fresh_workers(1)[0]
     conn = connection(w)
     os.kill(worker_ospid(w), signal.SIGKILL)
