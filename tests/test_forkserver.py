@@ -295,6 +295,24 @@ def test_fork_server_death_is_survived(fresh_workers):
     assert time.monotonic() - t0 < 20
 
 
+def test_a_template_that_died_unnoticed_is_replaced_not_spawned_around(fresh_workers):
+    """The template died, and the thread reading its control socket has not seen the end
+    yet (its flag is set back here, as it is in that window on a busy machine): the next
+    addprocs still starts a new template rather than falling back to fresh interpreters."""
+    from pydist.managers import forkserver
+
+    (w,) = fresh_workers(1, start_method="forkserver")
+    server = pydist.remotecall_fetch(os.getppid, w)
+    os.kill(server, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(server), timeout=10, what="the fork server killed")
+    wait_until(lambda: forkserver._server.closed, timeout=10, what="its socket's end read")
+    forkserver._server.closed = False
+    (new,) = fresh_workers(1, start_method="forkserver")
+    facts = pydist.remotecall_fetch(_facts, new)
+    _started_by("forkserver", facts)
+    assert facts["ppid"] != server
+
+
 def test_the_fork_server_is_the_default_and_spawn_an_opt_out(fresh_workers, monkeypatch):
     monkeypatch.delenv("PYDIST_START_METHOD", raising=False)
     assert LocalManager(1).start_method == "forkserver"

@@ -147,6 +147,11 @@ class _Server:
                 self.closed = True
                 self.changed.notify_all()
 
+    def alive(self) -> bool:
+        """The template still runs: its control socket is open and the process has not
+        exited (the reader may not have seen the end of the socket yet)."""
+        return not self.closed and self.proc.poll() is None
+
     def submit(self, request: dict, out_fd: int) -> int:
         """Ask the template to fork a worker; the request's number, for `result`."""
         with self.send_lock:
@@ -241,7 +246,7 @@ def unsuitable(exename: str, exeflags: list[str], env: dict[str, str]) -> str | 
 def _get_server(env: dict[str, str]) -> _Server:
     global _server, _failed
     with _lock:
-        if _server is not None and not _server.closed:
+        if _server is not None and _server.alive():
             return _server
         if _server is not None:
             _server.stop(1.0)
