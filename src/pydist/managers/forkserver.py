@@ -214,6 +214,9 @@ class _Server:
             self.proc.wait(5)
         self.reader.join(timeout)
         self.sock.close()
+        with self.changed:  # (as the reader does at the end of the socket: it may not have yet)
+            self.closed = True
+            self.changed.notify_all()
         log.debug("fork server stopped")
 
 
