@@ -395,22 +395,20 @@ class _SoonFrames:
             self._ticking = True
         _get_poller().call_soon(self, time.monotonic() + SOON_TICK)  # type: ignore[union-attr]
 
-    def flush(self) -> None:
-        """Write every waiting call now."""
+    def flush(self, on_tick: bool = False) -> bool:
+        """Write every waiting call now; whether there were any. `on_tick` (the poller's
+        timer): if there were none, the tick stops."""
         with self._lock:
             conns, self._conns = self._conns, set()
-        for conn in conns:
-            conn.flush()
-
-    def _on_timer(self, now: float) -> None:
-        """Poller thread: write what waits; look again in SOON_TICK while bursts go on."""
-        with self._lock:
-            conns, self._conns = self._conns, set()
-            if not conns:
+            if on_tick and not conns:
                 self._ticking = False
         for conn in conns:
             conn.flush()
-        if conns:
+        return bool(conns)
+
+    def _on_timer(self, now: float) -> None:
+        """Poller thread: write what waits; look again in SOON_TICK while bursts go on."""
+        if self.flush(on_tick=True):
             _get_poller().call_at(self, now + SOON_TICK)  # type: ignore[union-attr]
 
 
@@ -626,18 +624,16 @@ class Connection:
         if (_SOON.in_burst(time.monotonic()) and self._poller is not None and len(chunks) == 1
                 and len(chunks[0]) <= SOON_MAX_BYTES and not _reading() and lock.acquire(False)):
             try:
-                waiting = self._soon
-                if self.closed or not len(self._outq) == waiting < MAX_SOON:
-                    waiting = -1  # (closed, behind a full socket, or enough waiting: send)
-                else:
+                waiting = self._soon  # (not closed, not behind a full socket, room left)
+                held = not self.closed and len(self._outq) == waiting < MAX_SOON
+                if held:
                     self._outq.append(_Frame(chunks))
                     self._soon = waiting + 1
             finally:
                 lock.release()
-            if waiting > 0:
-                return
-            if waiting == 0:
-                _SOON.add(self)
+            if held:
+                if not waiting:
+                    _SOON.add(self)
                 return
         self.send(chunks)
 
