@@ -126,11 +126,90 @@ def test_free_memory_beyond_keep_warm_is_given_back(monkeypatch):
         assert sharedmem._warm_free - warm_before == 2 * MB
         arena.trim(time.monotonic() + sharedmem.IDLE_SECONDS)  # idle: all given back
         assert sharedmem._warm_free == warm_before
-        assert arena._free == [[0, arena.capacity, False]], arena._free
+        assert arena._free == [[0, arena.capacity, sharedmem.COLD]], arena._free
     finally:
         peer.close()
         arena.close()
     assert sharedmem._warm_free == warm_before
+
+
+def _level_at(arena, off):
+    return next(level for start, _, level in arena._free if start == off)
+
+
+def test_each_region_is_written_the_cheapest_way_for_its_memory(monkeypatch):
+    """A region with no memory behind it is written with pwrite (in the kernel, no page
+    faults), then mapped in at its next use, then copied into directly: the data arrives
+    intact each way, and the region is the same each time."""
+    pwrites = []
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(sharedmem.os, "pwrite",
+                        lambda fd, data, off: pwrites.append(off) or real_pwrite(fd, data, off))
+    warm_before = sharedmem._warm_free
+    arena, peer = _arena_pair()
+    try:
+        n = 2 * sharedmem.COPY_STEP + 100  # three slices
+        levels, offsets, writes = [], [], []
+        for seed in range(4):
+            data = np.random.default_rng(seed).bytes(n)
+            slot, off = arena.put(memoryview(data))
+            writes.append(len(pwrites))
+            buf = peer.buffer(slot, off, n)
+            assert bytes(buf) == data, f"transfer {seed} corrupted"
+            del buf
+            gc.collect()
+            assert arena.in_use() == 0
+            levels.append(_level_at(arena, off))
+            offsets.append(off)
+        assert writes == [3, 3, 3, 3], "only the cold region is written with pwrite"
+        assert levels == [sharedmem.ALLOCATED, sharedmem.MAPPED, sharedmem.MAPPED,
+                          sharedmem.MAPPED]
+        assert offsets == [offsets[0]] * 4, "the region is reused"
+    finally:
+        peer.close()
+        arena.close()
+    assert sharedmem._warm_free == warm_before
+
+
+def test_a_region_that_cannot_be_written_is_given_back(monkeypatch):
+    """pwrite fails (no memory left for the arena: ENOSPC): the buffer goes through the
+    socket (put says None), and the region and its slot are free again."""
+    real_pwrite = os.pwrite
+
+    def full(fd, data, off):
+        raise OSError(28, "No space left on device")
+
+    arena = sharedmem.Arena()
+    try:
+        monkeypatch.setattr(sharedmem.os, "pwrite", full)
+        assert arena.put(memoryview(bytes(2 * MB))) is None
+        assert arena.in_use() == 0 and len(arena._free) == 1
+        monkeypatch.setattr(sharedmem.os, "pwrite", real_pwrite)
+        assert arena.put(memoryview(bytes(2 * MB))) is not None
+    finally:
+        arena.close()
+
+
+def test_an_arena_closed_during_a_copy_keeps_its_descriptor_until_the_copy_ends(monkeypatch):
+    """The connection closes while a sender writes into its arena with pwrite (the GIL is
+    free then): the descriptor must stay the arena's until that write is done, never a
+    number that another open could take meanwhile; the last copier closes it."""
+    arena = sharedmem.Arena()
+    fd, inode = arena.fd, os.fstat(arena.fd).st_ino
+    real_pwrite = os.pwrite
+    seen = []
+
+    def pwrite(f, data, off):
+        if not seen:
+            arena.close()
+        seen.append(os.fstat(f).st_ino)
+        return real_pwrite(f, data, off)
+
+    monkeypatch.setattr(sharedmem.os, "pwrite", pwrite)
+    assert arena.put(memoryview(bytes(2 * sharedmem.COPY_STEP))) is None, "closed meanwhile"
+    assert seen == [inode, inode], "a slice was written through another descriptor"
+    gone = not os.path.exists(f"/proc/self/fd/{fd}") or os.fstat(fd).st_ino != inode
+    assert gone, "the arena's descriptor was never closed"
 
 
 def test_shared_buffers_are_checked_before_use(tmp_path):
