@@ -87,10 +87,12 @@ class Sizes:
     scale: int = 128
     pingpong: int = 1000
     w5_reps: int = 3
+    w3_reps: int = 5
 
 
 FULL = Sizes()
-QUICK = Sizes(calls=200, warm_calls=20, reps=1, tasks=1000, mb=10, sleeps=40, scale=16, pingpong=100, w5_reps=1)
+QUICK = Sizes(calls=200, warm_calls=20, reps=1, tasks=1000, mb=10, sleeps=40, scale=16, pingpong=100, w5_reps=1,
+              w3_reps=2)
 
 
 # ---------------------------------------------------------------- the table's rows
@@ -110,6 +112,8 @@ METRICS = [
     Metric("W2", "batched_tps", "W2 {tasks:,} tiny tasks, batched map (tasks/s)", "tasks/s", "higher"),
     Metric("W3", "to_MBps", "W3 {mb} MB array to a worker, summed there (MB/s)", "MB/s", "higher"),
     Metric("W3", "from_MBps", "W3 {mb} MB array from a worker, created there (MB/s)", "MB/s", "higher"),
+    Metric("W3", "to_worst_MBps", "W3 to a worker, worst of {w3_reps} repetitions (MB/s)", "MB/s", "higher"),
+    Metric("W3", "from_worst_MBps", "W3 from a worker, worst of {w3_reps} repetitions (MB/s)", "MB/s", "higher"),
     Metric("W4", "seconds", "W4 map of {sleeps} x 10 ms sleeps (s)", "s", "lower"),
     Metric("W4", "efficiency", "W4 efficiency vs the {ideal:.2f} s ideal (%)", "%", "higher"),
     Metric("W4", "ceiling", "W4 ceiling: the same sleeps back to back in one task per worker (%)",
@@ -228,22 +232,31 @@ def w3(s, z):
         s.to_worker(a[:1000])
         s.from_worker(1000)
 
+        def spread(key, transfer, check):
+            """Best and worst of the repetitions, every one in the details (the first,
+            on buffers not used yet, is in the worst)."""
+            rates = []
+            for _ in range(z.w3_reps):
+                dt, got = timed(transfer)
+                check(got)
+                del got
+                rates.append(z.mb / dt)
+            return {f"{key}_MBps": max(rates), f"{key}_worst_MBps": min(rates), f"detail_{key}_MBps": rates}
+
+        def sum_is_n(got):
+            assert got == n, f"sum {got} != {n}"
+
+        def same_size(got):
+            assert got.nbytes == a.nbytes
+
         def to():
-            best = min(timed(s.to_worker, a) for _ in range(z.reps))  # (seconds, result)
-            assert best[1] == n, f"sum {best[1]} != {n}"
-            return {"to_MBps": z.mb / best[0]}
+            return spread("to", lambda: s.to_worker(a), sum_is_n)
 
         def back():
-            best = float("inf")
-            for _ in range(z.reps):
-                dt, b = timed(s.from_worker, n)
-                assert b.nbytes == a.nbytes
-                del b
-                best = min(best, dt)
-            return {"from_MBps": z.mb / best}
+            return spread("from", lambda: s.from_worker(n), same_size)
 
-        attempt(out, ["to_MBps"], to)
-        attempt(out, ["from_MBps"], back)
+        attempt(out, ["to_MBps", "to_worst_MBps"], to)
+        attempt(out, ["from_MBps", "from_worst_MBps"], back)
     return out
 
 
@@ -644,7 +657,7 @@ def render(opts, info, order, status, results, wall, leftovers):
             f"{d} {v[d] or 'not installed'}" for d in ("loky", "dask", "distributed", "ray", "ipyparallel", "numpy",
                                                          "cloudpickle")),
         f"- {WORKERS} workers per system (W6: {z.scale}); medians of {z.reps} repetition(s) (W2, W4, W7: fewer"
-        f" when they would take over {REP_BUDGET:.0f} s), W3 the best of them; W5 the median of {z.w5_reps} fresh"
+        f" when they would take over {REP_BUDGET:.0f} s); W3 the best and the worst of {z.w3_reps}; W5 the median of {z.w5_reps} fresh"
         f" process(es); bounds: {opts.workload_timeout:.0f} s per workload, {opts.system_timeout:.0f} s for W1-W4+W7"
         f" of a system, {opts.w5_timeout:.0f} s per W5 process, {opts.w6_timeout:.0f} s for W6",
         "",
