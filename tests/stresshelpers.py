@@ -72,3 +72,34 @@ def master_arena_in_use() -> int:
 
     arena = PGRP.workers[1].conn.arena
     return -1 if arena is None else arena.in_use()
+
+
+def master_arena_warm() -> bool:
+    """Whether this worker's arena for the master has a warm region and none warming."""
+    from pydist.group import PGRP
+
+    arena = PGRP.workers[1].conn.arena
+    if arena is None or arena._warming:
+        return False
+    arena.in_use()  # (takes back the regions the master released)
+    return any(w for _, _, w in arena._free)
+
+
+def in_arena(a: np.ndarray) -> bool:
+    """Whether `a`'s data lies in a mapping of a pydist shared-memory arena (it came through
+    shared memory, not the socket)."""
+    from pydist import sharedmem
+
+    addr = a.__array_interface__["data"][0]
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if lo <= addr < hi:
+                return len(fields) > 5 and fields[5].startswith(f"/memfd:{sharedmem.NAME}")
+    return False
+
+
+def sum_and_where(a: np.ndarray) -> tuple[float, bool]:
+    """The sum of `a`, and whether it came through shared memory."""
+    return float(a.sum()), in_arena(a)

@@ -17,7 +17,8 @@ from pydist.exceptions import ProtocolError
 from pydist.group import PGRP
 
 from conftest import wait_until
-from stresshelpers import make_array, master_arena_in_use, scribble
+from stresshelpers import (in_arena, make_array, master_arena_in_use, master_arena_warm,
+                           scribble, sum_and_where)
 
 MB = 1 << 20
 
@@ -126,90 +127,132 @@ def test_free_memory_beyond_keep_warm_is_given_back(monkeypatch):
         assert sharedmem._warm_free - warm_before == 2 * MB
         arena.trim(time.monotonic() + sharedmem.IDLE_SECONDS)  # idle: all given back
         assert sharedmem._warm_free == warm_before
-        assert arena._free == [[0, arena.capacity, sharedmem.COLD]], arena._free
+        assert arena._free == [[0, arena.capacity, False]], arena._free
     finally:
         peer.close()
         arena.close()
     assert sharedmem._warm_free == warm_before
 
 
-def _level_at(arena, off):
-    return next(level for start, _, level in arena._free if start == off)
+def _warm_blocks(arena):
+    return [(off, n) for off, n, warm in arena._free if warm]
 
 
-def test_each_region_is_written_the_cheapest_way_for_its_memory(monkeypatch):
-    """A region with no memory behind it is written with pwrite (in the kernel, no page
-    faults), then mapped in at its next use, then copied into directly: the data arrives
-    intact each way, and the region is the same each time."""
-    pwrites = []
-    real_pwrite = os.pwrite
-    monkeypatch.setattr(sharedmem.os, "pwrite",
-                        lambda fd, data, off: pwrites.append(off) or real_pwrite(fd, data, off))
+def _warm_up_ended(arena):
+    return lambda: not arena._warming
+
+
+@pytest.mark.timeout(60)
+def test_a_large_buffer_goes_through_the_socket_until_a_region_is_warm():
+    """Fresh arena memory costs more to copy into than the socket: a large buffer with no
+    warm region is refused (it goes through the socket) while a region of its size is made
+    warm in the background; the next one goes into that region, intact; small buffers
+    still use fresh memory at once."""
+    n = sharedmem.WARM_AHEAD_MIN + 100
     warm_before = sharedmem._warm_free
     arena, peer = _arena_pair()
     try:
-        n = 2 * sharedmem.COPY_STEP + 100  # three slices
-        levels, offsets, writes = [], [], []
-        for seed in range(4):
+        first = np.random.default_rng(1).bytes(n)
+        assert arena.put(memoryview(first)) is None, "fresh memory was copied into"
+        wait_until(_warm_up_ended(arena), what="the warm-up")
+        assert _warm_blocks(arena) == [(0, sharedmem._round(n))]
+        assert sharedmem._warm_free - warm_before == sharedmem._round(n)
+        for seed in range(3):  # the warm region, each time (released in between)
             data = np.random.default_rng(seed).bytes(n)
             slot, off = arena.put(memoryview(data))
-            writes.append(len(pwrites))
+            assert off == 0
             buf = peer.buffer(slot, off, n)
             assert bytes(buf) == data, f"transfer {seed} corrupted"
             del buf
             gc.collect()
             assert arena.in_use() == 0
-            levels.append(_level_at(arena, off))
-            offsets.append(off)
-        assert writes == [3, 3, 3, 3], "only the cold region is written with pwrite"
-        assert levels == [sharedmem.ALLOCATED, sharedmem.MAPPED, sharedmem.MAPPED,
-                          sharedmem.MAPPED]
-        assert offsets == [offsets[0]] * 4, "the region is reused"
+        small = os.urandom(2 * MB)  # below WARM_AHEAD_MIN: a fresh region at once
+        slot, off = arena.put(memoryview(small))
+        assert bytes(peer.buffer(slot, off, len(small))) == small
     finally:
         peer.close()
         arena.close()
+    gc.collect()
     assert sharedmem._warm_free == warm_before
 
 
-def test_a_region_that_cannot_be_written_is_given_back(monkeypatch):
-    """pwrite fails (no memory left for the arena: ENOSPC): the buffer goes through the
-    socket (put says None), and the region and its slot are free again."""
-    real_pwrite = os.pwrite
+@pytest.mark.timeout(60)
+def test_a_warm_up_that_finds_no_memory_gives_the_region_back_and_is_not_retried(monkeypatch):
+    """posix_fallocate fails (no memory left for the arena: ENOSPC): the region's memory is
+    freed and nothing counts as warm; large buffers keep going through the socket, with no
+    warm-up tried again."""
+    calls = []
 
-    def full(fd, data, off):
+    def full(fd, off, n):
+        calls.append(off)
         raise OSError(28, "No space left on device")
 
+    monkeypatch.setattr(sharedmem.os, "posix_fallocate", full)
+    warm_before = sharedmem._warm_free
     arena = sharedmem.Arena()
     try:
-        monkeypatch.setattr(sharedmem.os, "pwrite", full)
-        assert arena.put(memoryview(bytes(2 * MB))) is None
-        assert arena.in_use() == 0 and len(arena._free) == 1
-        monkeypatch.setattr(sharedmem.os, "pwrite", real_pwrite)
-        assert arena.put(memoryview(bytes(2 * MB))) is not None
+        for _ in range(3):
+            assert arena.put(memoryview(bytes(sharedmem.WARM_AHEAD_MIN))) is None
+            wait_until(_warm_up_ended(arena), what="the warm-up")
+        assert len(calls) == 1, "the warm-up was tried again"
+        assert arena._free == [[0, arena.capacity, False]], arena._free
+        assert sharedmem._warm_free == warm_before
+        assert arena.put(memoryview(bytes(2 * MB))) is not None, "small buffers still go in"
     finally:
         arena.close()
 
 
-def test_an_arena_closed_during_a_copy_keeps_its_descriptor_until_the_copy_ends(monkeypatch):
-    """The connection closes while a sender writes into its arena with pwrite (the GIL is
-    free then): the descriptor must stay the arena's until that write is done, never a
-    number that another open could take meanwhile; the last copier closes it."""
+@pytest.mark.timeout(60)
+def test_an_arena_closed_during_a_warm_up_keeps_its_descriptor_until_the_warm_up_ends(
+        monkeypatch):
+    """The connection closes while the arena's thread allocates a region (the GIL is free
+    then): the descriptor must stay the arena's until that thread is done with it, never a
+    number that another open could take meanwhile; the thread closes it and stops."""
     arena = sharedmem.Arena()
     fd, inode = arena.fd, os.fstat(arena.fd).st_ino
-    real_pwrite = os.pwrite
+    real = os.posix_fallocate
     seen = []
 
-    def pwrite(f, data, off):
+    def allocate(f, off, n):
         if not seen:
             arena.close()
         seen.append(os.fstat(f).st_ino)
-        return real_pwrite(f, data, off)
+        return real(f, off, n)
 
-    monkeypatch.setattr(sharedmem.os, "pwrite", pwrite)
-    assert arena.put(memoryview(bytes(2 * sharedmem.COPY_STEP))) is None, "closed meanwhile"
-    assert seen == [inode, inode], "a slice was written through another descriptor"
+    monkeypatch.setattr(sharedmem.os, "posix_fallocate", allocate)
+    warm_before = sharedmem._warm_free
+    assert arena.put(memoryview(bytes(sharedmem.WARM_AHEAD_MIN))) is None
+    wait_until(_warm_up_ended(arena), what="the warm-up to stop")
+    assert seen == [inode], "the warm-up went on after the close, or used another descriptor"
     gone = not os.path.exists(f"/proc/self/fd/{fd}") or os.fstat(fd).st_ino != inode
     assert gone, "the arena's descriptor was never closed"
+    assert sharedmem._warm_free == warm_before
+
+
+@pytest.mark.timeout(120)
+def test_large_arrays_move_to_shared_memory_once_a_region_is_warm(fresh_workers):
+    """End to end, both ways: a 24 MB array goes through the socket first (with the offer),
+    and through a warm region of the sender's arena once one is ready; every one arrives
+    intact, wherever it came through."""
+    (w,) = fresh_workers(1)
+    n = 24 * MB
+    to, back = [], []
+    for seed in range(6):
+        a = make_array(n, seed)
+        total, shared = pydist.remotecall_fetch(sum_and_where, w, a)
+        assert total == pytest.approx(a.sum())
+        to.append(shared)
+        b = pydist.remotecall_fetch(make_array, w, n, seed)
+        assert np.array_equal(b, make_array(n, seed)), f"array {seed} corrupted"
+        back.append(in_arena(b))
+        del b
+        gc.collect()
+        if seed == 1:  # each side has asked for a warm region by now: let them be ready
+            wait_until(lambda: not _conn(w).arena._warming, what="the master's warm-up")
+            wait_until(lambda: pydist.remotecall_fetch(master_arena_warm, w),
+                       what="the worker's warm-up")
+    assert to[0] is False and back[0] is False, "the first one makes the offer"
+    assert all(to[2:]) and all(back[2:]), (to, back)
 
 
 def test_shared_buffers_are_checked_before_use(tmp_path):

@@ -14,6 +14,11 @@ receiver references the data any more) or its data has been copied out. The send
 regions whose byte is clear. No message and no lock is involved in a release: it may run
 in any thread, in a finalizer, at interpreter exit.
 
+Memory the arena has not used yet is slow to copy into (4 KiB pages allocated, zeroed and
+mapped one by one, where a socket's receiver gets fresh huge pages): a buffer of
+`WARM_AHEAD_MIN` bytes or more that finds no used ("warm") region goes through the socket,
+and the arena makes a region of its size warm in the background for the next one.
+
 Negotiation: the first large buffer on a connection goes through the socket, preceded by a
 SHARE_OFFER (pid, descriptor, capacity, token). The receiver opens
 `/proc/<pid>/fd/<descriptor>`, checks that it is a sealed pydist arena of its own user that
@@ -34,7 +39,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any
+from typing import Any, Callable
 
 from . import protocol
 from .exceptions import ProtocolError
@@ -55,15 +60,11 @@ TOKEN_LEN = 16
 # A buffer is copied into the arena this much at a time: the GIL is free in between (a
 # long copy would keep the heartbeat from answering).
 COPY_STEP = 4 << 20
-# What a free region of the arena costs to copy into (its `level`), cheapest last:
-#  COLD: no memory behind it. Written with `pwrite` (allocation and copy in the kernel, the
-#        GIL free), about half the time of a copy through the mapping, which would also
-#        fault every page into it (100 MB: ~50 ms against ~100 ms here).
-#  ALLOCATED: memory behind it, not yet in the sender's mapping. Mapped in with one
-#        MADV_POPULATE_WRITE, then copied through the mapping (~42 ms against ~58 ms
-#        through the faults), which makes it:
-#  MAPPED: copied through the mapping, no fault at all (~13 ms).
-COLD, ALLOCATED, MAPPED = 0, 1, 2
+# A buffer at least this large that finds no warm region goes through the socket, while a
+# region of its size is made warm in the background (`Arena._warm`): 100 MB into fresh arena
+# memory took ~100 ms, through the socket ~45 ms, into a warm region ~13 ms. Below it the
+# difference is a millisecond or two, and the buffer is copied into a fresh region at once.
+WARM_AHEAD_MIN = 16 << 20
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 # Without `trackfd` (Python < 3.13), each mapped region holds a duplicate file descriptor:
 # at most this many are mapped at once, further buffers are copied out of the arena.
@@ -123,11 +124,13 @@ class Arena:
         self.fd = fd
         self.closed = False
         self._lock = threading.Lock()
-        self._free: list[list] = [[0, self.capacity, COLD]]  # [offset, size, level] by offset
-        self._used: dict[int, tuple[int, int, int]] = {}  # slot -> (offset, size, level)
-        self._copying = 0  # puts copying now: `close` leaves the descriptor to the last one
+        self._free: list[list] = [[0, self.capacity, False]]  # [offset, size, warm] by offset
+        self._used: dict[int, tuple[int, int]] = {}  # slot -> (offset, size)
         self._slots = list(range(SLOTS - 1, TOKEN_LEN - 1, -1))  # free slots, lowest last
         self._last_put = time.monotonic()
+        self._warming = False  # a region is being made warm (one at a time)
+        self._warm_failed = False  # that failed (no memory for it): never try again
+        self._users = 0  # warm-ups using the descriptor: `close` leaves it to the last one
 
     def put(self, view: memoryview) -> tuple[int, int] | None:
         """Copy `view` into a free region: (slot, offset), or None if there is no room."""
@@ -140,54 +143,34 @@ class Arena:
             self._reclaim()
             if not self._slots:
                 return None
-            found = self._alloc(size)
-            if found is None:
+            off = self._alloc(size, cold_ok=size < WARM_AHEAD_MIN)
+            if off is None:
+                self._warm_ahead(size)
                 return None
-            off, level = found
             slot = self._slots.pop()
-            self._used[slot] = (off, size, ALLOCATED if level == COLD else MAPPED)
+            self._used[slot] = (off, size)
             self.map[slot] = 1
-            self._copying += 1
-        copied = False
+        base = SLOTS + off
         try:
-            self._copy(view, SLOTS + off, level)
-            copied = True
-        except (ValueError, OSError):  # closed meanwhile: the connection is gone
-            pass
-        finally:
-            with self._lock:
-                self._copying -= 1
-                closed = self.closed
-                if closed and not self._copying:
-                    os.close(self.fd)
-                elif not copied and not closed:  # no memory for it (ENOSPC): give it back
-                    with contextlib.suppress(OSError):
-                        self.map.madvise(mmap.MADV_REMOVE, SLOTS + off, size)
-                    self._used[slot] = (off, size, COLD)
-                    self.map[slot] = 0
-        return (slot, off) if copied and not closed else None
+            for i in range(0, n, COPY_STEP):  # memcpy under the GIL, a slice at a time
+                j = min(n, i + COPY_STEP)
+                self.map[base + i : base + j] = view[i:j]
+        except ValueError:  # closed meanwhile: the connection is gone
+            return None
+        return None if self.closed else (slot, off)
 
-    def _copy(self, view: memoryview, base: int, level: int) -> None:
-        """Copy `view` to `base` in the arena, the cheapest way for a region at `level`,
-        a slice at a time (see COLD)."""
-        n = view.nbytes
-        for i in range(0, n, COPY_STEP):
-            j = min(n, i + COPY_STEP)
-            if level == COLD:
-                os.pwrite(self.fd, view[i:j], base + i)  # (the descriptor outlives us)
-                continue
-            if level == ALLOCATED:
-                try:
-                    self.map.madvise(_MADV_POPULATE_WRITE, base + i, j - i)
-                except OSError:  # an older kernel: the copy faults the pages in
-                    level = MAPPED
-            self.map[base + i : base + j] = view[i:j]
+    def expect(self, n: int) -> None:
+        """A buffer of `n` bytes will likely come (the one that made the offer went through
+        the socket): have a warm region ready for it, if it is large."""
+        with self._lock:
+            if not self.closed and n >= WARM_AHEAD_MIN:
+                self._warm_ahead(_round(n))
 
     def in_use(self) -> int:
         """Bytes of regions not released yet (sent, or still mapped by the receiver)."""
         with self._lock:
             self._reclaim()
-            return sum(size for _, size, _ in self._used.values())
+            return sum(size for _, size in self._used.values())
 
     def trim(self, now: float) -> None:
         """Take back released regions; after IDLE_SECONDS without a send, give every free
@@ -201,12 +184,12 @@ class Arena:
                 return
             cooled = 0
             for block in self._free:
-                if block[2] != COLD:
+                if block[2]:
                     try:
                         self.map.madvise(mmap.MADV_REMOVE, SLOTS + block[0], block[1])
                     except (OSError, AttributeError):
                         continue
-                    block[2] = COLD
+                    block[2] = False
                     cooled += block[1]
             if cooled:
                 self._merge_all()
@@ -220,10 +203,10 @@ class Arena:
             if self.closed:
                 return
             self.closed = True
-            warm = sum(size for _, size, level in self._free if level != COLD)
+            warm = sum(size for _, size, w in self._free if w)
             self._free = []
-            self.map.close()
-            if not self._copying:  # else the last put closes it: a `pwrite` may be under way
+            if not self._users:  # else the warm-up closes them (it may be using them now)
+                self.map.close()
                 os.close(self.fd)
         with _lock:
             _warm_free -= warm
@@ -233,23 +216,19 @@ class Arena:
         """Take back the regions whose slot the receiver cleared."""
         m = self.map
         for slot in [s for s in self._used if not m[s]]:
-            off, size, level = self._used.pop(slot)
+            off, size = self._used.pop(slot)
             self._slots.append(slot)
-            self._give_back(off, size, level)
+            self._give_back(off, size)
 
-    def _alloc(self, size: int) -> tuple[int, int] | None:
-        """(offset, level) of a region of `size` bytes: the smallest block that fits of the
-        cheapest level to copy into (see COLD), else the first cold one."""
+    def _alloc(self, size: int, cold_ok: bool = True) -> int | None:
+        """A region of `size` bytes: the smallest warm block that fits, else the first (if
+        `cold_ok`)."""
         global _warm_free
         fits = [i for i, block in enumerate(self._free) if block[1] >= size]
-        if not fits:
+        warm = [i for i in fits if self._free[i][2]]
+        if not warm and not (cold_ok and fits):
             return None
-        level = max(self._free[i][2] for i in fits)
-        if level == COLD:  # (any cold block fits as well: the first keeps the arena dense)
-            pick = fits[0]
-        else:
-            pick = min((i for i in fits if self._free[i][2] == level),
-                       key=lambda i: self._free[i][1])
+        pick = min(warm, key=lambda i: self._free[i][1]) if warm else fits[0]
         block = self._free[pick]
         off = block[0]
         if block[1] == size:
@@ -257,32 +236,104 @@ class Arena:
         else:
             block[0] += size
             block[1] -= size
-        if level != COLD:
+        if block[2]:
             with _lock:
                 _warm_free -= size
-        return off, level
+        return off
 
-    def _give_back(self, off: int, size: int, level: int) -> None:
+    def _warm_ahead(self, size: int) -> None:
+        """Have a thread make a cold region of `size` bytes warm, unless one is at it already
+        or free memory kept warm would exceed KEEP_WARM."""
         global _warm_free
-        if level != COLD:
+        if self._warming or self._warm_failed or any(
+                warm and n >= size for _, n, warm in self._free):
+            return
+        with _lock:
+            if _warm_free + size > KEEP_WARM:
+                return
+            _warm_free += size  # counted from now, as the region will be
+        off = self._alloc(size)  # (no warm block fits, or we would not be here)
+        if off is None:
             with _lock:
-                keep = _warm_free + size <= KEEP_WARM
-                if keep:
+                _warm_free -= size
+            return
+        self._warming = True
+        self._users += 1
+        thread = threading.Thread(target=self._warm, args=(off, size), daemon=True,
+                                  name="pydist-arena-warm")
+        try:
+            thread.start()
+        except RuntimeError:  # interpreter shutdown
+            self._warming = False
+            self._users -= 1
+            self._give_back(off, size, warm=False)
+            with _lock:
+                _warm_free -= size
+
+    def _warm(self, off: int, size: int) -> None:
+        """(Its own thread, owned by the arena: it ends within a step once the arena is
+        closed.) Allocate the region and map it in, a COPY_STEP at a time, with the GIL
+        free and at the lowest priority (nice 19), so that it takes only CPU time nobody
+        else wants (a transfer in progress, first of all): `posix_fallocate` allocates,
+        MADV_POPULATE_WRITE maps into our mapping what a copy would otherwise fault in page
+        by page. Then the region is a free warm block."""
+        global _warm_free
+        done = False
+        try:
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            populate = _populate_function(self.map)
+            for i in range(0, size, COPY_STEP):
+                n = min(COPY_STEP, size - i)
+                if self.closed:
+                    break
+                os.posix_fallocate(self.fd, SLOTS + off + i, n)
+                populate(SLOTS + off + i, n)
+            else:
+                done = True
+        except (OSError, ValueError):  # no memory for it (ENOSPC), or closed meanwhile
+            pass
+        finally:
+            with self._lock:
+                self._users -= 1
+                self._warming = False
+                if self.closed:
+                    if not self._users:
+                        self.map.close()
+                        os.close(self.fd)
+                    done = False
+                elif done:
+                    self._give_back(off, size, warm=True)
+                else:  # never again: such buffers keep going through the socket
+                    self._warm_failed = True
+                    self._give_back(off, size, warm=False)
+            if not done:
+                with _lock:
+                    _warm_free -= size
+
+    def _give_back(self, off: int, size: int, warm: bool | None = None) -> None:
+        """Return a region to the free list: warm if the process keeps that much free
+        memory warm (KEEP_WARM), else its memory is freed. `warm` given: already counted
+        as kept warm (True), or to be freed (False)."""
+        global _warm_free
+        if warm is None:
+            with _lock:
+                warm = _warm_free + size <= KEEP_WARM
+                if warm:
                     _warm_free += size
-            if not keep:
-                level = COLD
-                try:
-                    self.map.madvise(mmap.MADV_REMOVE, SLOTS + off, size)  # free the memory
-                except (OSError, AttributeError):
-                    pass
+        if not warm:
+            try:
+                self.map.madvise(mmap.MADV_REMOVE, SLOTS + off, size)  # free the memory
+            except (OSError, AttributeError):
+                pass
         i = 0
         while i < len(self._free) and self._free[i][0] < off:
             i += 1
-        self._free.insert(i, [off, size, level])
+        self._free.insert(i, [off, size, warm])
         self._merge_all()
 
     def _merge_all(self) -> None:
-        """Merge adjacent free blocks of the same level."""
+        """Merge adjacent free blocks of the same kind (warm or given back)."""
         merged: list[list] = []
         for block in self._free:
             last = merged[-1] if merged else None
@@ -291,6 +342,27 @@ class Arena:
             else:
                 merged.append(block)
         self._free = merged
+
+
+def _populate_function(region: mmap.mmap) -> Callable[[int, int], None]:
+    """`populate(offset, n)`: map `region[offset:offset + n]` in (MADV_POPULATE_WRITE) with
+    the GIL free (`mmap.madvise` holds it); a no-op where that cannot be done (then a copy
+    faults the pages in). `region` must stay open meanwhile."""
+    try:
+        import ctypes
+
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        anchor = ctypes.c_char.from_buffer(region)
+        base = ctypes.addressof(anchor)
+        del anchor  # (an exported buffer would keep `region` from closing)
+    except (ImportError, AttributeError, OSError, TypeError, ValueError):
+        return lambda offset, n: None
+
+    def populate(offset: int, n: int) -> None:
+        madvise(base + offset, n, _MADV_POPULATE_WRITE)  # (an error: the copy faults them in)
+
+    return populate
 
 
 class PeerArena:
@@ -381,6 +453,8 @@ def outgoing(conn: Any, chunks: list) -> list:
         return chunks
     if conn.share_state == 0:
         _offer(conn)
+        if conn.arena is not None:
+            conn.arena.expect(max(memoryview(chunks[i]).nbytes for i in big))
         return chunks
     arena = conn.arena
     if conn.share_state != 2 or arena is None:
