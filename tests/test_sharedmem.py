@@ -142,8 +142,14 @@ def _warm_up_ended(arena):
     return lambda: not arena._warming
 
 
+@pytest.fixture
+def warm_budget(monkeypatch):
+    """Room under KEEP_WARM for this test's warm-ups, whatever other tests' arenas keep."""
+    monkeypatch.setattr(sharedmem, "KEEP_WARM", sharedmem._warm_free + (1 << 30))
+
+
 @pytest.mark.timeout(60)
-def test_a_large_buffer_goes_through_the_socket_until_a_region_is_warm():
+def test_a_large_buffer_goes_through_the_socket_until_a_region_is_warm(warm_budget):
     """Fresh arena memory costs more to copy into than the socket: a large buffer with no
     warm region is refused (it goes through the socket) while a region of its size is made
     warm in the background; the next one goes into that region, intact; small buffers
@@ -177,7 +183,8 @@ def test_a_large_buffer_goes_through_the_socket_until_a_region_is_warm():
 
 
 @pytest.mark.timeout(60)
-def test_a_warm_up_that_finds_no_memory_gives_the_region_back_and_is_not_retried(monkeypatch):
+def test_a_warm_up_that_finds_no_memory_gives_the_region_back_and_is_not_retried(
+        monkeypatch, warm_budget):
     """posix_fallocate fails (no memory left for the arena: ENOSPC): the region's memory is
     freed and nothing counts as warm; large buffers keep going through the socket, with no
     warm-up tried again."""
@@ -204,7 +211,7 @@ def test_a_warm_up_that_finds_no_memory_gives_the_region_back_and_is_not_retried
 
 @pytest.mark.timeout(60)
 def test_an_arena_closed_during_a_warm_up_keeps_its_descriptor_until_the_warm_up_ends(
-        monkeypatch):
+        monkeypatch, warm_budget):
     """The connection closes while the arena's thread allocates a region (the GIL is free
     then): the descriptor must stay the arena's until that thread is done with it, never a
     number that another open could take meanwhile; the thread closes it and stops."""
@@ -230,7 +237,7 @@ def test_an_arena_closed_during_a_warm_up_keeps_its_descriptor_until_the_warm_up
 
 
 @pytest.mark.timeout(120)
-def test_large_arrays_move_to_shared_memory_once_a_region_is_warm(fresh_workers):
+def test_large_arrays_move_to_shared_memory_once_a_region_is_warm(fresh_workers, warm_budget):
     """End to end, both ways: a 24 MB array goes through the socket first (with the offer),
     and through a warm region of the sender's arena once one is ready; every one arrives
     intact, wherever it came through."""

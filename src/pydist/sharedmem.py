@@ -296,7 +296,6 @@ class Arena:
         finally:
             with self._lock:
                 self._users -= 1
-                self._warming = False
                 if self.closed:
                     if not self._users:
                         self.map.close()
@@ -307,9 +306,10 @@ class Arena:
                 else:  # never again: such buffers keep going through the socket
                     self._warm_failed = True
                     self._give_back(off, size, warm=False)
-            if not done:
-                with _lock:
-                    _warm_free -= size
+                if not done:
+                    with _lock:
+                        _warm_free -= size
+                self._warming = False  # (last: whoever sees it sees the rest done)
 
     def _give_back(self, off: int, size: int, warm: bool | None = None) -> None:
         """Return a region to the free list: warm if the process keeps that much free
