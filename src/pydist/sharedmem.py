@@ -266,9 +266,7 @@ class Arena:
         except RuntimeError:  # interpreter shutdown
             self._warming = False
             self._users -= 1
-            self._give_back(off, size, warm=False)
-            with _lock:
-                _warm_free -= size
+            self._drop_warm_up(off, size)
 
     def _warm(self, off: int, size: int) -> None:
         """(Its own thread, owned by the arena: it ends within a step once the arena is
@@ -296,20 +294,25 @@ class Arena:
         finally:
             with self._lock:
                 self._users -= 1
-                if self.closed:
+                if self.closed:  # (its free list is gone: only the count is undone)
                     if not self._users:
                         self.map.close()
                         os.close(self.fd)
-                    done = False
+                    with _lock:
+                        _warm_free -= size
                 elif done:
                     self._give_back(off, size, warm=True)
                 else:  # never again: such buffers keep going through the socket
                     self._warm_failed = True
-                    self._give_back(off, size, warm=False)
-                if not done:
-                    with _lock:
-                        _warm_free -= size
+                    self._drop_warm_up(off, size)
                 self._warming = False  # (last: whoever sees it sees the rest done)
+
+    def _drop_warm_up(self, off: int, size: int) -> None:
+        """A warm-up that will not be: its region goes back freed, and out of the count."""
+        global _warm_free
+        self._give_back(off, size, warm=False)
+        with _lock:
+            _warm_free -= size
 
     def _give_back(self, off: int, size: int, warm: bool | None = None) -> None:
         """Return a region to the free list: warm if the process keeps that much free

@@ -143,9 +143,13 @@ class _Server:
         except (OSError, ValueError):
             pass
         finally:
-            with self.changed:
-                self.closed = True
-                self.changed.notify_all()
+            self._mark_closed()
+
+    def _mark_closed(self) -> None:
+        """The template is gone: waiters for its replies stop waiting."""
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
 
     def alive(self) -> bool:
         """The template still runs: its control socket is open and the process has not
@@ -214,9 +218,7 @@ class _Server:
             self.proc.wait(5)
         self.reader.join(timeout)
         self.sock.close()
-        with self.changed:  # (as the reader does at the end of the socket: it may not have yet)
-            self.closed = True
-            self.changed.notify_all()
+        self._mark_closed()  # (the reader may not have seen the end of the socket yet)
         log.debug("fork server stopped")
 
 
