@@ -184,7 +184,15 @@ def count_reads_while_taking() -> None:
 
     def counted(self, is_done, wake_fd):
         READS_WHILE_TAKING[0] += 1
-        got = original(self, is_done, wake_fd)
+        # The poller may hold the reading role at this instant (reading a heartbeat or a
+        # reference-count frame): the take would then wait as usual, and the test would not
+        # cover a take that reads. So try again until it reads or is done (bounded).
+        deadline = time.monotonic() + 10
+        while True:
+            got = original(self, is_done, wake_fd)
+            if got or is_done() or self.closed or time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
         READS_WHILE_TAKING[1] += got
         return got
 

@@ -349,6 +349,7 @@ MASTER = textwrap.dedent("""
             time.sleep(30)
             os._exit(0)
     print(json.dumps({"workers": pids, "server": server, "child": child}), flush=True)
+    sys.stdin.readline()  # until the test has looked at them (or kills this process)
     if sys.argv[1] == "shutdown":
         pydist.rmprocs(ws[0])
         pydist.shutdown()
@@ -358,8 +359,6 @@ MASTER = textwrap.dedent("""
         except ProcessLookupError:
             print("after shutdown: server gone")
         print("shut down", flush=True)
-    else:
-        sys.stdin.readline()  # until killed
 """)
 
 
