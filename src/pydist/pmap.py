@@ -968,6 +968,28 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
             except Exception:
                 pass  # gone: its calls fail anyway
 
+    def land(slot: _Slot) -> bool:
+        """`slot`'s call has been answered (or has failed): take its outcome. False if it did
+        not run (it was taken back: sent elsewhere, or the map failed)."""
+        nonlocal pending, ran, ran_count
+        pending -= 1
+        if slot.stolen:
+            return False
+        calls = inflight[slot.worker]
+        calls.remove(slot)
+        ended = time.monotonic()
+        ran += ended - started.get(slot.worker, ended)
+        ran_count += 1
+        started[slot.worker] = ended  # the next call queued there starts about now
+        try:
+            results[slot.index] = slot.outcome()
+            progress.update(weight(items[slot.index]))
+        except BaseException as e:
+            failed(slot, e)
+        if slot.worker in lost and not calls:
+            inflight.pop(slot.worker, None)
+        return True
+
     try:
         grow_at = time.monotonic() + _GROW_POLL
         while True:
@@ -999,23 +1021,14 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                 if not has_work():
                     spread()
                 continue
-            pending -= 1
-            if slot.stolen:
-                continue  # it did not run: it was sent elsewhere, or the map failed
-            calls = inflight[slot.worker]
-            calls.remove(slot)
-            ended = time.monotonic()
-            ran += ended - started.get(slot.worker, ended)
-            ran_count += 1
-            started[slot.worker] = ended  # the next call queued there starts about now
-            try:
-                results[slot.index] = slot.outcome()
-                progress.update(weight(items[slot.index]))
-            except BaseException as e:
-                failed(slot, e)
-            if slot.worker in lost and not calls:
-                inflight.pop(slot.worker, None)
-            if not has_work():
+            handled = land(slot)
+            while True:  # those already here too, before the next sends (one wake for all)
+                try:
+                    slot = done.get_nowait()
+                except queue.Empty:
+                    break
+                handled = land(slot) or handled
+            if handled and not has_work():
                 spread()
     finally:
         for w in list(inflight):
@@ -1210,7 +1223,9 @@ def _map_batches(f, items, star, pool, batch_size, on_error, delays, check, nwor
                                 progress, weight=lambda call: len(call[0]),
                                 on_failure=lambda call, e: failed_batch(call[0], e),
                                 depth=BATCH_PIPELINE_DEPTH)
-    results = list(itertools.chain.from_iterable(chunks))
+    results: list = []
+    for chunk in chunks:
+        results.extend(chunk)  # (twice as fast as itertools.chain on a large map)
     if not capture:  # (a failure raised)
         return results
     failed = [i for i, r in enumerate(results) if isinstance(r, _Failed)]
