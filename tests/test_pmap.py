@@ -328,6 +328,60 @@ def test_a_lane_runs_consecutive_elements_in_one_thread(two_workers):
     assert all(len(t) <= 2 for t in threads.values()), threads
 
 
+def test_a_smooth_map_sends_each_next_element_where_the_last_outcome_landed(two_workers,
+                                                                              monkeypatch):
+    """Once a map runs, an outcome that lands (in a connection's reading thread) sends its
+    worker the next element at once: the caller's thread is not woken for each element."""
+    import importlib
+    import threading
+
+    pmap_module = importlib.import_module("pydist.pmap")
+    senders = []
+    original = pmap_module._call_lane
+
+    def recording(*args):
+        senders.append(threading.get_ident())
+        return original(*args)
+
+    monkeypatch.setattr(pmap_module, "_call_lane", recording)
+    assert pmap(square, range(200), pool=WorkerPool(two_workers)) == [x * x for x in range(200)]
+    assert len(senders) == 200
+    caller = threading.get_ident()
+    assert senders[:4] == [caller] * 4  # the first elements: two for each worker
+    assert senders.count(caller) < 100, senders.count(caller)
+
+
+def test_an_element_that_cannot_be_pickled_mid_map_raises_and_loses_nothing(two_workers):
+    """The element is sent from where the outcome before it landed: its SerializationError
+    still reaches the caller at once, and the workers serve the next map in full."""
+    xs = list(range(200))
+    xs[120] = Unpicklable()
+    with pytest.raises(pydist.SerializationError, match="deliberately unpicklable"):
+        pmap(square, xs, pool=WorkerPool(two_workers))
+    assert pmap(square, range(300), pool=WorkerPool(two_workers)) == [x * x for x in range(300)]
+
+
+def digest(data: bytes) -> tuple[int, str]:
+    import hashlib
+
+    return len(data), hashlib.sha1(data).hexdigest()
+
+
+def test_large_elements_sent_from_where_outcomes_land_arrive_intact(two_workers):
+    """Elements larger than the kernel's socket buffers (and below `sharedmem.SHARE_MIN`:
+    they go through the socket), sent while outcomes land (partial writes, finished by the
+    poller; in CI also with 4 KiB buffers), arrive whole and in order, results too."""
+    import hashlib
+
+    from pydist import sharedmem
+
+    size = sharedmem.SHARE_MIN - 4096
+    xs = [bytes([i]) * size + i.to_bytes(4, "big") for i in range(24)]
+    want = [(len(x), hashlib.sha1(x).hexdigest()) for x in xs]
+    assert pmap(digest, xs, pool=WorkerPool(two_workers)) == want
+    assert pmap(bytes, xs, pool=WorkerPool(two_workers)) == xs
+
+
 def test_elements_queued_in_a_lane_are_answered_when_it_closes(two_workers):
     """Elements still queued behind a running one when the map ends get their reply (they
     do not run), so nobody waits for them."""

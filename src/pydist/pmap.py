@@ -761,7 +761,12 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
     if not items:
         return results
     key = f"{myid()}:{next(_lane_ids)}"
-    done: "queue.SimpleQueue[_Slot]" = queue.SimpleQueue()
+    done: "queue.SimpleQueue[_Slot | None]" = queue.SimpleQueue()  # None: look again
+    # The map's state below is the main loop's, but while it waits for `done`, a reading
+    # thread where a call's outcome lands may hold it to send that worker its next element
+    # at once (`landed`); each holds `state` meanwhile.
+    state = threading.Lock()
+    raised: list[BaseException] = []  # what a send in `landed` raised (the main loop raises it)
     inflight: dict[int, list[_Slot]] = {}  # the workers held -> their calls, oldest first
     next_seq: dict[int, int] = {}
     used: set[int] = set()
@@ -802,7 +807,7 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
         g, lead = pool._prepare(w, fn)
         slot = _Slot(index, w, seq, lead)
         try:
-            slot.reply = _call_lane(w, (key, seq, g, (*lead, *items[index])), done.put, slot)
+            slot.reply = _call_lane(w, (key, seq, g, (*lead, *items[index])), landed, slot)
         except SerializationError:
             pool._unprepare(w, fn)  # nothing was sent
             raise
@@ -990,22 +995,56 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
             inflight.pop(slot.worker, None)
         return True
 
+    def landed(slot: _Slot) -> None:
+        """In the thread where `slot`'s outcome lands (it must not block): if the map runs
+        smoothly (a good outcome, elements left, nothing failed) and the main loop waits,
+        take the outcome here and send the worker its next element at once, with no
+        wake-up of the main loop; else hand the slot to the main loop."""
+        if quick and state.acquire(False):  # (False: the main loop, or another thread, works)
+            try:
+                if quick[0](slot):
+                    return
+            finally:
+                state.release()
+        done.put(slot)
+
+    def take_here(slot: _Slot) -> bool:
+        """(`state` held) See `landed`; False: the main loop takes `slot`."""
+        w, reply = slot.worker, slot.reply
+        if (errors or raised or slot.stolen or w in lost or not has_work()
+                or reply is None or isinstance(reply, Future) or not reply.ok):
+            return False
+        try:
+            land(slot)
+            send(w, next_index())
+        except BaseException as e:  # (the element could not be pickled; a progress bar failed)
+            raised.append(e)
+        if raised or unsent:  # (or `w` died as it was sent: its element goes elsewhere)
+            done.put(None)
+        return True
+
+    # (through a list, emptied at the end: `landed` -> `take_here` -> `send` -> `landed` would
+    # be a reference cycle, keeping the map's state for the cyclic collector)
+    quick = [take_here]
+
     try:
         grow_at = time.monotonic() + _GROW_POLL
         while True:
-            # While elements wait, look every _GROW_POLL s for workers that joined the pool.
-            now = time.monotonic()
-            waiting = has_work() or queued()
-            if waiting and now >= grow_at:
-                grow_at = now + _GROW_POLL
-                grow()
-                if not has_work():
-                    spread()
-            if has_work():
-                fill()
-            if not pending:
-                break
-            try:
+            with state:
+                if raised:
+                    raise raised.pop()
+                # While elements wait, look every _GROW_POLL s for workers that joined.
+                now = time.monotonic()
+                waiting = has_work() or queued()
+                if waiting and now >= grow_at:
+                    grow_at = now + _GROW_POLL
+                    grow()
+                    if not has_work():
+                        spread()
+                if has_work():
+                    fill()
+                if not pending:
+                    break
                 # Each call is answered, or fails when its worker is lost. While elements
                 # wait and other users of the pool hold some of its workers, look now and
                 # then for one given back.
@@ -1016,21 +1055,25 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
                 if look_again_at is not None:  # a move declined: look again then
                     until = max(look_again_at - now, 0.0005)
                     wait = until if wait is None else min(wait, until)
-                slot = done.get(timeout=wait)
+            try:
+                slots = [done.get(timeout=wait)]
             except queue.Empty:
-                if not has_work():
-                    spread()
-                continue
-            handled = land(slot)
+                slots = []
             while True:  # those already here too, before the next sends (one wake for all)
                 try:
-                    slot = done.get_nowait()
+                    slots.append(done.get_nowait())
                 except queue.Empty:
                     break
-                handled = land(slot) or handled
-            if handled and not has_work():
-                spread()
+            with state:
+                handled = False
+                for slot in slots:
+                    if slot is not None:
+                        handled = land(slot) or handled
+                if (handled or not slots) and not has_work():
+                    spread()
     finally:
+        with state:
+            quick.clear()  # outcomes landing from now on stay where they land
         for w in list(inflight):
             if w not in lost:
                 pool.put(w)
