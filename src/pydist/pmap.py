@@ -1024,8 +1024,9 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
         return True
 
     # (through a list, emptied at the end: `landed` -> `take_here` -> `send` -> `landed` would
-    # be a reference cycle, keeping the map's state for the cyclic collector)
-    quick = [take_here]
+    # be a reference cycle, keeping the map's state for the cyclic collector). Not with a
+    # progress bar: it writes to the terminal, and a reading thread must never block.
+    quick = [take_here] if progress.bar is None else []
 
     try:
         grow_at = time.monotonic() + _GROW_POLL
