@@ -1009,10 +1009,11 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
         done.put(slot)
 
     def take_here(slot: _Slot) -> bool:
-        """(`state` held) See `landed`; False: the main loop takes `slot`."""
+        """(`state` held) See `landed`; False: the main loop takes `slot`. (`slot.reply` is
+        set: the send that set it held `state`.)"""
         w, reply = slot.worker, slot.reply
         if (errors or raised or slot.stolen or w in lost or not has_work()
-                or reply is None or isinstance(reply, Future) or not reply.ok):
+                or isinstance(reply, Future) or not reply.ok):
             return False
         try:
             land(slot)
