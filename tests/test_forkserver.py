@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -451,3 +452,63 @@ def test_a_fork_of_the_master_does_not_hold_the_fork_server(fresh_workers):
     finally:
         os.close(wr)
         os.waitpid(child, 0)
+
+
+def test_many_workers_are_asked_for_in_one_message_per_batch(fresh_workers, monkeypatch):
+    """One request carries the pipes of up to MAX_FORKS_PER_REQUEST workers (a message per
+    worker filled the control socket, and the master waited for the template to fork most
+    of them before it could connect to the first); each worker still gets its own pipe."""
+    from pydist.managers import forkserver
+
+    monkeypatch.setattr(forkserver, "MAX_FORKS_PER_REQUEST", 3)
+    sent = []
+    real_send_fds = socket.send_fds
+
+    def spy(sock, buffers, fds, *args):
+        sent.append((json.loads(b"".join(buffers)), len(fds)))
+        return real_send_fds(sock, buffers, fds, *args)
+
+    monkeypatch.setattr(socket, "send_fds", spy)
+    ws = fresh_workers(7, start_method="forkserver")
+    assert [(m["count"], n) for m, n in sent] == [(3, 3), (3, 3), (1, 1)]
+    firsts = [m["req"] for m, _ in sent]
+    assert firsts[1] == firsts[0] + 3 and firsts[2] == firsts[1] + 3
+    facts = [pydist.remotecall_fetch(_facts, w) for w in ws]
+    for f in facts:
+        _started_by("forkserver", f)
+    assert sorted(f["id"] for f in facts) == sorted(ws)
+    assert len({f["pid"] for f in facts}) == 7
+    # Each worker's output comes through its own pipe, named by its id.
+    for w in ws:
+        assert pydist.remotecall_fetch(_print_marker, w) is None
+    wait_until(lambda: all(PGRP.workers[w].config.output.tail
+                           and PGRP.workers[w].config.output.tail[-1] == f"marker {w}"
+                           for w in ws), timeout=30, what="each worker's line on its pipe")
+
+
+def _print_marker() -> None:
+    print(f"marker {pydist.myid()}", flush=True)
+
+
+def test_a_bad_fork_request_is_answered_with_errors_and_the_template_serves_on(fresh_workers):
+    """A request whose pipes do not match its count gets an error for each worker it asked
+    for (nobody waits forever), its pipes are closed, and the template forks the next."""
+    from pydist.managers import forkserver
+
+    fresh_workers(1, start_method="forkserver")  # the template runs
+    server = forkserver._server
+    pipes = [os.pipe()]
+    with server.send_lock:
+        first = server.next_req + 1
+        server.next_req += 2
+        socket.send_fds(server.sock, [json.dumps({"req": first, "count": 2}).encode()],
+                        [pipes[0][1]])
+    os.close(pipes[0][1])
+    for req in (first, first + 1):
+        with pytest.raises(OSError, match="could not fork: ValueError: a request for 2 workers "
+                                          "came with 1 pipes"):
+            server.result(req)
+    with open(pipes[0][0], "rb") as r:
+        assert r.read() == b""  # the template closed its end: no worker holds it
+    (w,) = fresh_workers(1, start_method="forkserver")
+    _started_by("forkserver", pydist.remotecall_fetch(_facts, w))

@@ -4,13 +4,13 @@ A master that asks for ``start_method="forkserver"`` starts one such process (se
 `managers.forkserver`). It imports what a worker needs (cloudpickle too, once idle: see
 `_warm`), starts no thread, and waits on the control socket FD (a SOCK_SEQPACKET socket
 inherited from the master) for requests: a JSON message (cookie, bind address, working
-directory, environment) with the write end of a pipe attached (SCM_RIGHTS). For each it
-forks a worker: its own process group (in the fork server's session, which all its
-workers share: see `_child`), the directory and environment asked for, the pipe as stdout
-and stderr, every other descriptor closed, fresh random state, then the normal worker path
-(`worker.start_worker`). It answers with the child's pid, reaps its children and reports
-each one's exit status. It exits when the master closes the control socket (or dies: end
-of file).
+directory, environment, how many workers) with the write ends of that many pipes attached
+(SCM_RIGHTS). For each pipe it forks a worker: its own process group (in the fork server's
+session, which all its workers share: see `_child`), the directory and environment asked
+for, the pipe as stdout and stderr, every other descriptor closed, fresh random state, then
+the normal worker path (`worker.start_worker`). It answers with each child's pid as soon as
+it has forked it, reaps its children and reports each one's exit status. It exits when the
+master closes the control socket (or dies: end of file).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from . import worker
 __all__ = ["serve", "main"]
 
 MAX_MESSAGE = 1 << 20  # a request carries an environment: bounded by the socket buffer
+MAX_FDS = 64  # pipes in one request (`managers.forkserver.MAX_FORKS_PER_REQUEST`)
 
 
 def _send(sock: socket.socket, message: dict) -> None:
@@ -176,29 +177,58 @@ def serve(fd: int) -> int:
         if sock.fileno() not in ready:
             continue
         try:
-            data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, 1)
+            data, fds, _, _ = socket.recv_fds(sock, MAX_MESSAGE, MAX_FDS)
         except OSError:
             data, fds = b"", []
         if not data:
             return 0  # the master is gone: our children notice that on their own
-        try:
-            request = json.loads(data)
-            if len(fds) != 1:
-                raise ValueError("a request needs the output pipe attached")
-            pid = os.fork()
-        except Exception as e:
-            for f in fds:
-                os.close(f)
-            _send(sock, {"req": request.get("req") if isinstance(request, dict) else None,
-                         "error": f"{type(e).__name__}: {e}"})
-            continue
-        if pid == 0:
-            _child(request, fds[0], environ, logging_prepared)
-        os.close(fds[0])
-        try:
-            _send(sock, {"req": request["req"], "pid": pid})
-        except OSError:
+        if not _fork_all(sock, data, fds, environ, logging_prepared):
             return 0
+
+
+def _fork_all(sock: socket.socket, data: bytes, fds: list[int], environ: dict[str, str],
+              logging_prepared: tuple) -> bool:
+    """Fork a worker for each pipe of one request, answering each pid as soon as it is
+    known (the master connects to the first workers while the next are forked). False once
+    the master is gone."""
+    reqs: list = [None]
+    try:
+        request = json.loads(data)
+        reqs = list(range(request["req"], request["req"] + request["count"]))
+        if len(reqs) != len(fds):
+            raise ValueError(f"a request for {len(reqs)} workers came with {len(fds)} pipes")
+    except Exception as e:
+        return _refuse(sock, reqs, fds, e)
+    for i, (req, fd) in enumerate(zip(reqs, fds)):
+        try:
+            pid = os.fork()
+        except OSError as e:
+            return _refuse(sock, reqs[i:], fds[i:], e)
+        if pid == 0:
+            _child(request, fd, environ, logging_prepared)
+        os.close(fd)
+        if not _answer(sock, {"req": req, "pid": pid}):
+            for rest in fds[i + 1:]:
+                os.close(rest)
+            return False
+    return True
+
+
+def _refuse(sock: socket.socket, reqs: list, fds: list[int], e: Exception) -> bool:
+    """Answer requests `reqs` (whose pipes are `fds`) with error `e`."""
+    for fd in fds:
+        os.close(fd)
+    error = f"{type(e).__name__}: {e}"
+    return all([_answer(sock, {"req": req, "error": error}) for req in reqs])
+
+
+def _answer(sock: socket.socket, message: dict) -> bool:
+    """Send `message` to the master; False if it is gone."""
+    try:
+        _send(sock, message)
+        return True
+    except OSError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,6 +30,7 @@ __all__ = ["ForkedProcess", "fork_workers", "unsuitable", "running", "stop"]
 
 START_TIMEOUT = 30.0  # seconds for the template to start and answer a request
 MAX_MESSAGE = 1 << 20
+MAX_FORKS_PER_REQUEST = 64  # pipes passed in one message (the kernel allows 253)
 
 # Environment variables read while the interpreter starts (or by the C library at load):
 # a worker that needs a value other than the template's must be a fresh interpreter.
@@ -156,19 +157,24 @@ class _Server:
         exited (the reader may not have seen the end of the socket yet)."""
         return not self.closed and self.proc.poll() is None
 
-    def submit(self, request: dict, out_fd: int) -> int:
-        """Ask the template to fork a worker; the request's number, for `result`."""
+    def submit(self, request: dict, out_fds: list[int]) -> list[int]:
+        """Ask the template to fork one worker per pipe in `out_fds` (at most
+        `MAX_FORKS_PER_REQUEST`); their request numbers, for `result`. One message for them
+        all: a message per worker filled the socket at 128 workers, and the master then
+        waited for the template to fork the first hundred before it could connect to any."""
+        if not 0 < len(out_fds) <= MAX_FORKS_PER_REQUEST:
+            raise ValueError(f"a fork request carries 1 to {MAX_FORKS_PER_REQUEST} pipes")
         with self.send_lock:
-            self.next_req += 1
-            req = self.next_req
-            data = json.dumps(dict(request, req=req)).encode()
+            first = self.next_req + 1
+            self.next_req += len(out_fds)
+            data = json.dumps(dict(request, req=first, count=len(out_fds))).encode()
             try:
-                socket.send_fds(self.sock, [data], [out_fd])
+                socket.send_fds(self.sock, [data], out_fds)
             except OSError as e:
                 code = self.proc.poll()
                 raise OSError("the fork server exited" + (
                     f" with code {code}" if code is not None else f" ({e})")) from e
-        return req
+        return list(range(first, first + len(out_fds)))
 
     def result(self, req: int) -> int:
         """The pid of the worker forked for request `req`; OSError if the template could not."""
@@ -277,17 +283,20 @@ def fork_workers(n: int, cookie: str, bind: str, cwd: str,
     if differ:  # (our environment changed since the template started)
         raise OSError(f"environment variables {', '.join(differ)} differ from the fork server's")
     pending: list[tuple[int, int]] = []  # (request, read end of its output pipe)
+    request = {"cookie": cookie, "bind": bind, "dir": cwd, "env": env}
     try:
-        for _ in range(n):
-            r, w = os.pipe()
+        while len(pending) < n:
+            pipes = [os.pipe() for _ in range(min(n - len(pending), MAX_FORKS_PER_REQUEST))]
             try:
-                pending.append((server.submit({"cookie": cookie, "bind": bind, "dir": cwd,
-                                               "env": env}, w), r))
+                reqs = server.submit(request, [w for _, w in pipes])
             except BaseException:
-                os.close(r)
+                for r, _ in pipes:
+                    os.close(r)
                 raise
             finally:
-                os.close(w)
+                for _, w in pipes:
+                    os.close(w)
+            pending.extend(zip(reqs, (r for r, _ in pipes)))
         while pending:
             req, r = pending[0]
             pid = server.result(req)
