@@ -363,6 +363,11 @@ class _Heartbeat:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._interval = float("inf")  # what the thread waits between ticks now
+
+    @classmethod
+    def _interval_of(cls, conn: Any) -> float:
+        return max(cls.MIN_INTERVAL, (conn.heartbeat_timeout or 60.0) / 6)
 
     def watch(self, conn: Any) -> None:
         with self._lock:
@@ -374,7 +379,11 @@ class _Heartbeat:
                 except RuntimeError:  # interpreter shutdown
                     return
                 self._thread = thread
-        self._wake.set()  # the interval may be shorter now
+            # Woken only if it must tick sooner now: 128 workers joining woke it 128 times,
+            # and each wake checked every connection (a tick), all of it for nothing.
+            sooner = self._interval_of(conn) < self._interval
+        if sooner:
+            self._wake.set()
 
     def unwatch(self, conn: Any) -> None:
         with self._lock:
@@ -397,15 +406,19 @@ class _Heartbeat:
         while not self._stopping:
             with self._lock:
                 conns = list(self._conns)
+                interval = min(map(self._interval_of, conns), default=float("inf"))
+                self._interval = interval
             if not conns:
                 self._wake.wait()
                 self._wake.clear()
                 last = time.monotonic()
                 continue
-            interval = max(self.MIN_INTERVAL, min(c.heartbeat_timeout or 60.0 for c in conns) / 6)
-            self._wake.wait(interval)
+            due = last + interval
+            self._wake.wait(max(0.0, due - time.monotonic()))
             self._wake.clear()
             now = time.monotonic()
+            if now < due:  # woken early: stopping, or a connection that must tick sooner
+                continue
             stalled = now - last > 2 * interval + 1.0
             last = now
             for conn in conns:
