@@ -286,8 +286,10 @@ def fork_workers(n: int, cookie: str, bind: str, cwd: str,
     request = {"cookie": cookie, "bind": bind, "dir": cwd, "env": env}
     try:
         while len(pending) < n:
-            pipes = [os.pipe() for _ in range(min(n - len(pending), MAX_FORKS_PER_REQUEST))]
+            pipes: list[tuple[int, int]] = []
             try:
+                for _ in range(min(n - len(pending), MAX_FORKS_PER_REQUEST)):
+                    pipes.append(os.pipe())
                 reqs = server.submit(request, [w for _, w in pipes])
             except BaseException:
                 for r, _ in pipes:
