@@ -99,7 +99,6 @@ def test_heartbeat_timeout_setting(monkeypatch):
         pydist.addprocs(1, heartbeat_timeout="often")
 
 
-@pytest.mark.timeout(120)
 class _Peer:
     """Stands in for a connection in a private heartbeat thread: what the thread reads (its
     timeout) and calls (`_heartbeat`, here only counted)."""
@@ -138,6 +137,7 @@ def test_watching_a_connection_wakes_the_heartbeat_only_if_it_must_tick_sooner()
         assert heartbeat.stop(5)
 
 
+@pytest.mark.timeout(120)
 def test_heartbeats_reach_workers_and_can_be_turned_off(fresh_workers):
     on = fresh_workers(1, heartbeat_timeout=HB)[0]
     off = fresh_workers(1, heartbeat_timeout=None)[0]
