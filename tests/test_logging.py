@@ -22,7 +22,7 @@ import pydist
 from pydist import pmap, transport
 from pydist.dispatch import HANDLER
 
-from conftest import wait_until, worker_ospid
+from conftest import stop_process, wait_until, worker_ospid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -77,7 +77,7 @@ def test_an_escalation_to_sigkill_is_a_warning(fresh_workers, caplog):
     manager = pydist.group.PGRP.workers[pid].manager
     manager.exit_timeout = manager.term_timeout = 0.5  # (this test's own manager)
     ospid = worker_ospid(pid)
-    os.kill(ospid, signal.SIGSTOP)  # it cannot obey EXIT, and SIGTERM stays pending
+    stop_process(ospid)  # it cannot obey EXIT, and SIGTERM stays pending
     pydist.rmprocs(pid, waitfor=60)
 
     def escalations() -> list[logging.LogRecord]:

@@ -11,7 +11,7 @@ import textwrap
 import time
 
 import pytest
-from conftest import pid_alive, wait_until, worker_ospid
+from conftest import pid_alive, stop_process, wait_until, worker_ospid
 
 import pydist
 import pydist.transport
@@ -243,7 +243,7 @@ def test_rmprocs_waitfor_zero_returns_a_handle(fresh_workers):
 def test_rmprocs_timeout_names_the_pids(fresh_workers):
     (a,) = fresh_workers(1)
     ospid = worker_ospid(a)
-    os.kill(ospid, signal.SIGSTOP)  # a worker that cannot answer
+    stop_process(ospid)  # a worker that cannot answer (all its threads stopped)
     try:
         with pytest.raises(TimeoutError, match=rf"rmprocs: pids \[{a}\] not terminated after 0.5 seconds."):
             pydist.rmprocs(a, waitfor=0.5)
@@ -267,7 +267,7 @@ def test_rmprocs_escalates_to_kill(fresh_workers, tmp_path):
     w.manager.exit_timeout = 0.5
     w.manager.term_timeout = 0.5
     ospid = worker_ospid(a)
-    os.kill(ospid, signal.SIGSTOP)
+    stop_process(ospid)
     pydist.rmprocs(a, waitfor=0)
     wait_until(lambda: not pid_alive(ospid), timeout=30, what="SIGKILL escalation")
     wait_until(lambda: a not in pydist.procs(), what="deregistration after kill")

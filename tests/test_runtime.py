@@ -18,7 +18,7 @@ import pydist
 from pydist import ProcessExitedException
 from pydist.calls import connection
 
-from conftest import pid_alive, wait_until, worker_ospid
+from conftest import pid_alive, stop_process, wait_until, worker_ospid
 from stresshelpers import Payload, alive_watched, identity, make_watched, watch
 
 MB = 1 << 20
@@ -72,7 +72,7 @@ def _stop_and_fill(w: int) -> tuple[int, threading.Thread, list]:
     """SIGSTOP worker `w`, then have a thread send it more than the socket buffers hold:
     the connection is now full and its peer does not read."""
     ospid = worker_ospid(w)
-    os.kill(ospid, signal.SIGSTOP)
+    stop_process(ospid)
     outcome: list = []
 
     def send_big():
@@ -114,7 +114,7 @@ def test_escalation_kills_the_children_of_a_wrapper_exename(fresh_workers, tmp_p
     w = fresh_workers(1, exename=str(wrapper))[0]
     ospid = worker_ospid(w)  # the Python child of the wrapper shell
     _kill_at_teardown(request, ospid)
-    os.kill(ospid, signal.SIGSTOP)  # it will not obey EXIT; SIGTERM stays pending
+    stop_process(ospid)  # it will not obey EXIT; SIGTERM stays pending
     pydist.rmprocs(w, waitfor=60)
     wait_until(lambda: not pid_alive(ospid), timeout=30,
                what="the wrapper's child killed with its process group")
