@@ -74,13 +74,17 @@ class Dialler:
     def __init__(self, tmp_path):
         self.tmp_path = tmp_path
         self.procs: list[subprocess.Popen] = []
+        # Every worker started here carries this mark in its environment, so that the check
+        # at the end finds this test's workers only (not another test run's on this machine
+        # that dialled a port number this process once used).
+        self.mark = f"{os.getpid()}-{id(self)}"
 
     def start(self, em_or_spec, *, cookie: str | None = None, via: str = "stdin",
               env: dict | None = None, args: tuple = ()) -> subprocess.Popen:
         """`python -m pydist.worker --join ...` here, the cookie on stdin or in PYDIST_COOKIE."""
         spec = em_or_spec if isinstance(em_or_spec, str) else f"{em_or_spec.address[0]}:{em_or_spec.port}"
         cookie = pydist.cluster_cookie() if cookie is None else cookie
-        full_env = dict(os.environ, PYTHONPATH=SRC, **(env or {}))
+        full_env = dict(os.environ, PYTHONPATH=SRC, **{MARK: self.mark}, **(env or {}))
         full_env.pop("PYDIST_COOKIE", None)
         if via == "env":
             full_env["PYDIST_COOKIE"] = cookie
@@ -97,7 +101,7 @@ class Dialler:
 
     def start_ssh(self, host: str, em) -> subprocess.Popen:
         """A dial-in worker on namespace host `host`, started over ssh (cookie on stdin)."""
-        remote = (f"cd {os.getcwd()} && PYTHONPATH={SRC} exec {sys.executable} -m pydist.worker "
+        remote = (f"cd {os.getcwd()} && {MARK}={self.mark} PYTHONPATH={SRC} exec {sys.executable} -m pydist.worker "
                   f"--join {MASTER_ON_BRIDGE}:{em.port}")
         err = open(self.tmp_path / f"ssh-{host}-{len(self.procs)}.err", "w+b")
         proc = subprocess.Popen(["ssh", "-F", SSH_CONFIG, host, remote], stdin=subprocess.PIPE,
@@ -127,26 +131,36 @@ class Dialler:
                 proc.stdin.close()
             proc.err_file.close()  # type: ignore[attr-defined]
         assert not left, f"dial-in worker processes left running: {left}"
-        assert not join_worker_processes(), "a dial-in worker process is still running"
+        running = join_worker_processes(self.mark)
+        assert not running, f"dial-in worker processes still running: {running}"
 
 
-def join_worker_processes() -> list[int]:
-    """OS pids of running `pydist.worker --join` processes started by this test process's
-    managers (the namespace hosts share our PID namespace)."""
-    ports = {str(m.port) for m in PGRP.managers if isinstance(m, pydist.ElasticManager)}
+MARK = "PYDIST_TEST_DIALLER"  # the environment variable that names a worker's Dialler
+
+
+def join_worker_processes(mark: str) -> list[str]:
+    """The running `pydist.worker --join` processes that carry `mark` (a Dialler's) in their
+    environment, local or on a namespace host (they share our PID namespace): pid, state,
+    parent and command line of each."""
     found = []
+    needle = f"{MARK}={mark}".encode()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 args = f.read().decode(errors="replace").split("\0")
+            if not ("pydist.worker" in args and "--join" in args):
+                continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                state, ppid = f.read().rpartition(")")[2].split()[:2]
         except OSError:
-            continue
-        if "pydist.worker" in args and "--join" in args:
-            spec = args[args.index("--join") + 1] if args.index("--join") + 1 < len(args) else ""
-            if spec.rpartition(":")[2] in ports and pid_alive(int(entry)):
-                found.append(int(entry))
+            continue  # gone meanwhile
+        if pid_alive(int(entry)):
+            found.append(f"pid {entry} state {state} parent {ppid}: {' '.join(args).strip()}")
     return found
 
 
