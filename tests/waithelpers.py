@@ -62,3 +62,44 @@ class PlainChannel:
 
     def __len__(self):
         return self.q.qsize()
+
+
+def notify_storm(rounds: int, slice_s: float) -> int:
+    """In a remote call, whose waits on a `threading.Condition` are sliced so that an
+    interrupt reaches them: ping-pong `rounds` times with a plain thread through a Channel,
+    a queue.Queue and an Event, with slices of `slice_s` seconds, so that many wake-ups come
+    just as a slice ends. None may be missed (the call would then wait forever). Returns
+    the rounds done."""
+    import queue
+    import random
+
+    from pydist import calls
+
+    old = calls.WAIT_SLICE
+    calls.WAIT_SLICE = slice_s
+    try:
+        ping, pong = pydist.Channel(1), pydist.Channel(1)
+        q: queue.Queue = queue.Queue()
+        events = [threading.Event() for _ in range(rounds)]
+
+        def partner() -> None:  # (not in a remote call: its waits and sleeps are plain)
+            for i in range(rounds):
+                ping.take()
+                time.sleep(random.uniform(0, 2 * slice_s))
+                pong.put(i)
+                time.sleep(random.uniform(0, 2 * slice_s))
+                q.put(i)
+                time.sleep(random.uniform(0, 2 * slice_s))
+                events[i].set()
+
+        t = threading.Thread(target=partner, daemon=True)
+        t.start()
+        for i in range(rounds):
+            ping.put(i)
+            assert pong.take() == i
+            assert q.get() == i
+            events[i].wait()
+        t.join(10)
+        return rounds
+    finally:
+        calls.WAIT_SLICE = old

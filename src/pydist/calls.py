@@ -413,17 +413,40 @@ def _sliced(wait: Callable[[float], bool], timeout: float | None) -> bool:
 
 
 _original_condition_wait = threading.Condition.wait
+_allocate_lock = threading.Lock  # (what Condition.wait makes its waiter with)
 
 
 def interruptible_condition_wait(self: threading.Condition, timeout: float | None = None) -> bool:
     """`threading.Condition.wait` for worker processes (so also `Event.wait`, `Channel`,
     `queue.Queue`): inside a remote call it waits in slices, so that an interrupt reaches it.
-    Between slices this thread holds the condition's lock, so no notify is missed."""
+
+    It is `Condition.wait` itself (the same steps, on the same private members, unchanged
+    from Python 3.10 to 3.13) with only the wait for the notify sliced: this thread stays
+    among the waiters, with the lock released, until notified, out of time or interrupted.
+    (Slicing whole `Condition.wait` calls lost wake-ups: a notify that came as a slice timed
+    out was taken by that slice, which returned False, and the next slice waited for
+    another notify, forever.)"""
     if threading.get_ident() not in _running:
         return _original_condition_wait(self, timeout)
     if timeout is None or timeout > 0:
         give_back_lent_role()  # about to wait: the frames behind this call need not
-    return _sliced(lambda t: _original_condition_wait(self, t), timeout)
+    if not self._is_owned():  # type: ignore[attr-defined]
+        raise RuntimeError("cannot wait on un-acquired lock")
+    waiter = _allocate_lock()
+    waiter.acquire()
+    self._waiters.append(waiter)  # type: ignore[attr-defined]
+    saved_state = self._release_save()  # type: ignore[attr-defined]
+    gotit = False
+    try:  # the lock comes back whatever happens (an interrupt between slices)
+        gotit = _sliced(lambda t: waiter.acquire(True, t), timeout)
+        return gotit
+    finally:
+        self._acquire_restore(saved_state)  # type: ignore[attr-defined]
+        if not gotit:
+            try:
+                self._waiters.remove(waiter)  # type: ignore[attr-defined]
+            except ValueError:
+                pass
 
 
 _original_sleep = time.sleep
