@@ -227,6 +227,42 @@ def test_interrupt_reaches_a_call_blocked_in_a_wait(interruptees, kind):
         assert _drain(arg, 2) == [1, 2]
 
 
+@pytest.mark.timeout(120)
+def test_an_interrupt_raises_once_and_the_call_may_wait_again(interruptees):
+    """One interrupt, one KeyboardInterrupt: a call that catches it can sleep, take from a
+    channel and wait on an event afterwards (they used to raise it again)."""
+    a, _ = interruptees
+    started = RemoteChannel(lambda: Channel(10))
+    fut = pydist.remotecall(wh.interrupted_then_waits, a, started)
+    assert started.take(timeout=GRACE) == "started"
+    time.sleep(0.3)  # into the sleep
+    pydist.interrupt(a)
+    assert fut.fetch(timeout=GRACE) == "recovered"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["channel", "remotechannel", "event", "condition", "busy"])
+def test_an_interrupt_raises_in_a_waiting_call_where_it_waits(interruptees, kind):
+    """A call blocked in a wait gets its KeyboardInterrupt from that wait, never as an
+    asynchronous exception (which may fire anywhere, in pydist's own code too: a lock of
+    pydist's left held, the call never answered). Only a call that computes gets one."""
+    a, b = interruptees
+    pydist.remotecall_fetch(wh.count_async_raises, a)
+    started = RemoteChannel(lambda: Channel(10))
+    if kind == "busy":
+        fut = pydist.remotecall(wh.busy, a, started)
+    else:
+        arg = RemoteChannel(lambda: Channel(10)) if kind == "remotechannel" else None
+        fut = pydist.remotecall(wh.blocked_in, a, kind, started, arg)
+    assert started.take(timeout=GRACE) != "", "the call did not start"
+    time.sleep(0.5)  # into the wait, or the loop
+    pydist.interrupt(a)
+    with pytest.raises(RemoteException) as info:
+        fut.fetch(timeout=GRACE)
+    assert isinstance(info.value.captured.ex, KeyboardInterrupt), info.value
+    assert pydist.remotecall_fetch(wh.async_raises, a) == (1 if kind == "busy" else 0)
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("slice_s", [3e-4, 1e-3])
 def test_a_call_waiting_in_slices_misses_no_wake_up(interruptees, slice_s):

@@ -103,3 +103,53 @@ def notify_storm(rounds: int, slice_s: float) -> int:
         return rounds
     finally:
         calls.WAIT_SLICE = old
+
+
+def interrupted_then_waits(started) -> str:
+    """Say "started", sleep until interrupted, then wait again (a sleep, a channel, an
+    event): each interrupt raises one KeyboardInterrupt, and the call goes on."""
+    started.put("started")
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        pass
+    else:
+        return "not interrupted"
+    time.sleep(0.2)
+    ch = pydist.Channel(1)
+    ch.put(1)
+    assert ch.take(timeout=5) == 1
+    assert not threading.Event().wait(0.2)
+    return "recovered"
+
+
+ASYNC_RAISES: list = []
+
+
+def count_async_raises() -> None:
+    """Count the asynchronous exceptions `interrupt` raises in calls here (a spy)."""
+    from pydist import calls
+
+    ASYNC_RAISES.clear()
+    if getattr(calls, "_real_set_async_exc", None) is None:
+        real = calls._real_set_async_exc = calls._set_async_exc
+
+        def spy(tid, exc):
+            if exc is not None:
+                ASYNC_RAISES.append(tid)
+            return real(tid, exc)
+
+        calls._set_async_exc = spy
+
+
+def async_raises() -> int:
+    return len(ASYNC_RAISES)
+
+
+def busy(started) -> str:
+    """Say "started", then compute (no wait) until interrupted."""
+    started.put("started")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        pass
+    return "not interrupted"

@@ -256,14 +256,26 @@ def on_result(conn: Connection, msg: protocol.Message):
 
 # ==================================================================== running a call here
 class _Running:
-    """A call running in some thread: what `interrupt` needs to stop it."""
+    """A call running in some thread: what `interrupt` needs to stop it.
 
-    __slots__ = ("lock", "active", "interrupted", "cancel", "reply", "reading")
+    An interrupt sets `interrupted`. A call blocked in one of pydist's waits (`waiting`: a
+    sleep, a lock or condition, a reply it reads) is woken there and raises the
+    KeyboardInterrupt itself, at a point pydist chose. Only a call that reaches no such wait
+    (it computes) gets it as an asynchronous exception, a moment later (`_escalate`): one
+    raised at any bytecode may land in pydist's own code and leave a lock held (CI's
+    3.10 lane: a call's own record lock, and the call never answered). Each interrupt
+    raises one KeyboardInterrupt (`interrupted` is cleared then): a call that catches it
+    may wait again."""
+
+    __slots__ = ("lock", "active", "interrupted", "waiting", "async_sent", "cancel", "reply",
+                 "reading")
 
     def __init__(self, reply: Callable[[bool, Any], object] | None) -> None:
         self.lock = threading.Lock()
         self.active = True
         self.interrupted = False
+        self.waiting = False
+        self.async_sent = False
         # Made by the first interruptible sleep (most calls never sleep); released by
         # interrupt, which wakes that sleep.
         self.cancel: threading.Lock | None = None
@@ -315,7 +327,7 @@ def run_user_call(f: Callable, args: tuple, kwargs: dict,
             _running.pop(tid, None)
         else:
             _running[tid] = outer
-        if rec.interrupted:
+        if rec.async_sent:
             _clear_pending_interrupt(tid)
     if not ok:
         value = capture(value)
@@ -336,8 +348,7 @@ def take_reply() -> Callable[[bool, Any], object]:
     if rec is None or rec.reply is None:
         raise RuntimeError("take_reply: not in a remote call whose reply can be taken")
     with rec.lock:
-        if rec.interrupted:
-            raise KeyboardInterrupt
+        _raise_if_interrupted(rec)
         rec.active = False
     reply, rec.reply = rec.reply, None
     return reply
@@ -357,26 +368,70 @@ def capture(exc: BaseException) -> RemoteException:
 
 
 def interrupt_running_calls() -> int:
-    """Raise KeyboardInterrupt in every call running in this process; return how many."""
+    """Raise KeyboardInterrupt in every call running in this process; return how many. A
+    call waiting in pydist raises it where it waits; one that computes gets it
+    asynchronously after ESCALATE_AFTER (see `_Running`)."""
     n = 0
-    for tid, rec in list(_running.items()):
+    for _, rec in list(_running.items()):
         with rec.lock:
             if not rec.active or rec.interrupted:
                 continue
             rec.interrupted = True
-            if rec.cancel is not None:
+            if rec.cancel is not None and rec.cancel.locked():  # asleep: wake it
                 rec.cancel.release()
-            _set_async_exc(tid, KeyboardInterrupt)
             if rec.reading is not None:  # blocked in recv: have the peer send something
                 rec.reading.poke()
             n += 1
+    if n:
+        threading.Thread(target=_escalate, name="pydist-interrupt", daemon=True).start()
     log.info("interrupted %d running calls", n)
     return n
 
 
-# How often a wait inside a remote call wakes up to let an interrupt through: a thread blocked
-# in a lock or a socket runs no bytecode, so the KeyboardInterrupt that `interrupt` raises in
-# it (PyThreadState_SetAsyncExc) fires only when the wait returns.
+# How long an interrupted call may take to reach one of pydist's waits (which raise the
+# KeyboardInterrupt there) before it gets it as an asynchronous exception.
+ESCALATE_AFTER = 0.25
+
+
+def _escalate() -> None:
+    """(Its own thread, for ESCALATE_AFTER seconds) Raise KeyboardInterrupt asynchronously
+    in the interrupted calls that still run and wait nowhere in pydist: they compute, and
+    nothing else reaches them. (It fires when the thread next runs bytecode.)"""
+    import ctypes  # noqa: F401  (before any lock: `_set_async_exc` needs it)
+
+    _original_sleep(ESCALATE_AFTER)
+    for tid, rec in list(_running.items()):
+        with rec.lock:
+            if rec.active and rec.interrupted and not rec.waiting:
+                rec.interrupted = False
+                rec.async_sent = True
+                _set_async_exc(tid, KeyboardInterrupt)
+
+
+def _raise_if_interrupted(rec: _Running) -> None:
+    """(rec.lock held) Raise the KeyboardInterrupt of an interrupt not yet raised."""
+    if rec.interrupted:
+        rec.interrupted = False
+        rec.waiting = False
+        raise KeyboardInterrupt
+
+
+def _begin_wait(rec: _Running) -> None:
+    with rec.lock:
+        rec.waiting = True
+
+
+def _end_wait(rec: _Running, done: bool) -> None:
+    """The wait of `rec`'s call has ended; raise KeyboardInterrupt if an interrupt ended
+    it (not if what it waited for came: `done`)."""
+    with rec.lock:
+        rec.waiting = False
+        if not done:
+            _raise_if_interrupted(rec)
+
+
+# How often a wait inside a remote call wakes up to look whether the call was interrupted:
+# a thread blocked in a lock cannot be woken otherwise.
 WAIT_SLICE = 0.1
 
 
@@ -388,28 +443,37 @@ def acquire(lock: Any, timeout: float | None = None) -> bool:
     if timeout is not None and timeout <= 0:
         return False
     flush_soon()  # about to wait: what it waits for may follow a call still queued here
-    if threading.get_ident() not in _running:
+    rec = _running.get(threading.get_ident())
+    if rec is None:
         return lock.acquire(True, -1 if timeout is None else timeout)
     give_back_lent_role()  # about to wait: the frames behind this call need not
-    return _sliced(lambda t: lock.acquire(True, t), timeout)
+    return _sliced(lambda t: lock.acquire(True, t), timeout, rec)
 
 
-def _sliced(wait: Callable[[float], bool], timeout: float | None) -> bool:
+def _sliced(wait: Callable[[float], bool], timeout: float | None, rec: _Running) -> bool:
     """`wait(t)` for slices of at most WAIT_SLICE seconds until it returns True, or False once
-    `timeout` seconds have passed; the end of each slice runs bytecode, where a pending
-    interrupt fires."""
+    `timeout` seconds have passed; KeyboardInterrupt once `rec`'s call is interrupted
+    (looked at before the first slice and after each)."""
     deadline = None if timeout is None else time.monotonic() + max(timeout, 0)
-    while True:
-        if deadline is None:
-            t = WAIT_SLICE
-        else:
-            t = deadline - time.monotonic()
-            if t <= 0:
-                return wait(0)
-            if t > WAIT_SLICE:
+    got = False
+    _begin_wait(rec)
+    try:
+        while not rec.interrupted:
+            if deadline is None:
                 t = WAIT_SLICE
-        if wait(t):
-            return True
+            else:
+                t = deadline - time.monotonic()
+                if t <= 0:
+                    got = wait(0)
+                    return got
+                if t > WAIT_SLICE:
+                    t = WAIT_SLICE
+            if wait(t):
+                got = True
+                return True
+        return False
+    finally:
+        _end_wait(rec, got)
 
 
 _original_condition_wait = threading.Condition.wait
@@ -426,7 +490,8 @@ def interruptible_condition_wait(self: threading.Condition, timeout: float | Non
     (Slicing whole `Condition.wait` calls lost wake-ups: a notify that came as a slice timed
     out was taken by that slice, which returned False, and the next slice waited for
     another notify, forever.)"""
-    if threading.get_ident() not in _running:
+    rec = _running.get(threading.get_ident())
+    if rec is None:
         return _original_condition_wait(self, timeout)
     if timeout is None or timeout > 0:
         give_back_lent_role()  # about to wait: the frames behind this call need not
@@ -438,7 +503,7 @@ def interruptible_condition_wait(self: threading.Condition, timeout: float | Non
     saved_state = self._release_save()  # type: ignore[attr-defined]
     gotit = False
     try:  # the lock comes back whatever happens (an interrupt between slices)
-        gotit = _sliced(lambda t: waiter.acquire(True, t), timeout)
+        gotit = _sliced(lambda t: waiter.acquire(True, t), timeout, rec)
         return gotit
     finally:
         self._acquire_restore(saved_state)  # type: ignore[attr-defined]
@@ -462,14 +527,17 @@ def interruptible_sleep(seconds: float) -> None:
     if seconds > 0:
         give_back_lent_role()  # the frames behind this call need not wait for it
     with rec.lock:
-        if rec.interrupted:
-            raise KeyboardInterrupt
-        if rec.cancel is None:
+        _raise_if_interrupted(rec)
+        if rec.cancel is None or not rec.cancel.locked():  # (released by an earlier interrupt)
             rec.cancel = threading.Lock()
             rec.cancel.acquire()
         cancel = rec.cancel
-    if cancel.acquire(timeout=seconds):
-        raise KeyboardInterrupt
+        rec.waiting = True
+    woken = False
+    try:
+        woken = cancel.acquire(timeout=seconds)
+    finally:
+        _end_wait(rec, not woken)
 
 
 def wait_reply(conn: Connection, is_done: Callable[[], bool], timeout: float | None = None,
@@ -483,10 +551,12 @@ def wait_reply(conn: Connection, is_done: Callable[[], bool], timeout: float | N
         return conn.wait_reply(is_done, timeout, held)
     give_back_lent_role()  # the frames behind this call need not wait for the reply
     rec.reading = conn
-    try:
-        conn.wait_reply(is_done, timeout, held)
+    _begin_wait(rec)
+    try:  # (with `held`, only conn.wait_reply gives the reading role back: nothing raises before)
+        conn.wait_reply(lambda: is_done() or rec.interrupted, timeout, held)
     finally:
         rec.reading = None
+        _end_wait(rec, is_done())
 
 
 class _Waker:
@@ -538,13 +608,17 @@ def read_until_woken(is_done: Callable[[], bool], watch: Callable[[Callable[[], 
     rec = _running.get(threading.get_ident())
     if rec is not None:
         rec.reading = conn
+        _begin_wait(rec)
+        done = is_done
+        is_done = lambda: done() or rec.interrupted  # noqa: E731
     try:
         conn.read_until_woken(is_done, waker.fd)
     finally:
-        if rec is not None:
-            rec.reading = None
         unwatch(waker.set)
         waker.clear()
+        if rec is not None:
+            rec.reading = None
+            _end_wait(rec, done())
 
 
 # ==================================================================== sending

@@ -777,7 +777,8 @@ def rmprocs(*pids: int | Iterable[int], waitfor: float | None = None,
 def interrupt(*pids: int | Iterable[int]) -> None:
     """Interrupt the calls running on the given workers (all workers if none given): each
     gets `KeyboardInterrupt` within about 0.1 s, also while it sleeps or waits on a Future,
-    a channel or a `threading` primitive; the workers stay usable."""
+    a channel or a `threading` primitive (a call that computes: within about 0.25 s); the
+    workers stay usable."""
     _check_master("interrupt workers")
     targets = _flatten_pids(pids) if pids else [p for p in workers() if p != 1]
     log.info("interrupt: interrupting workers %s", targets)
