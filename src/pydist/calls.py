@@ -510,8 +510,8 @@ def interruptible_condition_wait(self: threading.Condition, timeout: float | Non
         if not gotit:
             try:
                 self._waiters.remove(waiter)  # type: ignore[attr-defined]
-            except ValueError:
-                pass
+            except ValueError:  # notified just as it gave up (interrupted, out of time):
+                self.notify()  # pass the wake-up on (a queue.Queue's put wakes one taker)
 
 
 _original_sleep = time.sleep
