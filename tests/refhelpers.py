@@ -247,3 +247,29 @@ def ping_pong_player(inbox, outbox, rounds: int, size: int, first: bool):
             ok = ok and got == value
             outbox.put(got)
     return ok, threading.get_ident(), dict(QUICK_THREADS)
+
+
+# Wake-ups of the poller for a readable connection whose reading role another thread holds
+# (`Connection._on_readable` failing to take it), while `count_poller_misses` is on.
+POLLER_MISSES = [0]
+
+
+def count_poller_misses() -> None:
+    from pydist.transport import Connection
+
+    POLLER_MISSES[0] = 0
+    if getattr(Connection, "_spied_take_role", None) is None:
+        real = Connection._take_role
+
+        def take_role(self):
+            taken = real(self)
+            if not taken and threading.current_thread().name == "pydist-poller":
+                POLLER_MISSES[0] += 1
+            return taken
+
+        Connection._spied_take_role = real
+        Connection._take_role = take_role
+
+
+def poller_misses() -> int:
+    return POLLER_MISSES[0]

@@ -620,6 +620,23 @@ def test_a_take_on_its_own_channel_reads_the_partners_puts_itself(fresh_workers,
         assert sum(quick.values()) == rounds, quick
 
 
+@pytest.mark.timeout(300)
+def test_the_poller_does_not_spin_on_a_connection_a_thread_is_taking(fresh_workers):
+    """W7's ping-pong: each put's reply is read by the putting thread, which then takes the
+    role again to read its partner's put. The poller, woken in between, fails to take the
+    role at most about once; it used to find the socket still armed in the instant between
+    the role's lock and the end of its interest, re-arm it and be woken again, 4-5 times a
+    round trip, competing for the GIL with the thread it waited for."""
+    a, b = fresh_workers(2)
+    for p in (a, b):
+        on(p, rh.count_poller_misses)
+    rounds = 2000
+    for ok, _, _ in _ping_pong(a, b, rounds, 10):
+        assert ok
+    misses = [on(p, rh.poller_misses) for p in (a, b)]
+    assert max(misses) < rounds, misses
+
+
 @pytest.mark.timeout(120)
 def test_a_take_that_reads_a_connection_still_wakes_for_others(fresh_workers):
     """A take reading its last partner's connection returns for a value put through another

@@ -954,12 +954,19 @@ class Connection:
                 return task
 
     def _take_role(self) -> bool:
-        if self._closed_reported or not self._role.acquire(False):
+        """Take the reading role if it is free; the poller stops watching for reading. Both at
+        once, under the arm lock: between the two, a poller woken for a readable socket saw
+        the role taken but the socket still wanted, failed to take the role, re-armed epoll
+        and was woken again at once, as often as five times a round trip of W7."""
+        if self._closed_reported:
             return False
-        if self._poller is not None:
-            with self._arm_lock:
-                self._want_read = False
-                self._apply_interest()
+        if self._poller is None:
+            return self._role.acquire(False)
+        with self._arm_lock:
+            if not self._role.acquire(False):
+                return False
+            self._want_read = False
+            self._apply_interest()
         return True
 
     def _release_role(self) -> None:
