@@ -101,8 +101,8 @@ class Dialler:
 
     def start_ssh(self, host: str, em) -> subprocess.Popen:
         """A dial-in worker on namespace host `host`, started over ssh (cookie on stdin)."""
-        remote = (f"cd {os.getcwd()} && {MARK}={self.mark} PYTHONPATH={SRC} exec {sys.executable} -m pydist.worker "
-                  f"--join {MASTER_ON_BRIDGE}:{em.port}")
+        remote = (f"cd {os.getcwd()} && {MARK}={self.mark} PYTHONPATH={SRC} "
+                  f"exec {sys.executable} -m pydist.worker --join {MASTER_ON_BRIDGE}:{em.port}")
         err = open(self.tmp_path / f"ssh-{host}-{len(self.procs)}.err", "w+b")
         proc = subprocess.Popen(["ssh", "-F", SSH_CONFIG, host, remote], stdin=subprocess.PIPE,
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
