@@ -160,11 +160,19 @@ def on_identify(conn: transport.Connection, msg: protocol.Message):
 
 
 def on_exit(conn: transport.Connection, msg: protocol.Message):
-    """EXIT: our master tells this worker to exit."""
+    """EXIT: our master tells this worker to exit. It stops accepting and closes its
+    connections here and now (the master counts it gone once they are closed), rather than
+    once the main thread has woken up and joined the listener thread: removing 32 workers
+    waited for those two wake-ups of each in turn. The main thread does the rest."""
     if conn.peer_pid == 1:
         log.info("worker %d: the master asks it to exit", PGRP.id)
         PGRP.exit_code = 0
-        PGRP.shutdown.set()
+        if PGRP.listener is not None:
+            PGRP.listener.stop()
+        for w in list(PGRP.workers.values()):
+            if w.conn is not None:
+                w.conn.close()
+        PGRP.shutdown.set()  # (last: the main thread it wakes would compete for the GIL)
     return None
 
 

@@ -1439,14 +1439,19 @@ class Listener:
     def start(self) -> None:
         self._thread.start()
 
-    def close(self, timeout: float = 5.0) -> None:
-        """Stop accepting, drop the handshakes in progress and join the listener thread
-        (waiting at most `timeout` seconds), then close the listening sockets."""
+    def stop(self) -> None:
+        """Stop accepting, from any thread and never waiting (`close` then joins the thread
+        and closes the sockets)."""
         self._closed = True
         try:
             self._wake_w.send(b"x")
         except OSError:
             pass
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop accepting, drop the handshakes in progress and join the listener thread
+        (waiting at most `timeout` seconds), then close the listening sockets."""
+        self.stop()
         if self._thread.ident is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
         for sock in (self.sock, self.local_sock, self._wake_w):
