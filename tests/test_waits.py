@@ -254,8 +254,12 @@ def test_an_interrupt_raises_in_a_waiting_call_where_it_waits(interruptees, kind
     else:
         arg = RemoteChannel(lambda: Channel(10)) if kind == "remotechannel" else None
         fut = pydist.remotecall(wh.blocked_in, a, kind, started, arg)
-    assert started.take(timeout=GRACE) != "", "the call did not start"
-    time.sleep(0.5)  # into the wait, or the loop
+    assert started.take(timeout=GRACE) in (kind, "started")
+    if kind == "busy":
+        time.sleep(0.5)  # into the loop
+    else:
+        wait_until(lambda: pydist.remotecall_fetch(wh.waiting_calls, a) >= 1, timeout=GRACE,
+                   what=f"the call to wait in {kind}")
     pydist.interrupt(a)
     with pytest.raises(RemoteException) as info:
         fut.fetch(timeout=GRACE)

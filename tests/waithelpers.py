@@ -153,3 +153,10 @@ def busy(started) -> str:
     while time.monotonic() < deadline:
         pass
     return "not interrupted"
+
+
+def waiting_calls() -> int:
+    """How many calls running here wait in one of pydist's waits now."""
+    from pydist import calls
+
+    return sum(rec.waiting for rec in list(calls._running.values()))
