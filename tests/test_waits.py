@@ -235,7 +235,8 @@ def test_an_interrupt_raises_once_and_the_call_may_wait_again(interruptees):
     started = RemoteChannel(lambda: Channel(10))
     fut = pydist.remotecall(wh.interrupted_then_waits, a, started)
     assert started.take(timeout=GRACE) == "started"
-    time.sleep(0.3)  # into the sleep
+    wait_until(lambda: pydist.remotecall_fetch(wh.waiting_calls, a) >= 1, timeout=GRACE,
+               what="the call to sleep")
     pydist.interrupt(a)
     assert fut.fetch(timeout=GRACE) == "recovered"
 

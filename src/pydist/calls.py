@@ -412,7 +412,6 @@ def _raise_if_interrupted(rec: _Running) -> None:
     """(rec.lock held) Raise the KeyboardInterrupt of an interrupt not yet raised."""
     if rec.interrupted:
         rec.interrupted = False
-        rec.waiting = False
         raise KeyboardInterrupt
 
 
