@@ -4,17 +4,19 @@ This package holds `ClusterManager` (Julia's interface, with its defaults), `Wor
 and the helpers every manager uses; one module per manager: `local` (LocalManager), `ssh`
 (SSHManager). A manager launches processes and describes each with a `WorkerConfig`;
 `cluster` then connects, authenticates and registers them. Each launched worker's output is
-relayed by a `WorkerOutput` thread: it finds the worker's address line, then prefixes every
-later line with "From worker N".
+relayed by a `WorkerOutput` (one thread reads all their pipes): it finds the worker's
+address line, then prefixes every later line with "From worker N".
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import io
 import logging
 import os
 import re
+import selectors
 import signal
 import socket
 import subprocess
@@ -135,7 +137,10 @@ class WorkerOutput:
     Lines before the address line are kept, and echoed as startup output once the address
     line has come (if it never does, they are in the launch error instead: said once);
     later lines are printed as ``"      From worker N:\\t<line>"``.
-    The thread ends when the worker closes its stdout (it exits).
+    A pipe (a buffered binary file, as `subprocess` gives) is read by the one `_RelayLoop`
+    thread that serves all of them: 128 workers would otherwise be 128 threads in the
+    master, all woken at once when the workers exit. Any other stream gets a thread of its
+    own. Either way the relay ends when the worker closes its stdout (it exits).
     """
 
     _all: "weakref.WeakSet[WorkerOutput]" = weakref.WeakSet()
@@ -150,8 +155,9 @@ class WorkerOutput:
         self.eof = False
         self.too_chatty = False
         self.found = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="pydist-output", daemon=True)
-        self._thread.start()
+        self.done = threading.Event()  # set once the last line is relayed
+        if not _RELAY.add(self):
+            threading.Thread(target=self._run, name="pydist-output", daemon=True).start()
 
     def _emit(self, text: str) -> None:
         if text.startswith("      From worker "):
@@ -166,38 +172,47 @@ class WorkerOutput:
         except (ValueError, OSError):
             pass  # our stdout is closed (interpreter shutting down)
 
+    def _line(self, raw: bytes) -> None:
+        """One line of the worker's output (with its newline, unless it is the last)."""
+        if self.address is None:
+            m = ADDRESS_LINE.match(raw.rstrip(b"\n"))
+            if m:
+                for text in self.startup:
+                    self._emit(text)
+                self.address = (m.group(2).decode(), int(m.group(1)))
+                self.found.set()
+                return
+            text = raw.decode(errors="replace").rstrip("\r\n")
+            self.startup.append(text)
+            if len(self.startup) >= _MAX_STARTUP_LINES:
+                self.too_chatty = True
+                self.found.set()
+            return
+        text = raw.decode(errors="replace").rstrip("\r\n")
+        self.tail.append(text)
+        self._emit(text)
+
+    def _ended(self) -> None:
+        self.eof = True
+        self.found.set()
+        self.done.set()
+
     def _run(self) -> None:
+        """The relay's own thread, for a stream the relay loop cannot watch."""
         try:
             for raw in iter(self.stream.readline, b""):
-                if self.address is None:
-                    m = ADDRESS_LINE.match(raw.rstrip(b"\n"))
-                    if m:
-                        for text in self.startup:
-                            self._emit(text)
-                        self.address = (m.group(2).decode(), int(m.group(1)))
-                        self.found.set()
-                        continue
-                    text = raw.decode(errors="replace").rstrip("\r\n")
-                    self.startup.append(text)
-                    if len(self.startup) >= _MAX_STARTUP_LINES:
-                        self.too_chatty = True
-                        self.found.set()
-                    continue
-                text = raw.decode(errors="replace").rstrip("\r\n")
-                self.tail.append(text)
-                self._emit(text)
+                self._line(raw)
         except (OSError, ValueError):
             pass
         finally:
-            self.eof = True
-            self.found.set()
+            self._ended()
 
     @classmethod
     def drain_all(cls, timeout: float) -> None:
         """Wait (up to `timeout` in all) for relays of exited workers to print their last lines."""
         deadline = time.monotonic() + timeout
         for relay in list(cls._all):
-            relay._thread.join(max(0.0, deadline - time.monotonic()))
+            relay.done.wait(max(0.0, deadline - time.monotonic()))
 
     def wait_address(self, timeout: float, process: Any = None) -> tuple[str, int]:
         """The worker's (addr, port); LaunchWorkerError saying what went wrong otherwise."""
@@ -224,6 +239,132 @@ class WorkerOutput:
             f"Timed out waiting to read host:port string from worker (after {timeout} seconds)."
             + detail
         )
+
+
+class _RelayLoop:
+    """One thread reading every worker output pipe of this process (epoll), for
+    `WorkerOutput`. It starts with the first pipe and ends when the last one is closed."""
+
+    READ_SIZE = 1 << 16
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sel: Any = None  # a selector, while the thread runs
+        self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
+        self._partial: dict[int, bytes] = {}  # fd -> its unfinished last line
+        self._added: list[tuple[int, WorkerOutput]] = []  # for the thread to register
+
+    def add(self, relay: WorkerOutput) -> bool:
+        """Watch `relay`'s stream; False if it is not a pipe this loop can read."""
+        stream = relay.stream
+        if not isinstance(stream, io.BufferedReader) or os.name != "posix":
+            return False
+        try:
+            fd = stream.fileno()
+            os.set_blocking(fd, False)
+            # What the stream has buffered already (someone read from it before us) comes
+            # first; from then on its buffer stays empty and we read the pipe directly.
+            pending = stream.read1(self.READ_SIZE) or b""
+        except (OSError, ValueError):
+            return False
+        self._partial[fd] = b""
+        if pending:  # (before the thread sees the pipe: the lines keep their order)
+            self._feed(fd, relay, pending)
+        with self._lock:
+            self._added.append((fd, relay))
+            if self._thread is None:
+                self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                self._sel = selectors.DefaultSelector()
+                self._sel.register(self._wake_r, selectors.EVENT_READ)
+                self._thread = threading.Thread(target=self._run, name="pydist-output",
+                                                daemon=True)
+                self._thread.start()
+            else:
+                with contextlib.suppress(OSError):
+                    os.write(self._wake_w, b"x")
+        return True
+
+    def _run(self) -> None:
+        relays: dict[int, WorkerOutput] = {}
+        try:
+            while self._adopt(relays):
+                self._step(relays)
+        except BaseException:  # (a bug): end every relay rather than leave waiters hanging
+            log.exception("pydist: internal error relaying worker output")
+            with self._lock:
+                relays.update(self._added)
+                self._added.clear()
+                self._close()
+            for relay in relays.values():
+                relay._ended()
+
+    def _adopt(self, relays: dict[int, "WorkerOutput"]) -> bool:
+        """Watch the pipes added since; False (and the thread's resources released) once
+        there is none left to watch."""
+        with self._lock:
+            for fd, relay in self._added:
+                old = relays.pop(fd, None)
+                if old is not None:  # its stream was closed before its end: that one is over
+                    with contextlib.suppress(KeyError, ValueError, OSError):
+                        self._sel.unregister(fd)
+                    old._ended()
+                try:
+                    self._sel.register(fd, selectors.EVENT_READ)
+                except (ValueError, OSError):  # closed already
+                    relay._ended()
+                    continue
+                relays[fd] = relay
+            self._added.clear()
+            if relays:
+                return True
+            self._close()
+            return False
+
+    def _close(self) -> None:
+        """(Lock held) the thread is ending: release its selector and wake pipe."""
+        self._sel.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self._thread = self._sel = None
+
+    def _step(self, relays: dict[int, "WorkerOutput"]) -> None:
+        """Wait for output, relay it; end the relays whose pipes reached end of file."""
+        for key, _ in self._sel.select():
+            fd = key.fd
+            if fd == self._wake_r:
+                with contextlib.suppress(OSError):
+                    while os.read(fd, 512):
+                        pass
+                continue
+            relay = relays[fd]
+            try:
+                data = os.read(fd, self.READ_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if data:
+                self._feed(fd, relay, data)
+                continue
+            self._sel.unregister(fd)
+            del relays[fd]
+            last = self._partial.pop(fd, b"")
+            try:
+                if last:
+                    relay._line(last)
+            finally:
+                relay._ended()
+
+    def _feed(self, fd: int, relay: WorkerOutput, data: bytes) -> None:
+        """Relay the complete lines of `data` (after what came before it on `fd`)."""
+        *lines, rest = (self._partial.get(fd, b"") + data).split(b"\n")
+        self._partial[fd] = rest
+        for line in lines:
+            relay._line(line + b"\n")
+
+
+_RELAY = _RelayLoop()
 
 
 class ClusterManager(ABC):
