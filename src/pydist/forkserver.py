@@ -29,7 +29,7 @@ import sys
 import threading
 from typing import NoReturn
 
-from . import worker
+from . import runtime, worker
 
 __all__ = ["serve", "main"]
 
@@ -83,6 +83,7 @@ def _child(request: dict, out_fd: int, environ: dict[str, str],
         worker._force_exit_later(code)  # user threads must not keep an orphan alive
         # What the interpreter does at exit: wait for user threads, run the atexit hooks.
         threading._shutdown()  # type: ignore[attr-defined]
+        runtime.ending_by_os_exit()
         atexit._run_exitfuncs()
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
