@@ -191,13 +191,21 @@ def test_the_cookie_is_in_no_record_nor_in_a_worker_log(fresh_workers, caplog, c
 
 @pytest.mark.timeout(120)
 def test_a_worker_with_pydist_log_level_relays_its_records(fresh_workers, capsys):
+    # The fork server exists before: started for another level (or none), so that the INFO
+    # worker is forked from a template whose prepared handler does not fit it.
+    fresh_workers(1, env={"PYDIST_LOG_LEVEL": "WARNING"})
     (pid,) = fresh_workers(1, env={"PYDIST_LOG_LEVEL": "INFO"})
+    pydist.remotecall_fetch(_log, pid, logging.WARNING, "one warning")
     pydist.rmprocs(pid, waitfor=60)
-    out, _ = _relayed(capsys, lambda out: f"joined as worker {pid}" in out)
+    out, _ = _relayed(capsys, lambda out: f"joined as worker {pid}" in out
+                      and "one warning" in out)
     lines = [line for line in out.splitlines() if f"From worker {pid}:" in line]
     assert any("INFO" in line and "pydist.joining" in line and f"joined as worker {pid}" in line
                for line in lines), lines
     assert not any("DEBUG" in line for line in lines), lines
+    # once: a forked worker whose level differs from its fork server's swaps the handler
+    # the fork server attached for its own, it does not add a second one
+    assert sum("one warning" in line for line in lines) == 1, lines
 
 
 def _log(level: int, message: str) -> None:

@@ -15,13 +15,13 @@ master closes the control socket (or dies: end of file).
 
 from __future__ import annotations
 
+import _signal  # type: ignore  # (typeshed has no stub for it)
 import atexit
 import gc
 import io
 import json
 import multiprocessing.process  # workers import it at JOIN: have it in the template
 import os
-import random
 import select
 import signal
 import socket
@@ -41,7 +41,7 @@ def _send(sock: socket.socket, message: dict) -> None:
     sock.send(json.dumps(message).encode())
 
 
-def _child(request: dict, out_fd: int, environ: dict[str, str],
+def _child(request: dict, out_fd: int, environ: dict[str, str], stdio: tuple,
            logging_prepared: tuple) -> NoReturn:
     """In the forked child: become a worker as `python -m pydist.worker` would. Never returns."""
     code = 1
@@ -53,20 +53,17 @@ def _child(request: dict, out_fd: int, environ: dict[str, str],
         # workers in one group, as `make -j` is one, and they take calls in batches.
         os.setpgid(0, 0)
         signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # `_signal`, not `signal`: the latter's enum conversions (a failed lookup for a
+        # handler function) ran ~10 functions of `enum`, whose pages each worker then copied.
+        _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+        _signal.signal(_signal.SIGINT, _signal.default_int_handler)
+        _signal.signal(_signal.SIGTERM, _signal.SIG_DFL)
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
-        # As PYTHONUNBUFFERED does for a fresh interpreter: output reaches the relay at once.
-        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True,
-                                      line_buffering=True, errors="backslashreplace")
-        sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), write_through=True,
-                                      line_buffering=True, errors="backslashreplace")
-        sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+        sys.stdin, sys.stdout, sys.stderr = stdio  # (over descriptors 0, 1 and 2: ours now)
         try:
             os.chdir(request["dir"])
         except OSError as e:
@@ -74,7 +71,7 @@ def _child(request: dict, out_fd: int, environ: dict[str, str],
                   file=sys.stderr, flush=True)
             raise SystemExit(1)
         _set_environ(request["env"], environ)
-        random.seed()  # (also done by `random`'s at-fork hook; other state is per process)
+        # (`random` reseeds itself in a forked child: its at-fork hook)
         multiprocessing.process.current_process().authkey = os.urandom(32)
         worker.configure_logging(prepared=logging_prepared)
         code = worker.start_worker(cookie=request["cookie"], close_stdin=False,
@@ -97,6 +94,16 @@ def _child(request: dict, out_fd: int, environ: dict[str, str],
         except (OSError, ValueError):
             pass
         os._exit(code)  # never back into the template's loop
+
+
+def _worker_stdio() -> tuple:
+    """A worker's sys.stdin, stdout and stderr, over descriptors 0, 1 and 2, made once here
+    (each worker making its own ran `codecs` code and copied its pages). Output goes out
+    at once, as PYTHONUNBUFFERED makes it for a fresh interpreter: the relay sees it."""
+    def out(fd: int) -> io.TextIOWrapper:
+        return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), write_through=True,
+                                line_buffering=True, errors="backslashreplace")
+    return io.TextIOWrapper(io.FileIO(0, "r", closefd=False)), out(1), out(2)
 
 
 def _set_environ(env: dict[str, str], current: dict[str, str]) -> None:
@@ -155,7 +162,8 @@ def serve(fd: int) -> int:
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
     environ = dict(os.environ)  # (a plain copy: cheap to compare in each child)
-    logging_prepared = worker.prepare_logging(environ)
+    stdio = _worker_stdio()
+    logging_prepared = worker.prepare_logging(environ, stdio[2])
     gc.collect()
     gc.freeze()  # the children share the template's pages instead of copying them
     idle_after: float | None = IDLE_BEFORE_WARMING
@@ -183,12 +191,12 @@ def serve(fd: int) -> int:
             data, fds = b"", []
         if not data:
             return 0  # the master is gone: our children notice that on their own
-        if not _fork_all(sock, data, fds, environ, logging_prepared):
+        if not _fork_all(sock, data, fds, environ, stdio, logging_prepared):
             return 0
 
 
 def _fork_all(sock: socket.socket, data: bytes, fds: list[int], environ: dict[str, str],
-              logging_prepared: tuple) -> bool:
+              stdio: tuple, logging_prepared: tuple) -> bool:
     """Fork a worker for each pipe of one request, answering each pid as soon as it is
     known (the master connects to the first workers while the next are forked). False once
     the master is gone."""
@@ -206,7 +214,7 @@ def _fork_all(sock: socket.socket, data: bytes, fds: list[int], environ: dict[st
         except OSError as e:
             return _refuse(sock, reqs[i:], fds[i:], e)
         if pid == 0:
-            _child(request, fd, environ, logging_prepared)
+            _child(request, fd, environ, stdio, logging_prepared)
         os.close(fd)
         if not _answer(sock, {"req": req, "pid": pid}):
             for rest in fds[i + 1:]:

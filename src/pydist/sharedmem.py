@@ -30,6 +30,7 @@ was opened. When the connection closes both sides drop the arena; mapped regions
 
 from __future__ import annotations
 
+import _socket
 import contextlib
 import fcntl
 import mmap
@@ -80,13 +81,23 @@ _warm_free = 0  # bytes of free arena memory kept allocated, over all arenas
 _mapped_with_fd = 0  # regions mapped with a duplicate descriptor (no `trackfd`)
 
 
+_family = _socket.socket.__dict__["family"]  # (the C attribute: a plain int)
+
+
+def family_of(sock: socket.socket) -> int:
+    """`sock.family` as a plain int. (`socket.socket.family` makes an enum member: `enum`'s
+    code that each forked worker ran, so copying the template's pages of it, for a
+    comparison.)"""
+    return _family.__get__(sock)
+
+
 def usable(sock: Any) -> bool:
     """Whether a connection over `sock` may offer an arena: a Unix socket on Linux, and not
     turned off by `PYDIST_SHARED_MEMORY=0`."""
     return (
         hasattr(os, "memfd_create")
         and isinstance(sock, socket.socket)
-        and sock.family == getattr(socket, "AF_UNIX", None)
+        and family_of(sock) == getattr(socket, "AF_UNIX", None)
         and os.environ.get("PYDIST_SHARED_MEMORY", "1").strip() not in ("0", "false", "no", "off")
     )
 

@@ -47,6 +47,7 @@ from collections import deque
 from typing import Any, Callable, Protocol
 
 from . import protocol, sharedmem
+from .sharedmem import family_of
 from .exceptions import AuthenticationError, ProtocolError
 from .threads import (
     _FAULT_EVENTS,
@@ -244,7 +245,7 @@ def tune_socket(sock) -> None:
     large frame is a partial write)."""
     if not isinstance(sock, socket.socket):
         return
-    if sock.family in (socket.AF_INET, socket.AF_INET6):
+    if family_of(sock) in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     size = socket_buffer_size()
@@ -1544,7 +1545,8 @@ class Listener:
     def _accept(self, lsock: Any) -> None:
         for _ in range(64):  # a batch at a time, so that handshakes in progress go on
             try:
-                client, addr = lsock.accept()
+                fd, addr = lsock._accept()
+                client = socket.socket(fileno=fd)  # (what `accept` does, but its enum steps)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as e:  # EMFILE, ENFILE, ENOBUFS, ENOMEM...: pause, do not spin
@@ -1679,12 +1681,13 @@ def _source_of(client: socket.socket, addr):
     """Who is connecting, for rate-limiting wrong proofs: an IPv4 address, an IPv6 /64
     (one host has many addresses), or the user id of a local Unix-socket peer."""
     try:
-        if client.family == socket.AF_INET:
+        family = family_of(client)
+        if family == socket.AF_INET:
             return addr[0]
-        if client.family == socket.AF_INET6:
+        if family == socket.AF_INET6:
             packed = socket.inet_pton(socket.AF_INET6, addr[0].partition("%")[0])
             return packed if packed.startswith(b"\0" * 10 + b"\xff\xff") else packed[:8]
-        if client.family == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):
+        if family == socket.AF_UNIX and hasattr(socket, "SO_PEERCRED"):
             cred = client.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             return ("uid", struct.unpack("3i", cred)[2])
     except (OSError, ValueError, IndexError):

@@ -17,9 +17,9 @@ even if nothing else imported `runtime`.
 
 from __future__ import annotations
 
+import _signal  # type: ignore  # (typeshed has no stub for it)
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -51,7 +51,7 @@ def configure_logging(environ=os.environ,
     """A worker process's own logging: pydist's records at `PYDIST_LOG_LEVEL` (a level name
     or number; default WARNING) go to stderr, which the master relays ("From worker N:").
     Only `python -m pydist.worker` calls this: there pydist is the application. `prepared`:
-    what `prepare_logging` made before this process was forked, used if made for the same
+    what `prepare_logging` set up before this process was forked, kept if made for the same
     `PYDIST_LOG_LEVEL`."""
     spec = environ.get("PYDIST_LOG_LEVEL", "").strip()
     level = _log_level(spec)
@@ -59,24 +59,27 @@ def configure_logging(environ=os.environ,
         print(f"pydist worker: ignoring PYDIST_LOG_LEVEL={spec!r} (not a logging level)",
               file=sys.stderr, flush=True)
     if prepared is not None and prepared[1] == spec:
-        handler = prepared[0]
-        handler.stream = sys.stderr  # (this process's: the fork server's was another)
-        logging.getLogger("pydist").addHandler(handler)
+        prepared[0].stream = sys.stderr  # (already: the template made it for our stderr)
         return
-    handler = _handler(level)
     logger = logging.getLogger("pydist")
+    if prepared is not None:
+        logger.removeHandler(prepared[0])
+    handler = _handler(level)
     logger.addHandler(handler)
     logger.setLevel(handler.level)
 
 
-def prepare_logging(environ=os.environ) -> tuple[logging.StreamHandler, str]:
-    """The fork server's share of `configure_logging`, done once before it forks: the
-    handler made and pydist's logger set to its level; each forked worker only attaches the
-    handler (making it, and setting the level, which visits every logger, cost each worker
-    half a millisecond and a hundred copied pages)."""
+def prepare_logging(environ=os.environ, stream=None) -> tuple[logging.StreamHandler, str]:
+    """The fork server's share of `configure_logging`, done once before it forks: a handler
+    for `stream` (the workers' stderr) attached to pydist's logger, at its level; a forked
+    worker with the same `PYDIST_LOG_LEVEL` keeps it as it is (making the handler, attaching
+    it and setting the level, which visits every logger, cost each worker half a millisecond
+    and a hundred copied pages)."""
     spec = environ.get("PYDIST_LOG_LEVEL", "").strip()
-    handler = _handler(_log_level(spec))
-    logging.getLogger("pydist").setLevel(handler.level)
+    handler = _handler(_log_level(spec), stream)
+    logger = logging.getLogger("pydist")
+    logger.addHandler(handler)
+    logger.setLevel(handler.level)
     return handler, spec
 
 
@@ -88,8 +91,8 @@ def _log_level(spec: str) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _handler(level: int | None) -> logging.StreamHandler:
-    handler = logging.StreamHandler(sys.stderr)
+def _handler(level: int | None, stream=None) -> logging.StreamHandler:
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.WARNING if level is None else level)
     return handler
@@ -152,7 +155,7 @@ def init_worker(cookie: str, manager=None) -> None:
     runtime.wire()  # already done if `pydist` was imported; a worker must not depend on it
     joining.init_worker(cookie, manager)
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_sigint)
+        _signal.signal(_signal.SIGINT, _on_sigint)  # (`signal.signal`'s enum steps: see forkserver)
     time.sleep = interruptible_sleep  # type: ignore[assignment]  # a sleeping remote call can be interrupted
     # ... and one waiting on a condition (Event.wait, Channel, queue.Queue), which a blocked
     # lock acquire would otherwise hide from the interrupt
