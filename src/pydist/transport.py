@@ -1373,6 +1373,51 @@ class _Pending:
 _HELLO, _PROOF, _PARKED, _DENIED = range(4)
 
 
+class _ReadSelector:
+    """What the listener waits with: read readiness, a value per registered socket.
+    `select.epoll` itself where there is one (`selectors`' layers ran a dozen functions in
+    every forked worker, each one's pages then copied from the template), else
+    `selectors.DefaultSelector`."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll() if hasattr(select, "epoll") else None
+        self._selector = None if self._epoll is not None else selectors.DefaultSelector()
+        self._watched: dict[int, tuple[Any, Any]] = {}  # fd -> (socket, value)
+
+    def register(self, sock: Any, value: Any) -> None:
+        fd = sock.fileno()
+        if self._epoll is not None:
+            self._epoll.register(fd, select.EPOLLIN)
+        else:
+            self._selector.register(fd, selectors.EVENT_READ)  # type: ignore[union-attr]
+        self._watched[fd] = (sock, value)
+
+    def unregister(self, sock: Any) -> None:
+        """(`sock` still open.) KeyError if it is not registered."""
+        fd = sock.fileno()
+        del self._watched[fd]
+        try:
+            if self._epoll is not None:
+                self._epoll.unregister(fd)
+            else:
+                self._selector.unregister(fd)  # type: ignore[union-attr]
+        except (OSError, KeyError, ValueError):  # (the kernel forgot it already)
+            pass
+
+    def select(self, timeout: float | None) -> list[tuple[Any, Any]]:
+        """(socket, value) of each registered socket that is readable, waiting up to
+        `timeout` seconds (None: until one is)."""
+        if self._epoll is not None:
+            fds = [fd for fd, _ in self._epoll.poll(-1 if timeout is None else timeout)]
+        else:
+            fds = [key.fd for key, _ in self._selector.select(timeout)]  # type: ignore[union-attr]
+        watched = self._watched
+        return [watched[fd] for fd in fds if fd in watched]
+
+    def close(self) -> None:
+        (self._epoll or self._selector).close()  # type: ignore[union-attr]
+
+
 class Listener:
     """A worker's listening sockets -- TCP, and its twin local Unix socket (see
     `local_socket_name`) -- served by one thread that accepts and authenticates every client
@@ -1407,7 +1452,7 @@ class Listener:
         self._on_connection = on_connection
         self._timeout = handshake_timeout
         self._closed = False
-        self._sel = selectors.DefaultSelector()
+        self._sel = _ReadSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._listening = [s for s in (self.sock, self.local_sock) if s is not None]
@@ -1470,7 +1515,7 @@ class Listener:
     # -- the listener thread --
     def _run(self) -> None:
         try:
-            self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+            self._sel.register(self._wake_r, None)
             self._set_accepting(True)
             while not self._closed:
                 try:
@@ -1492,19 +1537,19 @@ class Listener:
             self._paused_until = 0.0
             self._set_accepting(True)
         timeout = self._run_timers(now)
-        for key, _ in self._sel.select(timeout):
+        for sock, data in self._sel.select(timeout):
             if self._closed:
                 return
-            if key.data is None:
+            if data is None:
                 try:
                     self._wake_r.recv(4096)
                 except OSError:
                     pass
-            elif isinstance(key.data, str):
+            elif isinstance(data, str):
                 if self._accepting:  # not paused earlier in this batch
-                    self._accept(key.fileobj)
-            elif key.data.state in (_HELLO, _PROOF) and key.data.sock.fileno() >= 0:
-                self._readable(key.data)  # (not dropped earlier in this batch)
+                    self._accept(sock)
+            elif data.state in (_HELLO, _PROOF) and data.sock.fileno() >= 0:
+                self._readable(data)  # (not dropped earlier in this batch)
 
     def _run_timers(self, now: float) -> float | None:
         """Refuse handshakes past their deadline, check parked proofs whose turn has come,
@@ -1537,7 +1582,7 @@ class Listener:
             return
         for sock in self._listening:
             if on:
-                self._sel.register(sock, selectors.EVENT_READ, "listen")
+                self._sel.register(sock, "listen")
             else:
                 self._sel.unregister(sock)
         self._accepting = on
@@ -1576,7 +1621,7 @@ class Listener:
         p = _Pending(client, addr or "a local process", _source_of(client, addr),
                      time.monotonic() + self._timeout)
         self._pending[client.fileno()] = p
-        self._sel.register(client, selectors.EVENT_READ, p)
+        self._sel.register(client, p)
 
     def _readable(self, p: _Pending) -> None:
         try:

@@ -80,6 +80,12 @@ def prepare_logging(environ=os.environ, stream=None) -> tuple[logging.StreamHand
     logger = logging.getLogger("pydist")
     logger.addHandler(handler)
     logger.setLevel(handler.level)
+    # Each logger caches whether a level is enabled on first use (with a lock and a walk
+    # up the hierarchy): filled here once, for the loggers pydist has, not in every worker.
+    for name, each in list(logging.root.manager.loggerDict.items()):
+        if name.startswith("pydist") and isinstance(each, logging.Logger):
+            for lvl in (logging.DEBUG, logging.INFO, logging.WARNING):
+                each.isEnabledFor(lvl)
     return handler, spec
 
 
