@@ -62,8 +62,18 @@ def new_nonce() -> bytes:
     return os.urandom(NONCE_LEN)
 
 
+_hmac_new: Callable[..., Any] = hmac.new
+try:  # OpenSSL's HMAC object itself: what `hmac.new` makes, without its five Python
+    # functions (which each forked worker would run, so copy the template's pages of)
+    import _hashlib
+
+    _hmac_new = _hashlib.hmac_new
+except ImportError:  # (a Python built without OpenSSL)
+    pass
+
+
 def _mac(cookie: bytes, label: bytes, nonce_i: bytes, nonce_a: bytes) -> bytes:
-    return hmac.new(cookie, label + nonce_i + nonce_a, hashlib.sha256).digest()
+    return _hmac_new(cookie, label + nonce_i + nonce_a, digestmod=hashlib.sha256).digest()
 
 
 def encode_hello(nonce_i: bytes) -> bytes:
