@@ -169,3 +169,25 @@ def test_local_sockets_can_be_switched_off():
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"master": ["AF_INET", "AF_INET"], "a_to_b": "AF_INET", "sum": 45}
+
+
+def test_family_of_reads_a_plain_int_and_tune_socket_sets_nodelay_on_tcp_only():
+    """`sharedmem.family_of` (which skips `socket.family`'s enum) is what decides TCP
+    tuning and shared memory: it must name each family right."""
+    from pydist import sharedmem, transport
+
+    families = [socket.AF_INET, socket.AF_UNIX] + ([socket.AF_INET6] if socket.has_ipv6 else [])
+    for family in families:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            got = sharedmem.family_of(sock)
+            assert got == family and type(got) is int, (family, got)
+    server = socket.create_server(("127.0.0.1", 0))
+    with server, socket.create_connection(server.getsockname()) as tcp:
+        transport.tune_socket(tcp)
+        assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert not sharedmem.usable(tcp)  # shared memory is for Unix sockets only
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        transport.tune_socket(a)  # (no TCP option on a Unix socket: must not raise)
+        if hasattr(os, "memfd_create") and "PYDIST_SHARED_MEMORY" not in os.environ:
+            assert sharedmem.usable(a)

@@ -1590,8 +1590,7 @@ class Listener:
     def _accept(self, lsock: Any) -> None:
         for _ in range(64):  # a batch at a time, so that handshakes in progress go on
             try:
-                fd, addr = lsock._accept()
-                client = socket.socket(fileno=fd)  # (what `accept` does, but its enum steps)
+                fd, addr = lsock._accept()  # (`accept` without its enum steps)
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as e:  # EMFILE, ENFILE, ENOBUFS, ENOMEM...: pause, do not spin
@@ -1605,6 +1604,11 @@ class Listener:
             if self._backoff:
                 log.warning("pydist: accepting connections again")
                 self._backoff = 0.0
+            try:
+                client = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
             try:
                 self._begin(client, addr)
             except BaseException:
