@@ -33,6 +33,7 @@ def test_a_worker_output_relay_finds_the_address_then_prefixes_every_line(capsys
     os.close(w)
     assert relay.done.wait(TIMEOUT)
     assert relay.eof
+    stream.close()
     out = capsys.readouterr().out.splitlines()
     assert out == ["\tFrom worker startup:\tstarting up",
                    "      From worker 7:\thello",
@@ -49,6 +50,7 @@ def test_what_a_stream_buffered_before_the_relay_came_is_relayed_first(capsys):
     os.write(w, b"second\n")
     os.close(w)
     assert relay.done.wait(TIMEOUT)
+    stream.close()
     assert relay.address == ("h", 1)
     assert capsys.readouterr().out.splitlines() == ["      From worker 3:\tfirst",
                                                     "      From worker 3:\tsecond"]
@@ -90,14 +92,18 @@ assert len(relay_threads()) == 1 and not relays[-1].done.is_set()  # one pipe is
 os.close(pipes[-1][1])
 assert relays[-1].done.wait(TIMEOUT)
 wait_gone()
+for stream, _ in pipes:
+    stream.close()
 # a relay made after the thread ended starts it again
 r, w = os.pipe()
-relay = WorkerOutput(os.fdopen(r, "rb"), pid=99)
+stream = os.fdopen(r, "rb")
+relay = WorkerOutput(stream, pid=99)
 os.write(w, b"pydist_worker:5#b\n")
 assert relay.found.wait(TIMEOUT) and relay.address == ("b", 5)
 os.close(w)
 assert relay.done.wait(TIMEOUT)
 wait_gone()
+stream.close()
 print("ok", flush=True)
 """
 
@@ -131,3 +137,4 @@ def test_drain_all_waits_for_the_last_lines():
     WorkerOutput.drain_all(TIMEOUT)
     assert relay.done.is_set()
     timer.join()
+    stream.close()
