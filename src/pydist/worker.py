@@ -59,8 +59,7 @@ def configure_logging(environ=os.environ,
         print(f"pydist worker: ignoring PYDIST_LOG_LEVEL={spec!r} (not a logging level)",
               file=sys.stderr, flush=True)
     if prepared is not None and prepared[1] == spec:
-        prepared[0].stream = sys.stderr  # (already: the template made it for our stderr)
-        return
+        return  # the template's handler, made for our stderr, is attached already
     logger = logging.getLogger("pydist")
     if prepared is not None:
         logger.removeHandler(prepared[0])

@@ -156,6 +156,7 @@ class WorkerOutput:
         self.too_chatty = False
         self.found = threading.Event()
         self.done = threading.Event()  # set once the last line is relayed
+        self._partial = b""  # (relay loop) the unfinished last line read so far
         if not _RELAY.add(self):
             threading.Thread(target=self._run, name="pydist-output", daemon=True).start()
 
@@ -192,10 +193,21 @@ class WorkerOutput:
         self.tail.append(text)
         self._emit(text)
 
+    def _feed(self, data: bytes) -> None:
+        """(relay loop) Relay the complete lines of `data`, after what came before it."""
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            self._line(line + b"\n")
+
     def _ended(self) -> None:
-        self.eof = True
-        self.found.set()
-        self.done.set()
+        last, self._partial = self._partial, b""
+        try:
+            if last:  # a last line without a newline
+                self._line(last)
+        finally:
+            self.eof = True
+            self.found.set()
+            self.done.set()
 
     def _run(self) -> None:
         """The relay's own thread, for a stream the relay loop cannot watch."""
@@ -252,7 +264,6 @@ class _RelayLoop:
         self._sel: Any = None  # a selector, while the thread runs
         self._thread: threading.Thread | None = None
         self._wake_r = self._wake_w = -1
-        self._partial: dict[int, bytes] = {}  # fd -> its unfinished last line
         self._added: list[tuple[int, WorkerOutput]] = []  # for the thread to register
 
     def add(self, relay: WorkerOutput) -> bool:
@@ -268,9 +279,8 @@ class _RelayLoop:
             pending = stream.read1(self.READ_SIZE) or b""
         except (OSError, ValueError):
             return False
-        self._partial[fd] = b""
         if pending:  # (before the thread sees the pipe: the lines keep their order)
-            self._feed(fd, relay, pending)
+            relay._feed(pending)
         with self._lock:
             self._added.append((fd, relay))
             if self._thread is None:
@@ -345,23 +355,11 @@ class _RelayLoop:
             except OSError:
                 data = b""
             if data:
-                self._feed(fd, relay, data)
+                relay._feed(data)
                 continue
             self._sel.unregister(fd)
             del relays[fd]
-            last = self._partial.pop(fd, b"")
-            try:
-                if last:
-                    relay._line(last)
-            finally:
-                relay._ended()
-
-    def _feed(self, fd: int, relay: WorkerOutput, data: bytes) -> None:
-        """Relay the complete lines of `data` (after what came before it on `fd`)."""
-        *lines, rest = (self._partial.get(fd, b"") + data).split(b"\n")
-        self._partial[fd] = rest
-        for line in lines:
-            relay._line(line + b"\n")
+            relay._ended()
 
 
 _RELAY = _RelayLoop()
