@@ -516,6 +516,17 @@ def test_many_workers_are_asked_for_in_one_message_per_batch(fresh_workers, monk
                            for w in ws), timeout=30, what="each worker's line on its pipe")
 
 
+def test_the_template_takes_what_the_master_may_send():
+    """The master's bounds on one request (pipes attached, bytes) are the template's: a
+    request with more pipes than the template receives would lose the rest in transit
+    (truncated control data), and those workers would never start."""
+    from pydist import forkserver as template
+    from pydist.managers import forkserver as master_side
+
+    assert master_side.MAX_FORKS_PER_REQUEST == template.MAX_FDS
+    assert master_side.MAX_MESSAGE == template.MAX_MESSAGE
+
+
 def _print_marker() -> None:
     print(f"marker {pydist.myid()}", flush=True)
 

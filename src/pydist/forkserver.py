@@ -34,7 +34,7 @@ from . import runtime, worker
 __all__ = ["serve", "main"]
 
 MAX_MESSAGE = 1 << 20  # a request carries an environment: bounded by the socket buffer
-MAX_FDS = 64  # pipes in one request (`managers.forkserver.MAX_FORKS_PER_REQUEST`)
+MAX_FDS = 64  # pipes in one request (= `managers.forkserver.MAX_FORKS_PER_REQUEST`: a test checks)
 
 
 def _send(sock: socket.socket, message: dict) -> None:

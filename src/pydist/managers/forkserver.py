@@ -30,7 +30,7 @@ __all__ = ["ForkedProcess", "fork_workers", "unsuitable", "running", "stop"]
 
 START_TIMEOUT = 30.0  # seconds for the template to start and answer a request
 MAX_MESSAGE = 1 << 20
-MAX_FORKS_PER_REQUEST = 64  # pipes passed in one message (the kernel allows 253)
+MAX_FORKS_PER_REQUEST = 64  # pipes passed in one message (the kernel allows 253; = the template's MAX_FDS)
 
 # Environment variables read while the interpreter starts (or by the C library at load):
 # a worker that needs a value other than the template's must be a fresh interpreter.
