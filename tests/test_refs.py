@@ -139,6 +139,22 @@ def test_future_attributes(w):
     assert (h_where, h_whence) == (w2, w3)
 
 
+def test_a_held_future_costs_the_garbage_collector_no_key(w):
+    """The process's weak reference to a Future is keyed by a plain (whence, id) tuple,
+    which the collector stops tracking, not by an RRID it would traverse in every full
+    collection for as long as the Future lives; lookups by RRID still find it."""
+    from pydist import refs
+
+    futs = [pydist.remotecall(abs, w[i % 2], -i) for i in range(50)]
+    assert [f.fetch() for f in futs] == list(range(50))
+    gc.collect()
+    for f in futs:
+        held = refs._client_refs[f.rrid]
+        assert held() is f and refs._local(f.rrid) is f
+        assert type(held.rrid) is tuple and held.rrid == f.rrid
+        assert not gc.is_tracked(held.rrid)
+
+
 def test_future_has_no_remote_state_until_used(w):
     w2, _ = w
     gc.collect()
