@@ -63,13 +63,17 @@ class Sizes:
     warm_calls: int = 200
     reps: int = 3
     tasks: int = 20_000     # W2
+    # W2 repetitions: one process's repetitions of the same 20,000 tasks read anywhere from
+    # 37,000 to 67,000 tasks/s at 32 workers on the 2-core VM (bench/README, seventeenth
+    # round), so a median of 3 moved the 32-against-2 ratio by a fifth from run to run.
+    w2_reps: int = 7
     pmap_workers: tuple = (2, 8)
     sleeps: int = 10_000    # pmap elements
     sleep_s: float = 0.001
 
 
 FULL = Sizes()
-QUICK = Sizes(workers=(2, 8, 16), calls=1000, warm_calls=100, reps=1, tasks=5000, sleeps=2000)
+QUICK = Sizes(workers=(2, 8, 16), calls=1000, warm_calls=100, reps=1, tasks=5000, w2_reps=1, sleeps=2000)
 
 
 def sizes(opts) -> Sizes:
@@ -204,7 +208,7 @@ def m_w2(s, n, z):
         assert got == want, "wrong results"
         return {"tps": z.tasks / t, "master_us": cpu_m / z.tasks * 1e6, "workers_us": cpu_w / z.tasks * 1e6}
 
-    runs = repeat(once, z.reps, REP_BUDGET)
+    runs = repeat(once, z.w2_reps, REP_BUDGET)
     out = {k: median([r[k] for r in runs]) for k in runs[0]}
     out["total_us"] = out["master_us"] + out["workers_us"]
     out["detail"] = runs
@@ -427,7 +431,8 @@ def render(opts, z, info, runs, status, ssh, wall, leftovers, plotted):
         + (" (spawn up to 8 workers, forkserver above)" if opts.start_method == "auto" else "")
         + "; mp.Pool: the platform's default (row 'start method')",
         f"- W1: {z.calls:,} round trips per repetition after {z.warm_calls} warm-up calls; W2: {z.tasks:,} tasks;"
-        f" medians of {z.reps} repetition(s) (W2 and pmap: fewer when they would take over {REP_BUDGET:.0f} s);"
+        f" medians of {z.reps} repetition(s), {z.w2_reps} for W2 (W2 and pmap: fewer when they would take over"
+        f" {REP_BUDGET:.0f} s);"
         f" bounds: {opts.workload_timeout:.0f} s per measure, {opts.system_timeout:.0f} s per system and size",
         "",
         "## Per-task cost against the number of workers",

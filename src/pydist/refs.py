@@ -241,7 +241,8 @@ def _pid() -> int:
     return PGRP.id
 
 
-# RRID -> the weak reference to this process's object for it (one object per reference).
+# (whence, id) -> the weak reference to this process's object for that reference (one object per
+# reference).
 _client_refs: "dict[tuple[int, int], _ClientRef]" = {}  # (looked up by RRID too: equal)
 
 
