@@ -65,7 +65,7 @@ class Sizes:
     tasks: int = 20_000     # W2
     # W2 repetitions: one process's repetitions of the same 20,000 tasks read anywhere from
     # 37,000 to 67,000 tasks/s at 32 workers on the 2-core VM (bench/README, seventeenth
-    # round), so a median of 3 moved the 32-against-2 ratio by a fifth from run to run.
+    # round): with medians of 3, the 32-against-2 ratio read 0.56x and 0.66x in two runs.
     w2_reps: int = 7
     pmap_workers: tuple = (2, 8)
     sleeps: int = 10_000    # pmap elements
