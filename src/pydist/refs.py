@@ -551,10 +551,10 @@ class AbstractRemoteRef:
         if _flusher is None:
             _start_flusher()
         self.where = where
-        self.whence, self.id = whence, id_ = rrid
+        self.whence, self.id = rrid
         self._lock = threading.Lock()
         held = self._held = _ClientRef(self, _released)
-        key = (whence, id_)  # (not the RRID: see `_ClientRef`)
+        key = (self.whence, self.id)  # a plain tuple, not the RRID: see `_ClientRef`
         held.where, held.rrid, held.count = where, key, count
         _client_refs[key] = held
 
