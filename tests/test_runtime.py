@@ -16,6 +16,7 @@ import pytest
 
 import pydist
 from pydist import ProcessExitedException
+from pydist import threads
 from pydist.calls import connection
 
 from conftest import pid_alive, stop_process, wait_until, worker_ospid
@@ -180,3 +181,43 @@ def test_shutdown_stops_every_runtime_thread_and_pydist_works_again(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "left: []" in done.stdout, done.stdout + done.stderr
     assert "again: True" in done.stdout
+
+
+class _Ticks:
+    """Counts the watchdog ticks it gets."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def _watchdog_tick(self, now: float) -> None:
+        self.n += 1
+
+
+class _BrokenTick:
+    def _watchdog_tick(self, now: float) -> None:
+        raise RuntimeError("a bug in a tick")
+
+
+def test_the_watchdog_reads_awake_while_it_ticks_and_ticks_again_after_a_stop():
+    """`awake` decides whether a call lent the reading role also makes the poller watch its
+    socket: it must be true from the watchdog's first tick, not only once it has slept. A
+    watchdog stopped while it ticked must tick again after `restart` (`pydist.shutdown`
+    then more work), and a tick that raises must not end it."""
+    wd = threads._Watchdog()  # its own: the process-wide one serves this session's workers
+    first, broken = _Ticks(), _BrokenTick()
+    wd.watch(broken)
+    wd.watch(first)
+    wait_until(lambda: first.n >= 3, timeout=30, what="the watchdog to tick")
+    assert wd.awake
+    assert wd.stop(timeout=10)
+    assert not wd.awake
+    wd.restart()
+    wd.unwatch(first)
+    wd.unwatch(broken)
+    second = _Ticks()
+    wd.watch(second)
+    wait_until(lambda: second.n >= 2, timeout=30, what="the watchdog to tick after a restart")
+    assert wd.awake
+    wd.unwatch(second)
+    wait_until(lambda: not wd.awake, timeout=30, what="the watchdog to sleep")
+    assert wd.stop(timeout=10)

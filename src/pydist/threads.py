@@ -286,7 +286,7 @@ class _Watchdog:
         self._watched: set[Any] = set()
         self._watches = 0  # `watch` calls so far (a tick with none since the last: sleep)
         self._wake = threading.Event()
-        self._sleeping = True
+        self._sleeping = True  # not ticking: a `watch` must wake the thread (or start it)
         self._stopping = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -310,6 +310,11 @@ class _Watchdog:
                     except RuntimeError:  # interpreter shutdown
                         return
                     self._thread = thread
+                    # It ticks from its start: until its first sleep it would otherwise
+                    # read as asleep, and every call lent the role meanwhile made the
+                    # poller watch its socket too (two epoll changes, and a poller wake-up
+                    # for each frame that arrived during the call).
+                    self._sleeping = False
             self._wake.set()
 
     def unwatch(self, conn: Any) -> None:
@@ -326,19 +331,27 @@ class _Watchdog:
 
     def _run(self) -> None:
         seen = -1
-        while not self._stopping:
-            if not self._watched and self._watches == seen:
-                self._sleeping = True
-                self._wake.clear()
-                if not self._watched and not self._stopping:
-                    self._wake.wait()
-                self._sleeping = False
-                continue
-            seen = self._watches
-            _sleep(self.PROMOTE_AFTER)
-            now = time.monotonic()
-            for conn in list(self._watched):
-                conn._watchdog_tick(now)
+        try:
+            while not self._stopping:
+                if not self._watched and self._watches == seen:
+                    self._sleeping = True
+                    self._wake.clear()
+                    if not self._watched and not self._stopping:
+                        self._wake.wait()
+                    self._sleeping = False
+                    continue
+                seen = self._watches
+                _sleep(self.PROMOTE_AFTER)
+                now = time.monotonic()
+                for conn in list(self._watched):
+                    try:
+                        conn._watchdog_tick(now)
+                    except BaseException:  # the watchdog must outlive a bug in one tick
+                        log.exception("pydist: internal error in the watchdog tick of %r", conn)
+        finally:
+            # Stopped: the first `watch` after `restart` must start a thread again (one
+            # stopped while it ticked left this False, and the watchdog never ran again).
+            self._sleeping = True
 
 
 _sleep = time.sleep  # the real one (workers replace time.sleep with an interruptible one)
