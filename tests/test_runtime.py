@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -221,3 +222,51 @@ def test_the_watchdog_reads_awake_while_it_ticks_and_ticks_again_after_a_stop():
     wd.unwatch(second)
     wait_until(lambda: not wd.awake, timeout=30, what="the watchdog to sleep")
     assert wd.stop(timeout=10)
+
+
+class _TimerOwner:
+    def __init__(self) -> None:
+        self.fired = threading.Event()
+
+    def _on_timer(self, now: float) -> None:
+        self.fired.set()
+
+
+class _QuietConn:
+    """A registered socket that never becomes readable: the poller thread runs while a
+    connection is registered."""
+
+    def __init__(self) -> None:
+        self.sock, self.peer = socket.socketpair()
+        self.fd = self.sock.fileno()
+        self.name = "quiet"
+
+    def _on_events(self, ev: int) -> None:
+        pass
+
+
+def test_a_poller_timer_set_while_the_poller_was_stopped_fires_after_restart():
+    """A timer set with `call_soon` while the poller thread is stopped (or as it ends) fires
+    once a poller thread runs again. It was lost with the wake-up that `restart` drained,
+    and the lost timer was the burst tick's (`_SoonFrames`): calls sent in a burst then
+    left only when someone waited for a reply."""
+    poller = threads._Poller()  # its own: the process-wide one serves this session's workers
+    conn = _QuietConn()
+    try:
+        poller.register(conn)
+        before = _TimerOwner()
+        poller.call_soon(before, time.monotonic())
+        assert before.fired.wait(30), "the poller ran no timer"
+        assert poller.stop(timeout=10)
+        during = _TimerOwner()
+        poller.call_soon(during, time.monotonic())
+        poller.restart()
+        assert during.fired.wait(30), "a timer set while the poller was stopped never ran"
+    finally:
+        assert poller.stop(timeout=10)
+        poller.unregister(conn)
+        conn.sock.close()
+        conn.peer.close()
+        poller._epoll.close()
+        os.close(poller._wake_r)
+        os.close(poller._wake_w)

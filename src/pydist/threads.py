@@ -223,6 +223,10 @@ class _Poller:
         poll = self._epoll.poll
         wake = self._wake_r
         timers = self._timers
+        # Timers set while no poller thread ran (after `stop`, or just before the last one
+        # ended) are in `_incoming` and the wake pipe was emptied by `restart`: adopt them
+        # now, or they never fire (a burst's calls then waited for someone to flush them).
+        self._take_incoming()
         while True:
             timeout = -1.0
             if timers:
