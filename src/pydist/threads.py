@@ -209,11 +209,10 @@ class _Poller:
             os.write(self._wake_w, b"x")
 
     def restart(self) -> None:
+        """Allow the thread to run again (the next one empties the wake pipe and adopts the
+        timers set meanwhile: `_run`)."""
         with self._lock:
             self._stopping = False
-            with contextlib.suppress(OSError):
-                while os.read(self._wake_r, 64):
-                    pass
             if self._thread is None and self._conns:
                 self._thread = threading.Thread(target=self._run, name="pydist-poller",
                                                 daemon=True)
@@ -223,11 +222,14 @@ class _Poller:
         poll = self._epoll.poll
         wake = self._wake_r
         timers = self._timers
-        # Timers set while no poller thread ran (after `stop`, or just before the last one
-        # ended) are in `_incoming` and the wake pipe was emptied by `restart`: adopt them
-        # now, or they never fire (a burst's calls then waited for someone to flush them).
+        # Timers set while no poller thread ran (after `stop`, or just as the last one ended)
+        # are in `_incoming`: adopt them now, or they never fire (a burst's calls then waited
+        # for someone to flush them). This also empties the wake pipe of what `stop` wrote.
         self._take_incoming()
-        while True:
+        # `_stopping` is read after each drain of the wake pipe, never before: a drain may
+        # swallow the byte `stop` wrote (it is set before that byte), and a thread that had
+        # looked first then slept in `poll` for good, and `stop` timed out.
+        while not self._stopping:
             timeout = -1.0
             if timers:
                 timeout = max(0.0, min(timers.values()) - time.monotonic())
@@ -239,8 +241,6 @@ class _Poller:
                 self._run_timers(time.monotonic())
             for fd, ev in events:
                 if fd == wake:
-                    if self._stopping:
-                        return
                     self._take_incoming()
                     continue
                 conn = self._conns.get(fd)
