@@ -1,8 +1,8 @@
 """The fork server: `python -m pydist.forkserver FD`, a template that forks local workers.
 
 A master that asks for ``start_method="forkserver"`` starts one such process (see
-`managers.forkserver`). It imports what a worker needs (cloudpickle too, once idle: see
-`_warm`), starts no thread, and waits on the control socket FD (a SOCK_SEQPACKET socket
+`managers.forkserver`). It imports what a worker needs (cloudpickle too: see `_warm`),
+starts no thread, and waits on the control socket FD (a SOCK_SEQPACKET socket
 inherited from the master) for requests: a JSON message (cookie, bind address, working
 directory, environment, how many workers) with the write ends of that many pipes attached
 (SCM_RIGHTS). For each pipe it forks a worker: its own process group (in the fork server's
@@ -134,22 +134,19 @@ def _reap(sock: socket.socket) -> None:
             pass  # the master is gone
 
 
-# Once no request has come for this long (s), the template imports what workers would
-# otherwise each import at their first call of a closure or a lambda (see `_warm`).
-IDLE_BEFORE_WARMING = 0.05
-
-
 def _warm() -> None:
-    """Import cloudpickle (and what it imports) here, once, so that the workers forked from
-    now on share it: each worker unpickling its first closure paid 4 ms and 0.6 MB for it.
-    Done only once the template is idle, so that it delays no worker someone waits for.
-    (A worker that never unpickles a closure is 0.15 MB larger for it: W6's USS.)"""
+    """Import cloudpickle (and what it imports) here, once, before the first fork, so that
+    every worker shares it: the first call of a user's function, lambda or closure (the
+    first thing most programs send) unpickles it with cloudpickle, and a worker importing
+    it itself paid ~4.4 ms of CPU and ~1.7 MB of private memory (copies of the template's
+    pages among them). At 128 workers, `addprocs` and a first `remotecall` of a `__main__`
+    function to each: 0.89-0.95 s and 5.45 MB per worker with the import in each worker,
+    0.52-0.59 s and 3.70 MB with it here. It costs the template ~3 ms at start, and a
+    worker that never meets such a function ~0.1 MB (W6 of `bench/`)."""
     try:
         import cloudpickle  # noqa: F401
     except ImportError:  # (a dependency: only a broken install lacks it)
         return
-    gc.collect()
-    gc.freeze()
 
 
 def serve(fd: int) -> int:
@@ -164,17 +161,13 @@ def serve(fd: int) -> int:
     environ = dict(os.environ)  # (a plain copy: cheap to compare in each child)
     stdio = _worker_stdio()
     logging_prepared = worker.prepare_logging(environ, stdio[2])
+    _warm()
     gc.collect()
     gc.freeze()  # the children share the template's pages instead of copying them
-    idle_after: float | None = IDLE_BEFORE_WARMING
     while True:
         try:
-            ready, _, _ = select.select([sock.fileno(), wake_r], [], [], idle_after)
+            ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         except InterruptedError:
-            continue
-        if not ready:  # idle: nobody waits for a worker now
-            _warm()
-            idle_after = None
             continue
         if wake_r in ready:
             try:
