@@ -23,6 +23,7 @@ from typing import Callable
 import pytest
 
 import pydist
+from pydist import serialization
 from conftest import run_threads, wait_until, worker_ospid
 from pydist.calls import connection
 
@@ -290,6 +291,45 @@ def test_functions_by_value_see_their_current_globals_closure_and_defaults(two_w
     assert [pydist.remotecall_fetch(ns["make"](v), w) for v in (5, 6)] == [5, 6]
     for _ in range(3):  # the same function, unchanged, again and again
         assert pydist.remotecall_fetch(ns["scaled"], w, 1) == 3
+
+
+def _function_loads() -> tuple[int, int]:
+    """(hits, misses) of this process's cache of functions received by value."""
+    info = serialization._load_function.cache_info()
+    return info.hits, info.misses
+
+
+def test_a_function_sent_by_value_is_unpickled_once_while_unchanged(two_workers):
+    """The same bytes come with every call of an unchanged function: the worker unpickles
+    them once. What the function sees changing makes new bytes, loaded anew."""
+    w = two_workers[0]
+    ns: dict = {"__name__": "__main__"}
+    exec("scale = 2\ndef scaled(x): return x * scale\n", ns)
+    hits0, misses0 = pydist.remotecall_fetch(_function_loads, w)
+    assert [pydist.remotecall_fetch(ns["scaled"], w, x) for x in range(5)] == [0, 2, 4, 6, 8]
+    hits1, misses1 = pydist.remotecall_fetch(_function_loads, w)
+    assert (hits1 - hits0, misses1 - misses0) == (4, 1)
+    ns["scale"] = 3
+    assert pydist.remotecall_fetch(ns["scaled"], w, 1) == 3
+    assert pydist.remotecall_fetch(_function_loads, w)[1] == misses1 + 1
+    # A closure over a large constant is unpickled each time rather than kept.
+    big = bytes(serialization.LOADED_BY_VALUE_MAX_BYTES + 1)
+    assert [pydist.remotecall_fetch(lambda: len(big), w) for _ in range(2)] == [len(big)] * 2
+    assert pydist.remotecall_fetch(_function_loads, w)[1] == misses1 + 1
+
+
+def test_a_function_sent_by_value_keeps_the_globals_it_rebinds_on_a_worker(two_workers):
+    """One function object per worker while the sender's is unchanged (as in dask and Ray):
+    a global it rebinds there keeps its value between calls, per worker, until the sender's
+    function sees something new."""
+    w1, w2 = two_workers
+    ns: dict = {"__name__": "__main__"}
+    exec("calls = 0\ndef bump():\n    global calls\n    calls += 1\n    return calls\n", ns)
+    assert [pydist.remotecall_fetch(ns["bump"], w1) for _ in range(3)] == [1, 2, 3]
+    assert pydist.remotecall_fetch(ns["bump"], w2) == 1
+    assert ns["calls"] == 0  # the master's own is untouched
+    ns["calls"] = 10  # the sender's changes: sent again, from there
+    assert pydist.remotecall_fetch(ns["bump"], w1) == 11
 
 
 def test_builtin_function_and_bound_method(two_workers):

@@ -132,6 +132,10 @@ def test_source_of_code_whose_file_is_not_on_the_worker(two_workers, kind):
     text = remote_error_text(namespace["second"], 0.0, pid=w)
     assert_frame(text, name, at["cell-second"], "second")
     assert_frame(text, name, at["cell-first"], "first")
+    # The worker loaded `first` once and keeps it; its lines come back if linecache is cleared.
+    pydist.remotecall_fetch(linecache.clearcache, w)
+    text = remote_error_text(namespace["first"], -2.0, pid=w)
+    assert_frame(text, name, at["cell-first"], "first")
 
 
 MAIN_SCRIPT = """\
