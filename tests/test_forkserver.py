@@ -230,6 +230,41 @@ def test_every_forked_worker_shares_the_templates_cloudpickle(fresh_workers):
     assert pydist.remotecall_fetch(lambda: 7 * 6, ws[0]) == 42  # a closure, unpickled with it
 
 
+def test_preloaded_modules_are_shared_by_every_forked_worker(fresh_workers, capfd):
+    """PYDIST_PRELOAD: the template imports those modules before its first fork, so every
+    worker has them; one that cannot be imported is reported and left to the workers."""
+    from pydist.managers import forkserver
+
+    forkserver.stop()  # a template started with the variable
+    env = {"PYDIST_PRELOAD": "colorsys, no_such_module_for_pydist"}
+    ws = fresh_workers(2, start_method="forkserver", env=env)
+    for w in ws:
+        _started_by("forkserver", pydist.remotecall_fetch(_facts, w))
+        assert pydist.remotecall_fetch(_imported, w, "colorsys")
+    assert "cannot preload 'no_such_module_for_pydist' (ModuleNotFoundError" in capfd.readouterr().err
+    pydist.rmprocs(ws, waitfor=30)
+    forkserver.stop()  # (the next tests' template without it)
+
+
+def test_a_preload_that_starts_a_thread_makes_fresh_interpreters(fresh_workers, tmp_path, capfd):
+    """A process with a second thread cannot fork safely: a template whose preloaded module
+    started one says so, once, and workers needing it start as fresh interpreters."""
+    from pydist.managers import forkserver
+
+    (tmp_path / "starts_a_thread.py").write_text(
+        "import threading\nimport time\n"
+        "threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n")
+    forkserver.stop()
+    env = {"PYDIST_PRELOAD": "starts_a_thread", "PYTHONPATH": str(tmp_path)}
+    for _ in range(2):
+        (w,) = fresh_workers(1, start_method="forkserver", env=env)
+        _started_by("spawn", pydist.remotecall_fetch(_facts, w))
+    err = capfd.readouterr().err
+    assert err.count("preloading 'starts_a_thread' started 1 thread(s)") == 1, err
+    (w,) = fresh_workers(1, start_method="forkserver")  # without it: forked as usual
+    _started_by("forkserver", pydist.remotecall_fetch(_facts, w))
+
+
 def test_forked_process_handle_reports_exit_codes(fresh_workers):
     (w,) = fresh_workers(1, start_method="forkserver")
     proc = PGRP.workers[w].config.process

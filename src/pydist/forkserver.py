@@ -2,7 +2,7 @@
 
 A master that asks for ``start_method="forkserver"`` starts one such process (see
 `managers.forkserver`). It imports what a worker needs (cloudpickle too: see `_warm`),
-starts no thread, and waits on the control socket FD (a SOCK_SEQPACKET socket
+and the modules named in PYDIST_PRELOAD (see `_preload`), starts no thread, and waits on the control socket FD (a SOCK_SEQPACKET socket
 inherited from the master) for requests: a JSON message (cookie, bind address, working
 directory, environment, how many workers) with the write ends of that many pipes attached
 (SCM_RIGHTS). For each pipe it forks a worker: its own process group (in the fork server's
@@ -26,10 +26,12 @@ import select
 import signal
 import socket
 import sys
+import importlib
 import threading
 from typing import NoReturn
 
 from . import runtime, worker
+from .managers.forkserver import PRELOAD_VAR
 
 __all__ = ["serve", "main"]
 
@@ -149,6 +151,34 @@ def _warm() -> None:
         return
 
 
+def _preload(names: str) -> str | None:
+    """Import the modules named in `names` (PYDIST_PRELOAD: comma-separated), which every
+    worker forked from here then shares; one that fails is reported on stderr and left to
+    each worker. Returns why this process must not fork any more (a module started a
+    thread: a fork copies only the forking thread, and a lock another one held stays held
+    in the child), else None."""
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        try:
+            importlib.import_module(name)
+        except BaseException as e:  # (SystemExit and KeyboardInterrupt of a module's own too)
+            print(f"pydist fork server: cannot preload {name!r} ({type(e).__name__}: {e}); "
+                  f"each worker imports it itself", file=sys.stderr, flush=True)
+    threads = _os_threads()
+    if threads > 1:
+        return (f"preloading {names!r} started {threads - 1} thread(s) in the fork server, "
+                f"which cannot fork safely now; workers start as fresh interpreters (a BLAS "
+                f"library's threads? OPENBLAS_NUM_THREADS=1 and OMP_NUM_THREADS=1 prevent them)")
+    return None
+
+
+def _os_threads() -> int:
+    """Threads of this process, those not started by Python too (Linux), else Python's."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
 def serve(fd: int) -> int:
     """Serve fork requests on control socket `fd` until the master closes it."""
     sock = socket.socket(fileno=fd)
@@ -162,6 +192,11 @@ def serve(fd: int) -> int:
     stdio = _worker_stdio()
     logging_prepared = worker.prepare_logging(environ, stdio[2])
     _warm()
+    unsafe = _preload(environ.get(PRELOAD_VAR, ""))
+    if unsafe is not None:  # (the master remembers it: no template is tried again for this)
+        print(f"pydist fork server: {unsafe}", file=sys.stderr, flush=True)
+        _answer(sock, {"refused": unsafe})
+        return 3
     gc.collect()
     gc.freeze()  # the children share the template's pages instead of copying them
     while True:
