@@ -29,15 +29,16 @@ Workloads (rows):
   W7  worker-to-worker ping-pong: two workers bounce a token 1000 times through a pair of
       channels/queues while the master only starts them and waits; µs per round trip.
 
-How it runs: each system runs in its own child process (`--child --system NAME`), in its
-own session, with PYTHONPATH=bench/ and a marker variable in its environment. The parent
-bounds each workload (--workload-timeout, default 150 s) and each system's W1-W4+W7 together
+How it runs: each system runs in its own child process (`--child --system NAME`), in its own
+session, with PYTHONPATH=bench/ and a marker variable in its environment. The parent bounds
+each workload (--workload-timeout, default 150 s) and each system's W1-W4+W7 together
 (--system-timeout, 300 s); W5 and W6 run one fresh child per repetition (--w5-timeout, 60 s,
-and --w6-timeout, 120 s, each; W6 once only for a system whose first took over 20 s). A child that overruns a bound (or lets the machine's
-free memory fall under 1.5 GB) is killed with its whole process tree: every process seen
-below it while it ran, its process group, and any process carrying the marker. The cell
-then says 'timeout' and the remaining workloads run in a new child. After every child, and
-at the end, processes that carry the marker are reported (as leftovers) and killed.
+and --w6-timeout, 120 s, each; W6 once only for a system whose first took over 20 s). A
+child that overruns a bound (or lets the machine's free memory fall under 1.5 GB) is killed
+with its whole process tree: every process seen below it while it ran, its process group,
+and any process carrying the marker. The cell then says 'timeout' and the remaining
+workloads run in a new child. After every child, and at the end, processes that carry the
+marker are reported (as leftovers) and killed.
 Exceptions in one workload show as 'error: ...' in its cells. Numbers are medians over
 repetitions unless said otherwise; W2, W4 and W7 run fewer than 3 repetitions when 3 would
 take over 30 s.
@@ -534,7 +535,8 @@ class Runner:
         out = {k: median([r[k] for r in runs]) for k in runs[0] if k != "detail"}
         out["detail"] = {"runs": [{k: v for k, v in r.items() if k != "detail"} for r in runs],
                          "processes": runs[0]["detail"]["processes"],
-                         "left_after_stop": [p for r in runs for p in r["detail"]["left_after_stop"]]}
+                         "left_after_stop": [p for r in runs
+                                             for p in r["detail"]["left_after_stop"]]}
         return out
 
     def run_w5(self, key, bound):
@@ -680,7 +682,8 @@ def render(opts, info, order, status, results, wall, leftovers):
                                                          "cloudpickle")),
         f"- {WORKERS} workers per system (W6: {z.scale}); medians of {z.reps} repetition(s) (W2, W4, W7: fewer"
         f" when they would take over {REP_BUDGET:.0f} s); W3 the best and the worst of {z.w3_reps}; W5 the median of {z.w5_reps} fresh"
-        f" process(es), W6 of {z.w6_reps} (one for a system whose first took over {W6_REP_BUDGET:.0f} s); bounds: {opts.workload_timeout:.0f} s per workload, {opts.system_timeout:.0f} s for W1-W4+W7"
+        f" process(es), W6 of {z.w6_reps} (one for a system whose first took over {W6_REP_BUDGET:.0f} s);"
+        f" bounds: {opts.workload_timeout:.0f} s per workload, {opts.system_timeout:.0f} s for W1-W4+W7"
         f" of a system, {opts.w5_timeout:.0f} s per W5 process, {opts.w6_timeout:.0f} s for W6",
         "",
         "| workload | " + " | ".join(labels[k] for k in order) + " |",

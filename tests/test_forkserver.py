@@ -241,7 +241,8 @@ def test_preloaded_modules_are_shared_by_every_forked_worker(fresh_workers, capf
     for w in ws:
         _started_by("forkserver", pydist.remotecall_fetch(_facts, w))
         assert pydist.remotecall_fetch(_imported, w, "colorsys")
-    assert "cannot preload 'no_such_module_for_pydist' (ModuleNotFoundError" in capfd.readouterr().err
+    err = capfd.readouterr().err
+    assert "cannot preload 'no_such_module_for_pydist' (ModuleNotFoundError" in err, err
     pydist.rmprocs(ws, waitfor=30)
     forkserver.stop()  # (the next tests' template without it)
 

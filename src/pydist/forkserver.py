@@ -1,16 +1,17 @@
 """The fork server: `python -m pydist.forkserver FD`, a template that forks local workers.
 
 A master that asks for ``start_method="forkserver"`` starts one such process (see
-`managers.forkserver`). It imports what a worker needs (cloudpickle too: see `_warm`),
-and the modules named in PYDIST_PRELOAD (see `_preload`), starts no thread, and waits on the control socket FD (a SOCK_SEQPACKET socket
-inherited from the master) for requests: a JSON message (cookie, bind address, working
-directory, environment, how many workers) with the write ends of that many pipes attached
-(SCM_RIGHTS). For each pipe it forks a worker: its own process group (in the fork server's
-session, which all its workers share: see `_child`), the directory and environment asked
-for, the pipe as stdout and stderr, every other descriptor closed, fresh random state, then
-the normal worker path (`worker.start_worker`). It answers with each child's pid as soon as
-it has forked it, reaps its children and reports each one's exit status. It exits when the
-master closes the control socket (or dies: end of file).
+`managers.forkserver`). It imports what a worker needs (cloudpickle too: see `_warm`) and
+the modules named in PYDIST_PRELOAD (see `_preload`), starts no thread, and waits on the
+control socket FD (a SOCK_SEQPACKET socket inherited from the master) for requests: a JSON
+message (cookie, bind address, working directory, environment, how many workers) with the
+write ends of that many pipes attached (SCM_RIGHTS). For each pipe it forks a worker: its
+own process group (in the fork server's session, which all its workers share: see `_child`),
+the directory and environment asked for, the pipe as stdout and stderr, every other
+descriptor closed, fresh random state, then the normal worker path (`worker.start_worker`).
+It answers with each child's pid as soon as it has forked it, reaps its children and reports
+each one's exit status. It exits when the master closes the control socket (or dies: end of
+file).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import _signal  # type: ignore  # (typeshed has no stub for it)
 import atexit
 import gc
+import importlib
 import io
 import json
 import multiprocessing.process  # workers import it at JOIN: have it in the template
@@ -26,7 +28,6 @@ import select
 import signal
 import socket
 import sys
-import importlib
 import threading
 from typing import NoReturn
 
@@ -144,7 +145,7 @@ def _warm() -> None:
     pages among them). At 128 workers, `addprocs` and a first `remotecall` of a `__main__`
     function to each: 0.89-0.95 s and 5.45 MB per worker with the import in each worker,
     0.52-0.59 s and 3.70 MB with it here. It costs the template ~3 ms at start, and a
-    worker that never meets such a function ~0.1 MB (W6 of `bench/`)."""
+    worker that never meets such a function ~0.06 MB (W6 of `bench/`)."""
     try:
         import cloudpickle  # noqa: F401
     except ImportError:  # (a dependency: only a broken install lacks it)
