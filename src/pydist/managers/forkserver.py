@@ -30,6 +30,7 @@ __all__ = ["ForkedProcess", "fork_workers", "unsuitable", "running", "stop"]
 
 START_TIMEOUT = 30.0  # seconds for the template to start and answer a request
 MAX_MESSAGE = 1 << 20
+READER_END_TIMEOUT = 5.0  # seconds for the reader to read the last words of a template gone
 MAX_FORKS_PER_REQUEST = 64  # pipes passed in one message (the kernel allows 253; = the template's MAX_FDS)
 
 # Environment variables read while the interpreter starts (or by the C library at load):
@@ -135,9 +136,19 @@ class _Server:
         log.debug("fork server started: os pid %d", self.proc.pid)
 
     def _read(self) -> None:
+        resets = 0
         try:
             while True:
-                data = self.sock.recv(MAX_MESSAGE)
+                try:
+                    data = self.sock.recv(MAX_MESSAGE)
+                except ConnectionResetError:
+                    # The template ended with a request of ours unread (one that refused
+                    # ends at once): the reset comes first, then what it sent before it
+                    # ended (its refusal), then the end of the socket.
+                    resets += 1
+                    if resets > 3:
+                        raise
+                    continue
                 if not data:
                     break
                 msg = json.loads(data)
@@ -185,6 +196,12 @@ class _Server:
             try:
                 socket.send_fds(self.sock, [data], out_fds)
             except OSError as e:
+                if isinstance(e, ConnectionError) or self.proc.poll() is not None:
+                    # Gone: the reader reads what it said last (a refusal, which `unsuitable`
+                    # must know of before the next request) and then the end of the socket.
+                    self.reader.join(READER_END_TIMEOUT)
+                if self.refused is not None:
+                    raise OSError(f"the fork server refused: {self.refused}") from e
                 code = self.proc.poll()
                 raise OSError("the fork server exited" + (
                     f" with code {code}" if code is not None else f" ({e})")) from e
