@@ -262,6 +262,9 @@ def test_a_preload_that_starts_a_thread_makes_fresh_interpreters(fresh_workers, 
         _started_by("spawn", pydist.remotecall_fetch(_facts, w))
     err = capfd.readouterr().err
     assert err.count("preloading 'starts_a_thread' started 1 thread(s)") == 1, err
+    refused = forkserver._server
+    assert refused is not None and refused.refused is not None
+    wait_until(lambda: refused.proc.returncode == 3, timeout=30, what="the template reaped")
     (w,) = fresh_workers(1, start_method="forkserver")  # without it: forked as usual
     _started_by("forkserver", pydist.remotecall_fetch(_facts, w))
 

@@ -170,6 +170,11 @@ class _Server:
             pass
         finally:
             self._mark_closed()
+            if self.refused is not None:  # it ends right after saying so: reap it here
+                try:
+                    self.proc.wait(READER_END_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    pass
 
     def _mark_closed(self) -> None:
         """The template is gone: waiters for its replies stop waiting."""
