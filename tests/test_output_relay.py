@@ -138,3 +138,45 @@ def test_drain_all_waits_for_the_last_lines():
     assert relay.done.is_set()
     timer.join()
     stream.close()
+
+
+STRAY_CLOSE = r"""
+import os, threading
+from pydist import managers
+from pydist.managers import WorkerOutput
+
+TIMEOUT = 30.0
+
+def relay_thread():
+    return next((t for t in threading.enumerate() if t.name == "pydist-output"), None)
+
+r, w = os.pipe()
+stream = os.fdopen(r, "rb")
+first = WorkerOutput(stream, pid=1)
+os.write(w, b"pydist_worker:1#a\n")
+assert first.found.wait(TIMEOUT)
+thread = relay_thread()
+os.close(managers._RELAY._wake_r)  # someone else's bug closes the loop's wake pipe
+os.close(w)  # the last pipe ends: the loop ends and closes its wake pipe, which fails
+assert first.done.wait(TIMEOUT)
+thread.join(TIMEOUT)
+assert not thread.is_alive()
+stream.close()
+r, w = os.pipe()  # a worker started later is relayed all the same
+stream = os.fdopen(r, "rb")
+second = WorkerOutput(stream, pid=2)
+os.write(w, b"pydist_worker:2#b\n")
+assert second.found.wait(TIMEOUT), "no relay thread for a worker started later"
+os.close(w)
+assert second.done.wait(TIMEOUT)
+stream.close()
+print("ok", flush=True)
+"""
+
+
+def test_a_relay_loop_that_failed_to_close_its_wake_pipe_starts_again():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", STRAY_CLOSE], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "ok"

@@ -332,11 +332,18 @@ class _RelayLoop:
             return False
 
     def _close(self) -> None:
-        """(Lock held) the thread is ending: release its selector and wake pipe."""
-        self._sel.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
-        self._thread = self._sel = None
+        """(Lock held) the thread is ending: release its selector and wake pipe. Never
+        raises, and a second call does nothing: the thread's error path calls it too, and
+        the next `add` must start a new thread whatever happened here."""
+        sel, self._sel, self._thread = self._sel, None, None
+        fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        if sel is not None:
+            with contextlib.suppress(OSError):
+                sel.close()
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _step(self, relays: dict[int, "WorkerOutput"]) -> None:
         """Wait for output, relay it; end the relays whose pipes reached end of file."""

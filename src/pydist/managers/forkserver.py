@@ -206,7 +206,7 @@ class _Server:
                     # must know of before the next request) and then the end of the socket.
                     self.reader.join(READER_END_TIMEOUT)
                 if self.refused is not None:
-                    raise OSError(f"the fork server refused: {self.refused}") from e
+                    raise OSError(_refusal(self.refused)) from e
                 code = self.proc.poll()
                 raise OSError("the fork server exited" + (
                     f" with code {code}" if code is not None else f" ({e})")) from e
@@ -219,7 +219,7 @@ class _Server:
             while req not in self.replies:
                 left = deadline - time.monotonic()
                 if self.refused is not None:
-                    raise OSError(f"the fork server refused: {self.refused}")
+                    raise OSError(_refusal(self.refused))
                 if self.closed or left <= 0:
                     raise OSError("the fork server " + ("exited" if self.closed else
                                   f"did not answer within {START_TIMEOUT:g} s"))
@@ -275,6 +275,11 @@ _failed: str | None = None  # why the template could not start (then: fresh inte
 _refused: dict[frozenset, str] = {}
 
 
+def _refusal(why: str) -> str:
+    """What a worker start (or `unsuitable`) says of a template that refused to fork."""
+    return f"the fork server refused: {why}"
+
+
 def unsuitable(exename: str, exeflags: list[str], env: dict[str, str]) -> str | None:
     """Why a worker with these settings cannot be forked from the template (None: it can)."""
     if exename != sys.executable:  # (a symlink to the same binary may be another venv)
@@ -285,7 +290,7 @@ def unsuitable(exename: str, exeflags: list[str], env: dict[str, str]) -> str | 
         return "this platform has no fork or fd passing"
     refused = _refused.get(frozenset(_startup_vars(env).items()))
     if refused is not None:
-        return f"the fork server refused: {refused}"
+        return _refusal(refused)
     with _lock:
         if _failed is not None:
             return _failed
