@@ -32,6 +32,8 @@ import hmac
 import mmap
 import os
 import struct
+import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -192,10 +194,23 @@ _SHARED_REF = struct.Struct("<QQ")  # what the stream carries for it: slot, offs
 # page by page first, which halves the bandwidth of a 100 MB transfer.
 PREFAULT_THRESHOLD = 1 << 20
 HUGE_THRESHOLD = 2 << 20
-# A large receive buffer is faulted in this much at a time, ahead of the data (see `populate`).
+# A large receive buffer is faulted in this much at a time, ahead of the data (see `populate`):
+# a first step of one huge page, which shows what huge pages cost here, then POPULATE_STEP.
+FIRST_POPULATE_STEP = HUGE_THRESHOLD
 POPULATE_STEP = 16 << 20
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 _can_populate = hasattr(mmap.mmap, "madvise")
+# Huge pages make a large receive buffer cheap to fault in (100 MB: ~10 ms of CPU, against
+# ~35 for 4 KiB pages), unless fresh huge pages are slow to come by: on a VM whose host takes
+# back the guest's free memory (virtio-balloon free page reporting, as on Firecracker), a
+# huge page the host has taken back costs the host's page faults too, 0.3-0.5 GB/s (100 MB:
+# ~250 ms), while 4 KiB pages cost what they always do; direct compaction on a fragmented
+# machine has the same effect. So `populate` times the huge pages it faults in (CPU time of
+# this thread: a busy machine does not count), and a buffer whose huge pages cost more than
+# HUGE_SLOW_NS_PER_MB takes 4 KiB pages for the rest. Each buffer starts on huge pages
+# again: memory freed a moment ago is still the host's, and its huge pages are cheap.
+HUGE_SLOW_NS_PER_MB = 500_000  # 2 GB/s: what 4 KiB pages give (2.3-3.3 GB/s here)
+_on_huge_pages: "weakref.WeakSet[mmap.mmap]" = weakref.WeakSet()  # (and not proved slow)
 
 
 def max_frame() -> int:
@@ -216,9 +231,10 @@ def allocate(n: int):
     """A writable buffer of `n` bytes for received data (the final home of an array).
 
     Large buffers are anonymous mappings, on transparent huge pages where the kernel allows
-    (a fresh `bytearray` is zero-filled page by page, which costs more than the transfer).
-    Nothing is committed here: the decoder faults pages in as the data comes (`populate`),
-    so a header announcing a huge body costs no memory until its bytes arrive."""
+    while they are cheap (see HUGE_SLOW_NS_PER_MB; a fresh `bytearray` is zero-filled page
+    by page, which costs more than the transfer). Nothing is committed here: the decoder
+    faults pages in as the data comes (`populate`), so a header announcing a huge body costs
+    no memory until its bytes arrive."""
     if n >= PREFAULT_THRESHOLD:
         try:
             m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -227,6 +243,7 @@ def allocate(n: int):
         if n >= HUGE_THRESHOLD and hasattr(mmap, "MADV_HUGEPAGE"):
             try:
                 m.madvise(mmap.MADV_HUGEPAGE)
+                _on_huge_pages.add(m)
             except OSError:
                 pass
         return m
@@ -235,16 +252,29 @@ def allocate(n: int):
 
 def populate(buf, start: int, end: int) -> None:
     """Fault in `buf[start:end]` of a mapping from `allocate` before data is received into
-    it (100 MB on huge pages: ~9 ms this way against ~40 ms faulting page by page)."""
+    it (100 MB on huge pages: ~9 ms this way against ~40 ms faulting page by page). On huge
+    pages, timed: see HUGE_SLOW_NS_PER_MB."""
     global _can_populate
     if not _can_populate or not isinstance(buf, mmap.mmap) or start >= len(buf):
         return
     start -= start % mmap.PAGESIZE
+    n = min(end, len(buf)) - start
+    huge = buf in _on_huge_pages
+    began = time.thread_time_ns() if huge else 0
     try:
-        buf.madvise(_MADV_POPULATE_WRITE, start, min(end, len(buf)) - start)
+        buf.madvise(_MADV_POPULATE_WRITE, start, n)
     except OSError as e:  # pages then fault in on first write
         if e.errno == errno.EINVAL:  # kernel older than 5.14: do not try again
             _can_populate = False
+        return
+    if huge and (time.thread_time_ns() - began) * (1 << 20) > HUGE_SLOW_NS_PER_MB * n:
+        _on_huge_pages.discard(buf)  # huge pages are slow to come by: 4 KiB pages for the rest
+        rest = start + n
+        if rest < len(buf):
+            try:
+                buf.madvise(mmap.MADV_NOHUGEPAGE, rest, len(buf) - rest)
+            except OSError:
+                pass
 
 
 def _staging_buffer(n: int):
@@ -350,8 +380,9 @@ class FrameDecoder:
         if self._target_view is not None and self._start == self._end:
             self._direct = True
             if self._filled + POPULATE_STEP // 2 > self._populated < len(self._target):  # type: ignore[arg-type]
-                populate(self._target, self._populated, self._populated + POPULATE_STEP)
-                self._populated += POPULATE_STEP
+                step = POPULATE_STEP if self._populated else FIRST_POPULATE_STEP
+                populate(self._target, self._populated, self._populated + step)
+                self._populated += step
             return self._target_view[self._filled :]
         self._direct = False
         if self._end == len(self._staging):
