@@ -349,16 +349,16 @@ def test_decoder_populates_as_data_arrives():
 
 def _vm_flags(start: int, end: int) -> list[set[str]]:
     """The VmFlags of each mapping of this process that overlaps [start, end)."""
-    flags, out, overlaps = None, [], False
+    out: list[set[str]] = []
+    overlaps = False
     with open("/proc/self/smaps") as f:
         for line in f:
             first = line.split()[0]
-            if "-" in first and not first.endswith(":"):
+            if "-" in first and not first.endswith(":"):  # a mapping's first line: its range
                 lo, hi = (int(x, 16) for x in first.split("-"))
                 overlaps = lo < end and start < hi
             elif first == "VmFlags:" and overlaps:
-                flags = set(line.split()[1:])
-                out.append(flags)
+                out.append(set(line.split()[1:]))
     return out
 
 
@@ -409,7 +409,7 @@ def test_a_buffer_whose_huge_pages_stay_cheap_keeps_them(monkeypatch):
     dec = protocol.FrameDecoder()
     dec.feed(_header(n))
     chunk = b"\1" * (4 << 20)
-    for _ in range(8):  # 32 MiB through the buffer interface: three steps populated
+    for _ in range(8):  # 32 MiB through the buffer interface
         buf = dec.get_buffer()
         buf[: len(chunk)] = chunk
         dec.buffer_updated(len(chunk))
