@@ -270,3 +270,30 @@ def test_a_poller_timer_set_while_the_poller_was_stopped_fires_after_restart():
         poller._epoll.close()
         os.close(poller._wake_r)
         os.close(poller._wake_w)
+
+
+def _record_priority_at_exit(path: str) -> None:
+    """On a worker: at its exit, write the priority its exit hooks run at to `path`."""
+    import atexit
+
+    def write() -> None:
+        with open(path, "w") as f:
+            f.write(str(os.getpriority(os.PRIO_PROCESS, 0)))
+
+    atexit.register(write)
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="no getpriority here")
+def test_a_removed_worker_finishes_its_exit_at_the_lowest_priority(fresh_workers, tmp_path):
+    """Once its connections are closed, a worker that `rmprocs` removes runs the rest of its
+    exit (its threads, its exit hooks, the kernel unmapping its memory) at nice 19: removing
+    many at once leaves the CPU to the master and to the workers still closing."""
+    w = fresh_workers(1)[0]
+    path = tmp_path / "priority"
+    pydist.remotecall_fetch(_record_priority_at_exit, w, str(path))
+    assert pydist.remotecall_fetch(os.getpriority, w, os.PRIO_PROCESS, 0) == os.getpriority(
+        os.PRIO_PROCESS, 0)
+    pydist.rmprocs(w, waitfor=60)
+    wait_until(lambda: path.exists() and path.read_text(), timeout=30,
+               what="the removed worker's exit hook")
+    assert int(path.read_text()) == 19
