@@ -108,14 +108,20 @@ print("ok", flush=True)
 """
 
 
-def test_one_thread_relays_many_pipes_and_ends_with_the_last():
-    # In a fresh interpreter: here, the shared workers' relays keep the thread running.
+def _run_fresh(script: str) -> list[str]:
+    """Run `script` in a fresh interpreter (here, the shared workers' relays keep the relay
+    thread running); the lines it printed, checked to end with "ok"."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", MANY_PIPES], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert lines[-1] == "ok"
+    return lines
+
+
+def test_one_thread_relays_many_pipes_and_ends_with_the_last():
+    lines = _run_fresh(MANY_PIPES)
     for i in range(40):  # each pipe's lines in its order, with its prefix
         assert [x for x in lines if x.startswith(f"      From worker {i}:\t")] == \
             [f"      From worker {i}:\tline {k}" for k in range(3)]
@@ -175,8 +181,4 @@ print("ok", flush=True)
 
 
 def test_a_relay_loop_that_failed_to_close_its_wake_pipe_starts_again():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-c", STRAY_CLOSE], env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.splitlines()[-1] == "ok"
+    _run_fresh(STRAY_CLOSE)
