@@ -772,6 +772,52 @@ def test_a_frame_behind_a_young_lent_call_waits_for_the_poller_timer(fresh_worke
     assert "_take_back" not in callers and "_on_readable" not in callers, callers
 
 
+def go_without_kernel_timer() -> None:
+    """Runs on a worker: its poller has no kernel timer from now on (as where the kernel has
+    no timerfd), so the watchdog times the calls of a burst."""
+    from pydist import threads
+
+    poller = threads._get_poller()
+    poller._no_alarms, poller._alarms = True, None
+    connection(1)._alarms = None
+
+
+@pytest.mark.parametrize("timer", ["kernel timer", "watchdog"])
+def test_a_long_call_with_calls_queued_behind_it_gives_them_the_role(fresh_workers, tmp_path,
+                                                                      timer):
+    """Calls read together (a burst) wait behind the one that runs. If it runs longer than
+    PROMOTE_AFTER (1 s here), the reading role is taken back from it, so the calls behind it
+    run meanwhile: through the poller's kernel timer, set once for the burst, which wakes no
+    thread while the calls are short (the watchdog's wake-up and its fight with the calls'
+    thread for the GIL cost more than a burst of tiny calls); where there is no kernel
+    timer, the watchdog does it."""
+    w = fresh_workers(1)[0]
+    pydist.remotecall_fetch(set_promote_after, w, 1.0)
+    if timer == "watchdog":
+        pydist.remotecall_fetch(go_without_kernel_timer, w)
+    pydist.remotecall_fetch(note_who_wakes_the_watchdog, w)
+    wait_until(lambda: not pydist.remotecall_fetch(watchdog_awake, w), timeout=30,
+               what="the worker's watchdog to sleep")
+    first, second = tmp_path / "first", tmp_path / "second"
+    slow = pydist.remotecall(mark_then_spin, w, str(first), 3)
+    wait_until(first.exists, timeout=30, what="the first slow call to start")
+    # Sent while it runs: both are read at once when the poller takes the role back from it
+    # (after 1 s), so the quick call waits behind the second slow one (8 s).
+    t0 = time.monotonic()
+    slower = pydist.remotecall(mark_then_spin, w, str(second), 8)
+    quick = pydist.remotecall(pydist.myid, w)
+    assert quick.fetch(timeout=60) == w
+    waited = time.monotonic() - t0
+    assert second.exists(), "the quick call did not wait behind the second slow one"
+    assert waited < 6.0, f"the quick call waited {waited:.1f} s: until the slow call ended"
+    assert slow.fetch(timeout=60) is None and slower.fetch(timeout=60) is None
+    callers = pydist.remotecall_fetch(who_woke_the_watchdog, w)
+    if timer == "kernel timer":
+        assert "_serve_taken" not in callers, callers
+    else:
+        assert callers.get("_serve_taken", 0) > 0, callers
+
+
 _GATE: dict = {}
 
 

@@ -272,6 +272,63 @@ def test_a_poller_timer_set_while_the_poller_was_stopped_fires_after_restart():
         os.close(poller._wake_w)
 
 
+class _AlarmOwner:
+    """Notes when, and in which thread, its alarm ran."""
+
+    def __init__(self) -> None:
+        self.fired = threading.Event()
+        self.at = 0.0
+        self.thread = ""
+        self.runs = 0
+
+    def _on_timer(self, now: float) -> None:
+        self.at, self.thread = now, threading.current_thread().name
+        self.runs += 1
+        self.fired.set()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="timerfd is Linux's")
+def test_alarms_run_once_in_the_poller_thread_at_their_deadline_and_cancelled_ones_never():
+    """Deadlines set through the poller's kernel timer (`_Poller.alarms`, from any thread,
+    waking none) each run once, in the poller thread, when their time has come: not before,
+    even when a deadline is moved later after the timer was set for the earlier one (the
+    timer then expires early and is set again); a cancelled deadline never runs, and the
+    timer is disarmed once none is left."""
+    poller = threads._Poller()  # its own: the process-wide one serves this session's workers
+    conn = _QuietConn()
+    try:
+        poller.register(conn)
+        alarms = poller.alarms()
+        assert alarms is not None and poller.alarms() is alarms
+        soon, moved, cancelled = _AlarmOwner(), _AlarmOwner(), _AlarmOwner()
+        t0 = time.monotonic()
+        alarms.set(moved, t0 + 0.1)  # the timer is set for this, then the deadline moves
+        alarms.set(soon, t0 + 0.3)
+        alarms.set(cancelled, t0 + 0.4)
+        alarms.set(moved, t0 + 0.8)
+        alarms.cancel(cancelled)
+        assert soon.fired.wait(30) and moved.fired.wait(30), "an alarm never ran"
+        assert soon.at >= t0 + 0.3 and moved.at >= t0 + 0.8, (soon.at - t0, moved.at - t0)
+        assert soon.thread == moved.thread == "pydist-poller"
+        time.sleep(0.3)
+        assert (soon.runs, moved.runs, cancelled.runs) == (1, 1, 0)
+        alarms.set(cancelled, time.monotonic() + 0.2)
+        alarms.cancel(cancelled)
+        assert alarms._armed_for == 0.0, "the timer stayed set with no deadline left"
+        time.sleep(0.4)
+        assert cancelled.runs == 0
+    finally:
+        assert poller.stop(timeout=10)
+        poller.unregister(conn)
+        conn.sock.close()
+        conn.peer.close()
+        poller._epoll.close()
+        os.close(poller._wake_r)
+        os.close(poller._wake_w)
+        if poller._alarms is not None:
+            os.close(poller._alarms.fd)
+
+
 def _record_priority_at_exit(path: str) -> None:
     """On a worker: at its exit, write the priority its exit hooks run at to `path`."""
     import atexit

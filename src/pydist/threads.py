@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import select
+import sys
 import threading
 import time
 from typing import Any, Callable
@@ -149,6 +150,116 @@ _ONESHOT = select.EPOLLONESHOT if hasattr(select, "epoll") else 0
 _FAULT_EVENTS = select.EPOLLHUP | select.EPOLLERR if hasattr(select, "epoll") else 0
 
 
+class _KernelTimer:
+    """A Linux timerfd on CLOCK_MONOTONIC (the clock of `time.monotonic`): set for an absolute
+    time with one system call, its descriptor turns readable when that time comes, so that
+    the poller's `epoll` wakes for it without another thread waking the poller first."""
+
+    def __init__(self) -> None:
+        flags = os.O_NONBLOCK | os.O_CLOEXEC  # (the values of TFD_NONBLOCK and TFD_CLOEXEC)
+        make = _timerfd_of_os if sys.version_info >= (3, 13) else _timerfd_of_libc
+        self.fd, self.set = make(flags)  # set(when): expire at monotonic `when` (0: disarm)
+
+    def clear(self) -> None:
+        """Read the expiry count, so that the descriptor is not readable any more."""
+        with contextlib.suppress(OSError):
+            os.read(self.fd, 8)
+
+
+def _timerfd_of_os(flags: int) -> tuple[int, Callable[[float], None]]:
+    """A timerfd through Python 3.13's own functions: its descriptor and its setter."""
+    if sys.version_info >= (3, 13):  # (so that type checkers for older Pythons skip it)
+        fd = os.timerfd_create(time.CLOCK_MONOTONIC, flags=flags)
+        settime, absolute = os.timerfd_settime, os.TFD_TIMER_ABSTIME
+
+        def set_time(when: float) -> None:
+            settime(fd, flags=absolute, initial=when)
+        return fd, set_time
+    raise AttributeError("os.timerfd_create is Python 3.13's")
+
+
+def _timerfd_of_libc(flags: int) -> tuple[int, Callable[[float], None]]:
+    """A timerfd through libc (before Python 3.13): its descriptor and its setter."""
+    import ctypes
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    class Itimerspec(ctypes.Structure):
+        _fields_ = [("it_interval", Timespec), ("it_value", Timespec)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    create, settime = libc.timerfd_create, libc.timerfd_settime
+    create.argtypes = [ctypes.c_int, ctypes.c_int]
+    settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(Itimerspec), ctypes.c_void_p]
+    fd = create(time.CLOCK_MONOTONIC, flags)
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "timerfd_create failed")
+    spec = Itimerspec()
+    value, ref, get_errno = spec.it_value, ctypes.byref(spec), ctypes.get_errno
+
+    def set_time(when: float) -> None:
+        value.tv_sec = sec = int(when)
+        value.tv_nsec = int((when - sec) * 1e9)
+        if settime(fd, 1, ref, None) < 0:  # 1: TFD_TIMER_ABSTIME
+            raise OSError(get_errno(), "timerfd_settime failed")
+    return fd, set_time
+
+
+class _Alarms:
+    """Deadlines any thread can set for the poller thread through one kernel timer: setting
+    or cancelling one costs at most one system call in the setting thread and wakes no
+    thread, and the poller runs `owner._on_timer(now)` for each that expires. A burst of
+    short calls on a worker thus wakes nothing (see `transport.Connection._serve_taken`),
+    where the watchdog woke and fought the call's thread for the GIL once per burst."""
+
+    name = "pydist-alarms"
+
+    def __init__(self, timer: _KernelTimer) -> None:
+        self._timer = timer
+        self.fd = timer.fd
+        self._lock = threading.Lock()
+        self._due: dict[Any, float] = {}  # owner -> its deadline
+        self._armed_for = 0.0  # what the kernel timer is set to (0: disarmed)
+
+    def set(self, owner: Any, when: float) -> None:
+        """Run `owner._on_timer(now)` in the poller thread at `when`, replacing the owner's
+        earlier deadline; a later deadline than the armed one costs no system call (the
+        timer then expires early, and the poller sets it again)."""
+        with self._lock:
+            if not self._armed_for or when < self._armed_for:
+                self._timer.set(when)
+                self._armed_for = when
+            self._due[owner] = when
+
+    def cancel(self, owner: Any) -> None:
+        """Forget the owner's deadline (the kernel timer is disarmed if it was the last)."""
+        with self._lock:
+            if self._due.pop(owner, None) is not None and not self._due and self._armed_for:
+                self._armed_for = 0.0
+                with contextlib.suppress(OSError):  # (then it expires once for nothing)
+                    self._timer.set(0)
+
+    def _on_events(self, ev: int) -> None:
+        """Poller thread: the kernel timer expired: run the deadlines that are due."""
+        self._timer.clear()
+        now = time.monotonic()
+        due = []
+        with self._lock:
+            for owner, when in list(self._due.items()):
+                if when <= now:
+                    del self._due[owner]
+                    due.append(owner)
+            self._armed_for = min(self._due.values(), default=0.0)
+            if self._armed_for:  # (an expired timer is disarmed already)
+                self._timer.set(self._armed_for)
+        for owner in due:
+            try:
+                owner._on_timer(now)
+            except BaseException:
+                log.exception("pydist: internal error on %s", getattr(owner, "name", owner))
+
+
 class _Poller:
     """One thread per process watching sockets through epoll (one-shot): for reading while
     nobody holds a connection's reading role, for writing while frames wait in its send
@@ -169,6 +280,8 @@ class _Poller:
         # connection -> when its `_on_timer` runs; set and run by the poller thread only
         self._timers: dict[Any, float] = {}
         self._incoming: list[tuple[Any, float]] = []  # timers set by other threads (`call_soon`)
+        self._alarms: _Alarms | None = None  # made on first use (`alarms`)
+        self._no_alarms = False  # no kernel timer here: `alarms` is None for good
 
     def register(self, conn: Any) -> None:
         with self._lock:
@@ -192,6 +305,26 @@ class _Poller:
         """Poller thread only: run `conn._on_timer(now)` in this thread at `when` (monotonic
         seconds), replacing an earlier timer of `conn`."""
         self._timers[conn] = when
+
+    def alarms(self) -> _Alarms | None:
+        """Any thread: the deadlines that wake this poller through a kernel timer (made and
+        registered on first use); None where the kernel has no timerfd."""
+        alarms = self._alarms
+        if alarms is not None or self._no_alarms:
+            return alarms
+        with self._lock:
+            if self._alarms is None and not self._no_alarms:
+                try:
+                    timer = _KernelTimer()
+                except (OSError, AttributeError, ImportError) as e:  # (not Linux)
+                    log.debug("pydist: no kernel timer (%s): the watchdog times calls", e)
+                    self._no_alarms = True
+                    return None
+                alarms = _Alarms(timer)
+                self._epoll.register(alarms.fd, select.EPOLLIN)
+                self._conns[alarms.fd] = alarms
+                self._alarms = alarms
+            return self._alarms
 
     def call_soon(self, owner: Any, when: float) -> None:
         """Any thread: run `owner._on_timer(now)` in the poller thread at `when` (as

@@ -508,6 +508,12 @@ class Connection:
         self._lend_lock = threading.Lock()
         self._lent_at = 0.0  # when the reading role was lent to a running call (0: not lent)
         self._lent_thread = 0  # the thread running that call
+        # While calls already received wait behind the lent one, a kernel timer of the poller
+        # (`_Alarms`) takes the role back if it runs long: `_alarmed` from the first call of
+        # such a burst until the last has run, or the timer found no lent call (lend lock
+        # held). `_alarms` None: not used yet, or none here (then the watchdog does it).
+        self._alarms: Any = None
+        self._alarmed = False
         # The serving thread while calls it has already received wait behind the one it runs:
         # its replies may wait in `_outq` for the next flush (see `send_reply`).
         self._deferring = 0
@@ -1102,13 +1108,21 @@ class Connection:
                     return
             queued = self._decoder.has_message()
             with self._lend_lock:  # lend and watch at once (see _watchdog_tick)
-                self._lent_at = time.monotonic()
+                self._lent_at = now = time.monotonic()
                 self._lent_thread = me
-                # Calls wait behind this one, or the watchdog ticks anyway: it takes the role
-                # back if the call runs long. Else the poller watches for a frame to arrive.
-                watched = queued or WATCHDOG.awake
+                # If the watchdog ticks anyway, it takes the role back if the call runs long;
+                # while calls wait behind this one (a burst), a kernel timer does, set once
+                # for the burst (no thread woken: the watchdog's wake-up, and its fight with
+                # this thread for the GIL, cost more than the calls; if it expires during a
+                # younger call, the poller looks again as for a frame, `_on_timer`). Else the
+                # poller watches for a frame to arrive.
+                watched = WATCHDOG.awake
                 if watched:
                     WATCHDOG.watch(self)
+                elif queued or self._alarmed:
+                    watched = True
+                    if not self._alarmed and not self._set_alarm(now + _Watchdog.PROMOTE_AFTER):
+                        WATCHDOG.watch(self)
             if queued:  # the reply may wait with those of the calls behind it
                 self._deferring = me
             elif not watched:
@@ -1122,6 +1136,8 @@ class Connection:
             with self._lend_lock:
                 still_ours = self._lent_at != 0.0
                 self._lent_at = 0.0
+                if still_ours and self._alarmed and not self._decoder.has_message():
+                    self._cancel_alarm()  # the burst is over
             if still_ours and not watched:
                 self._watch_while_lent(False)
             if not still_ours:  # taken back while the call ran: read again if it is free
@@ -1151,6 +1167,8 @@ class Connection:
         with self._lend_lock:  # so that a new lend cannot slip between check and unwatch
             if self._lent_at == 0.0:
                 WATCHDOG.unwatch(self)
+                if self._alarmed:  # (between two calls of a burst: the next sets it again)
+                    self._cancel_alarm()
                 return
             if now - self._lent_at < _Watchdog.PROMOTE_AFTER:
                 if early is not None:
@@ -1161,10 +1179,35 @@ class Connection:
 
     def _unlend(self) -> None:
         """(lend lock held) The role lent to a running call is taken from it: the watchdog
-        stops watching, and the call's later replies (a pmap lane's) are not deferred."""
+        and the kernel timer stop watching, and the call's later replies (a pmap lane's) are
+        not deferred."""
         self._lent_at = 0.0
         self._deferring = 0
         WATCHDOG.unwatch(self)
+        if self._alarmed:
+            self._cancel_alarm()
+
+    def _set_alarm(self, when: float) -> bool:
+        """(lend lock held) Have the poller run `_on_timer` at `when` through its kernel
+        timer; False where there is none (no poller, no timerfd)."""
+        alarms = self._alarms
+        if alarms is None:
+            if self._poller is None:
+                return False
+            alarms = self._alarms = self._poller.alarms()
+            if alarms is None:
+                return False
+        try:
+            alarms.set(self, when)
+        except OSError:  # (never seen: the watchdog then)
+            return False
+        self._alarmed = True
+        return True
+
+    def _cancel_alarm(self) -> None:
+        """(lend lock held) Undo `_set_alarm`."""
+        self._alarmed = False
+        self._alarms.cancel(self)
 
     def send_request(self, chunks: list, timeout: float | None = None) -> bool:
         """Send a request whose reply this thread will then read itself (`wait_reply` with
