@@ -31,7 +31,7 @@ import sys
 import threading
 from typing import NoReturn
 
-from . import runtime, worker
+from . import runtime, threads, worker
 from .managers.forkserver import PRELOAD_VAR
 
 __all__ = ["serve", "main"]
@@ -146,6 +146,7 @@ def _warm() -> None:
     function to each: 0.89-0.95 s and 5.45 MB per worker with the import in each worker,
     0.52-0.59 s and 3.70 MB with it here. It costs the template ~3 ms at start, and a
     worker that never meets such a function ~0.06 MB (W6 of `bench/`)."""
+    threads.prepare_kernel_timer()  # (a worker's first burst of calls sets one)
     try:
         import cloudpickle  # noqa: F401
     except ImportError:  # (a dependency: only a broken install lacks it)
