@@ -343,7 +343,14 @@ class _Poller:
                     self._no_alarms = True
                     return None
                 alarms = _Alarms(timer)
-                self._epoll.register(alarms.fd, select.EPOLLIN)
+                try:
+                    self._epoll.register(alarms.fd, select.EPOLLIN)
+                except (OSError, ValueError) as e:  # (never seen)
+                    log.debug("pydist: cannot poll a kernel timer (%s): the watchdog times "
+                              "calls", e)
+                    os.close(alarms.fd)
+                    self._no_alarms = True
+                    return None
                 self._conns[alarms.fd] = alarms
                 self._alarms = alarms
             return self._alarms
