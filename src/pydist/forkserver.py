@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import _signal  # type: ignore  # (typeshed has no stub for it)
 import atexit
+import contextlib
 import gc
 import importlib
 import io
@@ -153,6 +154,58 @@ def _warm() -> None:
         return
 
 
+# Objects that fill the free blocks of the template's small-object pools (`_fill_pools`).
+_FILLERS: list = []
+
+
+def _fill_pools() -> None:
+    """Fill the free blocks of pymalloc's partly used pools, so that what a forked worker
+    allocates lands in fresh pools, packed, instead of in free blocks scattered over the
+    template's pages, each of which the worker then copies (copy-on-write). An idle forked
+    worker's USS: 3.47-3.51 -> 3.36-3.39 MB (16 workers, 4 alternating pairs). The free
+    blocks come from `sys._debugmallocstats` (CPython's allocator report, the same table on
+    3.10-3.13); where it says nothing readable, nothing is filled. ~1 ms, once."""
+    stats = getattr(sys, "_debugmallocstats", None)
+    if stats is None:
+        return
+    read, write = os.pipe()  # (the report goes to descriptor 2: ~6 KB, under a pipe's 64)
+    saved = os.dup(2)
+    try:
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)  # (a longer report is cut short, never waits)
+        sys.stderr.flush()
+        os.dup2(write, 2)
+        try:
+            stats()
+        finally:
+            os.dup2(saved, 2)
+        chunks = []
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(read, 65536):
+                chunks.append(chunk)
+    finally:
+        for fd in (read, write, saved):
+            os.close(fd)
+    for size, free in _free_blocks(b"".join(chunks).decode(errors="replace")):
+        if size >= 48:  # a bytes object of n bytes takes 33 + n
+            _FILLERS.extend(bytes(size - 33) for _ in range(free))
+        elif size == 32:  # an int below 2**30 takes 28
+            _FILLERS.extend(10**9 + i for i in range(free))
+
+
+def _free_blocks(report: str) -> list[tuple[int, int]]:
+    """(block size, free blocks in partly used pools) per size class of a
+    `sys._debugmallocstats` report: the rows of its first table."""
+    rows = []
+    for line in report.splitlines():
+        fields = line.split()
+        if len(fields) == 5 and all(f.isdigit() for f in fields):
+            rows.append((int(fields[1]), int(fields[4])))
+        elif rows:
+            break
+    return rows
+
+
 def _preload(names: str) -> str | None:
     """Import the modules named in `names` (PYDIST_PRELOAD: comma-separated), which every
     worker forked from here then shares; one that fails is reported on stderr and left to
@@ -200,6 +253,7 @@ def serve(fd: int) -> int:
         _answer(sock, {"refused": unsafe})
         return 3
     gc.collect()
+    _fill_pools()
     gc.freeze()  # the children share the template's pages instead of copying them
     while True:
         try:
