@@ -30,7 +30,7 @@ import signal
 import socket
 import sys
 import threading
-from typing import NoReturn
+from typing import Callable, NoReturn
 
 from . import runtime, threads, worker
 from .managers.forkserver import PRELOAD_VAR
@@ -164,33 +164,46 @@ def _fill_pools() -> None:
     template's pages, each of which the worker then copies (copy-on-write). An idle forked
     worker's USS: 3.47-3.51 -> 3.36-3.39 MB (16 workers, 4 alternating pairs). The free
     blocks come from `sys._debugmallocstats` (CPython's allocator report, the same table on
-    3.10-3.13); where it says nothing readable, nothing is filled. ~1 ms, once."""
+    3.10-3.13); where it says nothing readable, or cannot be read, nothing is filled.
+    ~0.5 ms, once."""
     stats = getattr(sys, "_debugmallocstats", None)
     if stats is None:
         return
-    read, write = os.pipe()  # (the report goes to descriptor 2: ~6 KB, under a pipe's 64)
-    saved = os.dup(2)
+    try:
+        report = _read_stderr_of(stats)
+    except OSError:  # (descriptor 2 closed, no descriptors left)
+        return
+    for size, free in _free_blocks(report):
+        if size >= 48:  # a bytes object of n bytes takes 33 + n
+            _FILLERS.extend(bytes(size - 33) for _ in range(free))
+        elif size == 32:  # an int below 2**30 takes 28
+            _FILLERS.extend(10**9 + i for i in range(free))
+
+
+def _read_stderr_of(fn: Callable[[], object]) -> str:
+    """What `fn()` writes to descriptor 2 (a few KB: what a pipe holds; more is cut)."""
+    read, write = os.pipe()
     try:
         os.set_blocking(read, False)
         os.set_blocking(write, False)  # (a longer report is cut short, never waits)
-        sys.stderr.flush()
-        os.dup2(write, 2)
+        saved = os.dup(2)
         try:
-            stats()
+            sys.stderr.flush()
+            os.dup2(write, 2)
+            try:
+                fn()
+            finally:
+                os.dup2(saved, 2)
         finally:
-            os.dup2(saved, 2)
+            os.close(saved)
         chunks = []
         with contextlib.suppress(BlockingIOError):
             while chunk := os.read(read, 65536):
                 chunks.append(chunk)
     finally:
-        for fd in (read, write, saved):
-            os.close(fd)
-    for size, free in _free_blocks(b"".join(chunks).decode(errors="replace")):
-        if size >= 48:  # a bytes object of n bytes takes 33 + n
-            _FILLERS.extend(bytes(size - 33) for _ in range(free))
-        elif size == 32:  # an int below 2**30 takes 28
-            _FILLERS.extend(10**9 + i for i in range(free))
+        os.close(read)
+        os.close(write)
+    return b"".join(chunks).decode(errors="replace")
 
 
 def _free_blocks(report: str) -> list[tuple[int, int]]:
