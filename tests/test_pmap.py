@@ -355,7 +355,9 @@ def test_a_smooth_map_sends_each_next_element_where_the_last_outcome_landed(two_
     monkeypatch.setattr(pmap_module, "_call_lane", recording)
     got = pmap(slow_square, range(100), pool=WorkerPool(two_workers))
     assert got == [x * x for x in range(100)]
-    assert len(senders) == 100
+    # One send per element; at the end, a call still queued behind a slow one may be taken
+    # back and sent to the idle worker (`move_queued_call_to`), as on a loaded machine.
+    assert 100 <= len(senders) <= 102, len(senders)
     caller = threading.get_ident()
     assert senders[:4] == [caller] * 4  # the first elements: two for each worker
     assert senders.count(caller) < 50, senders.count(caller)
