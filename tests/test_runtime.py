@@ -245,6 +245,19 @@ class _QuietConn:
         pass
 
 
+def _close_poller(poller: threads._Poller, conn: _QuietConn) -> None:
+    """Stop a test's own poller and close everything it and `conn` hold."""
+    assert poller.stop(timeout=10)
+    poller.unregister(conn)
+    conn.sock.close()
+    conn.peer.close()
+    poller._epoll.close()
+    os.close(poller._wake_r)
+    os.close(poller._wake_w)
+    if poller._alarms is not None:
+        os.close(poller._alarms.fd)
+
+
 def test_a_poller_timer_set_while_the_poller_was_stopped_fires_after_restart():
     """A timer set with `call_soon` while the poller thread is stopped (or as it ends) fires
     once a poller thread runs again. It was lost with the wake-up that `restart` drained,
@@ -263,13 +276,7 @@ def test_a_poller_timer_set_while_the_poller_was_stopped_fires_after_restart():
         poller.restart()
         assert during.fired.wait(30), "a timer set while the poller was stopped never ran"
     finally:
-        assert poller.stop(timeout=10)
-        poller.unregister(conn)
-        conn.sock.close()
-        conn.peer.close()
-        poller._epoll.close()
-        os.close(poller._wake_r)
-        os.close(poller._wake_w)
+        _close_poller(poller, conn)
 
 
 class _AlarmOwner:
@@ -318,15 +325,7 @@ def test_alarms_run_once_in_the_poller_thread_at_their_deadline_and_cancelled_on
         time.sleep(0.4)
         assert cancelled.runs == 0
     finally:
-        assert poller.stop(timeout=10)
-        poller.unregister(conn)
-        conn.sock.close()
-        conn.peer.close()
-        poller._epoll.close()
-        os.close(poller._wake_r)
-        os.close(poller._wake_w)
-        if poller._alarms is not None:
-            os.close(poller._alarms.fd)
+        _close_poller(poller, conn)
 
 
 def _record_priority_at_exit(path: str) -> None:
