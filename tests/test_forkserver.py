@@ -86,6 +86,37 @@ def test_workers_share_one_scheduling_group(method, fresh_workers):
         assert groups != {_autogroup()}
 
 
+def _autogroup_nice(ospid: int | str = "self") -> int | None:
+    """The nice of process `ospid`'s scheduling group (autogroup), None where unknown."""
+    try:
+        with open(f"/proc/{ospid}/autogroup") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    return int(fields[2]) if len(fields) == 3 and fields[1] == "nice" else None
+
+
+def test_the_fork_servers_group_yields_to_the_master(fresh_workers):
+    """The forked workers' scheduling group (the fork server's session) gets nice
+    GROUP_NICE, so that all of them together weigh less than the master when both want a
+    CPU; the master's own group keeps its nice. (An unprivileged user may change a group's
+    nice once per 0.1 s on the machine: the test needs root, as CI runs.)"""
+    from pydist.forkserver import GROUP_NICE
+
+    if os.geteuid() != 0:
+        pytest.skip("the kernel rate-limits this change for users other than root")
+    before = _autogroup_nice()
+    ws = fresh_workers(2, start_method="forkserver")
+    facts = [pydist.remotecall_fetch(_facts, w) for w in ws]
+    nices = {_autogroup_nice(f["pid"]) for f in facts}
+    if None in nices:
+        pytest.skip("no autogroup here (/proc/<pid>/autogroup missing or empty)")
+    assert nices == {GROUP_NICE} != {before}
+    assert len({f["autogroup"] for f in facts}) == 1
+    assert _autogroup_nice(facts[0]["ppid"]) == GROUP_NICE  # (the template itself)
+    assert _autogroup_nice() == before
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_ids_dir_env_and_distinct_processes(method, fresh_workers, tmp_path):
     ws = fresh_workers(3, start_method=method, dir=str(tmp_path), env={"PYDIST_FS_TEST": "yes"})
