@@ -180,6 +180,7 @@ def tree_cpu() -> float:
 
 # ---------------------------------------------------------------- measures (in a child)
 def m_start(s, n, z):
+    s.import_modules()  # (not a part of starting workers: W5 times it)
     t, _ = timed(s.start, n)
     s.gather([s.submit(T.identity, i) for i in range(4 * n)])
     for i in range(max(z.warm_calls, 2 * n)):  # every worker has run identity before W1
