@@ -114,6 +114,7 @@ def test_the_fork_servers_group_yields_to_the_master(fresh_workers):
     assert nices == {GROUP_NICE} != {before}
     assert len({f["autogroup"] for f in facts}) == 1
     assert _autogroup_nice(facts[0]["ppid"]) == GROUP_NICE  # (the template itself)
+    assert "--yield-to-master" in _cmdline(facts[0]["ppid"])
     assert _autogroup_nice() == before
 
 

@@ -175,6 +175,16 @@ def lineage() -> tuple[int, str, int]:
     return ppid, cmdline, grandparent
 
 
+def autogroup_nice() -> int | None:
+    """The nice of this process's scheduling group (Linux's autogroup), None where unknown."""
+    try:
+        with open("/proc/self/autogroup") as f:
+            fields = f.read().split()
+    except OSError:
+        return None
+    return int(fields[2]) if len(fields) == 3 else None
+
+
 def family_to(pid: int) -> str:
     """The address family of this process's connection to `pid`."""
     return connection(pid).sock.family.name
@@ -194,6 +204,10 @@ def test_count_and_auto_start_siblings_through_the_first_worker(hosts, ssh_worke
     parent, cmdline, grandparent = pydist.remotecall_fetch(lineage, sibling)
     assert "pydist.forkserver" in cmdline and grandparent == config_of(first).ospid, \
         (parent, cmdline, grandparent, config_of(first).ospid)
+    # That fork server does not lower its group's priority as the master's does: no master
+    # runs on that host for its workers to yield to.
+    assert "--yield-to-master" not in cmdline
+    assert pydist.remotecall_fetch(autogroup_nice, sibling) in (None, 0)
     # Its output reaches us through the first worker, prefixed with its own id.
     pydist.remotecall_fetch(print, sibling, "hello from the sibling")
     wait_until(lambda: f"From worker {sibling}:\thello from the sibling"

@@ -1,4 +1,5 @@
-"""The fork server: `python -m pydist.forkserver FD`, a template that forks local workers.
+"""The fork server: `python -m pydist.forkserver FD [--yield-to-master]`, a template that
+forks local workers (the flag: the master's own, see `_yield_to_master`).
 
 A master that asks for ``start_method="forkserver"`` starts one such process (see
 `managers.forkserver`). It imports what a worker needs (cloudpickle too: see `_warm`) and
@@ -244,7 +245,8 @@ GROUP_NICE = 5
 
 
 def _yield_to_master() -> None:
-    """Give this session's scheduling group -- Linux's autogroup, which every worker forked
+    """(A template of the master's, not of an ssh worker's siblings: there no master runs.)
+    Give this session's scheduling group -- Linux's autogroup, which every worker forked
     from here shares (see `_child`) -- nice GROUP_NICE, so that when the master wants a CPU
     it weighs three times all our workers together (1024 against 335), not as much. The
     nice of a worker's own threads counts only within its group: `rmprocs` of 128 workers
@@ -268,8 +270,9 @@ def _os_threads() -> int:
         return threading.active_count()
 
 
-def serve(fd: int) -> int:
-    """Serve fork requests on control socket `fd` until the master closes it."""
+def serve(fd: int, yield_to_master: bool = False) -> int:
+    """Serve fork requests on control socket `fd` until the master closes it; with
+    `yield_to_master`, our workers yield the CPU to the master (`_yield_to_master`)."""
     sock = socket.socket(fileno=fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the master's ^C is not for us
     wake_r, wake_w = os.pipe()
@@ -277,7 +280,8 @@ def serve(fd: int) -> int:
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-    _yield_to_master()
+    if yield_to_master:
+        _yield_to_master()
     environ = dict(os.environ)  # (a plain copy: cheap to compare in each child)
     stdio = _worker_stdio()
     logging_prepared = worker.prepare_logging(environ, stdio[2])
@@ -361,10 +365,12 @@ def _answer(sock: socket.socket, message: dict) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not args[0].isdigit():
-        print("usage: python -m pydist.forkserver FD (started by the master)", file=sys.stderr)
+    flags = args[1:]
+    if not args or not args[0].isdigit() or flags not in ([], ["--yield-to-master"]):
+        print("usage: python -m pydist.forkserver FD [--yield-to-master] (started by the "
+              "master, or by a worker for its siblings)", file=sys.stderr)
         sys.exit(2)
-    sys.exit(serve(int(args[0])))
+    sys.exit(serve(int(args[0]), yield_to_master=bool(flags)))
 
 
 if __name__ == "__main__":

@@ -107,14 +107,15 @@ class ForkedProcess:
 class _Server:
     """One running template process and the reader of its reports."""
 
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], yield_to_master: bool):
         self.env = env
         self.startup = _startup_vars(env)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock = ours
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pydist.forkserver", str(theirs.fileno())],
+                [sys.executable, "-m", "pydist.forkserver", str(theirs.fileno()),
+                 *(["--yield-to-master"] if yield_to_master else [])],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, env=env,  # (stderr: ours, for its own failures)
                 # its own session (a terminal's ^C is for the master only), which the
@@ -304,7 +305,7 @@ def unsuitable(exename: str, exeflags: list[str], env: dict[str, str]) -> str | 
     return None
 
 
-def _get_server(env: dict[str, str]) -> _Server:
+def _get_server(env: dict[str, str], yield_to_master: bool) -> _Server:
     global _server, _failed
     with _lock:
         if _server is not None and _server.alive():
@@ -313,21 +314,22 @@ def _get_server(env: dict[str, str]) -> _Server:
             _server.stop(1.0)
             _server = None
         try:
-            _server = _Server(env)
+            _server = _Server(env, yield_to_master)
         except OSError as e:
             _failed = f"the fork server failed to start: {e}"
             raise
         return _server
 
 
-def fork_workers(n: int, cookie: str, bind: str, cwd: str,
-                 env: dict[str, str]) -> Iterator[ForkedProcess]:
-    """`n` workers forked by the fork server (started on first use with `env`), each with
+def fork_workers(n: int, cookie: str, bind: str, cwd: str, env: dict[str, str], *,
+                 yield_to_master: bool = False) -> Iterator[ForkedProcess]:
+    """`n` workers forked by the fork server (started on first use with `env`; with
+    `yield_to_master` when this process is the master, see `pydist.forkserver`), each with
     its stdout and stderr on a pipe (`.stdout`), yielded as they come. The requests go out
     at once, so the template forks while the master reads the answers. OSError when the
     fork server cannot provide them (check `unsuitable` first); a caller then starts fresh
     interpreters for the rest."""
-    server = _get_server(env)
+    server = _get_server(env, yield_to_master)
     differ = sorted(k for k in set(server.startup) | set(_startup_vars(env))
                     if server.startup.get(k) != env.get(k))
     if differ:  # (our environment changed since the template started)

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 from ..exceptions import LaunchWorkerError
 from ..group import PGRP
@@ -95,7 +95,10 @@ class LocalManager(ClusterManager):
                 fork = False
         log.debug("starting %d local workers: %s", self.np,
                   "forked by the fork server" if fork else " ".join(cmd))
-        forked = forkserver.fork_workers(self.np, cookie, bind, params["dir"], env) if fork else None
+        forked: Iterator[forkserver.ForkedProcess] | None = None
+        if fork:  # (addprocs runs on the master only: its workers yield the CPU to it)
+            forked = forkserver.fork_workers(self.np, cookie, bind, params["dir"], env,
+                                             yield_to_master=True)
         for _ in range(self.np):
             proc: Any = None
             if forked is not None:
