@@ -103,6 +103,21 @@ def recv_exact(s, n: int) -> bytes:
     return buf
 
 
+def autogroup_of(ospid: int | str = "self") -> tuple[str | None, int | None]:
+    """(name, nice) of process `ospid`'s scheduling group where Linux groups by session
+    (autogroup); None for what is unknown: the kernel has no such file or leaves it empty
+    (autogroup off, or a process still in the default group: CI's machine, whose tree never
+    started a session)."""
+    try:
+        with open(f"/proc/{ospid}/autogroup") as f:
+            fields = f.read().split()
+    except OSError:
+        return None, None
+    name = fields[0] if fields else None
+    nice = int(fields[2]) if len(fields) == 3 and fields[1] == "nice" else None
+    return name, nice
+
+
 def pid_alive(ospid: int) -> bool:
     try:
         os.kill(ospid, 0)

@@ -22,7 +22,7 @@ from pydist import RemoteException
 from pydist.group import PGRP
 from pydist.managers.local import LocalManager
 
-from conftest import pid_alive, stop_process, wait_until
+from conftest import autogroup_of, pid_alive, stop_process, wait_until
 
 METHODS = ["spawn", "forkserver"]
 
@@ -35,22 +35,10 @@ def _cmdline(ospid: int) -> str:
         return ""
 
 
-def _autogroup() -> str | None:
-    """This process's scheduling group, where Linux groups by session (autogroup); None where
-    the kernel has no such file or leaves it empty (autogroup off, or a process still in the
-    default group: CI's machine, whose tree never started a session)."""
-    try:
-        with open("/proc/self/autogroup") as f:
-            fields = f.read().split()
-    except OSError:
-        return None
-    return fields[0] if fields else None
-
-
 def _facts(_=None) -> dict:
     return {"pid": os.getpid(), "ppid": os.getppid(), "pgid": os.getpgid(0),
             "sid": os.getsid(0), "cwd": os.getcwd(), "env": os.environ.get("PYDIST_FS_TEST"),
-            "random": random.random(), "id": pydist.myid(), "autogroup": _autogroup()}
+            "random": random.random(), "id": pydist.myid(), "autogroup": autogroup_of()[0]}
 
 
 def _started_by(method: str, facts: dict) -> None:
@@ -81,19 +69,9 @@ def test_workers_share_one_scheduling_group(method, fresh_workers):
         pytest.skip("no autogroup here (/proc/self/autogroup missing or empty)")
     assert len(groups) == 1, facts
     if method == "spawn":
-        assert groups == {_autogroup()}
+        assert groups == {autogroup_of()[0]}
     else:
-        assert groups != {_autogroup()}
-
-
-def _autogroup_nice(ospid: int | str = "self") -> int | None:
-    """The nice of process `ospid`'s scheduling group (autogroup), None where unknown."""
-    try:
-        with open(f"/proc/{ospid}/autogroup") as f:
-            fields = f.read().split()
-    except OSError:
-        return None
-    return int(fields[2]) if len(fields) == 3 and fields[1] == "nice" else None
+        assert groups != {autogroup_of()[0]}
 
 
 def test_the_fork_servers_group_yields_to_the_master(fresh_workers):
@@ -105,17 +83,17 @@ def test_the_fork_servers_group_yields_to_the_master(fresh_workers):
 
     if os.geteuid() != 0:
         pytest.skip("the kernel rate-limits this change for users other than root")
-    before = _autogroup_nice()
+    before = autogroup_of()[1]
     ws = fresh_workers(2, start_method="forkserver")
     facts = [pydist.remotecall_fetch(_facts, w) for w in ws]
-    nices = {_autogroup_nice(f["pid"]) for f in facts}
+    nices = {autogroup_of(f["pid"])[1] for f in facts}
     if None in nices:
         pytest.skip("no autogroup here (/proc/<pid>/autogroup missing or empty)")
     assert nices == {GROUP_NICE} != {before}
     assert len({f["autogroup"] for f in facts}) == 1
-    assert _autogroup_nice(facts[0]["ppid"]) == GROUP_NICE  # (the template itself)
+    assert autogroup_of(facts[0]["ppid"])[1] == GROUP_NICE  # (the template itself)
     assert "--yield-to-master" in _cmdline(facts[0]["ppid"])
-    assert _autogroup_nice() == before
+    assert autogroup_of()[1] == before
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -22,7 +22,7 @@ from pydist.calls import connection
 from pydist.group import PGRP
 from pydist.exceptions import LaunchWorkerError, RemoteException
 
-from conftest import pid_alive, wait_until
+from conftest import autogroup_of, pid_alive, wait_until
 from hosthelpers import call_other, config_of, hostname_of
 
 INFRA = os.environ.get("PYDIST_INFRA_DIR", "/tmp/infra")
@@ -175,16 +175,6 @@ def lineage() -> tuple[int, str, int]:
     return ppid, cmdline, grandparent
 
 
-def autogroup_nice() -> int | None:
-    """The nice of this process's scheduling group (Linux's autogroup), None where unknown."""
-    try:
-        with open("/proc/self/autogroup") as f:
-            fields = f.read().split()
-    except OSError:
-        return None
-    return int(fields[2]) if len(fields) == 3 else None
-
-
 def family_to(pid: int) -> str:
     """The address family of this process's connection to `pid`."""
     return connection(pid).sock.family.name
@@ -207,7 +197,7 @@ def test_count_and_auto_start_siblings_through_the_first_worker(hosts, ssh_worke
     # That fork server does not lower its group's priority as the master's does: no master
     # runs on that host for its workers to yield to.
     assert "--yield-to-master" not in cmdline
-    assert pydist.remotecall_fetch(autogroup_nice, sibling) in (None, 0)
+    assert pydist.remotecall_fetch(autogroup_of, sibling)[1] in (None, 0)
     # Its output reaches us through the first worker, prefixed with its own id.
     pydist.remotecall_fetch(print, sibling, "hello from the sibling")
     wait_until(lambda: f"From worker {sibling}:\thello from the sibling"
