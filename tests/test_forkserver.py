@@ -580,9 +580,10 @@ def test_a_fork_of_the_master_does_not_hold_the_fork_server(fresh_workers):
 
 
 def test_many_workers_are_asked_for_in_one_message_per_batch(fresh_workers, monkeypatch):
-    """One request carries the pipes of up to MAX_FORKS_PER_REQUEST workers (a message per
-    worker filled the control socket, and the master waited for the template to fork most
-    of them before it could connect to the first); each worker still gets its own pipe."""
+    """One request carries the pipes and master sockets of up to MAX_FORKS_PER_REQUEST
+    workers (a message per worker filled the control socket, and the master waited for the
+    template to fork most of them before it could connect to the first); each worker still
+    gets its own pipe."""
     from pydist.managers import forkserver
 
     monkeypatch.setattr(forkserver, "MAX_FORKS_PER_REQUEST", 3)
@@ -595,7 +596,8 @@ def test_many_workers_are_asked_for_in_one_message_per_batch(fresh_workers, monk
 
     monkeypatch.setattr(socket, "send_fds", spy)
     ws = fresh_workers(7, start_method="forkserver")
-    assert [(m["count"], n) for m, n in sent] == [(3, 3), (3, 3), (1, 1)]
+    assert [(m["count"], m["paired"], n) for m, n in sent] == [(3, True, 6), (3, True, 6),
+                                                               (1, True, 2)]
     firsts = [m["req"] for m, _ in sent]
     assert firsts[1] == firsts[0] + 3 and firsts[2] == firsts[1] + 3
     facts = [pydist.remotecall_fetch(_facts, w) for w in ws]
@@ -612,14 +614,59 @@ def test_many_workers_are_asked_for_in_one_message_per_batch(fresh_workers, monk
 
 
 def test_the_template_takes_what_the_master_may_send():
-    """The master's bounds on one request (pipes attached, bytes) are the template's: a
-    request with more pipes than the template receives would lose the rest in transit
-    (truncated control data), and those workers would never start."""
+    """The master's bounds on one request (descriptors attached: a pipe and a master socket
+    per worker; bytes) are the template's: a request with more descriptors than the template
+    receives would lose the rest in transit (truncated control data), and those workers
+    would never start."""
     from pydist import forkserver as template
     from pydist.managers import forkserver as master_side
 
-    assert master_side.MAX_FORKS_PER_REQUEST == template.MAX_FDS
+    assert 2 * master_side.MAX_FORKS_PER_REQUEST == template.MAX_FDS
     assert master_side.MAX_MESSAGE == template.MAX_MESSAGE
+
+
+def _master_socket_facts() -> dict:
+    conn = PGRP.workers[1].conn
+    return {"family": conn.sock.family, "peer": conn.sock.getpeername(),
+            "inheritable": os.get_inheritable(conn.sock.fileno())}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_forked_workers_master_connection_is_the_pair_made_at_its_fork(method, fresh_workers):
+    """A forked worker's master connection is the socket pair the master made and handed to
+    it through the template (no connect, no handshake: nobody else holds it), on both ends;
+    a spawned worker's is dialled to its listener. Either way calls, large ones too, work."""
+    (w,) = fresh_workers(1, start_method=method)
+    ours = PGRP.workers[w].conn.sock
+    theirs = pydist.remotecall_fetch(_master_socket_facts, w)
+    if method == "forkserver":
+        assert ours.family == socket.AF_UNIX and ours.getpeername() == ""  # unnamed: a pair
+        assert theirs["family"] == socket.AF_UNIX and theirs["peer"] == ""
+        assert theirs["inheritable"] is False  # not passed on to what the worker starts
+    else:
+        assert ours.getpeername() != ""  # the listener's local socket, or TCP
+    big = os.urandom(8 << 20)  # (larger than the kernel's socket buffers)
+    assert pydist.remotecall_fetch(lambda b: b[::-1], w, big) == big[::-1]
+
+
+def test_a_forked_worker_whose_master_socket_is_dropped_exits_at_once(fresh_workers):
+    """A worker forked with its master connection exits as soon as that connection closes
+    before the master's JOIN, saying why, not after the worker timeout (here 10 minutes)."""
+    from pydist.managers import forkserver
+
+    fresh_workers(1, start_method="forkserver")  # the template runs: ask it with its env
+    env = dict(forkserver._server.env, PYDIST_WORKER_TIMEOUT="600")
+    (proc,) = forkserver.fork_workers(1, PGRP.cookie, "127.0.0.1", os.getcwd(), env,
+                                      yield_to_master=True, paired=True)
+    try:
+        assert proc.stdout.readline().startswith(b"pydist_worker:")  # it listens
+        proc.close_master_socket()
+        assert proc.take_master_socket() is None
+        assert proc.wait(60) == 1
+        assert b"closed its connection before it joined" in proc.stdout.read()
+    finally:
+        proc.kill()
+        proc.stdout.close()
 
 
 def _print_marker() -> None:
@@ -627,24 +674,32 @@ def _print_marker() -> None:
 
 
 def test_a_bad_fork_request_is_answered_with_errors_and_the_template_serves_on(fresh_workers):
-    """A request whose pipes do not match its count gets an error for each worker it asked
-    for (nobody waits forever), its pipes are closed, and the template forks the next."""
+    """A request whose descriptors do not match its count (a pipe and a master socket per
+    worker) gets an error for each worker it asked for (nobody waits forever), its
+    descriptors are closed, and the template forks the next."""
     from pydist.managers import forkserver
 
     fresh_workers(1, start_method="forkserver")  # the template runs
     server = forkserver._server
-    pipes = [os.pipe()]
+    pipes = [os.pipe(), os.pipe()]
+    ours, theirs = socket.socketpair()
     with server.send_lock:
         first = server.next_req + 1
         server.next_req += 2
-        socket.send_fds(server.sock, [json.dumps({"req": first, "count": 2}).encode()],
-                        [pipes[0][1]])
-    os.close(pipes[0][1])
+        socket.send_fds(server.sock, [json.dumps({"req": first, "count": 2, "paired": True}).encode()],
+                        [pipes[0][1], pipes[1][1], theirs.fileno()])
+    for _, w in pipes:
+        os.close(w)
+    theirs.close()
     for req in (first, first + 1):
         with pytest.raises(OSError, match="could not fork: ValueError: a request for 2 workers "
-                                          "came with 1 pipes"):
+                                          "came with 3 descriptors, not 4"):
             server.result(req)
-    with open(pipes[0][0], "rb") as r:
-        assert r.read() == b""  # the template closed its end: no worker holds it
+    for r, _ in pipes:
+        with open(r, "rb") as f:
+            assert f.read() == b""  # the template closed its end: no worker holds it
+    ours.settimeout(30)
+    assert ours.recv(1) == b""  # ... and its copy of the master socket
+    ours.close()
     (w,) = fresh_workers(1, start_method="forkserver")
     _started_by("forkserver", pydist.remotecall_fetch(_facts, w))

@@ -46,11 +46,14 @@ def call_other(target: int) -> int:
     return pydist.remotecall_fetch(pydist.myid, target)
 
 
-def test_master_and_workers_talk_over_unix_sockets_to_the_right_process(fresh_workers):
-    a, b = fresh_workers(2)
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_master_and_workers_talk_over_unix_sockets_to_the_right_process(method, fresh_workers):
+    a, b = fresh_workers(2, start_method=method)
     ospid = {p: worker_ospid(p) for p in (a, b)}
     for p in (a, b):
-        assert link_to(p) == ("AF_UNIX", ospid[p])
+        # A forked worker's master connection is a socket pair, whose SO_PEERCRED names
+        # the process that made it (us) on both ends; a spawned one's, the worker's socket.
+        assert link_to(p) == ("AF_UNIX", ospid[p] if method == "spawn" else os.getpid())
     assert pydist.remotecall_fetch(call_other, a, b) == b  # worker to worker
     assert pydist.remotecall_fetch(link_to, a, b) == ("AF_UNIX", ospid[b])
     assert pydist.remotecall_fetch(link_to, b, a) == ("AF_UNIX", ospid[a])

@@ -33,6 +33,7 @@ from .group import PGRP, Worker, WorkerState
 from .joining import process_messages
 from .managers import (
     OWN_PROCESS_GROUP,
+    Authenticated,
     ClusterManager,
     WorkerConfig,
     WorkerOutput,
@@ -581,10 +582,13 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
     timeout = params["timeout"]
     try:
         with launch_timeout(timeout):
-            sock = transport.as_socket(manager.connect(pid, config))
+            reached = manager.connect(pid, config)
+        authenticated = isinstance(reached, Authenticated)
+        sock = transport.as_socket(reached.sock if isinstance(reached, Authenticated) else reached)
         try:
             transport.tune_socket(sock)
-            transport.handshake_initiator(sock, pg.cookie_bytes(), timeout)
+            if not authenticated:
+                transport.handshake_initiator(sock, pg.cookie_bytes(), timeout)
         except AuthenticationError as e:
             sock.close()
             raise LaunchWorkerError(f"worker {pid} refused the master: {e}") from e

@@ -5,11 +5,13 @@ A master that asks for ``start_method="forkserver"`` starts one such process (se
 `managers.forkserver`). It imports what a worker needs (cloudpickle too: see `_warm`) and
 the modules named in PYDIST_PRELOAD (see `_preload`), starts no thread, and waits on the
 control socket FD (a SOCK_SEQPACKET socket inherited from the master) for requests: a JSON
-message (cookie, bind address, working directory, environment, how many workers) with the
-write ends of that many pipes attached (SCM_RIGHTS). For each pipe it forks a worker: its
-own process group (in the fork server's session, which all its workers share: see `_child`),
-the directory and environment asked for, the pipe as stdout and stderr, every other
-descriptor closed, fresh random state, then the normal worker path (`worker.start_worker`).
+message (cookie, bind address, working directory, environment, how many workers, whether
+paired) with the write ends of that many pipes attached (SCM_RIGHTS), then, if paired, as
+many sockets: each worker's master connection, made by the master. For each pipe it forks a
+worker: its own process group (in the fork server's session, which all its workers share:
+see `_child`), the directory and environment asked for, the pipe as stdout and stderr, its
+master connection (if any) as descriptor 3, every other descriptor closed, fresh random
+state, then the normal worker path (`worker.start_worker`).
 It answers with each child's pid as soon as it has forked it, reaps its children and reports
 each one's exit status. It exits when the master closes the control socket (or dies: end of
 file).
@@ -39,15 +41,16 @@ from .managers.forkserver import PRELOAD_VAR
 __all__ = ["serve", "main"]
 
 MAX_MESSAGE = 1 << 20  # a request carries an environment: bounded by the socket buffer
-MAX_FDS = 64  # pipes in one request (= `managers.forkserver.MAX_FORKS_PER_REQUEST`: a test checks)
+MAX_FDS = 128  # descriptors in one request: 2 per worker (`managers.forkserver.MAX_FORKS_PER_REQUEST`: a test checks)
+MASTER_FD = 3  # a paired worker's master connection
 
 
 def _send(sock: socket.socket, message: dict) -> None:
     sock.send(json.dumps(message).encode())
 
 
-def _child(request: dict, out_fd: int, environ: dict[str, str], stdio: tuple,
-           logging_prepared: tuple) -> NoReturn:
+def _child(request: dict, out_fd: int, master_fd: int | None, environ: dict[str, str],
+           stdio: tuple, logging_prepared: tuple) -> NoReturn:
     """In the forked child: become a worker as `python -m pydist.worker` would. Never returns."""
     code = 1
     try:
@@ -67,7 +70,10 @@ def _child(request: dict, out_fd: int, environ: dict[str, str], stdio: tuple,
         os.dup2(out_fd, 2)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
-        os.closerange(3, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
+        if master_fd is not None:
+            os.dup2(master_fd, MASTER_FD, inheritable=False)  # (not for what the worker starts)
+        first_free = MASTER_FD if master_fd is None else MASTER_FD + 1
+        os.closerange(first_free, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
         sys.stdin, sys.stdout, sys.stderr = stdio  # (over descriptors 0, 1 and 2: ours now)
         try:
             os.chdir(request["dir"])
@@ -80,7 +86,8 @@ def _child(request: dict, out_fd: int, environ: dict[str, str], stdio: tuple,
         multiprocessing.process.current_process().authkey = os.urandom(32)
         worker.configure_logging(prepared=logging_prepared)
         code = worker.start_worker(cookie=request["cookie"], close_stdin=False,
-                                   stderr_to_stdout=False, bind_to=request["bind"])
+                                   stderr_to_stdout=False, bind_to=request["bind"],
+                                   master_fd=None if master_fd is None else MASTER_FD)
         sys.stdout.flush()
         worker._force_exit_later(code)  # user threads must not keep an orphan alive
         # What the interpreter does at exit: wait for user threads, run the atexit hooks.
@@ -327,20 +334,26 @@ def _fork_all(sock: socket.socket, data: bytes, fds: list[int], environ: dict[st
     try:
         request = json.loads(data)
         reqs = list(range(request["req"], request["req"] + request["count"]))
-        if len(reqs) != len(fds):
-            raise ValueError(f"a request for {len(reqs)} workers came with {len(fds)} pipes")
+        expected = len(reqs) * (2 if request.get("paired") else 1)
+        if len(fds) != expected:
+            raise ValueError(f"a request for {len(reqs)} workers came with {len(fds)} "
+                             f"descriptors, not {expected}")
     except Exception as e:
         return _refuse(sock, reqs, fds, e)
-    for i, (req, fd) in enumerate(zip(reqs, fds)):
+    pipes = fds[:len(reqs)]
+    masters: list = fds[len(reqs):] or [None] * len(reqs)
+    for i, req in enumerate(reqs):
         try:
             pid = os.fork()
         except OSError as e:
-            return _refuse(sock, reqs[i:], fds[i:], e)
+            return _refuse(sock, reqs[i:], pipes[i:] + [m for m in masters[i:] if m is not None], e)
         if pid == 0:
-            _child(request, fd, environ, stdio, logging_prepared)
-        os.close(fd)
+            _child(request, pipes[i], masters[i], environ, stdio, logging_prepared)
+        for fd in (pipes[i], masters[i]):
+            if fd is not None:
+                os.close(fd)
         if not _answer(sock, {"req": req, "pid": pid}):
-            for rest in fds[i + 1:]:
+            for rest in pipes[i + 1:] + [m for m in masters[i + 1:] if m is not None]:
                 os.close(rest)
             return False
     return True

@@ -209,6 +209,12 @@ def default_bind_addr() -> str:
     return "127.0.0.1"
 
 
+def local_sockets() -> bool:
+    """Whether processes of one network namespace talk over Unix sockets: on Linux, unless
+    `PYDIST_LOCAL_SOCKETS=0` forces TCP everywhere."""
+    return sys.platform.startswith("linux") and os.environ.get("PYDIST_LOCAL_SOCKETS") != "0"
+
+
 def local_socket_name(host: str, port: int, cookie: bytes) -> bytes | None:
     """The abstract Unix socket name of the worker listening on TCP `host:port` in this
     network namespace, or None (not Linux, or `PYDIST_LOCAL_SOCKETS=0`).
@@ -217,7 +223,7 @@ def local_socket_name(host: str, port: int, cookie: bytes) -> bytes | None:
     ports, and a worker binds its name only after binding the TCP port: the name reaches
     exactly the process that TCP to `host:port` would reach from here, or nothing. It is
     keyed with the cluster cookie, so only members can know it (nobody can squat it)."""
-    if not sys.platform.startswith("linux") or os.environ.get("PYDIST_LOCAL_SOCKETS") == "0":
+    if not local_sockets():
         return None
     tag = hashlib.blake2s(f"{host}:{port}".encode(), key=cookie[:32], digest_size=16)
     return b"\0pydist-" + tag.hexdigest().encode()

@@ -20,12 +20,13 @@ from __future__ import annotations
 import _signal  # type: ignore  # (typeshed has no stub for it)
 import logging
 import os
+import socket
 import sys
 import threading
 import time
 import types
 
-from . import joining, runtime
+from . import joining, runtime, transport
 from .calls import (
     _original_sleep,
     interrupt_running_calls,
@@ -168,11 +169,16 @@ def init_worker(cookie: str, manager=None) -> None:
 
 
 def start_worker(out=None, cookie: str | None = None, close_stdin: bool = True,
-                 stderr_to_stdout: bool = True, bind_to: str | None = None) -> int:
+                 stderr_to_stdout: bool = True, bind_to: str | None = None,
+                 master_fd: int | None = None) -> int:
     """Serve as a worker until the master goes away; returns the exit code.
 
     Reads the cookie from stdin unless given, listens on `bind_to` (default: see
-    `transport.default_bind_addr`), prints the address line to `out`, then serves."""
+    `transport.default_bind_addr`), prints the address line to `out`, then serves.
+    `master_fd`: a socket the master made and handed to this process at its fork (see
+    `pydist.forkserver`), already its master connection: served at once, with no
+    handshake (no other process holds its other end), and the worker exits if it closes
+    before the master's JOIN came on it."""
     out = sys.stdout if out is None else out
     if cookie is None:
         cookie = sys.stdin.readline().strip()
@@ -184,8 +190,13 @@ def start_worker(out=None, cookie: str | None = None, close_stdin: bool = True,
         sys.stdout.flush()
         os.dup2(1, 2)
     addr, port = listen_worker(cookie, bind_to)
+    master = None
+    if master_fd is not None:
+        sock = socket.socket(fileno=master_fd)
+        transport.tune_socket(sock)
+        master = joining.serve_connection(sock)
     print(f"pydist_worker:{port}#{addr}", file=out, flush=True)
-    return serve_worker()
+    return serve_worker(master=master)
 
 
 def listen_worker(cookie: str, bind_to: str | None = None) -> tuple[str, int]:
@@ -202,15 +213,20 @@ def listen_worker(cookie: str, bind_to: str | None = None) -> tuple[str, int]:
     return addr, listener.address[1]
 
 
-def serve_worker(timeout: float | None = None) -> int:
+def serve_worker(timeout: float | None = None, master: transport.Connection | None = None) -> int:
     """After `listen_worker`: wait up to `timeout` seconds (default: the worker timeout) for
-    the master to connect, then serve until it tells this worker to exit or goes away;
-    return the exit code (1 if no master came)."""
+    the master to connect (on `master` if given: then only while it is open), then serve
+    until it tells this worker to exit or goes away; return the exit code (1 if no master
+    came)."""
     timeout = worker_timeout() if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while not PGRP.master_connected.wait(0.2):
         if PGRP.shutdown.is_set():  # e.g. stdin closed (--exit-on-eof)
             return PGRP.exit_code
+        if master is not None and master.closed:
+            print("The master closed its connection before it joined this worker.\nexiting.",
+                  file=sys.stderr, flush=True)
+            return 1
         if time.monotonic() > deadline:
             print(f"Master process (id 1) could not connect within {timeout} seconds.\nexiting.",
                   file=sys.stderr, flush=True)

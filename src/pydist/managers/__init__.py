@@ -43,6 +43,7 @@ __all__ = [
     "manage",
     "kill",
     "connect",
+    "Authenticated",
     "request_exit",
     "read_worker_address",
     "connect_tcp",
@@ -66,6 +67,15 @@ def worker_timeout() -> float:
 
 
 DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Authenticated:
+    """What `ClusterManager.connect` returns for a socket that needs no cookie handshake:
+    one end of a pair whose other end only the worker holds, handed to it at its fork
+    (`LocalManager` with the fork server). Only for such sockets: pydist trusts it."""
+
+    sock: socket.socket
 
 
 def heartbeat_timeout(value: Any = None) -> float | None:
@@ -428,9 +438,10 @@ class ClusterManager(ABC):
         `config.process` (a `subprocess.Popen`) once it has ended, waiting up to a second."""
         return describe_exit(config.process, wait=1.0)
 
-    def connect(self, pid: int, config: WorkerConfig) -> "socket.socket | tuple[Any, Any]":
+    def connect(self, pid: int, config: WorkerConfig) -> "socket.socket | tuple[Any, Any] | Authenticated":
         """A connection to worker `pid`: a connected socket, or a `(reader, writer)` pair of
-        binary streams for a custom transport; pydist then runs the cookie handshake over it.
+        binary streams for a custom transport; pydist then runs the cookie handshake over it
+        (unless it comes as `Authenticated`: a pair made at the worker's fork).
         Also called on a worker to reach another worker (then `config.connect_at` is set).
         The default reads the worker's address line and connects over TCP."""
         host, port = read_worker_address(pid, config)
@@ -562,7 +573,8 @@ def kill(manager: ClusterManager, pid: int, config: WorkerConfig) -> None:
     manager.kill(pid, config)
 
 
-def connect(manager: ClusterManager, pid: int, config: WorkerConfig) -> "socket.socket | tuple[Any, Any]":
+def connect(manager: ClusterManager, pid: int, config: WorkerConfig
+            ) -> "socket.socket | tuple[Any, Any] | Authenticated":
     """`manager.connect(pid, config)` (Julia's `connect` as a function)."""
     return manager.connect(pid, config)
 

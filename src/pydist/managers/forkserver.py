@@ -31,7 +31,7 @@ __all__ = ["ForkedProcess", "fork_workers", "unsuitable", "running", "stop"]
 START_TIMEOUT = 30.0  # seconds for the template to start and answer a request
 MAX_MESSAGE = 1 << 20
 READER_END_TIMEOUT = 5.0  # seconds for the reader to read the last words of a template gone
-MAX_FORKS_PER_REQUEST = 64  # pipes passed in one message (the kernel allows 253; = the template's MAX_FDS)
+MAX_FORKS_PER_REQUEST = 64  # workers in one message: 2 descriptors each (the kernel allows 253; see the template's MAX_FDS)
 
 # Environment variables read while the interpreter starts (or by the C library at load):
 # a worker that needs a value other than the template's must be a fresh interpreter.
@@ -57,10 +57,14 @@ def _startup_vars(env: dict[str, str]) -> dict[str, str]:
 class ForkedProcess:
     """A worker forked by the fork server: the subset of `subprocess.Popen` managers use."""
 
-    def __init__(self, server: "_Server", pid: int, stdout: IO[bytes]):
+    def __init__(self, server: "_Server", pid: int, stdout: IO[bytes],
+                 master_socket: socket.socket | None = None):
         self._server = server
         self.pid = pid
         self.stdout = stdout
+        # Our end of the socket pair whose other end the worker got at its fork: its
+        # master connection, authenticated by construction (see `take_master_socket`).
+        self._master_socket = master_socket
         self.args = ["pydist.forkserver", str(pid)]
         self.returncode: int | None = None
         self._ended = threading.Event()  # set once `returncode` is known
@@ -68,6 +72,24 @@ class ForkedProcess:
 
     def __repr__(self) -> str:
         return f"<ForkedProcess pid={self.pid} returncode={self.returncode}>"
+
+    def take_master_socket(self) -> socket.socket | None:
+        """Our end of the worker's master connection (once; None if not paired or taken).
+
+        No other process can hold its other end: we made the pair and passed that end only
+        to our own template (over its control socket, itself a pair made before the template
+        started), which passed it only to the child it forked. So the worker at the other end
+        is the one we asked for, and knows our cookie: no handshake is needed on it, as none
+        is on the pipes of a `multiprocessing` child."""
+        sock, self._master_socket = self._master_socket, None
+        return sock
+
+    def close_master_socket(self) -> None:
+        """Drop our end of the master connection if nobody took it (the worker then sees the
+        end of its master connection and exits)."""
+        sock = self.take_master_socket()
+        if sock is not None:
+            sock.close()
 
     def poll(self) -> int | None:
         """The exit code once the process ended (negative: killed by that signal), else None."""
@@ -188,19 +210,25 @@ class _Server:
         exited (the reader may not have seen the end of the socket yet)."""
         return not self.closed and self.proc.poll() is None
 
-    def submit(self, request: dict, out_fds: list[int]) -> list[int]:
+    def submit(self, request: dict, out_fds: list[int], master_fds: list[int] | None = None
+               ) -> list[int]:
         """Ask the template to fork one worker per pipe in `out_fds` (at most
-        `MAX_FORKS_PER_REQUEST`); their request numbers, for `result`. One message for them
-        all: a message per worker filled the socket at 128 workers, and the master then
+        `MAX_FORKS_PER_REQUEST`), each with the socket of `master_fds` at the same place as
+        its master connection if given; their request numbers, for `result`. One message for
+        them all: a message per worker filled the socket at 128 workers, and the master then
         waited for the template to fork the first hundred before it could connect to any."""
-        if not 0 < len(out_fds) <= MAX_FORKS_PER_REQUEST:
+        count = len(out_fds)
+        if not 0 < count <= MAX_FORKS_PER_REQUEST:
             raise ValueError(f"a fork request carries 1 to {MAX_FORKS_PER_REQUEST} pipes")
+        if master_fds is not None and len(master_fds) != count:
+            raise ValueError(f"{count} pipes came with {len(master_fds)} master sockets")
         with self.send_lock:
             first = self.next_req + 1
-            self.next_req += len(out_fds)
-            data = json.dumps(dict(request, req=first, count=len(out_fds))).encode()
+            self.next_req += count
+            data = json.dumps(dict(request, req=first, count=count,
+                                   paired=master_fds is not None)).encode()
             try:
-                socket.send_fds(self.sock, [data], out_fds)
+                socket.send_fds(self.sock, [data], out_fds + (master_fds or []))
             except OSError as e:
                 if isinstance(e, ConnectionError) or self.proc.poll() is not None:
                     # Gone: the reader reads what it said last (a refusal, which `unsuitable`
@@ -211,7 +239,7 @@ class _Server:
                 code = self.proc.poll()
                 raise OSError("the fork server exited" + (
                     f" with code {code}" if code is not None else f" ({e})")) from e
-        return list(range(first, first + len(out_fds)))
+        return list(range(first, first + count))
 
     def result(self, req: int) -> int:
         """The pid of the worker forked for request `req`; OSError if the template could not."""
@@ -322,10 +350,11 @@ def _get_server(env: dict[str, str], yield_to_master: bool) -> _Server:
 
 
 def fork_workers(n: int, cookie: str, bind: str, cwd: str, env: dict[str, str], *,
-                 yield_to_master: bool = False) -> Iterator[ForkedProcess]:
+                 yield_to_master: bool = False, paired: bool = False) -> Iterator[ForkedProcess]:
     """`n` workers forked by the fork server (started on first use with `env`; with
     `yield_to_master` when this process is the master, see `pydist.forkserver`), each with
-    its stdout and stderr on a pipe (`.stdout`), yielded as they come. The requests go out
+    its stdout and stderr on a pipe (`.stdout`), yielded as they come; with `paired`, each
+    also with its master connection made here (`take_master_socket`). The requests go out
     at once, so the template forks while the master reads the answers. OSError when the
     fork server cannot provide them (check `unsuitable` first); a caller then starts fresh
     interpreters for the rest."""
@@ -334,31 +363,43 @@ def fork_workers(n: int, cookie: str, bind: str, cwd: str, env: dict[str, str], 
                     if server.startup.get(k) != env.get(k))
     if differ:  # (our environment changed since the template started)
         raise OSError(f"environment variables {', '.join(differ)} differ from the fork server's")
-    pending: list[tuple[int, int]] = []  # (request, read end of its output pipe)
+    # (request, read end of its output pipe, our end of its master connection or None)
+    pending: list[tuple[int, int, socket.socket | None]] = []
     request = {"cookie": cookie, "bind": bind, "dir": cwd, "env": env}
     try:
         while len(pending) < n:
             pipes: list[tuple[int, int]] = []
+            pairs: list[tuple[socket.socket, socket.socket]] = []
             try:
                 for _ in range(min(n - len(pending), MAX_FORKS_PER_REQUEST)):
                     pipes.append(os.pipe())
-                reqs = server.submit(request, [w for _, w in pipes])
+                    if paired:
+                        pairs.append(socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM))
+                reqs = server.submit(request, [w for _, w in pipes],
+                                     [theirs.fileno() for _, theirs in pairs] if paired else None)
             except BaseException:
                 for r, _ in pipes:
                     os.close(r)
+                for ours, _ in pairs:
+                    ours.close()
                 raise
-            finally:
+            finally:  # (the template has its own copies now)
                 for _, w in pipes:
                     os.close(w)
-            pending.extend(zip(reqs, (r for r, _ in pipes)))
+                for _, theirs in pairs:
+                    theirs.close()
+            socks: list[socket.socket | None] = [ours for ours, _ in pairs] or [None] * len(pipes)
+            pending.extend(zip(reqs, (r for r, _ in pipes), socks))
         while pending:
-            req, r = pending[0]
+            req, r, master = pending[0]
             pid = server.result(req)
             pending.pop(0)
-            yield ForkedProcess(server, pid, os.fdopen(r, "rb"))
+            yield ForkedProcess(server, pid, os.fdopen(r, "rb"), master)
     finally:
-        for _, r in pending:  # (a worker forked for one of these exits: its pipe is gone)
+        for _, r, master in pending:  # (a worker forked for one of these exits: its pipe is gone)
             os.close(r)
+            if master is not None:
+                master.close()
 
 
 def _forget_in_child() -> None:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -14,8 +15,18 @@ from typing import Any, Iterator
 
 from ..exceptions import LaunchWorkerError
 from ..group import PGRP
-from ..transport import default_bind_addr
-from . import OWN_PROCESS_GROUP, ClusterManager, WorkerConfig, forkserver, reap, signal_group, worker_env
+from ..transport import default_bind_addr, local_sockets
+from . import (
+    OWN_PROCESS_GROUP,
+    Authenticated,
+    ClusterManager,
+    WorkerConfig,
+    forkserver,
+    read_worker_address,
+    reap,
+    signal_group,
+    worker_env,
+)
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +108,10 @@ class LocalManager(ClusterManager):
                   "forked by the fork server" if fork else " ".join(cmd))
         forked: Iterator[forkserver.ForkedProcess] | None = None
         if fork:  # (addprocs runs on the master only: its workers yield the CPU to it)
+            # Each with its master connection, a Unix socket pair (see `connect`), unless
+            # PYDIST_LOCAL_SOCKETS=0 asks for TCP.
             forked = forkserver.fork_workers(self.np, cookie, bind, params["dir"], env,
-                                             yield_to_master=True)
+                                             yield_to_master=True, paired=local_sockets())
         for _ in range(self.np):
             proc: Any = None
             if forked is not None:
@@ -121,6 +134,21 @@ class LocalManager(ClusterManager):
             with launch_ntfy:
                 launched.append(config)
                 launch_ntfy.notify_all()
+
+    def connect(self, pid: int, config: WorkerConfig) -> "socket.socket | tuple[Any, Any] | Authenticated":
+        """A forked worker's master connection is the socket pair made at its fork (no
+        connect, no handshake: see `ForkedProcess.take_master_socket`); we still read its
+        address line, for the workers that will dial it. Others: over TCP (the default)."""
+        take = getattr(config.process, "take_master_socket", None)
+        sock = take() if take is not None else None
+        if sock is None:
+            return super().connect(pid, config)
+        try:
+            read_worker_address(pid, config)
+        except BaseException:
+            sock.close()
+            raise
+        return Authenticated(sock)
 
     def _spawn(self, cmd: list[str], cwd: str, env: dict, cookie: str) -> subprocess.Popen:
         """A worker as a fresh interpreter, the cookie on its stdin."""
@@ -149,6 +177,8 @@ class LocalManager(ClusterManager):
         proc = config.process
         if proc is None:
             return
+        if isinstance(proc, forkserver.ForkedProcess):  # (never connected: it exits at once)
+            proc.close_master_socket()
         with self._lock:
             self._dying.append(_Dying(pid, proc, time.monotonic() + self.exit_timeout))
             if self._reaper is not None:

@@ -30,6 +30,7 @@ from typing import Any, Iterable
 from ..exceptions import LaunchWorkerError, error_group
 from ..group import PGRP
 from . import (
+    Authenticated,
     ClusterManager,
     WorkerConfig,
     connect_tcp,
@@ -305,7 +306,7 @@ class SSHManager(ClusterManager):
             return os.path.join(self._control_dir, "cm-%C")
 
     # ---------------------------------------------------------------- connect
-    def connect(self, pid: int, config: WorkerConfig) -> "socket.socket | tuple[Any, Any]":
+    def connect(self, pid: int, config: WorkerConfig) -> "socket.socket | tuple[Any, Any] | Authenticated":
         if config.host is None:  # worker to worker: plain TCP (the default)
             return super().connect(pid, config)
         target = config.host
