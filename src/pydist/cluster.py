@@ -583,7 +583,7 @@ def _create_worker(manager: ClusterManager, config: WorkerConfig, params: dict) 
     try:
         with launch_timeout(timeout):
             reached = manager.connect(pid, config)
-        authenticated = isinstance(reached, Authenticated)
+        authenticated = isinstance(reached, Authenticated)  # (a pair made at the worker's fork)
         sock = transport.as_socket(reached.sock if isinstance(reached, Authenticated) else reached)
         try:
             transport.tune_socket(sock)

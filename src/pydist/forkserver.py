@@ -70,8 +70,11 @@ def _child(request: dict, out_fd: int, master_fd: int | None, environ: dict[str,
         os.dup2(out_fd, 2)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
-        if master_fd is not None:
-            os.dup2(master_fd, MASTER_FD, inheritable=False)  # (not for what the worker starts)
+        if master_fd is not None:  # (not inheritable: not for what the worker starts)
+            if master_fd == MASTER_FD:
+                os.set_inheritable(MASTER_FD, False)
+            else:
+                os.dup2(master_fd, MASTER_FD, inheritable=False)
         first_free = MASTER_FD if master_fd is None else MASTER_FD + 1
         os.closerange(first_free, os.sysconf("SC_OPEN_MAX") if hasattr(os, "sysconf") else 65536)
         sys.stdin, sys.stdout, sys.stderr = stdio  # (over descriptors 0, 1 and 2: ours now)
