@@ -345,18 +345,23 @@ def _fork_all(sock: socket.socket, data: bytes, fds: list[int], environ: dict[st
         return _refuse(sock, reqs, fds, e)
     pipes = fds[:len(reqs)]
     masters: list = fds[len(reqs):] or [None] * len(reqs)
+
+    def held_from(i: int) -> list[int]:
+        """Our copies of the descriptors of workers i, i+1, ..."""
+        return pipes[i:] + [m for m in masters[i:] if m is not None]
+
     for i, req in enumerate(reqs):
         try:
             pid = os.fork()
         except OSError as e:
-            return _refuse(sock, reqs[i:], pipes[i:] + [m for m in masters[i:] if m is not None], e)
+            return _refuse(sock, reqs[i:], held_from(i), e)
         if pid == 0:
             _child(request, pipes[i], masters[i], environ, stdio, logging_prepared)
         for fd in (pipes[i], masters[i]):
             if fd is not None:
                 os.close(fd)
         if not _answer(sock, {"req": req, "pid": pid}):
-            for rest in pipes[i + 1:] + [m for m in masters[i + 1:] if m is not None]:
+            for rest in held_from(i + 1):
                 os.close(rest)
             return False
     return True

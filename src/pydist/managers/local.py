@@ -139,8 +139,8 @@ class LocalManager(ClusterManager):
         """A forked worker's master connection is the socket pair made at its fork (no
         connect, no handshake: see `ForkedProcess.take_master_socket`); we still read its
         address line, for the workers that will dial it. Others: over TCP (the default)."""
-        take = getattr(config.process, "take_master_socket", None)
-        sock = take() if take is not None else None
+        proc = config.process
+        sock = proc.take_master_socket() if isinstance(proc, forkserver.ForkedProcess) else None
         if sock is None:
             return super().connect(pid, config)
         try:
