@@ -137,6 +137,82 @@ def test_watching_a_connection_wakes_the_heartbeat_only_if_it_must_tick_sooner()
         assert heartbeat.stop(5)
 
 
+def test_the_heartbeat_thread_starts_when_the_first_tick_is_due(two_workers):
+    """Watching a connection starts no thread: the poller (running: connections to two
+    workers are open) starts it when the first tick is due, one interval after the first
+    watch, never sooner; a sooner interval moves that start forward, and a heartbeat stopped
+    before it starts none. Where no poller runs, the thread starts at once."""
+    from pydist.threads import _get_poller, _Heartbeat
+
+    assert _get_poller().running()
+    heartbeat = _Heartbeat()
+    try:
+        slow = _Peer(60.0)  # (a tick every 10 s)
+        heartbeat.watch(slow)
+        time.sleep(0.3)
+        assert heartbeat._thread is None and slow.ticks == []
+        fast = _Peer(1.2)  # (a tick every 0.2 s: due 0.2 s after the first watch, now)
+        t0 = time.monotonic()
+        heartbeat.watch(fast)
+        wait_until(lambda: fast.ticks, timeout=SLACK, what="the first tick")
+        assert heartbeat._thread is not None and heartbeat._thread.is_alive()
+        wait_until(lambda: len(fast.ticks) >= 3, timeout=SLACK, what="three ticks")
+        assert fast.ticks[0] >= t0 and slow.ticks
+        gaps = [b - a for a, b in zip(fast.ticks, fast.ticks[1:])]
+        assert min(gaps) >= 0.19, gaps
+    finally:
+        assert heartbeat.stop(5)
+    stopped = _Heartbeat()
+    peer = _Peer(0.6)
+    t0 = time.monotonic()
+    stopped.watch(peer)
+    assert stopped._thread is None
+    assert stopped.stop(5)
+    time.sleep(0.5)  # (its start was due 0.1 s after the watch)
+    assert stopped._thread is None and peer.ticks == []
+    first = _Peer(0.6)
+    fresh = _Heartbeat()
+    try:
+        t0 = time.monotonic()
+        fresh.watch(first)
+        wait_until(lambda: first.ticks, timeout=SLACK, what="the first tick")
+        assert first.ticks[0] - t0 >= 0.09  # (one interval after the watch)
+    finally:
+        assert fresh.stop(5)
+    alone = subprocess.run([sys.executable, "-c", _WATCH_WITHOUT_POLLER], capture_output=True,
+                           text=True, timeout=60)
+    assert alone.stdout.split() == ["True", "True"], alone.stderr
+
+
+_WATCH_WITHOUT_POLLER = """
+from pydist.threads import _get_poller, _Heartbeat
+class Peer:
+    heartbeat_timeout = 60.0
+    def _heartbeat(self, now, stalled): return True
+h = _Heartbeat()
+h.watch(Peer())
+print(not _get_poller().running(), h._thread is not None and h._thread.is_alive())
+h.stop(5)
+"""
+
+
+def _runtime_threads() -> list[str]:
+    import threading
+
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith("pydist-"))
+
+
+@pytest.mark.timeout(120)
+def test_a_fresh_worker_starts_its_heartbeat_thread_when_its_first_tick_is_due(fresh_workers):
+    """A worker whose heartbeat ticks every 10 s runs no heartbeat thread before then; one
+    that ticks every 0.33 s runs it within about that."""
+    slow = fresh_workers(1, heartbeat_timeout=60.0)[0]
+    assert "pydist-heartbeat" not in pydist.remotecall_fetch(_runtime_threads, slow)
+    fast = fresh_workers(1, heartbeat_timeout=HB)[0]
+    wait_until(lambda: "pydist-heartbeat" in pydist.remotecall_fetch(_runtime_threads, fast),
+               timeout=SLACK, what="the fast worker's heartbeat thread")
+
+
 @pytest.mark.timeout(120)
 def test_heartbeats_reach_workers_and_can_be_turned_off(fresh_workers):
     on = fresh_workers(1, heartbeat_timeout=HB)[0]

@@ -17,6 +17,7 @@ import listenerhelpers
 import pydist
 from pydist import protocol, transport
 from pydist.group import PGRP
+from conftest import wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -136,8 +137,10 @@ def test_accept_backs_off_on_emfile_and_recovers(fresh_workers):
     CPU); once descriptors are free again it accepts and authenticates as before."""
     (pid,) = fresh_workers(1)
     ospid = ospid_of(pid)
+    authenticated(pid).close()  # (the listener's thread starts with its first client)
+    wait_until(lambda: pydist.remotecall_fetch(listenerhelpers.listener_tids, pid),
+               timeout=30, what="the listener thread")
     tids = pydist.remotecall_fetch(listenerhelpers.listener_tids, pid)
-    assert tids
     waiting = []
     held = pydist.remotecall_fetch(listenerhelpers.exhaust_fds, pid)
     try:
@@ -228,6 +231,81 @@ def test_listener_survives_an_exception(monkeypatch, where):
         listener.close()
         for s in accepted:
             s.close()
+
+
+def _listener_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "pydist-listener"]
+
+
+@pytest.mark.parametrize("family", ["tcp", "local"])
+def test_the_listener_thread_starts_with_its_first_client(family):
+    """No thread until a client comes, on either listening socket; then it accepts and
+    authenticates that client as before (the process's poller watched the sockets)."""
+    accepted: list[socket.socket] = []
+    got = threading.Event()
+
+    def on_connection(sock):
+        accepted.append(sock)
+        got.set()
+
+    before = _listener_threads()
+    listener = transport.Listener("127.0.0.1", 0, lambda: COOKIE, on_connection, 5)
+    listener.start()
+    try:
+        if family == "local":
+            if listener.local_sock is None:
+                pytest.skip("no local socket here")
+            client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            client.settimeout(5)
+            client.connect(listener.local_sock.getsockname())
+        else:
+            time.sleep(0.3)
+            assert _listener_threads() == before and listener._thread.ident is None
+            client = socket.create_connection(listener.address, timeout=5)
+        with client:
+            transport.handshake_initiator(client, COOKIE, 5)
+            assert got.wait(10)
+        assert listener._thread.is_alive()
+        with socket.create_connection(listener.address, timeout=5) as again:
+            transport.handshake_initiator(again, COOKIE, 5)
+            wait_until(lambda: len(accepted) == 2, timeout=10, what="the second client")
+    finally:
+        listener.close()
+        for s in accepted:
+            s.close()
+    assert not listener._thread.is_alive()
+
+
+def test_a_listener_closed_before_any_client_starts_no_thread_and_is_forgotten():
+    """Closed while the poller watched it: the poller forgets both sockets, no thread ever
+    starts, and nothing listens any more."""
+    from pydist.threads import _get_poller
+
+    listener = transport.Listener("127.0.0.1", 0, lambda: COOKIE, lambda s: s.close(), 5)
+    listener.start()
+    bells = list(listener._doorbells)
+    assert bells and all(_get_poller()._conns.get(b.fd) is b for b in bells)
+    listener.close()
+    assert all(_get_poller()._conns.get(b.fd) is not b for b in bells)
+    listener._start_thread()  # (a doorbell that rang just as it closed)
+    assert listener._thread.ident is None
+    with pytest.raises(OSError):
+        socket.create_connection(listener.address, timeout=5).close()
+
+
+def test_a_worker_starts_its_listener_thread_only_when_a_peer_dials_it(fresh_workers):
+    """A forked worker's master connection is made at its fork: nobody dials it until a peer
+    does (a worker-to-worker call), and only then does it run a listener thread."""
+    a, b = fresh_workers(2)
+    assert pydist.remotecall_fetch(listenerhelpers.listener_tids, a) == []
+    assert pydist.remotecall_fetch(listenerhelpers.listener_tids, b) == []
+    # b's call to a makes the link: the lower pid is dialled (joining.dial_peer)
+    assert pydist.remotecall_fetch(pydist.remotecall_fetch, b, pydist.myid, a) == a
+    low = min(a, b)
+    wait_until(lambda: pydist.remotecall_fetch(listenerhelpers.listener_tids, low),
+               timeout=30, what=f"worker {low}'s listener thread")
+    assert_serves(a)
+    assert_serves(b)
 
 
 def test_listener_close_stops_its_thread_and_drops_handshakes():

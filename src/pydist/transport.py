@@ -1467,10 +1467,28 @@ class _ReadSelector:
         (self._epoll or self._selector).close()  # type: ignore[union-attr]
 
 
+class _Doorbell:
+    """One listening socket watched by the process's poller until a first client arrives
+    there: then its listener's thread starts (see `Listener.start`)."""
+
+    def __init__(self, sock: socket.socket, listener: "Listener") -> None:
+        self.fd = sock.fileno()
+        self._sock = sock
+        self._listener = listener
+
+    @property
+    def name(self) -> str:  # (for the poller's log)
+        return f"the listening socket {self._sock.getsockname()!r}"
+
+    def _on_events(self, ev: int) -> None:
+        self._listener._start_thread()
+
+
 class Listener:
     """A worker's listening sockets -- TCP, and its twin local Unix socket (see
     `local_socket_name`) -- served by one thread that accepts and authenticates every client
     through a selector, so that slow or hostile clients cost no thread and delay no one.
+    That thread starts with the first client (`start`).
 
     Every handshake has a total deadline (`handshake_timeout`); at most
     MAX_PENDING_HANDSHAKES run at once (a new one drops the oldest); accept errors pause
@@ -1516,6 +1534,9 @@ class Listener:
         self._unlogged_refusals = 0
         self._thread = threading.Thread(target=self._run, name="pydist-listener", daemon=True)
         self._threads = [self._thread]
+        self._start_lock = threading.Lock()  # the thread starts at most once, never after stop
+        self._started = False
+        self._doorbells: list[_Doorbell] = []
 
     @staticmethod
     def _listen_local(name: bytes | None) -> socket.socket | None:
@@ -1532,12 +1553,45 @@ class Listener:
         return sock
 
     def start(self) -> None:
-        self._thread.start()
+        """Serve from now on. The thread starts when the first client arrives (the process's
+        poller watches the listening sockets until then), or at once where there is no
+        poller: most workers are never dialled (a forked worker's master connection is made
+        at its fork), and a thread's start was ~0.25 ms of such a worker's ~4.4 ms."""
+        poller = _get_poller()
+        if poller is None:
+            self._start_thread()
+            return
+        with self._start_lock:
+            if self._started or self._closed:
+                return
+            self._doorbells = [_Doorbell(sock, self) for sock in self._listening]
+            for bell in self._doorbells:
+                poller.register(bell)
+                poller.modify(bell.fd, select.EPOLLIN | _ONESHOT)
+
+    def _start_thread(self) -> None:
+        """(Any thread, a doorbell's in the poller's.) Start the listener thread, once."""
+        with self._start_lock:
+            if self._started or self._closed:
+                return
+            self._started = True
+            self._disarm()
+            self._thread.start()
+
+    def _disarm(self) -> None:
+        """(Start lock held.) The poller stops watching the listening sockets."""
+        poller = _get_poller()
+        for bell in self._doorbells:
+            if poller is not None:
+                poller.unregister(bell)
+        self._doorbells = []
 
     def stop(self) -> None:
         """Stop accepting, from any thread and never waiting (`close` then joins the thread
         and closes the sockets)."""
-        self._closed = True
+        with self._start_lock:
+            self._closed = True
+            self._disarm()
         try:
             self._wake_w.send(b"x")
         except OSError:
