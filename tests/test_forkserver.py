@@ -326,6 +326,53 @@ def test_a_preload_that_starts_a_thread_makes_fresh_interpreters(fresh_workers, 
     _started_by("forkserver", pydist.remotecall_fetch(_facts, w))
 
 
+def test_the_template_runs_its_preloaded_modules_exit_hooks_when_it_stops(fresh_workers,
+                                                                          tmp_path):
+    """The template skips the interpreter's teardown at its exit (the master waits for it),
+    but not the exit hooks a preloaded module registered; it exits with code 0."""
+    from pydist.managers import forkserver
+
+    out = tmp_path / "hooks.txt"
+    (tmp_path / "exit_hook_for_pydist.py").write_text(textwrap.dedent(f"""\
+        import atexit, os
+        TEMPLATE = os.getpid()
+        def said():
+            if os.getpid() == TEMPLATE:
+                with open({str(out)!r}, "a") as f:
+                    f.write("template %d\\n" % TEMPLATE)
+        atexit.register(said)
+        """))
+    forkserver.stop()
+    env = {"PYDIST_PRELOAD": "exit_hook_for_pydist", "PYTHONPATH": str(tmp_path)}
+    ws = fresh_workers(1, start_method="forkserver", env=env)
+    _started_by("forkserver", pydist.remotecall_fetch(_facts, ws[0]))
+    server = forkserver._server
+    pydist.rmprocs(ws, waitfor=30)
+    forkserver.stop()
+    assert server.proc.returncode == 0
+    assert out.read_text() == f"template {server.proc.pid}\n"
+
+
+def test_wait_process_wakes_at_the_exit_and_keeps_its_bound():
+    """`managers.wait_process` (how the template is reaped): the exit code once the process
+    ends, again once reaped, and TimeoutExpired after its timeout, not twice that."""
+    from pydist.managers import wait_process
+
+    quick = subprocess.Popen([sys.executable, "-c", "import sys, time; time.sleep(0.3); "
+                                                    "sys.exit(7)"])
+    assert wait_process(quick, 60) == 7
+    assert wait_process(quick, 60) == 7
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(subprocess.TimeoutExpired):
+            wait_process(sleeper, 3.0)
+        assert time.monotonic() - t0 < 5.5  # (a second full wait would make it 6)
+    finally:
+        sleeper.kill()
+        assert wait_process(sleeper, 60) == -signal.SIGKILL
+
+
 def test_forked_process_handle_reports_exit_codes(fresh_workers):
     (w,) = fresh_workers(1, start_method="forkserver")
     proc = PGRP.workers[w].config.process

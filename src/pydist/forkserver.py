@@ -391,7 +391,13 @@ def main(argv: list[str] | None = None) -> None:
         print("usage: python -m pydist.forkserver FD [--yield-to-master] (started by the "
               "master, or by a worker for its siblings)", file=sys.stderr)
         sys.exit(2)
-    sys.exit(serve(int(args[0]), yield_to_master=bool(flags)))
+    code = serve(int(args[0]), yield_to_master=bool(flags))
+    # The master waits for this exit at its own: skip the interpreter's teardown of what was
+    # imported here (~6 ms of its ~10 ms shutdown), not what a preloaded module registered.
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

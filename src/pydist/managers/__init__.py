@@ -16,6 +16,7 @@ import io
 import logging
 import os
 import re
+import select
 import selectors
 import signal
 import socket
@@ -630,12 +631,32 @@ def signal_group(proc: Any, sig: int) -> None:
             proc.send_signal(sig)
 
 
+def wait_process(proc: Any, timeout: float) -> int:
+    """`proc.wait(timeout)`, woken by the kernel when a Popen's process exits (a pidfd,
+    Linux >= 5.3) instead of `Popen.wait`'s polling, which sleeps 0.5, 1, 2, 4 ... ms
+    between looks: 7 of the 10 ms that stopping the fork server took. Raises
+    `subprocess.TimeoutExpired` as `wait` does."""
+    if isinstance(proc, subprocess.Popen) and proc.returncode is None:
+        try:
+            # (our child, not yet reaped: its pid cannot have been reused)
+            fd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # (an old kernel or Python, or it was reaped)
+            pass
+        else:
+            try:
+                ended = select.select([fd], [], [], max(0.0, timeout))[0]
+            finally:
+                os.close(fd)
+            return proc.wait(timeout if ended else 0)  # (reaps it, or raises at once)
+    return proc.wait(timeout)
+
+
 def reap(procs: list, grace: float) -> None:
     """Wait up to `grace` seconds in all for `procs` to exit, then kill the rest."""
     deadline = time.monotonic() + grace
     for proc in procs:
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(max(0.0, deadline - time.monotonic()))
+            wait_process(proc, max(0.0, deadline - time.monotonic()))
     for proc in procs:
         if proc.poll() is None:
             signal_group(proc, signal.SIGKILL)  # the process and whatever it started

@@ -22,7 +22,7 @@ import threading
 import time
 from typing import IO, Iterator
 
-from . import process_ended
+from . import process_ended, wait_process
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ class _Server:
         except OSError:
             pass
         try:
-            self.proc.wait(timeout)
+            wait_process(self.proc, timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
