@@ -65,7 +65,7 @@ sys.path.insert(0, BENCH)
 
 from peers_common import (  # noqa: E402
     MARKER, NotAvailable, alive, describe, descendants, marked_processes, median, p99,
-    remove_leaked_shm, repeat, shm_names, short_error, terminate_then_kill, time_calls, timed, tree_memory,
+    remove_leaked_shm, repeat, shm_names, short_error, terminate_then_kill, time_calls, timed, tree_memory, wait_exit,
 )
 from peers_systems import OWN, SCRATCH, SYSTEMS  # noqa: E402
 import peers_tasks as T  # noqa: E402
@@ -445,11 +445,8 @@ class Runner:
             if psutil.virtual_memory().available < self.LOW_MEMORY:
                 status = "aborted: free memory below 1.5 GB"
                 break
-            try:  # (not a sleep: the wall time would be rounded up to the polling step)
-                proc.wait(0.25)
+            if wait_exit(proc, 0.25):  # (neither a sleep nor `proc.wait`: see wait_exit)
                 ended = time.perf_counter()
-            except subprocess.TimeoutExpired:
-                pass
         wall = (ended or time.perf_counter()) - start
         self.cleanup(key, proc, seen, forced=status != "ok" and proc.poll() is None, shm_before=shm_before)
         return state, status, wall
@@ -785,7 +782,7 @@ def parse(argv=None):
 
         return peers_scale.finish_options(p, opts)
     opts.out = opts.out or os.path.join(BENCH, "RESULTS.md")
-    opts.systems = opts.systems or ",".join(SYSTEMS)
+    opts.systems = opts.systems or ",".join(k for k, c in SYSTEMS.items() if c.by_default)
     opts.only = [w.strip().upper() for w in opts.only.split(",") if w.strip()]
     bad = [w for w in opts.only if w not in WORKLOADS]
     if bad:

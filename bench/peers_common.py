@@ -7,9 +7,11 @@ a system's child process only for W6's memory figures).
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import statistics
+import subprocess
 import threading
 import time
 
@@ -124,6 +126,26 @@ class Rendezvous:
 
 
 # ---------------------------------------------------------------- process trees
+def wait_exit(proc, timeout: float) -> bool:
+    """Whether Popen `proc` has exited within `timeout` seconds, seen the moment it does
+    (a pidfd, Linux >= 5.3; it stays unreaped). `Popen.wait(timeout)` polls, sleeping up to
+    50 ms between looks: W5's whole-process times read 0.17 or 0.22 s for the same code."""
+    if proc.returncode is not None:
+        return True
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        try:
+            proc.wait(timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
+
+
 def descendants(pid: int | None = None):
     """psutil.Process objects below `pid` (default: this process), recursively."""
     import psutil

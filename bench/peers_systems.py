@@ -36,6 +36,7 @@ class System:
     modules: tuple = ()  # must all be importable, else the system is skipped
     dists: tuple = ()    # distributions whose versions the header shows
     notes: dict = {}     # workload -> how this system runs it (shown under the table)
+    by_default = True    # in a run without --systems
 
     def import_modules(self):
         pass
@@ -361,6 +362,20 @@ class Pool(System):
         return _manager_ping_pong(self.submit, lambda a, b: (b.get(), a.get())[1], n, warmup)
 
 
+class PoolForkserver(Pool):
+    """multiprocessing.Pool whose workers a fork server starts (Python 3.14's default on
+    Linux): the stdlib's design beside pydist's template. Only with --systems."""
+
+    key, label = "pool-forkserver", "mp.Pool (forkserver)"
+    by_default = False
+    notes = {**Pool.notes, "all": "`multiprocessing.get_context(\"forkserver\").Pool(2)`"}
+
+    def start(self, n):
+        self.import_modules()
+        self.pool = self.mp.get_context("forkserver").Pool(n)
+        self.n = n
+
+
 class Executor(System):
     """concurrent.futures.ProcessPoolExecutor."""
 
@@ -648,7 +663,7 @@ class IPyParallel(System):
             raise RuntimeError(f"{len(set(pids))} engines answered, not {n}")
 
 
-SYSTEMS = {cls.key: cls for cls in (Raw, Pydist, PydistExecutor, Pool, Executor, Loky, Dask, Ray,
-                                    IPyParallel)}
+SYSTEMS = {cls.key: cls for cls in (Raw, Pydist, PydistExecutor, Pool, PoolForkserver, Executor,
+                                    Loky, Dask, Ray, IPyParallel)}
 # pydist's own other interfaces: shown beside pydist, not counted as its peers.
 OWN = ("executor",)
