@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -291,6 +293,30 @@ def test_a_listener_closed_before_any_client_starts_no_thread_and_is_forgotten()
     assert listener._thread.ident is None
     with pytest.raises(OSError):
         socket.create_connection(listener.address, timeout=5).close()
+
+
+_LISTEN_AFTER_STOP = """
+import socket, sys, threading
+from pydist import threads, transport
+cookie = b"listener-abuse-cookie"
+got = threading.Event()
+threads._get_poller()
+assert threads.stop_runtime(5) == []  # (as after pydist.shutdown(): no poller thread runs)
+listener = transport.Listener("127.0.0.1", 0, lambda: cookie, lambda s: got.set(), 5)
+listener.start()
+with socket.create_connection(listener.address, timeout=5) as s:
+    transport.handshake_initiator(s, cookie, 5)
+    print(got.wait(20), listener._thread.is_alive())
+listener.close()
+"""
+
+
+def test_a_listener_started_while_the_runtime_is_stopped_serves_at_once():
+    """After `stop_runtime` no poller thread watches sockets: the listener's thread starts
+    at once, and a client is accepted and authenticated."""
+    done = subprocess.run([sys.executable, "-c", _LISTEN_AFTER_STOP], capture_output=True,
+                          text=True, timeout=60)
+    assert done.stdout.split() == ["True", "True"], done.stderr
 
 
 def test_a_worker_starts_its_listener_thread_only_when_a_peer_dials_it(fresh_workers):

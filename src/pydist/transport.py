@@ -1566,8 +1566,10 @@ class Listener:
                 return
             self._doorbells = [_Doorbell(sock, self) for sock in self._listening]
             for bell in self._doorbells:
-                poller.register(bell)
+                poller.register(bell)  # (starts the poller's thread if none runs)
                 poller.modify(bell.fd, select.EPOLLIN | _ONESHOT)
+        if not poller.running():  # (stopped by `stop_runtime`: nothing would ring)
+            self._start_thread()
 
     def _start_thread(self) -> None:
         """(Any thread, a doorbell's in the poller's.) Start the listener thread, once."""
