@@ -164,7 +164,6 @@ def test_the_heartbeat_thread_starts_when_the_first_tick_is_due(two_workers):
         assert heartbeat.stop(5)
     stopped = _Heartbeat()
     peer = _Peer(0.6)
-    t0 = time.monotonic()
     stopped.watch(peer)
     assert stopped._thread is None
     assert stopped.stop(5)
