@@ -33,3 +33,51 @@ class DiesOnce:
             open(self.marker, "w").close()
             os.kill(os.getpid(), signal.SIGKILL)
         return x + 1
+
+
+class DiesAfterTakingBack:
+    """At `x == target`, on its worker: the next time the map takes an element back there,
+    the worker answers that element "not run" and then dies before it can say to the
+    master that it took it back. (Fault injection on a real worker: the race the batched
+    pmap of `DiesOnce` met in CI, made certain. Meanwhile the element runs long, so that the
+    map moves the one queued behind it to an idle worker.)"""
+
+    def __init__(self, target: int, runs: float = 3.0):
+        self.target = target
+        self.runs = runs
+
+    def __call__(self, x):
+        if x == self.target:
+            import sys
+            import time
+            pmap_module = sys.modules["pydist.pmap"]  # (`pydist.pmap` is also the function)
+            take_back = pmap_module._lane_cancel
+
+            def take_back_then_die(key, seq):
+                taken = take_back(key, seq)
+                time.sleep(0.3)  # the element's "not run" leaves first
+                os.kill(os.getpid(), signal.SIGKILL)
+                return taken
+
+            pmap_module._lane_cancel = take_back_then_die
+            time.sleep(self.runs)
+        return x + 1
+
+
+class ClosesItsLane:
+    """At `x == target`, on its worker: ends the map's lane there, as if the map had ended,
+    so the elements queued behind come back "not run" though the map never took them back
+    (fault injection: no real path does this while the map runs)."""
+
+    def __init__(self, target: int):
+        self.target = target
+
+    def __call__(self, x):
+        if x == self.target:
+            import sys
+            import time
+            pmap_module = sys.modules["pydist.pmap"]
+            time.sleep(0.2)  # the element queued behind this one arrives
+            for key in list(pmap_module._lanes):
+                pmap_module._lane_close(key)
+        return x + 1

@@ -9,8 +9,8 @@ import os
 import pytest
 import pydist
 from conftest import wait_until
-from maphelpers import DiesOnce, FlakyOnOdd
-from pydist import ExponentialBackOff, RemoteException, WorkerPool, pmap
+from maphelpers import ClosesItsLane, DiesAfterTakingBack, DiesOnce, FlakyOnOdd
+from pydist import CachingPool, ExponentialBackOff, RemoteException, WorkerPool, pmap
 
 
 def square(x):
@@ -127,6 +127,32 @@ def test_worker_dying_mid_pmap_batched_with_retries_completes(fresh_workers, tmp
     out = pmap(DiesOnce(str(tmp_path), 5), range(12), pool=pool, batch_size=3,
                retry_delays=[0.01, 0.01])
     assert out == [x + 1 for x in range(12)]
+
+
+@pytest.mark.parametrize("pool_type", [WorkerPool, CachingPool])
+def test_element_taken_back_from_a_worker_that_dies_then_runs_elsewhere(fresh_workers,
+                                                                        pool_type):
+    # Element 3 waits behind element 1 on one worker; when the other worker is idle the map
+    # takes 3 back, and that worker answers 3 "not run", then dies before confirming the
+    # take-back. Element 3 must run on the other worker: never come back as a result.
+    pool = pool_type(fresh_workers(2))
+    out = pmap(DiesAfterTakingBack(1), range(4), pool=pool, on_error=lambda e: "lost")
+    assert out == [1, "lost", 3, 4]
+    assert len(pool) == 1
+
+
+def test_batch_taken_back_from_a_worker_that_dies_then_runs_elsewhere(fresh_workers):
+    pool = WorkerPool(fresh_workers(2))
+    out = pmap(DiesAfterTakingBack(3), range(8), pool=pool, batch_size=2,
+               on_error=lambda e: "lost")
+    assert out == [1, 2, "lost", "lost", 5, 6, 7, 8]
+
+
+def test_element_a_live_worker_did_not_run_is_an_error_not_a_value(two_workers):
+    # One worker (nowhere to move element 1 to): its lane ends while element 0 runs.
+    w = two_workers[0]
+    with pytest.raises(pydist.PydistError, match=rf"worker {w} did not run element 1 of"):
+        pmap(ClosesItsLane(0), range(3), pool=WorkerPool([w]))
 
 
 def test_worker_dying_mid_pmap_without_retries_raises(fresh_workers, tmp_path):

@@ -39,7 +39,8 @@ from typing import Any, Callable, Iterable, Iterator
 
 from .calls import call_async, in_remote_call, run_user_call, take_reply
 from .cluster import myid
-from .exceptions import ProcessExitedException, RemoteException, SerializationError
+from .exceptions import (ProcessExitedException, PydistError, RemoteException,
+                         SerializationError)
 from .refs import Future
 from .remotecall import remote_do, remotecall, remotecall_fetch
 from .serialization import ships_by_name
@@ -528,7 +529,23 @@ PIPELINE_DEPTH = 2
 # larger share of the map than between two elements; the tail moves (`worth_moving`) still
 # rebalance a batch that runs long.
 BATCH_PIPELINE_DEPTH = 3
-_CANCELLED = "pydist-pmap-cancelled"
+
+
+class _NotRun:
+    """A lane's answer for an element it did not run (taken back, or its map had ended).
+    Pickled by reference, so the caller tells it by identity (`is _CANCELLED`) and never
+    takes it for a value of the map."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> str:
+        return "_CANCELLED"
+
+    def __repr__(self) -> str:
+        return "<pmap: element not run>"
+
+
+_CANCELLED = _NotRun()
 _NO_KWARGS: dict = {}
 _LANE_LINGER = 0.005  # how long a lane's runner waits for the next element after a long one (s)
 _POOL_POLL = 0.02  # how often a map looks for a worker given back to a shared pool (s)
@@ -895,8 +912,12 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
         """Cancel `slot`, queued behind a running call; True if it will not run."""
         try:
             taken = remotecall_fetch(_lane_cancel, slot.worker, key, slot.seq)
-        except Exception:
-            return False  # its worker is gone: the call fails, and that is reported
+        except Exception as e:
+            # Its worker is gone: the call fails, and that is reported; or the worker took
+            # it back and died before saying so, and it lands "not run" (see `land`).
+            if _worker_died(e):
+                lose(slot.worker)
+            return False
         if taken:
             slot.stolen = True
             inflight[slot.worker].remove(slot)
@@ -980,20 +1001,40 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
         pending -= 1
         if slot.stolen:
             return False
-        calls = inflight[slot.worker]
+        w = slot.worker
+        calls = inflight[w]
         calls.remove(slot)
-        ended = time.monotonic()
-        ran += ended - started.get(slot.worker, ended)
-        ran_count += 1
-        started[slot.worker] = ended  # the next call queued there starts about now
+        ran_here = True  # (one that did not run does not count in the map's times)
         try:
-            results[slot.index] = slot.outcome()
-            progress.update(weight(items[slot.index]))
+            value = slot.outcome()
+            if value is _CANCELLED:
+                ran_here = False
+                not_run(slot)
+            else:
+                results[slot.index] = value
+                progress.update(weight(items[slot.index]))
         except BaseException as e:
             failed(slot, e)
-        if slot.worker in lost and not calls:
-            inflight.pop(slot.worker, None)
+        if ran_here:
+            ended = time.monotonic()
+            ran += ended - started.get(w, ended)
+            ran_count += 1
+            started[w] = ended  # the next call queued there starts about now
+        if w in lost and not calls:
+            inflight.pop(w, None)
         return True
+
+    def not_run(slot: _Slot) -> None:
+        """`slot`'s lane did not run it, yet `take_back` did not learn it was taken back:
+        its worker took it back and died before it could say so. It runs elsewhere."""
+        if slot.worker not in lost:  # (no other way is known: never take it for a value)
+            failed(slot, PydistError(
+                f"pmap: worker {slot.worker} did not run element {slot.index} of the map, "
+                "though the map did not take it back"))
+            return
+        pool._call_failed(slot.worker, fn, slot.lead, started=False)
+        if not errors:
+            unsent.appendleft(slot.index)
 
     def landed(slot: _Slot) -> None:
         """In the thread where `slot`'s outcome lands (it must not block): if the map runs
@@ -1013,7 +1054,7 @@ def _pipelined_map(pool: AbstractWorkerPool, fn: Callable, items: list, progress
         set: the send that set it held `state`.)"""
         w, reply = slot.worker, slot.reply
         if (errors or raised or slot.stolen or w in lost or not has_work()
-                or isinstance(reply, Future) or not reply.ok):
+                or isinstance(reply, Future) or not reply.ok or reply.value is _CANCELLED):
             return False
         try:
             land(slot)
