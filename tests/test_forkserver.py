@@ -353,6 +353,43 @@ def test_the_template_runs_its_preloaded_modules_exit_hooks_when_it_stops(fresh_
     assert out.read_text() == f"template {server.proc.pid}\n"
 
 
+def _leave_words_for_the_exit(path: str) -> None:
+    """On a worker: an exit hook that writes `path` and prints, and words left in stdout's
+    buffer (no newline, no flush): the exit must run the one and flush the others."""
+    import atexit
+
+    def said() -> None:
+        with open(path, "w") as f:
+            f.write("the hook ran")
+        print(" and the hook's words", end="")
+
+    atexit.register(said)
+    sys.stdout.write("words left in the buffer")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_removed_worker_runs_its_exit_hooks_flushes_its_output_and_exits_0(
+        method, fresh_workers, tmp_path, capsys):
+    """A worker skips the interpreter's teardown at its exit (most of a spawned worker's exit
+    CPU, which it gets only when nobody else wants it: nice 19), not its exit hooks, and not
+    the output still in its buffers."""
+    (w,) = fresh_workers(LocalManager(1, start_method=method))
+    proc = PGRP.workers[w].config.process
+    path = tmp_path / "hook"
+    pydist.remotecall_fetch(_leave_words_for_the_exit, w, str(path))
+    pydist.rmprocs(w, waitfor=60)
+    assert proc.wait(60) == 0
+    assert path.read_text() == "the hook ran"
+    out: list[str] = []
+
+    def relayed() -> str:
+        out.append(capsys.readouterr().out)
+        return "".join(out)
+
+    words = f"From worker {w}:\twords left in the buffer and the hook's words"
+    wait_until(lambda: words in relayed(), timeout=30, what="the worker's last words relayed")
+
+
 def test_wait_process_wakes_at_the_exit_and_keeps_its_bound():
     """`managers.wait_process` (how the template is reaped): the exit code once the process
     ends, again once reaped, and TimeoutExpired after its timeout, not twice that."""

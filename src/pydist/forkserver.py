@@ -35,7 +35,7 @@ import sys
 import threading
 from typing import Callable, NoReturn
 
-from . import runtime, threads, worker
+from . import threads, worker
 from .managers.forkserver import PRELOAD_VAR
 
 __all__ = ["serve", "main"]
@@ -91,12 +91,7 @@ def _child(request: dict, out_fd: int, master_fd: int | None, environ: dict[str,
         code = worker.start_worker(cookie=request["cookie"], close_stdin=False,
                                    stderr_to_stdout=False, bind_to=request["bind"],
                                    master_fd=None if master_fd is None else MASTER_FD)
-        sys.stdout.flush()
-        worker._force_exit_later(code)  # user threads must not keep an orphan alive
-        # What the interpreter does at exit: wait for user threads, run the atexit hooks.
-        threading._shutdown()  # type: ignore[attr-defined]
-        runtime.ending_by_os_exit()
-        atexit._run_exitfuncs()
+        worker.exit_process(code)  # (never returns)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:

@@ -18,6 +18,7 @@ even if nothing else imported `runtime`.
 from __future__ import annotations
 
 import _signal  # type: ignore  # (typeshed has no stub for it)
+import atexit
 import logging
 import os
 import socket
@@ -25,6 +26,7 @@ import sys
 import threading
 import time
 import types
+from typing import NoReturn
 
 from . import joining, runtime, transport
 from .calls import (
@@ -357,6 +359,33 @@ def _force_exit_later(code: int) -> None:
     threading.Thread(target=force, name="pydist-exit", daemon=True).start()
 
 
+def exit_process(code: int) -> NoReturn:
+    """End this worker process as the interpreter would, without its teardown: wait for user
+    threads (bounded: `_force_exit_later`), run the exit hooks, flush, `os._exit`. The
+    teardown (freeing every module) was most of a spawned worker's exit CPU, which an
+    exiting worker gets only when nobody else wants it (`joining.EXIT_NICE`)."""
+    code = code if isinstance(code, int) else 1
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+    except (OSError, ValueError):
+        pass
+    _force_exit_later(code)  # user threads must not keep an orphan alive
+    try:
+        threading._shutdown()  # type: ignore[attr-defined]
+        runtime.ending_by_os_exit()
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                if stream is not None:
+                    stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse  # (here: a forked worker never parses arguments)
 
@@ -385,18 +414,14 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:  # a bad --join or --bind-to
             _say(str(e))
             code = 2
-        sys.stdout.flush()
-        _force_exit_later(code)
-        sys.exit(code)
+        exit_process(code)
     cookie = args.cookie
     if args.exit_on_eof:
         if cookie is None:
             cookie = sys.stdin.readline().strip()
         _exit_on_stdin_eof()
     code = start_worker(bind_to=args.bind_to, cookie=cookie, close_stdin=not args.exit_on_eof)
-    sys.stdout.flush()
-    _force_exit_later(code)  # user threads must not keep an orphan alive
-    sys.exit(code)
+    exit_process(code)
 
 
 if __name__ == "__main__":
