@@ -364,26 +364,24 @@ def exit_process(code: int) -> NoReturn:
     threads (bounded: `_force_exit_later`), run the exit hooks, flush, `os._exit`. The
     teardown (freeing every module) was most of a spawned worker's exit CPU, which an
     exiting worker gets only when nobody else wants it (`joining.EXIT_NICE`)."""
-    code = code if isinstance(code, int) else 1
-    try:
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:
-                stream.flush()
-    except (OSError, ValueError):
-        pass
+    _flush_stdio()  # (before waiting for user threads)
     _force_exit_later(code)  # user threads must not keep an orphan alive
     try:
         threading._shutdown()  # type: ignore[attr-defined]
         runtime.ending_by_os_exit()
         atexit._run_exitfuncs()
     finally:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                if stream is not None:
-                    stream.flush()
-            except (OSError, ValueError):
-                pass
+        _flush_stdio()
         os._exit(code)
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):  # (closed, or its reader is gone)
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:
