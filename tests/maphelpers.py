@@ -3,6 +3,9 @@ used by the pmap and pgenerate tests of retries and of dead workers."""
 
 import os
 import signal
+import sys
+import threading
+import time
 
 
 class FlakyOnOdd:
@@ -35,12 +38,12 @@ class DiesOnce:
         return x + 1
 
 
+_target_started = threading.Event()  # (on a worker) a DiesAfterTakingBack target began
+
+
 class DiesAfterTakingBack:
-    """At `x == target`, on its worker: the next time the map takes an element back there,
-    the worker answers that element "not run" and then dies before it can say to the
-    master that it took it back. (Fault injection on a real worker: the race the batched
-    pmap of `DiesOnce` met in CI, made certain. Meanwhile the element runs long, so that the
-    map moves the one queued behind it to an idle worker.)"""
+    """Runs long at `x == target`, so that the map moves the element queued behind it to an
+    idle worker; on a worker armed with `arm_take_back_then_die`, that take-back kills it."""
 
     def __init__(self, target: int, runs: float = 3.0):
         self.target = target
@@ -48,20 +51,28 @@ class DiesAfterTakingBack:
 
     def __call__(self, x):
         if x == self.target:
-            import sys
-            import time
-            pmap_module = sys.modules["pydist.pmap"]  # (`pydist.pmap` is also the function)
-            take_back = pmap_module._lane_cancel
-
-            def take_back_then_die(key, seq):
-                taken = take_back(key, seq)
-                time.sleep(0.3)  # the element's "not run" leaves first
-                os.kill(os.getpid(), signal.SIGKILL)
-                return taken
-
-            pmap_module._lane_cancel = take_back_then_die
+            _target_started.set()
             time.sleep(self.runs)
         return x + 1
+
+
+def arm_take_back_then_die(bound: float = 30.0) -> None:
+    """On a worker, before the map: at the map's first take-back here once the target has
+    begun (waiting for it, within `bound`), the worker answers the element taken back "not
+    run" and then dies before its answer to the take-back can leave. (Fault injection on a
+    real worker: the race the batched pmap of `DiesOnce` met in CI, made certain.)"""
+    pmap_module = sys.modules["pydist.pmap"]  # (`pydist.pmap` is also the function)
+    take_back = pmap_module._lane_cancel
+
+    def take_back_then_die(key, seq):
+        if not _target_started.wait(bound):  # (not the target's worker)
+            return take_back(key, seq)
+        taken = take_back(key, seq)
+        time.sleep(0.3)  # the element's "not run" leaves first
+        os.kill(os.getpid(), signal.SIGKILL)
+        return taken
+
+    pmap_module._lane_cancel = take_back_then_die
 
 
 class ClosesItsLane:
@@ -74,8 +85,6 @@ class ClosesItsLane:
 
     def __call__(self, x):
         if x == self.target:
-            import sys
-            import time
             pmap_module = sys.modules["pydist.pmap"]
             time.sleep(0.2)  # the element queued behind this one arrives
             for key in list(pmap_module._lanes):

@@ -9,7 +9,8 @@ import os
 import pytest
 import pydist
 from conftest import wait_until
-from maphelpers import ClosesItsLane, DiesAfterTakingBack, DiesOnce, FlakyOnOdd
+from maphelpers import (ClosesItsLane, DiesAfterTakingBack, DiesOnce, FlakyOnOdd,
+                        arm_take_back_then_die)
 from pydist import CachingPool, ExponentialBackOff, RemoteException, WorkerPool, pmap
 
 
@@ -135,14 +136,20 @@ def test_element_taken_back_from_a_worker_that_dies_then_runs_elsewhere(fresh_wo
     # Element 3 waits behind element 1 on one worker; when the other worker is idle the map
     # takes 3 back, and that worker answers 3 "not run", then dies before confirming the
     # take-back. Element 3 must run on the other worker: never come back as a result.
-    pool = pool_type(fresh_workers(2))
+    ws = fresh_workers(2)
+    for w in ws:
+        pydist.remotecall_fetch(arm_take_back_then_die, w)
+    pool = pool_type(ws)
     out = pmap(DiesAfterTakingBack(1), range(4), pool=pool, on_error=lambda e: "lost")
     assert out == [1, "lost", 3, 4]
     assert len(pool) == 1
 
 
 def test_batch_taken_back_from_a_worker_that_dies_then_runs_elsewhere(fresh_workers):
-    pool = WorkerPool(fresh_workers(2))
+    ws = fresh_workers(2)
+    for w in ws:
+        pydist.remotecall_fetch(arm_take_back_then_die, w)
+    pool = WorkerPool(ws)
     out = pmap(DiesAfterTakingBack(3), range(8), pool=pool, batch_size=2,
                on_error=lambda e: "lost")
     assert out == [1, 2, "lost", "lost", 5, 6, 7, 8]
